@@ -1,0 +1,106 @@
+"""Checkpoints (note 25): atomic saves, safe loads, self-describing contents.
+
+A checkpoint is a plain dict of tensors and plain values; it is always read with
+`torch.load(path, weights_only=True)`, which refuses anything that could run code when unpickled.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from imgclf.errors import UserError
+
+FORMAT = "imgclf-checkpoint"
+FORMAT_VERSION = 1
+PREFIXES = ("_orig_mod.", "module.")  # left by torch.compile and DistributedDataParallel
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call `write(tmp_path)`, fsync, then rename over `path`: readers see the old file or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def safe_load(path) -> object:
+    """torch.load with weights_only=True; every failure becomes one UserError line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"no such file: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = str(err).split("\n")[0][:200]
+        raise UserError(f"refused to load {path}: it holds objects other than tensors and plain values, "
+                        f"which could run code ({detail}); only use files from people you trust") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise UserError(f"cannot read {path}: not a PyTorch weights file, or truncated ({detail})") from None
+
+
+def strip_prefixes(state: dict) -> dict:
+    """Remove `_orig_mod.` and `module.` wherever they lead a key (in any order, any number of times)."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def load_checkpoint(path) -> dict:
+    """Load an imgclf checkpoint, checking that it is one."""
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path} is not an imgclf checkpoint (plain weights go to --pretrained)")
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"{path} was written by a newer imgclf ({ckpt.get('imgclf_version')}); upgrade imgclf")
+    ckpt["state_dict"] = strip_prefixes(ckpt["state_dict"])
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
+    """Rebuild the network a checkpoint describes and load its weights (no download, no pretrained file)."""
+    from imgclf.models import build_model
+
+    spec = ckpt["model"]
+    model = build_model(spec["name"], num_classes=len(ckpt["classes"]), in_channels=ckpt["input"]["channels"],
+                        img_size=ckpt["input"]["size"])
+    state = ckpt.get("ema_state_dict") or ckpt["state_dict"]  # the averaged weights are the evaluated ones
+    try:
+        model.load_state_dict(strip_prefixes(state))
+    except RuntimeError as err:
+        raise UserError(f"checkpoint weights do not fit {spec['name']}: {str(err).splitlines()[0]}") from None
+    return model.eval()

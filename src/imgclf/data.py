@@ -1,0 +1,459 @@
+"""Data sets (notes 05, 06, 13, 14): discovery, decoding into a uint8 cache, splits and batch loaders.
+
+Every data set, built-in or folder, becomes two `Split`s of uint8 tensors (N, C, H, W) plus integer labels.
+Folders are decoded once into a cache keyed by their file list, sizes and modification times, so later
+epochs and later runs never decode a JPEG again; the loader then slices, augments and normalises whole
+batches. A large cache is memory-mapped rather than read into memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from imgclf.config import DataConfig
+from imgclf.errors import UserError
+from imgclf.transforms import (
+    IMAGE_EXTENSIONS,
+    NORMALIZATION,
+    BadImage,
+    compute_mean_std,
+    load_image,
+    resize_batch,
+)
+
+BUILTINS = ("cifar10", "cifar100", "mnist", "fashion-mnist")
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+CACHE_FORMAT = 2
+MMAP_BYTES = 2 << 30  # caches larger than this are memory-mapped, not read whole
+
+
+@dataclass
+class Split:
+    images: torch.Tensor | np.ndarray  # uint8 (N, C, H, W); a read-only memmap when large
+    labels: torch.Tensor  # int64 (N,)
+    files: list[str] | None = None  # source file of each image (folders only)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class ImageData:
+    train: Split
+    test: Split
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    test_name: str = "test"  # "test" or "val": what the held-out split is called in this data set
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) of undecodable files
+
+    @property
+    def channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    @property
+    def img_size(self) -> int:
+        return int(self.train.images.shape[2])
+
+
+def load_data(cfg: DataConfig, *, img_size: int | None = None, channels: int | None = None,
+              progress: bool = True) -> ImageData:
+    """Load the data set `cfg.data` names. `img_size`/`channels` (from a checkpoint) override detection."""
+    size = img_size or cfg.img_size
+    if cfg.data in BUILTINS:
+        return _load_builtin(cfg, size=size, channels=channels)
+    root = Path(cfg.data).expanduser()
+    if not root.exists():
+        names = ", ".join(BUILTINS)
+        raise UserError(f"--data {cfg.data!r} is neither a built-in data set ({names}) nor an existing folder")
+    if not root.is_dir():
+        raise UserError(f"--data {cfg.data!r} is a file; give a folder of class folders or a built-in name")
+    if _idx_files(root):
+        return _finish(_load_idx(root), size=size, channels=channels, name=root.name.lower())
+    return _load_folder(root, cfg, size=size, channels=channels, progress=progress)
+
+
+# ---------------------------------------------------------------- built-in data sets (torchvision)
+
+def _load_builtin(cfg: DataConfig, *, size: int | None, channels: int | None) -> ImageData:
+    if cfg.data == "fashion-mnist" and _idx_files(DEBIAN_FASHION_MNIST):
+        return _finish(_load_idx(DEBIAN_FASHION_MNIST), size=size, channels=channels, name="fashion-mnist")
+    from torchvision import datasets
+
+    klass = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100, "mnist": datasets.MNIST,
+             "fashion-mnist": datasets.FashionMNIST}[cfg.data]
+    root = Path(cfg.data_root).expanduser()
+    splits = []
+    for train in (True, False):
+        try:
+            ds = klass(str(root), train=train, download=False)
+        except RuntimeError:  # not there yet: download, which needs a network
+            try:
+                ds = klass(str(root), train=train, download=True)
+            except Exception as err:  # noqa: BLE001 - any failure of the download is reported the same way
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise UserError(
+                    f"could not download {cfg.data} into {root} ({reason}); copy its files there, or point "
+                    f"--data at a local folder with train/<class>/ and test/<class>/ pictures") from None
+        images = torch.as_tensor(np.asarray(ds.data))
+        images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # -> N, C, H, W
+        splits.append(Split(images.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)))
+    data = ImageData(splits[0], splits[1], list(ds.classes), *NORMALIZATION[cfg.data])
+    return _finish(data, size=size, channels=channels, name=cfg.data)
+
+
+def _finish(data: ImageData, *, size: int | None, channels: int | None, name: str) -> ImageData:
+    """Resize / convert channels when a model asks for other than the native, and fill in statistics."""
+    for split in (data.train, data.test):
+        if channels is not None and split.images.shape[1] != channels:
+            split.images = _convert_channels(torch.as_tensor(split.images), channels)
+        if size is not None:
+            split.images = resize_batch(torch.as_tensor(split.images), size)
+    if len(data.mean) != data.channels:  # IDX folders, or channels converted for the model
+        key = "fashion-mnist" if "fashion" in name else name
+        known = NORMALIZATION.get(key)
+        if known and len(known[0]) == data.channels:
+            data.mean, data.std = known
+        else:
+            data.mean, data.std = compute_mean_std(data.train.images)
+    return data
+
+
+def _convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    if channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+
+
+# ---------------------------------------------------------------- IDX files (MNIST, Fashion-MNIST)
+
+def _idx_files(root: Path) -> dict[str, Path] | None:
+    """The four standard IDX files in `root` (gzipped or not), or None."""
+    found = {}
+    for split in ("train", "t10k"):
+        for kind in ("images-idx3", "labels-idx1"):
+            stem = f"{split}-{kind}-ubyte"
+            path = next((p for p in (root / f"{stem}.gz", root / stem) if p.is_file()), None)
+            if path is None:
+                return None
+            found[f"{split}-{kind}"] = path
+    return found
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (the MNIST format: magic, dims, big-endian sizes, then unsigned bytes)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+        zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+        if zero != 0 or dtype != 0x08 or not 1 <= ndim <= 4:
+            raise ValueError("not an unsigned-byte IDX file")
+        dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    except (OSError, EOFError, ValueError, struct.error) as err:
+        raise UserError(f"cannot read IDX file {path}: {err}") from None
+
+
+def _load_idx(root: Path) -> ImageData:
+    files = _idx_files(root)
+    assert files is not None
+    splits = []
+    for split in ("train", "t10k"):
+        images = torch.from_numpy(read_idx(files[f"{split}-images-idx3"]).copy()).unsqueeze(1)
+        labels = torch.from_numpy(read_idx(files[f"{split}-labels-idx1"]).astype(np.int64))
+        if images.shape[0] != labels.shape[0]:
+            raise UserError(f"{root}: {split} has {images.shape[0]} images but {labels.shape[0]} labels")
+        splits.append(Split(images, labels))
+    n_classes = int(max(splits[0].labels.max(), splits[1].labels.max())) + 1
+    fashion = "fashion" in str(root).lower() and n_classes == 10
+    classes = FASHION_CLASSES if fashion else [str(i) for i in range(n_classes)]
+    return ImageData(splits[0], splits[1], classes, (), ())
+
+
+# ---------------------------------------------------------------- folders of pictures (note 06)
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def find_classes(folder: Path) -> list[str]:
+    """Class names: the sub-folders of `folder`, sorted, hidden ones (.ipynb_checkpoints ...) ignored."""
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Picture files under `folder`, recursively and in a stable order, skipping hidden entries."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(Path(f)))
+    return found
+
+
+def _scan(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[Path], list[int]]:
+    names = find_classes(folder)
+    if not names:
+        raise UserError(f"{folder} has no class folders; expected {folder}/<class>/<picture> (see README)")
+    if classes is not None and names != classes:
+        raise UserError(f"the classes in {folder} ({', '.join(names)}) differ from train's ({', '.join(classes)})")
+    files, labels = [], []
+    for label, name in enumerate(names):
+        found = list_images(folder / name)
+        if not found:
+            raise UserError(f"class folder {folder / name} holds no pictures; add some or remove the folder")
+        files += found
+        labels += [label] * len(found)
+    return names, files, labels
+
+
+def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int | None,
+                 progress: bool) -> ImageData:
+    held_out = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    classes, train_files, train_labels = _scan(train_dir)
+    if held_out is not None and train_dir != root:
+        _, test_files, test_labels = _scan(held_out, classes)
+        test_name = held_out.name
+    else:
+        train_files, train_labels, test_files, test_labels = stratified_split(
+            train_files, train_labels, fraction=cfg.val_fraction, seed=0)
+        test_name = "val"
+    size = size or _default_size(train_files)
+    channels = channels or _default_channels(train_files)
+    if cfg.strict:
+        _check_all(train_files + test_files, size=size, channels=channels)
+    cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    train, bad_train = cached_split(train_files, train_labels, size=size, channels=channels,
+                                    cache_root=cache_root, progress=progress)
+    test, bad_test = cached_split(test_files, test_labels, size=size, channels=channels,
+                                  cache_root=cache_root, progress=progress)
+    for split, name in ((train, "train"), (test, test_name)):
+        if len(split) == 0:
+            raise UserError(f"no readable pictures in the {name} split of {root}")
+    mean, std = _cached_stats(train, cache_root, train_files, size, channels)
+    return ImageData(train, test, classes, mean, std, test_name, bad_train + bad_test)
+
+
+def stratified_split(files: list, labels: list[int], *, fraction: float, seed: int):
+    """Split per class, seeded: `fraction` of each class (at least one if it has two) is held out."""
+    gen = torch.Generator().manual_seed(seed)
+    train_idx, test_idx = [], []
+    for label in sorted(set(labels)):
+        idx = [i for i, lab in enumerate(labels) if lab == label]
+        order = [idx[i] for i in torch.randperm(len(idx), generator=gen).tolist()]
+        k = max(1, round(len(idx) * fraction)) if len(idx) >= 2 else 0
+        test_idx += sorted(order[:k])
+        train_idx += sorted(order[k:])
+    pick = lambda ii, xs: [xs[i] for i in ii]  # noqa: E731
+    return pick(train_idx, files), pick(train_idx, labels), pick(test_idx, files), pick(test_idx, labels)
+
+
+def _default_size(files: list[Path]) -> int:
+    """Small square pictures (CIFAR-like) keep their size; photos are brought to 224, as ImageNet models expect."""
+    for path in files[:8]:
+        try:
+            with Image.open(path) as img:
+                w, h = img.size
+            return w if w == h and w <= 64 else 224
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    return 224
+
+
+def _default_channels(files: list[Path]) -> int:
+    modes = set()
+    for path in files[:16]:
+        try:
+            with Image.open(path) as img:
+                modes.add(img.mode)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    return 1 if modes and modes <= {"L", "1", "I;16", "I;16B", "I;16L", "I", "F"} else 3
+
+
+def _check_all(files: list[Path], *, size: int, channels: int) -> None:
+    bad = [(f, r) for f, r in _decode_many(files, size=size, channels=channels, progress=False)[1]]
+    if bad:
+        listing = "; ".join(f"{f}: {r}" for f, r in bad)
+        raise UserError(f"--strict-data: {len(bad)} unreadable file(s): {listing}")
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "imgclf"
+
+
+def _fingerprint(files: list[Path], labels: list[int], size: int, channels: int) -> str:
+    h = hashlib.sha256(f"{CACHE_FORMAT}:{size}:{channels}".encode())
+    for path, label in zip(files, labels, strict=True):
+        st = path.stat()
+        h.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def cached_split(files: list[Path], labels: list[int], *, size: int, channels: int, cache_root: Path,
+                 progress: bool) -> tuple[Split, list[tuple[str, str]]]:
+    """Decode `files` once into `cache_root/<fingerprint>/`; later calls read (or memory-map) the result."""
+    key = _fingerprint(files, labels, size, channels)
+    folder = cache_root / key
+    if not (folder / "meta.json").is_file():
+        images, bad = _decode_many(files, size=size, channels=channels, progress=progress)
+        bad_set = {f for f, _ in bad}
+        kept = [i for i, f in enumerate(files) if str(f) not in bad_set]
+        _write_cache(folder, images, [labels[i] for i in kept], [str(files[i]) for i in kept], bad)
+    meta = json.loads((folder / "meta.json").read_text())
+    images = np.load(folder / "images.npy", mmap_mode="r")
+    if images.nbytes <= MMAP_BYTES:
+        images = torch.from_numpy(np.load(folder / "images.npy"))
+    for path, reason in meta["bad"]:
+        print(f"imgclf: skipping {path}: {reason}", file=sys.stderr)
+    split = Split(images, torch.tensor(meta["labels"], dtype=torch.int64), meta["files"])
+    return split, [tuple(b) for b in meta["bad"]]
+
+
+def _write_cache(folder: Path, images: np.ndarray, labels: list[int], files: list[str], bad) -> None:
+    """Write into a temporary folder, then rename: a killed process never leaves half a cache."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+    try:
+        np.save(tmp / "images.npy", images)
+        meta = {"labels": labels, "files": files, "bad": [list(b) for b in bad]}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        with contextlib.suppress(OSError):  # another process wrote the same cache first: theirs is as good
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cached_stats(split: Split, cache_root: Path, files: list[Path], size: int, channels: int):
+    path = cache_root / f"stats-{_fingerprint(files, [0] * len(files), size, channels)}.json"
+    if path.is_file():
+        stats = json.loads(path.read_text())
+        return tuple(stats["mean"]), tuple(stats["std"])
+    mean, std = compute_mean_std(split.images)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"mean": mean, "std": std}))
+    os.replace(tmp, path)
+    return mean, std
+
+
+def _decode_one(job: tuple[str, int, int]):
+    path, size, channels = job
+    try:
+        return load_image(path, size=size, channels=channels), None
+    except BadImage as err:
+        return None, str(err)
+
+
+def _decode_many(files: list[Path], *, size: int, channels: int, progress: bool):
+    """Decode pictures in worker processes into uint8 (N, C, size, size); return it and the (file, reason) skipped."""
+    jobs = [(str(f), size, channels) for f in files]
+    out = np.empty((len(files), channels, size, size), dtype=np.uint8)
+    bad, kept = [], 0
+    workers = min(len(os.sched_getaffinity(0)), 8, max(1, len(files) // 256))
+    iterator = _pool_map(jobs, workers)
+    if progress and len(files) > 1000:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, total=len(files), desc="decoding (once, cached)", unit="img",
+                        disable=not sys.stderr.isatty(), leave=False)
+    for (path, _, _), (arr, reason) in zip(jobs, iterator, strict=True):
+        if arr is None:
+            bad.append((path, reason))
+        else:
+            out[kept] = arr.transpose(2, 0, 1)
+            kept += 1
+    return out[:kept], bad
+
+
+def _pool_map(jobs, workers: int) -> Iterator:
+    if workers <= 1:
+        yield from map(_decode_one, jobs)
+        return
+    with get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers) as pool:
+        yield from pool.imap(_decode_one, jobs, chunksize=64)
+
+
+# ---------------------------------------------------------------- batches (note 14)
+
+class BatchLoader:
+    """Batches of one split, as (normalised float images, labels) on `device`.
+
+    Train order and augmentation depend only on (seed, epoch, step), so an epoch can be replayed or resumed
+    from any step. `batch_size` is global: with `world` processes, rank r gets rows r, r+world, ... of each
+    global batch; evaluation gives every sample to exactly one rank.
+    """
+
+    def __init__(self, split: Split, *, batch_size: int, transform, train: bool, device: torch.device,
+                 seed: int = 0, rank: int = 0, world: int = 1, dtype: torch.dtype = torch.float32,
+                 channels_last: bool = False):
+        self.split, self.batch_size, self.transform, self.train = split, batch_size, transform, train
+        self.device, self.seed, self.rank, self.world = device, seed, rank, world
+        self.dtype, self.channels_last = dtype, channels_last
+        self.images = split.images
+        if device.type == "cuda" and isinstance(self.images, torch.Tensor):
+            free, _ = torch.cuda.mem_get_info(device)
+            if self.images.nbytes < free // 4:  # keep the data set on the GPU, as the speed records do
+                self.images = self.images.to(device)
+        self.labels = split.labels.to(device) if self.images.device == device else split.labels
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        if not self.train:
+            return -(-len(range(self.rank, n, self.world)) // self.batch_size)
+        # A last batch of one picture would break BatchNorm's statistics: it is dropped.
+        return n // self.batch_size + (1 if n % self.batch_size > 1 else 0)
+
+    def epoch(self, epoch: int, *, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Yield (images, labels, size of the global batch) for each step from `start_step`."""
+        if self.train:
+            gen = torch.Generator().manual_seed(_mix(self.seed, epoch))
+            order = torch.randperm(len(self.split), generator=gen)
+        else:
+            order = torch.arange(self.rank, len(self.split), self.world)
+        for step in range(start_step, len(self)):
+            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
+            yield self._batch(idx, epoch, step)
+
+    def _batch(self, idx: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if isinstance(self.images, np.ndarray):  # memory-mapped: read rows in file order
+            idx_sorted, inverse = torch.sort(idx)
+            rows = torch.from_numpy(np.take(self.images, idx_sorted.numpy(), axis=0))
+            images, labels = rows[torch.argsort(inverse)], self.labels[idx]
+        else:
+            images, labels = self.images[idx.to(self.images.device)], self.labels[idx.to(self.labels.device)]
+        images = images.to(self.device, non_blocking=True)
+        gen = torch.Generator().manual_seed(_mix(self.seed, epoch, step + 1)) if self.train else None
+        x = self.transform(images, train=self.train, generator=gen, dtype=self.dtype)
+        y = labels.to(self.device, non_blocking=True)
+        if self.train and self.world > 1:  # this rank's share of the global batch
+            x, y = x[self.rank :: self.world], y[self.rank :: self.world]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y, len(idx)
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from several integers, so (seed, epoch, step) streams never collide."""
+    digest = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)

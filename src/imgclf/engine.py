@@ -1,0 +1,91 @@
+"""The loop (notes 26-28): one training epoch and one evaluation. Returns numbers; writes no files."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+from torch import nn
+
+from imgclf.distributed import DistInfo, all_reduce_sum
+from imgclf.metrics import accuracy, confusion_matrix
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, epoch: int, step: int, value: float):
+        super().__init__(f"loss became {value} at epoch {epoch}, step {step}")
+        self.epoch, self.step = epoch, step
+
+
+def train_one_epoch(model: nn.Module, loader, *, epoch: int, optimizer, scheduler, loss_fn,
+                    autocast: Callable[[], AbstractContextManager], scaler=None, start_step: int = 0,
+                    should_stop: Callable[[], bool] = lambda: False,
+                    on_step: Callable[[int, float], None] = lambda step, loss: None) -> dict:
+    """Train over `loader.epoch(epoch)` from `start_step`. Stops early (returning `stopped_at`) as soon as
+    `should_stop()` is true after a step; raises Diverged on a non-finite loss before updating weights."""
+    model.train()
+    world = getattr(loader, "world", 1)
+    loss_sum, correct, seen, step = 0.0, torch.zeros((), dtype=torch.int64), 0, start_step
+    start = time.perf_counter()
+    stopped_at = None
+    for step, (x, y, n_global) in enumerate(loader.epoch(epoch, start_step=start_step), start=start_step):
+        with autocast():
+            logits = model(x)
+            # mean over the global batch, also when each process holds a share of it
+            loss = loss_fn(logits.float(), y) * (y.shape[0] * world / n_global)
+        value = loss.item() * n_global / (y.shape[0] * world)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise Diverged(epoch, step, value)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        loss_sum += value * y.shape[0]
+        correct += (logits.argmax(1) == y).sum().cpu()
+        seen += y.shape[0]
+        on_step(step, value)
+        if should_stop():
+            stopped_at = step + 1
+            break
+    return {"loss": loss_sum / max(seen, 1), "acc": int(correct) / max(seen, 1), "images": seen,
+            "seconds": time.perf_counter() - start, "stopped_at": stopped_at}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, *, num_classes: int, autocast: Callable[[], AbstractContextManager],
+             dist: DistInfo | None = None, tta: bool = False, keep_probs: bool = False) -> dict:
+    """Loss (plain cross-entropy), accuracy and confusion matrix over every sample once, summed across
+    processes. With `tta`, logits are averaged with those of the horizontally flipped pictures."""
+    model.eval()
+    dist = dist or DistInfo()
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    probs = []
+    for x, y, _ in loader.epoch(0):
+        with autocast():
+            logits = model(x).float()
+            if tta:
+                logits = 0.5 * (logits + model(x.flip(3)).float())
+        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").double()
+        confusion += confusion_matrix(logits.argmax(1), y, num_classes)
+        if keep_probs:
+            probs.append(logits.softmax(1).cpu())
+    all_reduce_sum(loss_sum, dist)
+    all_reduce_sum(confusion, dist)
+    count = int(confusion.sum())
+    out = {"loss": float(loss_sum) / max(count, 1), "acc": accuracy(confusion.cpu()), "count": count,
+           "confusion": confusion.cpu(), "seconds": time.perf_counter() - start}
+    if keep_probs:
+        out["probs"] = torch.cat(probs) if probs else torch.zeros(0, num_classes)
+    return out

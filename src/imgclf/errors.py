@@ -1,0 +1,17 @@
+"""The one exception type that reaches the user as a single line, and the exit codes."""
+
+EXIT_OK = 0
+EXIT_PARTIAL = 1  # some inputs failed (predict), the others were handled
+EXIT_USAGE = 2  # bad input: a flag, a path, a file, a data set
+EXIT_DIVERGED = 3  # training stopped on a NaN or infinite loss
+EXIT_DISTRIBUTED = 4  # another process of a distributed job failed
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class UserError(Exception):
+    """Something the user can fix. `str(err)` is one line that says what is wrong and what to do."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.code = code

@@ -1,0 +1,58 @@
+"""Loss, optimizers and learning-rate schedules (notes 22-23)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from imgclf.config import OptimConfig
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at `step` (0-based). Pure, so it can be tested and plotted.
+
+    Warm-up rises linearly from 1/warmup to 1; then `constant` stays at 1, `cosine` follows half a cosine
+    to 0 at the last step, `onecycle` falls linearly to 0.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps + 1) / span)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "onecycle":
+        return 1.0 - progress
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weights of convolutions and linear layers only, not on biases or norm layers."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(total - 1, round(cfg.warmup_epochs * steps_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps=total, warmup_steps=warmup, schedule=cfg.schedule))
+
+
+def build_loss(cfg: OptimConfig) -> nn.Module:
+    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)

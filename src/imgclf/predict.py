@@ -1,0 +1,113 @@
+"""Using a trained model (note 31): predict on pictures, evaluate on a data set. Needs only the checkpoint."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgclf.checkpoint import load_checkpoint, model_from_checkpoint
+from imgclf.config import DataConfig
+from imgclf.data import BatchLoader, is_image_file, list_images, load_data
+from imgclf.engine import evaluate
+from imgclf.errors import UserError
+from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
+from imgclf.transforms import BadImage, BatchTransform, load_image
+
+
+@dataclass
+class Prediction:
+    path: str
+    labels: list[str] = field(default_factory=list)  # top-k, most probable first
+    probs: list[float] = field(default_factory=list)
+    error: str | None = None  # why this file could not be predicted
+
+
+class Predictor:
+    """A model with its preprocessing and class names, rebuilt from a checkpoint alone."""
+
+    def __init__(self, ckpt: dict, *, device: str = "auto", precision: str = "fp32"):
+        self.device = resolve_device(device)
+        self.model = model_from_checkpoint(ckpt).to(self.device)
+        self.classes: list[str] = ckpt["classes"]
+        inp = ckpt["input"]
+        self.size, self.channels = inp["size"], inp["channels"]
+        self.transform = BatchTransform(tuple(inp["mean"]), tuple(inp["std"]))
+        self.autocast = autocast_factory(self.device, resolve_precision(precision, self.device))
+
+    @classmethod
+    def from_checkpoint(cls, path, **kwargs) -> Predictor:
+        return cls(load_checkpoint(path), **kwargs)
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, size, size) -> class probabilities (N, classes)."""
+        x = self.transform(images.to(self.device), train=False)
+        with self.autocast():
+            return self.model(x).float().softmax(1).cpu()
+
+    def predict(self, paths: list[str], *, topk: int = 5, batch_size: int = 64) -> list[Prediction]:
+        """Predict every picture in `paths` (files and folders, in order); unreadable ones carry `error`."""
+        files = expand_paths(paths)
+        k = max(1, min(topk, len(self.classes)))
+        results: list[Prediction] = []
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
+            for start in range(0, len(files), batch_size):
+                chunk = files[start : start + batch_size]
+                decoded = list(pool.map(self._decode, chunk))
+                good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
+                probs = self.probabilities(torch.from_numpy(np.stack([decoded[i] for i in good]))) if good else None
+                for i, (path, item) in enumerate(zip(chunk, decoded, strict=True)):
+                    if i in good:
+                        p, idx = probs[good.index(i)].topk(k)
+                        results.append(Prediction(path, [self.classes[j] for j in idx.tolist()], p.tolist()))
+                    else:
+                        results.append(Prediction(path, error=item))
+        return results
+
+    def _decode(self, path: str) -> np.ndarray | str:
+        if not Path(path).is_file():
+            return "no such file"
+        try:
+            return load_image(path, size=self.size, channels=self.channels).transpose(2, 0, 1)
+        except BadImage as err:
+            return f"not a readable picture ({err})"
+
+
+def expand_paths(paths: list[str]) -> list[str]:
+    """Files as given; folders replaced by the pictures under them, in sorted order."""
+    out = []
+    for text in paths:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            found = list_images(path)
+            if not found:
+                raise UserError(f"{path} holds no pictures ({', '.join(('.jpg', '.png', '...'))})")
+            out.extend(str(f) for f in found if is_image_file(f))
+        else:
+            out.append(str(path))
+    return out
+
+
+def evaluate_checkpoint(path, data_cfg: DataConfig, *, device: str = "auto", precision: str = "fp32") -> dict:
+    """Evaluate a checkpoint on the held-out split of `data_cfg.data`, preprocessed as it was trained."""
+    ckpt = load_checkpoint(path)
+    inp = ckpt["input"]
+    data = load_data(replace(data_cfg, img_size=inp["size"]), img_size=inp["size"], channels=inp["channels"])
+    if data.classes != ckpt["classes"]:
+        raise UserError(f"{path} was trained for {len(ckpt['classes'])} classes ({', '.join(ckpt['classes'][:5])}"
+                        f"{', ...' if len(ckpt['classes']) > 5 else ''}), but {data_cfg.data} has {len(data.classes)} "
+                        f"({', '.join(data.classes[:5])}{', ...' if len(data.classes) > 5 else ''})")
+    dev = resolve_device(device)
+    model = model_from_checkpoint(ckpt).to(dev)
+    transform = BatchTransform(tuple(inp["mean"]), tuple(inp["std"]))
+    loader = BatchLoader(data.test, batch_size=data_cfg.eval_batch_size, transform=transform, train=False, device=dev)
+    tta = bool(ckpt.get("config", {}).get("run", {}).get("tta", False))
+    result = evaluate(model, loader, num_classes=len(data.classes), autocast=autocast_factory(
+        dev, resolve_precision(precision, dev)), tta=tta, keep_probs=True)
+    result.update(classes=data.classes, split=data.test_name, data=data)
+    return result

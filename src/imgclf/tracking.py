@@ -1,0 +1,123 @@
+"""What a run shows and records (notes 07-08, 14): console, metrics.jsonl and TensorBoard, main process only."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from imgclf.checkpoint import atomic_write_text
+
+
+class Tracker:
+    """Progress on stderr, one JSON line per epoch in RUN/metrics.jsonl, TensorBoard events in RUN/.
+
+    With `enabled=False` (processes other than rank 0) every method does nothing.
+    """
+
+    def __init__(self, run_dir: Path, *, enabled: bool = True, resume_epoch: int = 0, steps_per_epoch: int = 1,
+                 log_every: int = 50, stream=None):
+        self.run_dir, self.enabled, self.log_every = Path(run_dir), enabled, log_every
+        self.steps_per_epoch = steps_per_epoch
+        self.stream = stream or sys.stderr
+        self.records: list[dict] = []
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        path = self.run_dir / "metrics.jsonl"
+        if resume_epoch and path.is_file():  # keep what was recorded up to the checkpoint, drop anything later
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            self.records = [r for r in lines if r["epoch"] <= resume_epoch]
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step hides events a killed run wrote after the checkpoint we resume from
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=resume_epoch * steps_per_epoch or None)
+
+    def start_epoch(self, epoch: int, total_epochs: int, *, start_step: int = 0) -> None:
+        if not self.enabled:
+            return
+        self.epoch, self.total_epochs, self.epoch_start = epoch, total_epochs, time.perf_counter()
+        self.tty = self.stream.isatty()
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{total_epochs}",
+                            unit="step", file=self.stream, leave=False, dynamic_ncols=True)
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        if not self.enabled:
+            return
+        global_step = self.epoch * self.steps_per_epoch + step
+        if step % self.log_every == 0:
+            self.writer.add_scalar("train/loss", loss, global_step)
+            self.writer.add_scalar("train/lr", lr, global_step)
+        if self.bar is not None:
+            self.bar.update(1)
+            if step % 10 == 0:
+                self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        elif (step + 1) % max(1, self.steps_per_epoch // 4) == 0 and step + 1 < self.steps_per_epoch:
+            print(f"epoch {self.epoch + 1}/{self.total_epochs}  step {step + 1}/{self.steps_per_epoch}  "
+                  f"loss {loss:.4f}", file=self.stream, flush=True)
+
+    def end_epoch(self, record: dict) -> None:
+        """Print the epoch's summary, append it to metrics.jsonl (rewritten atomically), plot the scalars."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.records.append(record)
+        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
+        step = record["epoch"] * self.steps_per_epoch
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "images_per_s"):
+            if key in record:
+                group, _, name = key.partition("_")
+                self.writer.add_scalar(f"{group}/{name}" if group in ("train", "test") else key, record[key], step)
+        self.writer.add_scalar("epoch/test_acc", record["test_acc"], record["epoch"])
+        self.writer.flush()
+        skipped = f"  skipped files {record['skipped_files']}" if record.get("skipped_files") else ""
+        print(f"epoch {record['epoch']}/{self.total_epochs}  train loss {record['train_loss']:.4f} "
+              f"acc {record['train_acc']:.2%}  |  test loss {record['test_loss']:.4f} acc {record['test_acc']:.2%}"
+              f"  |  {record['images_per_s']:.0f} img/s  {record['epoch_seconds']:.1f}s{skipped}",
+              file=self.stream, flush=True)
+
+    def batch_grid(self, tag: str, images: torch.Tensor, mean, std, step: int = 0) -> None:
+        """A grid of one batch as the model sees it, un-normalised for the eye (note 14)."""
+        if not self.enabled:
+            return
+        from torchvision.utils import make_grid
+
+        x = images[:64].detach().float().cpu()
+        x = x * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+        self.writer.add_image(tag, make_grid(x.clamp(0, 1), nrow=8), step)
+
+    def graph(self, model: torch.nn.Module, example: torch.Tensor) -> None:
+        """The model's graph, traced in eval mode so BatchNorm statistics are not touched."""
+        if not self.enabled:
+            return
+        was_training = model.training
+        model.eval()
+        try:
+            with warnings.catch_warnings():  # add_graph uses torch.jit.trace, which now warns of its deprecation
+                warnings.simplefilter("ignore", FutureWarning)
+                self.writer.add_graph(model, example[:2].float().contiguous())
+        except Exception as err:  # noqa: BLE001 - a graph that cannot be traced is not worth stopping a run for
+            print(f"imgclf: note: no model graph in TensorBoard ({str(err).splitlines()[0][:120]})",
+                  file=self.stream)
+        finally:
+            model.train(was_training)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()

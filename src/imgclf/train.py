@@ -1,0 +1,256 @@
+"""`train(cfg)`: the composition root (notes 26-30), readable top to bottom."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from imgclf import __version__, distributed
+from imgclf.checkpoint import FORMAT, FORMAT_VERSION, atomic_write_text, load_checkpoint, save_checkpoint
+from imgclf.config import TrainConfig
+from imgclf.data import BatchLoader, ImageData, load_data
+from imgclf.engine import Diverged, evaluate, train_one_epoch
+from imgclf.errors import EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, UserError
+from imgclf.models import build_model
+from imgclf.optim import build_loss, build_optimizer, build_scheduler
+from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
+from imgclf.tracking import Tracker
+from imgclf.transforms import BatchTransform
+
+
+class Stopped(Exception):
+    """Training stopped early but resumably (a signal or --stop-after). `code` is the exit status."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
+    """Train as `cfg` says, writing everything into `cfg.run.out`; return the last epoch's metrics."""
+    dist = distributed.from_environment()
+    device = resolve_device(cfg.run.device, dist)
+    distributed.init(dist, device)
+    try:
+        return _train(cfg, resume=resume, dist=dist, device=device)
+    finally:
+        distributed.close(dist)
+
+
+def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dict:
+    run_dir = Path(cfg.run.out)
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt") if resume else None
+    if ckpt and ckpt["epoch"] >= cfg.optim.epochs:
+        raise UserError(f"{run_dir} already finished {ckpt['epoch']}/{cfg.optim.epochs} epochs; "
+                        f"pass a larger --epochs to train further, or start a new run with --out")
+    torch.manual_seed(cfg.run.seed)
+    data = _load_data_ranked(cfg, dist)
+    if ckpt and ckpt["classes"] != data.classes:
+        raise UserError(f"{run_dir} was trained on classes {ckpt['classes']}, but {cfg.data.data} has "
+                        f"{data.classes}; start a new run with --out")
+    precision = resolve_precision(cfg.run.precision, device)
+    model = build_model(cfg.model.name, num_classes=len(data.classes), in_channels=data.channels,
+                        img_size=data.img_size, pretrained=None if ckpt else cfg.model.pretrained,
+                        freeze_backbone=cfg.model.freeze_backbone)
+    transform = BatchTransform(data.mean, data.std, cfg.data.augment, pad=max(1, data.img_size // 8))
+    loaders = _loaders(cfg, data, transform, device, dist)
+    if hasattr(model, "init_whitening") and not ckpt:
+        model.init_whitening(next(iter(loaders["whiten"].epoch(0)))[0].cpu())
+    model.to(device, memory_format=torch.channels_last if cfg.run.channels_last else torch.preserve_format)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, len(loaders["train"]))
+    scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
+    ema = _ema(model, cfg) if cfg.run.ema else None
+    start_epoch, start_step, best_acc = 0, 0, 0.0
+    if ckpt:
+        start_epoch, start_step, best_acc = _restore(ckpt, model, optimizer, scheduler, scaler, ema)
+    net = _wrap(model, cfg, dist, device)
+    autocast = autocast_factory(device, precision)
+    tracker = Tracker(run_dir, enabled=dist.is_main, resume_epoch=start_epoch, steps_per_epoch=len(loaders["train"]),
+                      log_every=cfg.run.log_every)
+    if dist.is_main:
+        atomic_write_text(run_dir / "config.json", _json(cfg.to_dict()))
+        tracker.message(f"imgclf {__version__}: {cfg.model.name} on {cfg.data.data} ({len(data.train)} train / "
+                        f"{len(data.test)} {data.test_name} pictures, {len(data.classes)} classes, "
+                        f"{data.channels}x{data.img_size}x{data.img_size}) on {device}, {str(precision)[6:]}, "
+                        f"world size {dist.world_size}; run folder {run_dir}")
+        if not ckpt:
+            first = next(iter(loaders["train"].epoch(0)))[0]
+            tracker.batch_grid("train/batch", first, data.mean, data.std)
+            tracker.graph(model, first)
+    loss_fn = build_loss(cfg.optim)
+    stop = StopFlag(dist, device)
+    state = dict(cfg=cfg, data=data, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                 ema=ema, run_dir=run_dir, dist=dist)
+    record: dict = ckpt["metrics"] if ckpt else {}
+    epochs_this_run = 0
+    with stop:
+        for epoch in range(start_epoch, cfg.optim.epochs):
+            tracker.start_epoch(epoch, cfg.optim.epochs, start_step=start_step)
+            try:
+                stats = train_one_epoch(
+                    net, loaders["train"], epoch=epoch, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
+                    autocast=autocast, scaler=scaler, start_step=start_step, should_stop=stop.check,
+                    on_step=lambda step, loss: _after_step(step, loss, tracker, optimizer, model, ema))
+            except Diverged as err:
+                last = run_dir / "checkpoints" / "last.pt"
+                kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
+                raise UserError(f"training diverged: {err}; {kept}; try a lower --lr", EXIT_DIVERGED) from None
+            if stats["stopped_at"] is not None:
+                _save(state, epoch=epoch, step=stats["stopped_at"], metrics=record, best_acc=best_acc, best=False)
+                raise Stopped(f"stopped by {stop.name} at epoch {epoch + 1}, step {stats['stopped_at']}; resume with: "
+                              f"imgclf train --resume {run_dir}", EXIT_SIGTERM if stop.name == "SIGTERM" else EXIT_SIGINT)
+            start_step = 0
+            test = evaluate(ema.module if ema else net, loaders["test"], num_classes=len(data.classes),
+                            autocast=autocast, dist=dist, tta=cfg.run.tta)
+            record = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_acc": stats["acc"],
+                      "test_loss": test["loss"], "test_acc": test["acc"], "test_count": test["count"],
+                      "lr": optimizer.param_groups[0]["lr"], "images_per_s": stats["images"] * dist.world_size
+                      / max(stats["seconds"], 1e-9), "epoch_seconds": stats["seconds"] + test["seconds"],
+                      "skipped_files": len(data.skipped), "time": time.time()}
+            tracker.end_epoch(record)
+            improved = test["acc"] > best_acc
+            best_acc = max(best_acc, test["acc"])
+            _save(state, epoch=epoch + 1, step=0, metrics=record, best_acc=best_acc, best=improved)
+            epochs_this_run += 1
+            if stop.requested or (cfg.run.stop_after and epochs_this_run >= cfg.run.stop_after
+                                  and epoch + 1 < cfg.optim.epochs):
+                why = stop.name or f"--stop-after {cfg.run.stop_after}"
+                code = {"SIGTERM": EXIT_SIGTERM, "SIGINT": EXIT_SIGINT}.get(stop.name, 0)
+                raise Stopped(f"stopped by {why} after epoch {epoch + 1}; resume with: imgclf train --resume "
+                              f"{run_dir}", code)
+    tracker.close()
+    return record
+
+
+def _load_data_ranked(cfg: TrainConfig, dist) -> ImageData:
+    """Rank 0 decodes (and caches) first; the others then read its cache instead of decoding again."""
+    if not dist.is_main:
+        distributed.barrier(dist)
+    data = load_data(cfg.data, progress=dist.is_main)
+    if dist.is_main:
+        distributed.barrier(dist)
+    return data
+
+
+def _loaders(cfg: TrainConfig, data: ImageData, transform, device, dist) -> dict[str, BatchLoader]:
+    common = dict(transform=transform, device=device, seed=cfg.run.seed, rank=dist.rank, world=dist.world_size,
+                  channels_last=cfg.run.channels_last)
+    if cfg.data.batch_size < dist.world_size:
+        raise UserError(f"--batch-size {cfg.data.batch_size} is smaller than the {dist.world_size} processes; "
+                        f"it is the global batch size, split across them")
+    return {"train": BatchLoader(data.train, batch_size=cfg.data.batch_size, train=True, **common),
+            "test": BatchLoader(data.test, batch_size=cfg.data.eval_batch_size, train=False, **common),
+            "whiten": BatchLoader(data.train, batch_size=5000, train=False, transform=transform, device=device)}
+
+
+def _wrap(model, cfg: TrainConfig, dist, device):
+    net = torch.compile(model) if cfg.run.compile else model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    return net
+
+
+def _ema(model, cfg: TrainConfig):
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.99), use_buffers=True)
+
+
+def _after_step(step: int, loss: float, tracker: Tracker, optimizer, model, ema) -> None:
+    if ema is not None and step % 5 == 0:
+        ema.update_parameters(model)
+    tracker.step(step, loss, optimizer.param_groups[0]["lr"])
+
+
+def _restore(ckpt: dict, model, optimizer, scheduler, scaler, ema) -> tuple[int, int, float]:
+    model.load_state_dict(ckpt["state_dict"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None and ckpt.get("ema_state_dict"):
+        ema.module.load_state_dict(ckpt["ema_state_dict"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if torch.cuda.is_available() and ckpt["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    return ckpt["epoch"], ckpt["step"], ckpt["best_acc"]
+
+
+def _save(state: dict, *, epoch: int, step: int, metrics: dict, best_acc: float, best: bool) -> None:
+    """Write last.pt (and best.pt when `best`) atomically, from the main process only."""
+    if not state["dist"].is_main:
+        return
+    cfg, data, model = state["cfg"], state["data"], state["model"]
+    ckpt = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "imgclf_version": __version__,
+        "model": {"name": cfg.model.name, "num_classes": len(data.classes), "in_channels": data.channels,
+                  "img_size": data.img_size},
+        "classes": list(data.classes),
+        "input": {"channels": data.channels, "size": data.img_size, "mean": list(data.mean), "std": list(data.std)},
+        "epoch": epoch, "step": step, "best_acc": best_acc, "metrics": metrics, "config": cfg.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": state["optimizer"].state_dict(), "scheduler": state["scheduler"].state_dict(),
+        "scaler": state["scaler"].state_dict() if state["scaler"] else None,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+    }
+    if state["ema"] is not None:
+        ckpt["ema_state_dict"] = {k: v.detach().cpu() for k, v in state["ema"].module.state_dict().items()}
+    folder = state["run_dir"] / "checkpoints"
+    save_checkpoint(folder / "last.pt", ckpt)
+    if best:
+        save_checkpoint(folder / "best.pt", ckpt)
+
+
+def _json(obj) -> str:
+    import json
+
+    return json.dumps(obj, indent=2) + "\n"
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag that the loop reads after each step; a second Ctrl-C abandons at once.
+
+    With several processes the flag is agreed on by all of them, so they stop at the same step.
+    """
+
+    def __init__(self, dist, device: torch.device):
+        self.dist, self.device, self.name, self._old = dist, device, None, {}
+
+    @property
+    def requested(self) -> bool:
+        return self.name is not None
+
+    def check(self) -> bool:
+        if not self.dist.enabled:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=self.device)
+        distributed.all_reduce_sum(flag, self.dist)
+        if flag.item() and not self.requested:
+            self.name = "SIGTERM"
+        return bool(flag.item())
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+        print(f"\nimgclf: {self.name} received; finishing this step and saving (Ctrl-C again to abandon)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        with contextlib.suppress(ValueError):  # only the main thread may install handlers
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
