@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -50,6 +51,14 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether an exception raised inside a collective means another process died or timed out."""
+    text = str(err).lower()
+    return isinstance(err, dist.DistError) or any(
+        word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))
+
+
 def close(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+        with contextlib.suppress(RuntimeError):  # a peer died and broke the group: nothing left to tidy
+            dist.destroy_process_group()

@@ -23,10 +23,11 @@ class Diverged(RuntimeError):
 
 def train_one_epoch(model: nn.Module, loader, *, epoch: int, optimizer, scheduler, loss_fn,
                     autocast: Callable[[], AbstractContextManager], scaler=None, start_step: int = 0,
-                    should_stop: Callable[[], bool] = lambda: False,
+                    should_stop: Callable[[], bool] = lambda: False, dist: DistInfo | None = None,
                     on_step: Callable[[int, float], None] = lambda step, loss: None) -> dict:
     """Train over `loader.epoch(epoch)` from `start_step`. Stops early (returning `stopped_at`) as soon as
-    `should_stop()` is true after a step; raises Diverged on a non-finite loss before updating weights."""
+    `should_stop()` is true after a step; raises Diverged on a non-finite loss before updating weights.
+    Loss and accuracy are over the whole global batch, summed across the processes of `dist`."""
     model.train()
     world = getattr(loader, "world", 1)
     loss_sum, correct, seen, step = 0.0, torch.zeros((), dtype=torch.int64), 0, start_step
@@ -56,8 +57,14 @@ def train_one_epoch(model: nn.Module, loader, *, epoch: int, optimizer, schedule
         if should_stop():
             stopped_at = step + 1
             break
-    return {"loss": loss_sum / max(seen, 1), "acc": int(correct) / max(seen, 1), "images": seen,
+    totals = all_reduce_sum(torch.tensor([loss_sum, float(correct), float(seen)], dtype=torch.float64,
+                                         device=_device(model)), dist or DistInfo()).tolist()
+    return {"loss": totals[0] / max(totals[2], 1), "acc": totals[1] / max(totals[2], 1), "images": int(totals[2]),
             "seconds": time.perf_counter() - start, "stopped_at": stopped_at}
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.inference_mode()
@@ -68,9 +75,8 @@ def evaluate(model: nn.Module, loader, *, num_classes: int, autocast: Callable[[
     model.eval()
     dist = dist or DistInfo()
     start = time.perf_counter()
-    device = next(model.parameters()).device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=_device(model))
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=_device(model))
     probs = []
     for x, y, _ in loader.epoch(0):
         with autocast():

@@ -15,7 +15,7 @@ from imgclf.checkpoint import FORMAT, FORMAT_VERSION, atomic_write_text, load_ch
 from imgclf.config import TrainConfig
 from imgclf.data import BatchLoader, ImageData, load_data
 from imgclf.engine import Diverged, evaluate, train_one_epoch
-from imgclf.errors import EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, UserError
+from imgclf.errors import EXIT_DISTRIBUTED, EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, UserError
 from imgclf.models import build_model
 from imgclf.optim import build_loss, build_optimizer, build_scheduler
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
@@ -38,6 +38,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     distributed.init(dist, device)
     try:
         return _train(cfg, resume=resume, dist=dist, device=device)
+    except RuntimeError as err:
+        if not dist.enabled or not distributed.is_peer_failure(err):
+            raise
+        raise UserError(f"rank {dist.rank}: another process of the distributed job failed or stopped answering "
+                        f"({str(err).splitlines()[0][:160]}); the whole job stops", EXIT_DISTRIBUTED) from None
     finally:
         distributed.close(dist)
 
@@ -95,7 +100,7 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dic
             try:
                 stats = train_one_epoch(
                     net, loaders["train"], epoch=epoch, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
-                    autocast=autocast, scaler=scaler, start_step=start_step, should_stop=stop.check,
+                    autocast=autocast, scaler=scaler, start_step=start_step, should_stop=stop.check, dist=dist,
                     on_step=lambda step, loss: _after_step(step, loss, tracker, optimizer, model, ema))
             except Diverged as err:
                 last = run_dir / "checkpoints" / "last.pt"
@@ -110,8 +115,8 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dic
                             autocast=autocast, dist=dist, tta=cfg.run.tta)
             record = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_acc": stats["acc"],
                       "test_loss": test["loss"], "test_acc": test["acc"], "test_count": test["count"],
-                      "lr": optimizer.param_groups[0]["lr"], "images_per_s": stats["images"] * dist.world_size
-                      / max(stats["seconds"], 1e-9), "epoch_seconds": stats["seconds"] + test["seconds"],
+                      "lr": optimizer.param_groups[0]["lr"], "images_per_s": stats["images"] / max(stats["seconds"], 1e-9),
+                      "epoch_seconds": stats["seconds"] + test["seconds"],
                       "skipped_files": len(data.skipped), "time": time.time()}
             tracker.end_epoch(record)
             improved = test["acc"] > best_acc
