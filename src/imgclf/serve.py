@@ -1,0 +1,261 @@
+"""A prediction service (note 31 behind HTTP): `imgclf serve CKPT --port P`.
+
+Endpoints:
+- `POST /predict`: one picture, as the raw request body (any Content-Type but multipart) or as a multipart
+  upload (the first file field); `?topk=N` optional. Answers `{"top": [{"label", "probability"}, ...]}`, most
+  probable first, or a 4xx with `{"error": "<one line>"}`: 400 empty or malformed body or bad topk, 413 over
+  the upload limit, 415 not a readable picture.
+- `GET /health`: `{"status": "ok", ...}` with the model, classes, input and limits, and batching counters.
+- `GET /`: a page where a person picks or drops a picture and sees the top-k with bars.
+
+Pictures are decoded in worker threads exactly as `imgclf predict` decodes files; the decoded pictures of
+concurrent requests are queued and run through the model in batches by one worker (`BatchQueue`), so the model
+is only ever used by one thread and simultaneous requests share forward passes.
+
+Starlette, uvicorn and python-multipart are imported only when the service starts (`pip install 'imgclf[serve]'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import io
+import socket
+import sys
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+import torch
+
+from imgclf.errors import EXIT_OK, UserError
+
+REQUIRES = {"starlette": "starlette", "uvicorn": "uvicorn", "python_multipart": "python-multipart"}
+MULTIPART_SLACK = 64 * 1024  # room for multipart boundaries and part headers around a file at the limit
+
+
+class UploadTooLarge(Exception):
+    pass
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0  # forward passes run
+    images: int = 0  # pictures answered
+    largest_batch: int = 0
+
+
+class BatchQueue:
+    """Collects decoded pictures from concurrent requests and runs them through `predictor` in batches.
+
+    One worker task takes the first waiting picture, yields briefly so that pictures arriving together can join
+    it, then runs up to `max_batch` of them in a thread. Each caller awaits its own row of probabilities.
+    """
+
+    def __init__(self, predictor, *, max_batch: int = 32, gather_s: float = 0.002):
+        self.predictor = predictor
+        self.max_batch = max_batch
+        self.gather_s = gather_s
+        self.stats = BatchStats()
+        self._queue: asyncio.Queue | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._worker = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+
+    async def probabilities(self, image: np.ndarray) -> torch.Tensor:
+        """uint8 (C, S, S) -> probabilities (classes,)."""
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put((image, future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            items = [await self._queue.get()]
+            await asyncio.sleep(self.gather_s)  # let requests that arrive together share one forward pass
+            while len(items) < self.max_batch and not self._queue.empty():
+                items.append(self._queue.get_nowait())
+            batch = torch.from_numpy(np.stack([image for image, _ in items]))  # (N, C, S, S) uint8
+            try:
+                probs = await asyncio.to_thread(self.predictor.probabilities, batch)
+            except Exception as err:  # noqa: BLE001 - every waiting request gets the error, the worker lives on
+                for _, future in items:
+                    if not future.done():
+                        future.set_exception(err)
+                continue
+            self.stats.batches += 1
+            self.stats.images += len(items)
+            self.stats.largest_batch = max(self.stats.largest_batch, len(items))
+            for (_, future), row in zip(items, probs, strict=True):
+                if not future.done():  # the client may have gone away
+                    future.set_result(row)
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request body, refused with UploadTooLarge as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise UploadTooLarge
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise UploadTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(predictor, *, model_name: str, max_upload_bytes: int = 10_000_000, topk: int = 5,
+               max_batch: int = 32):
+    """The Starlette application serving `predictor` (an imgclf.predict.Predictor)."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse, JSONResponse
+    from starlette.routing import Route
+
+    from imgclf.transforms import BadImage, load_image
+
+    queue = BatchQueue(predictor, max_batch=max_batch)
+    page = (resources.files("imgclf") / "static" / "index.html").read_text(encoding="utf-8")
+    limit_text = f"{max_upload_bytes / 1e6:g} MB"
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    async def upload_bytes(request: Request) -> tuple[bytes, str | None]:
+        """The picture's bytes and file name (None for a raw body); raises ValueError with the message."""
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return await read_body(request, max_upload_bytes), None
+        body = await read_body(request, max_upload_bytes + MULTIPART_SLACK)
+
+        async def replay() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=1, max_fields=16)
+        except Exception as err:  # noqa: BLE001 - python-multipart and Starlette raise several kinds
+            raise ValueError(f"malformed multipart upload ({getattr(err, 'detail', err)})") from None
+        files = [v for v in form.values() if hasattr(v, "read") and hasattr(v, "filename")]
+        if not files:
+            raise ValueError("the multipart upload holds no file; send the picture in a file field named 'file'")
+        data = await files[0].read()
+        await form.close()
+        if len(data) > max_upload_bytes:
+            raise UploadTooLarge
+        return data, files[0].filename
+
+    async def predict(request: Request) -> JSONResponse:
+        try:
+            k = int(request.query_params.get("topk", topk))
+        except ValueError:
+            return error(400, f"topk must be a whole number, got {request.query_params['topk']!r}")
+        if k < 1:
+            return error(400, f"topk must be at least 1, got {k}")
+        try:
+            data, filename = await upload_bytes(request)
+        except UploadTooLarge:
+            return error(413, f"upload is over the {limit_text} limit (imgclf serve --max-upload-mb)")
+        except ValueError as err:
+            return error(400, str(err))
+        if not data:
+            return error(400, "empty upload: send a picture (JPEG, PNG, ...) as the body or as a file field")
+        buffer = io.BytesIO(data)
+        try:
+            image = await asyncio.to_thread(load_image, buffer, size=predictor.size, channels=predictor.channels)
+        except BadImage as err:  # Pillow names the file object in its message; the user knows it as the upload
+            return error(415, f"not a readable picture: {str(err).replace(' ' + repr(buffer), '')}")
+        probs = await queue.probabilities(image.transpose(2, 0, 1))
+        p, idx = probs.topk(min(k, len(predictor.classes)))
+        top = [{"label": predictor.classes[i], "probability": round(v, 6)}
+               for v, i in zip(p.tolist(), idx.tolist(), strict=True)]
+        return JSONResponse({"top": top} if filename is None else {"top": top, "filename": filename})
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({
+            "status": "ok", "model": model_name, "classes": predictor.classes,
+            "input": {"size": predictor.size, "channels": predictor.channels}, "topk": topk,
+            "max_upload_bytes": max_upload_bytes, "max_batch": max_batch,
+            "batches": queue.stats.batches, "images": queue.stats.images,
+            "largest_batch": queue.stats.largest_batch,
+        })
+
+    async def index(request: Request) -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await queue.start()
+        try:
+            yield
+        finally:
+            await queue.stop()
+
+    return Starlette(routes=[Route("/", index), Route("/health", health), Route("/predict", predict, methods=["POST"])],
+                     lifespan=lifespan)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """Bind host:port now, so that a taken port or an unknown host is one clear error before anything loads."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as err:
+        raise UserError(f"cannot use --host {host}: {err.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {err.strerror}; choose another --port") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def register(subparsers, common) -> None:
+    p = subparsers.add_parser("serve", parents=[common], help="serve a checkpoint over HTTP, with a web page",
+                              description="Serve predictions over HTTP: POST /predict, GET /health, and a page "
+                                          "at / to try pictures in a browser.")
+    p.add_argument("checkpoint")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (8000)")
+    p.add_argument("--topk", type=int, default=5, help="labels per answer unless the request asks ?topk=N (5)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload, in MB (10)")
+    p.add_argument("--max-batch", type=int, default=32, help="most pictures per forward pass (32)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    missing = [pip for module, pip in REQUIRES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise UserError(f"imgclf serve needs the package(s) {', '.join(missing)}: pip install 'imgclf[serve]'")
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.topk < 1 or args.max_batch < 1 or not args.max_upload_mb > 0:
+        raise UserError("--topk and --max-batch must be at least 1, and --max-upload-mb above 0")
+    import uvicorn
+
+    from imgclf.checkpoint import load_checkpoint
+    from imgclf.predict import Predictor
+
+    sock = listening_socket(args.host, args.port)
+    ckpt = load_checkpoint(args.checkpoint)
+    predictor = Predictor(ckpt, device=args.device)
+    app = create_app(predictor, model_name=ckpt["model"]["name"], max_upload_bytes=int(args.max_upload_mb * 1e6),
+                     topk=args.topk, max_batch=args.max_batch)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"imgclf: serving {ckpt['model']['name']} ({len(predictor.classes)} classes) on "
+          f"http://{shown}:{args.port}/ (Ctrl+C stops)", file=sys.stderr, flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)).run(sockets=[sock])
+    return EXIT_OK
