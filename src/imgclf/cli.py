@@ -15,7 +15,8 @@ from imgclf.config import AUGMENTS, OPTIMIZERS, PRECISIONS, RECIPES, SCHEDULES, 
 from imgclf.errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, UserError
 
 # Modules that add subcommands of their own: each has `register(subparsers)` setting `func`.
-EXTENSIONS: tuple[str, ...] = ("imgclf.inspect", "imgclf.export", "imgclf.serve")
+EXTENSIONS: tuple[str, ...] = ("imgclf.inspect", "imgclf.export", "imgclf.serve", "imgclf.visualize", "imgclf.lrfind",
+                                 "imgclf.envinfo")
 
 # flag -> (config section, field); flags default to None so that only what the user typed overrides.
 TRAIN_FLAGS = {

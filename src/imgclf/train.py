@@ -129,6 +129,11 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dic
                 code = {"SIGTERM": EXIT_SIGTERM, "SIGINT": EXIT_SIGINT}.get(stop.name, 0)
                 raise Stopped(f"stopped by {why} after epoch {epoch + 1}; resume with: imgclf train --resume "
                               f"{run_dir}", code)
+    if dist.is_main:  # curves.png, confusion.png, mistakes.png and TensorBoard pictures; never fails the run
+        from imgclf.report import report_after_training
+
+        report_after_training(run_dir, cfg=cfg, data=data, model=ema.module if ema else model, transform=transform,
+                              device=device, autocast=autocast, records=tracker.records, writer=tracker.writer)
     tracker.close()
     return record
 

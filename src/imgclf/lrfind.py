@@ -1,0 +1,198 @@
+"""`imgclf lr-find`: the learning-rate range test (Smith 2015; fastai's `lr_find`), notes 23 and 26.
+
+Train from the model's initial weights for a few steps while the learning rate grows exponentially from
+`start_lr` to `end_lr`; record the loss, smoothed with an exponential moving average (bias-corrected); stop
+once the smoothed loss exceeds four times its best, or becomes NaN. A good learning rate lies where the loss
+falls fastest, before it turns upward. Nothing is saved but the plot: the model is thrown away after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from imgclf.errors import EXIT_OK, UserError
+
+
+@dataclass
+class RangeTest:
+    lrs: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # smoothed
+    raw: list[float] = field(default_factory=list)
+    diverged: bool = False
+
+
+def lr_at(step: int, *, start_lr: float, end_lr: float, num_steps: int) -> float:
+    """Exponential sweep: start_lr at step 0, end_lr at step num_steps - 1."""
+    return start_lr * (end_lr / start_lr) ** (step / max(1, num_steps - 1))
+
+
+def range_test(model: torch.nn.Module, batches, *, optimizer: torch.optim.Optimizer, loss_fn, start_lr: float,
+               end_lr: float, num_steps: int, autocast, beta: float = 0.98, diverge_factor: float = 4.0) -> RangeTest:
+    """Run the sweep over `batches` (an iterator of (x, y, ...) that yields at least `num_steps` batches)."""
+    out = RangeTest()
+    model.train()
+    average, best = 0.0, math.inf
+    for step in range(num_steps):
+        try:
+            x, y, *_ = next(batches)
+        except StopIteration:
+            break
+        lr = lr_at(step, start_lr=start_lr, end_lr=end_lr, num_steps=num_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast():
+            loss = loss_fn(model(x).float(), y)
+        value = loss.item()
+        if not math.isfinite(value):
+            out.diverged = True
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        average = beta * average + (1 - beta) * value
+        smoothed = average / (1 - beta ** (step + 1))  # bias correction: early averages are not pulled to 0
+        out.lrs.append(lr)
+        out.raw.append(value)
+        out.losses.append(smoothed)
+        best = min(best, smoothed)
+        if smoothed > diverge_factor * best:
+            out.diverged = True
+            break
+    return out
+
+
+def suggestions(lrs: list[float], losses: list[float]) -> dict[str, float]:
+    """Suggested learning rates from a sweep (named as in fastai; the valley is found our own way).
+
+    valley: the middle (in log lr) of the stretch where the loss falls from near its start to its minimum;
+    steep: where the loss falls fastest per unit of log(lr); minimum: a tenth of the lr at the lowest loss.
+    The first tenth of the sweep (still warming the average) and the last few points (diverging) are ignored.
+    """
+    lo, hi = len(lrs) // 10, max(len(lrs) - 5, len(lrs) // 10 + 2)
+    lrs, losses = lrs[lo:hi], losses[lo:hi]
+    if len(lrs) < 3:
+        raise UserError("the sweep stopped too early to suggest a learning rate; lower --start-lr or raise --steps")
+    lowest = min(range(len(losses)), key=losses.__getitem__)
+    # the valley: from the last point still within 10% of the whole drop from the start, down to the minimum
+    drop = losses[0] - losses[lowest]
+    top = max((i for i in range(lowest + 1) if losses[i] >= losses[lowest] + 0.9 * drop), default=0)
+    valley = (top + lowest) // 2
+    logs = [math.log(lr) for lr in lrs]
+    slopes = [(losses[i + 1] - losses[i]) / (logs[i + 1] - logs[i]) for i in range(len(lrs) - 1)]
+    steep = min(range(len(slopes)), key=slopes.__getitem__)
+    return {"valley": lrs[valley], "steep": lrs[steep], "minimum": lrs[lowest] / 10}
+
+
+def lr_find_figure(test: RangeTest, suggested: dict[str, float], *, title: str):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    ax = fig.add_subplot()
+    ax.plot(test.lrs, test.raw, color="lightgray", linewidth=1, label="loss of each step")
+    ax.plot(test.lrs, test.losses, color="tab:blue", linewidth=2, label="smoothed loss")
+    markers = {"valley": ("tab:red", "o"), "steep": ("tab:green", "^"), "minimum": ("tab:purple", "s")}
+    for name, lr in suggested.items():
+        i = min(range(len(test.lrs)), key=lambda k: abs(math.log(test.lrs[k] / lr)))
+        color, marker = markers[name]
+        ax.plot([lr], [test.losses[i]], marker=marker, color=color, markersize=9, linestyle="none",
+                label=f"{name}: {lr:.1e}")
+    ax.set_xscale("log")
+    first = test.losses[0] if test.losses else 1.0
+    low = min(test.losses) if test.losses else 0.0
+    ax.set_ylim(low - 0.1 * (first - low + 1e-3), max(first, low) * 1.3 + 1e-3)  # the divergence spike off-scale
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="upper left", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- command line
+
+def register(subparsers, common) -> None:
+    from imgclf.config import OPTIMIZERS, RECIPES
+
+    p = subparsers.add_parser("lr-find", parents=[common], help="learning-rate range test, plotted (notes 23, 26)",
+                              description="Sweep the learning rate exponentially over a few training steps, plot "
+                                          "the loss against it and suggest a learning rate for `imgclf train --lr`.")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="default", help="as `imgclf train --recipe`")
+    p.add_argument("--data", required=True, help="as `imgclf train --data`")
+    p.add_argument("--data-root")
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--val-fraction", type=float)
+    p.add_argument("--batch-size", type=int, help="as in training (128)")
+    p.add_argument("--cache-dir")
+    p.add_argument("--model", help="as `imgclf train --model` (tutorial_cnn)")
+    p.add_argument("--pretrained", metavar="FILE|NAME")
+    p.add_argument("--freeze-backbone", action="store_true", default=None)
+    p.add_argument("--optimizer", choices=OPTIMIZERS)
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate (1e-7)")
+    p.add_argument("--end-lr", type=float, default=10.0, help="last learning rate (10)")
+    p.add_argument("--steps", type=int, default=100, help="training steps of the sweep (100)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", dest="plot", default="lr_find.png", help="PNG to write (lr_find.png)")
+    p.set_defaults(func=cmd_lr_find)
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from imgclf.cli import train_config
+    from imgclf.data import BatchLoader, load_data
+    from imgclf.models import build_model
+    from imgclf.optim import build_loss, build_optimizer
+    from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
+    from imgclf.transforms import BatchTransform
+    from imgclf.visualize import save_png
+
+    if not 0 < args.start_lr < args.end_lr:
+        raise UserError(f"need 0 < --start-lr < --end-lr, got {args.start_lr} and {args.end_lr}")
+    if args.steps < 10:
+        raise UserError(f"--steps must be at least 10, got {args.steps}")
+    cfg = train_config(args)
+    device = resolve_device(cfg.run.device)
+    torch.manual_seed(cfg.run.seed)
+    data = load_data(cfg.data)
+    model = build_model(cfg.model.name, num_classes=len(data.classes), in_channels=data.channels,
+                        img_size=data.img_size, pretrained=cfg.model.pretrained,
+                        freeze_backbone=cfg.model.freeze_backbone)
+    transform = BatchTransform(data.mean, data.std, cfg.data.augment, pad=max(1, data.img_size // 8))
+    loader = BatchLoader(data.train, batch_size=min(cfg.data.batch_size, len(data.train)), transform=transform,
+                         train=True, device=device, seed=cfg.run.seed)
+    if len(loader) == 0:
+        raise UserError(f"the training split of {cfg.data.data} is too small for a batch")
+    if hasattr(model, "init_whitening"):
+        model.init_whitening(next(iter(BatchLoader(data.train, batch_size=5000, transform=transform, train=False,
+                                                   device=device).epoch(0)))[0].cpu())
+    model.to(device)
+
+    def batches():
+        epoch = 0
+        while True:
+            yield from loader.epoch(epoch)
+            epoch += 1
+
+    test = range_test(model, batches(), optimizer=build_optimizer(model, cfg.optim), loss_fn=build_loss(cfg.optim),
+                      start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.steps,
+                      autocast=autocast_factory(device, resolve_precision(cfg.run.precision, device)))
+    suggested = suggestions(test.lrs, test.losses)
+    where = (f"stopped at lr {test.lrs[-1]:.1e} after {len(test.lrs)} steps: the loss diverged" if test.diverged
+             else f"{len(test.lrs)} steps up to lr {test.lrs[-1]:.1e}")
+    title = f"lr-find: {cfg.model.name} on {Path(cfg.data.data).name or cfg.data.data}, {cfg.optim.optimizer}, " \
+            f"batch {loader.batch_size}"
+    out = save_png(lr_find_figure(test, suggested, title=title), Path(args.plot))
+    print(f"swept {args.start_lr:.0e} .. {args.end_lr:.0e}; {where}", file=sys.stderr)
+    print(f"suggested learning rate: {suggested['valley']:.1e} (valley)")
+    print(f"  steepest descent at {suggested['steep']:.1e}; minimum loss / 10 at {suggested['minimum']:.1e}")
+    print(f"plot: {out}")
+    return EXIT_OK

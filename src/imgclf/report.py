@@ -1,0 +1,113 @@
+"""Pictures of a finished run (notes 07-08, 27): curves.png, confusion.png and mistakes.png in the run folder,
+and the same in TensorBoard with per-class accuracy and the run's hyper-parameters."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgclf.metrics import per_class_accuracy
+
+MISTAKES_SHOWN = 24
+
+
+def write_run_report(run_dir: Path, *, records: Sequence[dict], result: dict, data, writer=None,
+                     hparams: dict | None = None) -> list[Path]:
+    """Draw the run's pictures into `run_dir` and, with a SummaryWriter `writer`, into TensorBoard.
+
+    `records` are metrics.jsonl's per-epoch dicts; `result` is `engine.evaluate(..., keep_probs=True)` over
+    `data.test` in its order (so that probs[i] belongs to data.test.labels[i]). Returns the PNGs written.
+    """
+    from imgclf.visualize import confusion_figure, curves_figure, figure_array, per_class_figure, save_png
+
+    run_dir = Path(run_dir)
+    name = run_dir.resolve().name
+    classes = list(data.classes)
+    step = int(records[-1]["epoch"]) if records else 0
+    figures = {
+        "curves": curves_figure(records, title=f"{name}: loss and accuracy per epoch"),
+        "confusion": confusion_figure(result["confusion"], classes,
+                                      title=f"{name}, {data.test_name} split"),
+        "mistakes": mistakes_figure(result["probs"], data.test, classes),
+    }
+    written = [save_png(fig, run_dir / f"{key}.png") for key, fig in figures.items()]
+    if writer is None:
+        return written
+    for key, fig in figures.items():
+        writer.add_image(f"report/{key}", figure_array(fig), step, dataformats="HWC")
+    per_class = per_class_accuracy(result["confusion"])
+    writer.add_image("report/per_class", figure_array(per_class_figure(per_class, classes)), step,
+                     dataformats="HWC")
+    for cls, acc in zip(classes, per_class, strict=True):
+        writer.add_scalar(f"test_class/{cls}", acc, step)
+    if hparams is not None:
+        write_hparams(writer, hparams, {"test/acc": result["acc"], "test/loss": result["loss"]})
+    writer.flush()
+    return written
+
+
+def mistakes_figure(probs: torch.Tensor, split, classes: Sequence[str], *, count: int = MISTAKES_SHOWN):
+    """The test pictures the model got wrong with the highest confidence, with true and predicted labels."""
+    from matplotlib.figure import Figure
+
+    from imgclf.visualize import image_grid
+
+    labels = split.labels
+    conf, pred = probs.max(dim=1)
+    wrong = torch.nonzero(pred != labels[: len(pred)]).flatten()
+    if len(wrong) == 0:
+        fig = Figure(figsize=(6, 2))
+        fig.text(0.5, 0.5, f"no mistakes: all {len(pred)} test pictures were classified right",
+                 ha="center", va="center", fontsize=12)
+        return fig
+    worst = wrong[conf[wrong].argsort(descending=True)][:count].tolist()
+    images = [np.asarray(split.images[i]) for i in worst]
+    captions = [f"true: {classes[int(labels[i])]}\npred: {classes[int(pred[i])]} {float(conf[i]):.0%}"
+                for i in worst]
+    return image_grid(images, captions, ncols=min(8, len(worst)), lines=2, tile_inches=1.5,
+                      colors=["firebrick"] * len(worst),
+                      title=f"most confident mistakes: {len(worst)} of {len(wrong)} wrong out of {len(pred)}")
+
+
+def write_hparams(writer, hparams: dict, metrics: dict) -> None:
+    """The run's hyper-parameters in TensorBoard's HPARAMS tab, in the run's own event file (not a sub-run,
+    as SummaryWriter.add_hparams would make), tied to scalars the run already logs."""
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+    clean = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()}
+    for summary in hparams_summary(clean, metrics):
+        writer._get_file_writer().add_summary(summary)  # noqa: SLF001 - the documented way to share the run
+
+
+def flatten_config(cfg: dict, prefix: str = "") -> dict:
+    """{'optim': {'lr': 0.05}} -> {'optim.lr': 0.05}."""
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def report_after_training(run_dir: Path, *, cfg, data, model: torch.nn.Module, transform, device, autocast,
+                          records: Sequence[dict], writer) -> None:
+    """Evaluate the final model once more on the held-out split (this process only, keeping probabilities)
+    and write the run's pictures. A failure here is reported in one line and never loses the run."""
+    try:
+        from imgclf.data import BatchLoader
+        from imgclf.engine import evaluate
+
+        loader = BatchLoader(data.test, batch_size=cfg.data.eval_batch_size, transform=transform, train=False,
+                             device=device)
+        result = evaluate(model, loader, num_classes=len(data.classes), autocast=autocast, tta=cfg.run.tta,
+                          keep_probs=True)
+        write_run_report(run_dir, records=records, result=result, data=data, writer=writer,
+                         hparams=flatten_config(cfg.to_dict()))
+    except Exception as err:  # noqa: BLE001 - pictures are a bonus; the checkpoints are already saved
+        print(f"imgclf: warning: no run pictures ({type(err).__name__}: {str(err).splitlines()[0][:160]})",
+              file=sys.stderr)

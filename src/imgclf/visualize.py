@@ -1,0 +1,375 @@
+"""Pictures (notes 07-08, 14, 17-19): labelled image grids, training curves, confusion matrices, feature maps.
+
+Every function returns a matplotlib `Figure` built with the object API (no pyplot, so no global figure state
+and no GUI backend); `save_png` writes it and `figure_array` turns it into pixels for TensorBoard. The
+commands `imgclf show` and `imgclf features` live here too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from imgclf.errors import EXIT_OK, UserError
+
+DPI = 100
+TRAIN_COLOR, TEST_COLOR = "tab:blue", "tab:orange"
+
+
+# ---------------------------------------------------------------- figures -> files / pixels
+
+def save_png(fig: Figure, path: Path) -> Path:
+    """Write `fig` as a PNG (atomically: a reader never sees half a file)."""
+    from imgclf.checkpoint import atomic_write
+
+    path = Path(path)
+    atomic_write(path, lambda tmp: FigureCanvasAgg(fig).print_png(tmp))
+    return path
+
+
+def figure_array(fig: Figure) -> np.ndarray:
+    """The rendered figure as uint8 (H, W, 3), as TensorBoard's add_image(dataformats='HWC') takes it."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+# ---------------------------------------------------------------- image grids
+
+def _tile(image: np.ndarray, side: int) -> np.ndarray:
+    """uint8 (C, H, W) -> (side, side, 3) for the mosaic; large pictures are shrunk to keep PNGs small."""
+    x = torch.as_tensor(np.asarray(image)).float().unsqueeze(0)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[-2:] != (side, side):
+        x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True,
+                                            align_corners=False)
+    return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def image_grid(images, labels: Sequence[str], *, ncols: int, title: str | None = None,
+               colors: Sequence[str] | None = None, row_labels: Sequence[str] | None = None,
+               tile_inches: float = 1.25, lines: int = 1) -> Figure:
+    """A grid of uint8 (N, C, H, W) pictures, each with its label above it (`lines` lines of text).
+
+    Drawn as one mosaic in one axes, which renders many pictures far faster than a subplot each.
+    `row_labels` names each row on the left (one class per row in `imgclf show --per-class`).
+    """
+    images = list(images)
+    if not images:
+        raise UserError("no pictures to draw")
+    n = len(images)
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    side = min(128, max(np.asarray(images[0]).shape[-2:]))
+    band = round(side * 0.2 * lines)  # room for the label above each tile
+    gap = max(2, side // 16)
+    cell_w, cell_h = side + gap, side + band
+    mosaic = np.full((nrows * cell_h, ncols * cell_w - gap, 3), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, ncols)
+        mosaic[r * cell_h + band : (r + 1) * cell_h, c * cell_w : c * cell_w + side] = _tile(img, side)
+    left = 0.25 + 0.085 * max(len(label) for label in row_labels) if row_labels else 0.05  # inches of text
+    head = 0.45 if title else 0.05
+    width_in = ncols * tile_inches
+    height_in = width_in * mosaic.shape[0] / mosaic.shape[1]
+    fig = Figure(figsize=(width_in + left + 0.05, height_in + head + 0.05), dpi=DPI)
+    W, H = fig.get_size_inches()
+    ax = fig.add_axes((left / W, 0.05 / H, width_in / W, height_in / H))
+    ax.imshow(mosaic, interpolation="nearest" if side <= 64 else "antialiased")
+    ax.set_axis_off()
+    fontsize = 8 if lines == 1 else 7
+    for i, label in enumerate(labels):
+        r, c = divmod(i, ncols)
+        ax.text(c * cell_w + side / 2, r * cell_h + band - 1, label, ha="center", va="bottom", fontsize=fontsize,
+                color=colors[i] if colors else "black", clip_on=False)
+    for r, label in enumerate(row_labels or []):
+        ax.text(-gap * 2, r * cell_h + band + side / 2, label, ha="right", va="center", fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=12, y=1 - 0.08 / H, va="top")
+    return fig
+
+
+# ---------------------------------------------------------------- training curves and confusion matrix
+
+def curves_figure(records: Sequence[dict], *, title: str = "training curves") -> Figure:
+    """Loss and accuracy per epoch, train and test, from metrics.jsonl records."""
+    epochs = [r["epoch"] for r in records]
+    fig = Figure(figsize=(10, 4), dpi=DPI)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for ax, key, label in ((loss_ax, "loss", "loss"), (acc_ax, "acc", "accuracy (%)")):
+        scale = 100 if key == "acc" else 1
+        for split, color in (("train", TRAIN_COLOR), ("test", TEST_COLOR)):
+            values = [r[f"{split}_{key}"] * scale for r in records if f"{split}_{key}" in r]
+            if values:
+                ax.plot(epochs[: len(values)], values, marker="o", color=color, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_title(label.split(" ")[0])
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    if records and "test_acc" in records[-1]:
+        best = max(records, key=lambda r: r["test_acc"])
+        acc_ax.annotate(f"best {best['test_acc']:.1%} (epoch {best['epoch']})", (best["epoch"], best["test_acc"] * 100),
+                        textcoords="offset points", xytext=(0, -16), ha="center", fontsize=9, color=TEST_COLOR)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(confusion, classes: Sequence[str], *, title: str = "confusion matrix") -> Figure:
+    """Counts with true class in rows and predicted class in columns; the diagonal is what was right."""
+    cm = np.asarray(confusion, dtype=np.int64)
+    k = len(classes)
+    side = min(20.0, max(4.5, 0.45 * k + 2.5))
+    fig = Figure(figsize=(side + 1, side), dpi=DPI)
+    ax = fig.add_subplot()
+    image = ax.imshow(cm, cmap="Blues", vmin=0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    if k <= 60:
+        ax.set_xticks(range(k), classes, rotation=45 if k > 2 else 0, ha="right" if k > 2 else "center",
+                      fontsize=9 if k <= 20 else 6)
+        ax.set_yticks(range(k), classes, fontsize=9 if k <= 20 else 6)
+    if k <= 25:
+        threshold = cm.max() / 2 if cm.size else 0
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=9 if k <= 12 else 6,
+                        color="white" if cm[i, j] > threshold else "black")
+    total = cm.sum()
+    acc = np.trace(cm) / total if total else 0.0
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"{title}: {acc:.1%} of {total} right")
+    fig.tight_layout()
+    return fig
+
+
+def per_class_figure(accuracies: Sequence[float], classes: Sequence[str]) -> Figure:
+    fig = Figure(figsize=(max(5, 0.35 * len(classes) + 2), 3.5), dpi=DPI)
+    ax = fig.add_subplot()
+    ax.bar(range(len(classes)), [a * 100 for a in accuracies], color=TEST_COLOR)
+    ax.set_xticks(range(len(classes)), classes, rotation=45 if len(classes) > 4 else 0, ha="right", fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("accuracy per class")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- feature maps (notes 17-19)
+
+def feature_maps_figure(activation: torch.Tensor, *, title: str, max_channels: int = 64) -> Figure:
+    """Channels of one activation (C, H, W) as a grid; each channel scaled to its own min..max."""
+    act = activation.detach().float().cpu()
+    shown = act[:max_channels]
+    lo = shown.amin(dim=(1, 2), keepdim=True)
+    hi = shown.amax(dim=(1, 2), keepdim=True)
+    scaled = ((shown - lo) / (hi - lo).clamp_min(1e-12) * 255).round().to(torch.uint8)  # (C, H, W)
+    n = scaled.shape[0]
+    ncols = math.ceil(math.sqrt(n))
+    cmap = _viridis()
+    images = [cmap[ch].permute(2, 0, 1).numpy() for ch in scaled.long()]  # (3, H, W) each
+    more = f", first {n} shown" if act.shape[0] > n else ""
+    shape = "x".join(map(str, act.shape))
+    return image_grid(images, [str(i) for i in range(n)], ncols=ncols, tile_inches=max(0.6, 8 / ncols),
+                      title=f"{title}  ({shape}{more}; each channel scaled to its own range)")
+
+
+def _viridis() -> torch.Tensor:
+    from matplotlib import colormaps
+
+    return torch.from_numpy((colormaps["viridis"](np.arange(256))[:, :3] * 255).astype(np.uint8))
+
+
+# ---------------------------------------------------------------- `imgclf show`
+
+def register(subparsers, common) -> None:
+    p = subparsers.add_parser("show", parents=[common], help="a labelled grid of sample pictures (notes 06, 13-14)",
+                              description="Write a PNG grid of sample pictures labelled with their class names, "
+                                          "and print how many pictures each class has in each split.")
+    p.add_argument("data", metavar="DATA", help="cifar10, mnist, ... or a folder (as `train --data`)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--per-class", type=int, metavar="N", help="N pictures of each class, one row per class "
+                                                                  "(default 8 when there are at most 20 classes)")
+    how.add_argument("--random", type=int, metavar="N", help="N pictures drawn at random (default 64 with many "
+                                                               "classes)")
+    p.add_argument("--split", choices=("train", "test"), default="train", help="which split to draw from (train)")
+    p.add_argument("--out", default="samples.png", help="PNG to write (samples.png)")
+    p.add_argument("--seed", type=int, default=0, help="which pictures are drawn")
+    p.add_argument("--img-size", type=int, help="side of the square pictures (default: as `train` uses)")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--cache-dir")
+    p.set_defaults(func=cmd_show)
+
+    p = subparsers.add_parser("features", parents=[common], help="feature maps of one picture (notes 17-19)",
+                              description="Run one picture through a trained model and draw what each convolution, "
+                                          "activation and pooling layer outputs, to PNGs and to TensorBoard.")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--out", help="folder for the PNGs and TensorBoard events (features/<picture name>)")
+    p.add_argument("--max-channels", type=int, default=64, help="channels drawn per layer (64)")
+    p.set_defaults(func=cmd_features)
+
+
+def class_counts(data) -> list[tuple[str, int, int]]:
+    """(class, train count, held-out count) for each class."""
+    train = torch.bincount(data.train.labels, minlength=len(data.classes)).tolist()
+    test = torch.bincount(data.test.labels, minlength=len(data.classes)).tolist()
+    return list(zip(data.classes, train, test, strict=True))
+
+
+def pick_samples(labels: torch.Tensor, *, num_classes: int, per_class: int | None, random: int | None,
+                 seed: int) -> list[int]:
+    """Indices of the pictures to draw: the first `per_class` of each class in a seeded shuffle, or `random`."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=gen)
+    if random is not None:
+        return order[:random].tolist()
+    shuffled = labels[order]
+    picks = []
+    for c in range(num_classes):
+        picks += order[shuffled == c][:per_class].tolist()
+    return picks
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from imgclf.config import DataConfig
+    from imgclf.data import load_data
+
+    for flag in ("per_class", "random"):
+        value = getattr(args, flag)
+        if value is not None and not 1 <= value <= 1000:
+            raise UserError(f"--{flag.replace('_', '-')} must be 1..1000, got {value}")
+    cfg = DataConfig(data=args.data, data_root=args.data_root, img_size=args.img_size,
+                     val_fraction=args.val_fraction, cache_dir=args.cache_dir)
+    data = load_data(cfg)
+    rows = class_counts(data)
+    width = max(8, *(len(name) for name, _, _ in rows))
+    print(f"{'class':<{width}}  {'train':>7}  {data.test_name:>7}")
+    for name, n_train, n_test in rows:
+        print(f"{name:<{width}}  {n_train:>7}  {n_test:>7}")
+    print(f"{'total':<{width}}  {len(data.train):>7}  {len(data.test):>7}")
+    print(f"{len(data.classes)} classes, pictures {data.channels}x{data.img_size}x{data.img_size}")
+
+    split = data.train if args.split == "train" else data.test
+    split_name = "train" if args.split == "train" else data.test_name
+    per_class, random = args.per_class, args.random
+    if per_class is None and random is None:
+        per_class, random = (8, None) if len(data.classes) <= 20 else (None, 64)
+    idx = pick_samples(split.labels, num_classes=len(data.classes), per_class=per_class, random=random,
+                       seed=args.seed)
+    images = [np.asarray(split.images[i]) for i in idx]
+    names = [data.classes[int(split.labels[i])] for i in idx]
+    if per_class is not None:  # one row per class, labelled on the left; short rows are padded with blanks
+        grid, labels, row_labels = [], [], []
+        blank = np.full_like(images[0], 255)
+        for c, name in enumerate(data.classes):
+            mine = [img for img, n in zip(images, names, strict=True) if n == name]
+            if mine:
+                grid += mine + [blank] * (per_class - len(mine))
+                labels += [""] * per_class
+                row_labels.append(f"{name} ({rows[c][1 if args.split == 'train' else 2]})")
+        fig = image_grid(grid, labels, ncols=per_class, row_labels=row_labels, lines=0,
+                         title=f"{_data_name(args.data)}: {per_class} {split_name} pictures per class")
+    else:
+        fig = image_grid(images, names, ncols=min(8, len(images)),
+                         title=f"{_data_name(args.data)}: {len(images)} random {split_name} pictures")
+    out = save_png(fig, Path(args.out))
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+def _data_name(data: str) -> str:
+    return Path(data).name or data
+
+
+# ---------------------------------------------------------------- `imgclf features`
+
+ACTIVATIONS = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.PReLU, torch.nn.ELU, torch.nn.SELU,
+               torch.nn.CELU, torch.nn.GELU, torch.nn.SiLU, torch.nn.Mish, torch.nn.Sigmoid, torch.nn.Tanh,
+               torch.nn.Hardswish, torch.nn.Hardsigmoid, torch.nn.Softplus)
+POOLS = (torch.nn.modules.pooling._MaxPoolNd, torch.nn.modules.pooling._AvgPoolNd)
+
+
+def feature_maps(model: torch.nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, str, torch.Tensor]], torch.Tensor]:
+    """Outputs (C, H, W) of every convolution, activation and pooling layer for one input (1, C, H, W),
+    in the order they run, as (name, layer type, tensor); and the model's logits."""
+    found: list[tuple[str, str, torch.Tensor]] = []
+    names = {m: n for n, m in model.named_modules()}
+    calls: dict[str, int] = {}
+
+    def hook(module, inputs, output):
+        if isinstance(output, torch.Tensor) and output.dim() == 4:
+            name = names[module] or type(module).__name__
+            calls[name] = calls.get(name, 0) + 1
+            label = name if calls[name] == 1 else f"{name}#{calls[name]}"
+            found.append((label, type(module).__name__, output[0].detach().clone()))  # clone: ReLU may be in-place
+
+    kinds = (torch.nn.modules.conv._ConvNd, *ACTIVATIONS, *POOLS)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+    try:
+        with torch.no_grad():
+            logits = model.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return found, logits
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from imgclf.checkpoint import load_checkpoint, model_from_checkpoint
+    from imgclf.transforms import BadImage, BatchTransform, load_image
+
+    if args.max_channels < 1:
+        raise UserError(f"--max-channels must be at least 1, got {args.max_channels}")
+    ckpt = load_checkpoint(args.checkpoint)
+    inp = ckpt["input"]
+    image_path = Path(args.image).expanduser()
+    if not image_path.is_file():
+        raise UserError(f"no such picture: {image_path}")
+    try:
+        picture = load_image(image_path, size=inp["size"], channels=inp["channels"]).transpose(2, 0, 1)
+    except BadImage as err:
+        raise UserError(f"{image_path} is not a readable picture ({err})") from None
+    model = model_from_checkpoint(ckpt)
+    x = BatchTransform(tuple(inp["mean"]), tuple(inp["std"]))(torch.from_numpy(picture)[None], train=False)
+    maps, logits = feature_maps(model, x)
+    if not maps:
+        raise UserError(f"{ckpt['model']['name']} has no convolution, activation or pooling layers to draw")
+    probs = logits.float().softmax(1)[0]
+    top = int(probs.argmax())
+    out = Path(args.out) if args.out else Path("features") / image_path.stem
+    out.mkdir(parents=True, exist_ok=True)
+    label = f"{ckpt['classes'][top]} {float(probs[top]):.1%}"
+    writer = SummaryWriter(str(out))
+    try:
+        fig = image_grid([picture], [f"predicted: {label}"], ncols=1, tile_inches=3,
+                         title=f"{image_path.name} as the model sees it ({inp['channels']}x{inp['size']}x{inp['size']})")
+        save_png(fig, out / "00_input.png")
+        writer.add_image("features/00 input", figure_array(fig), 0, dataformats="HWC")
+        for i, (name, kind, act) in enumerate(maps, start=1):
+            fig = feature_maps_figure(act, title=f"{i}. {name} ({kind})", max_channels=args.max_channels)
+            stem = f"{i:02d}_{name.replace('.', '_').replace('#', '_')}_{kind}"
+            save_png(fig, out / f"{stem}.png")
+            writer.add_image(f"features/{i:02d} {name} ({kind})", figure_array(fig), 0, dataformats="HWC")
+    finally:
+        writer.close()
+    print(f"{image_path.name}: predicted {label}")
+    for i, (name, kind, act) in enumerate(maps, start=1):
+        print(f"{i:3d}. {name:<24} {kind:<12} {'x'.join(map(str, act.shape))}")
+    print(f"wrote {len(maps) + 1} PNGs and TensorBoard events to {out} (tensorboard --logdir {out})",
+          file=sys.stderr)
+    return EXIT_OK
