@@ -112,7 +112,7 @@ def _load_builtin(cfg: DataConfig, *, size: int | None, channels: int | None) ->
                 reason = str(err).splitlines()[0] if str(err) else type(err).__name__
                 raise UserError(
                     f"could not download {cfg.data} into {root} ({reason}); copy its files there, or point "
-                    f"--data at a local folder with train/<class>/ and test/<class>/ pictures") from None
+                    f"--data at a local folder (train/<class>/ and test/<class>/ pictures, or IDX .gz files)") from None
         images = torch.as_tensor(np.asarray(ds.data))
         images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # -> N, C, H, W
         splits.append(Split(images.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)))
@@ -444,7 +444,8 @@ class BatchLoader:
             images, labels = self.images[idx.to(self.images.device)], self.labels[idx.to(self.labels.device)]
         images = images.to(self.device, non_blocking=True)
         gen = torch.Generator().manual_seed(_mix(self.seed, epoch, step + 1)) if self.train else None
-        x = self.transform(images, train=self.train, generator=gen, dtype=self.dtype)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = self.transform(images, train=self.train, generator=gen, dtype=self.dtype, memory_format=fmt)
         y = labels.to(self.device, non_blocking=True)
         if self.train and self.world > 1:  # this rank's share of the global batch
             x, y = x[self.rank :: self.world], y[self.rank :: self.world]
