@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub, common)
     _add_eval(sub, common)
     _add_predict(sub, common)
+    p = sub.add_parser("samples", parents=[common], help="save test pictures of a data set as PNG files")
+    p.add_argument("data", help="a built-in data set or a folder")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--per-class", type=int, default=1, help="pictures per class (1)")
+    p.add_argument("--out", default="imgs", help="folder to write into (imgs)")
+    p.set_defaults(func=cmd_samples)
     p = sub.add_parser("models", parents=[common], help="list the model names --model takes")
     p.set_defaults(func=cmd_models)
     for name in EXTENSIONS:
@@ -244,6 +250,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
             tops = "  ".join(f"{lab} {p:.1%}" for lab, p in zip(r.labels, r.probs, strict=True))
             print(f"{r.path}  {tops}")
     return EXIT_PARTIAL if any(r.error for r in results) else EXIT_OK
+
+
+def cmd_samples(args: argparse.Namespace) -> int:
+    from imgclf.data import load_data, write_samples
+
+    data = load_data(DataConfig(data=args.data, data_root=args.data_root))
+    written = write_samples(data.test, data.classes, Path(args.out), per_class=args.per_class)
+    print(f"wrote {len(written)} {data.test_name} pictures to {args.out}/")
+    return EXIT_OK
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -394,6 +394,21 @@ def _pool_map(jobs, workers: int) -> Iterator:
         yield from pool.imap(_decode_one, jobs, chunksize=64)
 
 
+def write_samples(split: Split, classes: list[str], out: Path, *, per_class: int) -> list[Path]:
+    """Save the first `per_class` pictures of each class of `split` as PNG files named <class>_<n>.png,
+    so there are pictures to try `imgclf predict` on even for data sets that come as arrays (note 31)."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for label, name in enumerate(classes):
+        rows = (split.labels == label).nonzero().flatten()[:per_class].tolist()
+        for n, row in enumerate(rows):
+            pixels = np.asarray(split.images[row]).transpose(1, 2, 0)  # C, H, W -> H, W, C
+            path = out / f"{name.replace('/', '-')}_{n}.png"
+            Image.fromarray(pixels.squeeze(2) if pixels.shape[2] == 1 else pixels).save(path)
+            written.append(path)
+    return written
+
+
 # ---------------------------------------------------------------- batches (note 14)
 
 class BatchLoader:
