@@ -1,0 +1,263 @@
+"""imgclf serve: the service started as a user would, hit over loopback with good, bad, oversized and concurrent
+requests, and its page driven in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import contextlib
+import io
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import write_class_folder
+
+from imgclf.cli import main
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+CLASSES = ["circle", "square", "triangle"]
+MAX_UPLOAD_MB = 0.2  # small, so that an oversized upload is cheap to send
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def predict_top(ckpt: Path, images: list[Path]) -> dict[str, list[dict]]:
+    """`imgclf predict --json` (run in this process) as {path: top list}."""
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main(["predict", str(ckpt), *map(str, images), "--json", "--topk", "3", "--device", "cpu"]) == 0
+    return {row["path"]: row["top"] for row in map(json.loads, out.getvalue().splitlines())}
+
+
+@contextlib.contextmanager
+def serving(ckpt: Path, log: Path, *extra: str):
+    """Run `imgclf serve` in a subprocess on a free loopback port until the block ends; yields the base URL."""
+    port = free_port()
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "imgclf", "serve", str(ckpt), "--port", str(port),
+                                 "--device", "cpu", *extra], stdout=sink, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120  # a readiness wait on a busy machine, not a timing assertion
+        while True:
+            assert proc.poll() is None, f"imgclf serve exited with {proc.returncode}:\n{log.read_text()}"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, f"imgclf serve did not answer:\n{log.read_text()}"
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> tuple[Path, list[Path], dict]:
+    """tutorial_cnn trained briefly on three classes of 32x32 pictures, held-out pictures, and predict's answers."""
+    root = tmp_path_factory.mktemp("serve")
+    write_class_folder(root / "data" / "train", CLASSES, 16, size=32, seed=1)
+    write_class_folder(root / "data" / "test", CLASSES, 3, size=32, seed=2)
+    assert main(["train", "--data", str(root / "data"), "--model", "tutorial_cnn", "--epochs", "3",
+                 "--out", str(root / "run"), "--device", "cpu"]) == 0
+    ckpt = root / "run" / "checkpoints" / "best.pt"
+    images = sorted((root / "data" / "test").glob("*/*.png"))
+    return ckpt, images, predict_top(ckpt, images)
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    ckpt, _, _ = model
+    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    with serving(ckpt, log, "--max-upload-mb", str(MAX_UPLOAD_MB), "--topk", "3") as url:
+        yield url
+    text = log.read_text()
+    assert "Traceback" not in text, text  # no request, good or bad, crashed a handler
+
+
+def test_health_describes_the_model(server):
+    info = httpx.get(f"{server}/health").json()
+    assert info["status"] == "ok" and info["model"] == "tutorial_cnn" and info["classes"] == CLASSES
+    assert info["input"] == {"size": 32, "channels": 3}
+    assert info["max_upload_bytes"] == int(MAX_UPLOAD_MB * 1e6)
+
+
+def test_raw_and_multipart_uploads_answer_like_predict(server, model):
+    _, images, predicted = model
+    for path in images[:4]:
+        raw = httpx.post(f"{server}/predict", content=path.read_bytes(), headers={"content-type": "image/png"})
+        form = httpx.post(f"{server}/predict", files={"file": (path.name, path.read_bytes(), "image/png")})
+        assert raw.status_code == 200 and form.status_code == 200
+        assert form.json()["filename"] == path.name
+        for answer in (raw.json()["top"], form.json()["top"]):
+            assert [t["label"] for t in answer] == [t["label"] for t in predicted[str(path)]]
+            for got, want in zip(answer, predicted[str(path)], strict=True):
+                assert got["probability"] == pytest.approx(want["probability"], abs=1e-5)
+
+
+def test_topk_parameter(server, model):
+    _, images, _ = model
+    body = images[0].read_bytes()
+    assert len(httpx.post(f"{server}/predict?topk=1", content=body).json()["top"]) == 1
+    assert len(httpx.post(f"{server}/predict?topk=99", content=body).json()["top"]) == 3  # no more than classes
+    bad = httpx.post(f"{server}/predict?topk=zero", content=body)
+    assert bad.status_code == 400 and bad.json() == {"error": "topk must be a whole number, got 'zero'"}
+    assert httpx.post(f"{server}/predict?topk=0", content=body).status_code == 400
+
+
+def test_bad_inputs_get_4xx_with_a_clear_message_and_the_service_goes_on(server, model):
+    _, images, predicted = model
+    png = images[0].read_bytes()
+    cases = [
+        (httpx.post(f"{server}/predict", content=b"hello, this is text"), 415, "not a readable picture"),
+        (httpx.post(f"{server}/predict", content=png[: len(png) // 2]), 415, "not a readable picture"),
+        (httpx.post(f"{server}/predict", files={"file": ("notes.txt", b"plain text", "text/plain")}), 415,
+         "not a readable picture"),
+        (httpx.post(f"{server}/predict", content=b""), 400, "empty upload"),
+        (httpx.post(f"{server}/predict", files={"comment": (None, "no file here")}), 400, "holds no file"),
+        (httpx.post(f"{server}/predict", content=b"--xyz\r\nbroken", headers={
+            "content-type": "multipart/form-data; boundary=xyz"}), 400, "holds no file"),
+        (httpx.post(f"{server}/predict", content=b"--xyz\r\nbroken", headers={
+            "content-type": "multipart/form-data"}), 400, "malformed multipart upload"),
+        (httpx.post(f"{server}/predict", content=b"\0" * 300_000), 413, "over the 0.2 MB limit"),
+        (httpx.post(f"{server}/predict", files={"file": ("big.png", b"\0" * 300_000, "image/png")}), 413,
+         "over the 0.2 MB limit"),
+        # no Content-Length (chunked): the limit is enforced while reading
+        (httpx.post(f"{server}/predict", content=iter([b"\0" * 100_000] * 3)), 413, "over the 0.2 MB limit"),
+    ]
+    for response, status, message in cases:
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert message in error and "\n" not in error and "BytesIO" not in error
+    assert httpx.get(f"{server}/predict").status_code == 405
+    good = httpx.post(f"{server}/predict", content=png)
+    assert good.status_code == 200 and good.json()["top"][0]["label"] == predicted[str(images[0])][0]["label"]
+
+
+def test_fifty_concurrent_requests_are_batched_without_errors(server, model):
+    _, images, predicted = model
+    before = httpx.get(f"{server}/health").json()
+    picks = [images[i % len(images)] for i in range(50)]
+
+    def ask(path: Path) -> tuple[Path, httpx.Response]:
+        return path, httpx.post(f"{server}/predict", content=path.read_bytes(), timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=50) as pool:
+        answers = list(pool.map(ask, picks))
+    for path, response in answers:
+        assert response.status_code == 200, response.text
+        assert response.json()["top"][0]["label"] == predicted[str(path)][0]["label"]
+    after = httpx.get(f"{server}/health").json()
+    assert after["images"] - before["images"] == 50
+    assert after["batches"] - before["batches"] < 50  # some requests shared a forward pass
+    assert after["largest_batch"] >= 2
+
+
+def test_page_served(server):
+    page = httpx.get(f"{server}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="file"' in page.text and 'id="drop"' in page.text
+
+
+def test_serve_refuses_a_taken_port_and_missing_packages(model, capsys, monkeypatch):
+    ckpt, _, _ = model
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["serve", str(ckpt), "--port", str(port)]) == 2
+    assert capsys.readouterr().err.startswith(f"imgclf: error: cannot listen on 127.0.0.1:{port}: ")
+    from imgclf import serve
+
+    monkeypatch.setattr(serve.importlib.util, "find_spec", lambda name: None)
+    assert main(["serve", str(ckpt)]) == 2
+    assert capsys.readouterr().err == ("imgclf: error: imgclf serve needs the package(s) starlette, uvicorn, "
+                                       "python-multipart: pip install 'imgclf[serve]'\n")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    with playwright_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def classify_in_page(page, url: str, picture: Path, screenshot: Path) -> tuple[str, int]:
+    """Open the page, pick `picture` with the file chooser, wait for the answer; -> (shown label, bars shown)."""
+    page.goto(url)
+    page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
+    page.set_input_files("#file", str(picture))
+    page.wait_for_function("document.getElementById('top-label').textContent.length > 0", timeout=60_000)
+    page.screenshot(path=str(screenshot), full_page=True)
+    return page.inner_text("#top-label"), page.locator("#results .row").count()
+
+
+def test_page_in_chromium_shows_the_label_for_a_picked_and_a_dropped_picture(server, model, browser, tmp_path):
+    _, images, predicted = model
+    page = browser.new_page()
+    picture = images[-1]
+    label, bars = classify_in_page(page, server, picture, tmp_path / "page.png")
+    assert label == predicted[str(picture)][0]["label"]
+    assert bars == 3
+    assert (tmp_path / "page.png").stat().st_size > 5000
+    widths = page.eval_on_selector_all("#results .bar span", "spans => spans.map(s => parseFloat(s.style.width))")
+    assert widths == sorted(widths, reverse=True) and 0 < widths[0] <= 100
+
+    dropped = images[0]
+    data = page.evaluate_handle(
+        """([b64, name]) => { const dt = new DataTransfer();
+             const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+             dt.items.add(new File([bytes], name, { type: "image/png" })); return dt; }""",
+        [base64.b64encode(dropped.read_bytes()).decode(), dropped.name])
+    page.dispatch_event("#drop", "drop", {"dataTransfer": data})
+    page.wait_for_function(f"document.getElementById('status').textContent === {json.dumps(dropped.name)}")
+    assert page.inner_text("#top-label") == predicted[str(dropped)][0]["label"]
+
+    page.set_input_files("#file", files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"not a picture"}])
+    page.wait_for_function("document.getElementById('error').textContent.length > 0")
+    assert "not a readable picture" in page.inner_text("#error")
+    assert page.inner_text("#top-label") == ""
+    page.close()
+
+
+def test_page_in_chromium_labels_an_ants_photo(hymenoptera_dir, browser, tmp_path):
+    """A real photo: tutorial_cnn trained briefly on ants/bees at 64 px; a val photo that `imgclf predict` labels
+    correctly is uploaded through the page, which must show that same, true, label."""
+    assert main(["train", "--data", str(hymenoptera_dir), "--model", "tutorial_cnn", "--img-size", "64",
+                 "--epochs", "2", "--out", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
+    photos = sorted((hymenoptera_dir / "val" / "ants").glob("*.jpg"))[:8]
+    photos += sorted((hymenoptera_dir / "val" / "bees").glob("*.jpg"))[:8]
+    predicted = predict_top(ckpt, photos)
+    right = [p for p in photos if predicted[str(p)][0]["label"] == p.parent.name]
+    assert right, "the briefly trained model labels none of 16 photos correctly"
+    photo = max(right, key=lambda p: predicted[str(p)][0]["probability"])
+    with serving(ckpt, tmp_path / "serve.log") as url:
+        page = browser.new_page()
+        label, _ = classify_in_page(page, url, photo, tmp_path / "ants-bees.png")
+        page.close()
+    assert label == photo.parent.name
