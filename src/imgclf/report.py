@@ -59,18 +59,25 @@ def mistakes_figure(probs: torch.Tensor, split, classes: Sequence[str], *, count
     labels = split.labels
     conf, pred = probs.max(dim=1)
     wrong = torch.nonzero(pred != labels[: len(pred)]).flatten()
-    if len(wrong) == 0:
+    worst = confident_mistakes(probs, labels, count=count)
+    if not worst:
         fig = Figure(figsize=(6, 2))
         fig.text(0.5, 0.5, f"no mistakes: all {len(pred)} test pictures were classified right",
                  ha="center", va="center", fontsize=12)
         return fig
-    worst = wrong[conf[wrong].argsort(descending=True)][:count].tolist()
     images = [np.asarray(split.images[i]) for i in worst]
     captions = [f"true: {classes[int(labels[i])]}\npred: {classes[int(pred[i])]} {float(conf[i]):.0%}"
                 for i in worst]
     return image_grid(images, captions, ncols=min(8, len(worst)), lines=2, tile_inches=1.5,
                       colors=["firebrick"] * len(worst),
                       title=f"most confident mistakes: {len(worst)} of {len(wrong)} wrong out of {len(pred)}")
+
+
+def confident_mistakes(probs: torch.Tensor, labels: torch.Tensor, *, count: int) -> list[int]:
+    """Indices of wrongly classified samples, the most confidently wrong first, at most `count`."""
+    conf, pred = probs.max(dim=1)
+    wrong = torch.nonzero(pred != labels[: len(pred)]).flatten()
+    return wrong[conf[wrong].argsort(descending=True, stable=True)][:count].tolist()
 
 
 def write_hparams(writer, hparams: dict, metrics: dict) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def figure_array(fig: Figure) -> np.ndarray:
 
 def _tile(image: np.ndarray, side: int) -> np.ndarray:
     """uint8 (C, H, W) -> (side, side, 3) for the mosaic; large pictures are shrunk to keep PNGs small."""
-    x = torch.as_tensor(np.asarray(image)).float().unsqueeze(0)
+    x = torch.as_tensor(np.array(image)).float().unsqueeze(0)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     if x.shape[-2:] != (side, side):
@@ -78,8 +79,10 @@ def image_grid(images, labels: Sequence[str], *, ncols: int, title: str | None =
         r, c = divmod(i, ncols)
         mosaic[r * cell_h + band : (r + 1) * cell_h, c * cell_w : c * cell_w + side] = _tile(img, side)
     left = 0.25 + 0.085 * max(len(label) for label in row_labels) if row_labels else 0.05  # inches of text
-    head = 0.45 if title else 0.05
     width_in = ncols * tile_inches
+    if title:  # wrapped to the figure's width: about 10 pixels a character at 12 points
+        title = textwrap.fill(title, width=max(20, int((width_in + left) * DPI / 10)))
+    head = 0.25 + 0.22 * title.count("\n") + 0.2 if title else 0.05
     height_in = width_in * mosaic.shape[0] / mosaic.shape[1]
     fig = Figure(figsize=(width_in + left + 0.05, height_in + head + 0.05), dpi=DPI)
     W, H = fig.get_size_inches()
@@ -345,7 +348,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     except BadImage as err:
         raise UserError(f"{image_path} is not a readable picture ({err})") from None
     model = model_from_checkpoint(ckpt)
-    x = BatchTransform(tuple(inp["mean"]), tuple(inp["std"]))(torch.from_numpy(picture)[None], train=False)
+    x = BatchTransform(tuple(inp["mean"]), tuple(inp["std"]))(torch.from_numpy(picture.copy())[None], train=False)
     maps, logits = feature_maps(model, x)
     if not maps:
         raise UserError(f"{ckpt['model']['name']} has no convolution, activation or pooling layers to draw")
