@@ -111,6 +111,16 @@ RECIPES: dict[str, dict[str, dict]] = {
         "optim": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0,
                   "schedule": "constant", "warmup_epochs": 0.0, "label_smoothing": 0.0},
     },
+    # The CIFAR speed records' recipe (airbench94) for the fastnet model, scaled to batch 512: Nesterov SGD
+    # at momentum 0.85, per-step weight decay 1e-3, label smoothing 0.2, bf16 where the hardware has it,
+    # flip test-time augmentation. See README "Speed" for epochs against accuracy and time.
+    "fast": {
+        "model": {"name": "fastnet"},
+        "data": {"batch_size": 512, "augment": "flip-crop", "eval_batch_size": 1000},
+        "optim": {"optimizer": "sgd", "lr": 0.75, "momentum": 0.85, "nesterov": True, "weight_decay": 1.33e-3,
+                  "schedule": "onecycle", "warmup_epochs": 0.5, "label_smoothing": 0.2, "epochs": 8},
+        "run": {"precision": "auto", "channels_last": True, "tta": True},
+    },
 }
 
 

@@ -39,28 +39,57 @@ class TutorialCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU())
+class _Norm(nn.BatchNorm2d):
+    """BatchNorm as the CIFAR speed records use it: no learned scale, a fast-moving running average, and a
+    shift that learns 64x faster than the convolutions. The shift is stored divided by 8 and multiplied
+    back in `forward`: for SGD, using a parameter times k multiplies its effective learning rate by k**2."""
+
+    bias_scale = 8.0
+
+    def __init__(self, channels: int):
+        super().__init__(channels, eps=1e-12, momentum=0.4)
+        self.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        use_batch_stats = self.training or self.running_mean is None
+        return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                        self.bias * self.bias_scale, use_batch_stats, self.momentum, self.eps)
+
+
+class _ConvGroup(nn.Sequential):
+    """conv 3x3 -> max-pool 2 -> norm -> GELU -> conv 3x3 -> norm -> GELU: the side is halved (rounded down)."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.MaxPool2d(2), _Norm(c_out), nn.GELU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), _Norm(c_out), nn.GELU(),
+        )
+        for conv in (self[0], self[4]):  # identity init of the first filters: the group starts near a pass-through
+            nn.init.dirac_(conv.weight[: min(conv.in_channels, conv.out_channels)])
 
 
 class FastNet(nn.Module):
-    """A small residual-free CIFAR network after the speed records (airbench): a fixed 2x2 whitening first
-    layer (initialised from the data by `init_whitening`), three conv-pool blocks and a linear head."""
+    """A small CIFAR network after the speed records (airbench, hlb-CIFAR10): a 2x2 whitening first layer
+    (set from the data by `init_whitening`, then frozen), three conv groups, global max-pool, a linear head
+    and a fixed logit scale. Shapes shown for 3x32x32 and the default widths; pictures need a side >= 16."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, img_size: int = 32,
                  widths: tuple[int, int, int] = (64, 256, 256)):
         super().__init__()
-        self.whiten = nn.Conv2d(in_channels, 2 * in_channels * 4, kernel_size=2, padding=0)  # (N, 24, 31, 31)
+        if img_size < 16:
+            raise UserError(f"fastnet needs pictures of at least 16x16, got {img_size}x{img_size}; pass --img-size 16")
+        patch_dims = in_channels * 2 * 2
+        self.whiten = nn.Conv2d(in_channels, 2 * patch_dims, kernel_size=2, padding=0)  # (N, 24, 31, 31)
         w0, w1, w2 = widths
         self.blocks = nn.Sequential(
             nn.GELU(),
-            _conv_bn(2 * in_channels * 4, w0), _conv_bn(w0, w0), nn.MaxPool2d(2),  # (N, w0, 15, 15)
-            _conv_bn(w0, w1), _conv_bn(w1, w1), nn.MaxPool2d(2),  # (N, w1, 7, 7)
-            _conv_bn(w1, w2), _conv_bn(w2, w2), nn.MaxPool2d(2),  # (N, w2, 3, 3)
+            _ConvGroup(2 * patch_dims, w0),  # (N, w0, 15, 15)
+            _ConvGroup(w0, w1),  # (N, w1, 7, 7)
+            _ConvGroup(w1, w2),  # (N, w2, 3, 3)
             nn.AdaptiveMaxPool2d(1), nn.Flatten(),  # (N, w2)
         )
         self.head = nn.Linear(w2, num_classes, bias=False)
-        self.scale = 1 / 9  # airbench's logit temperature, which suits label smoothing
+        self.scale = 1 / 9  # a low logit temperature, which suits label smoothing (airbench)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.whiten(x))) * self.scale
@@ -68,16 +97,16 @@ class FastNet(nn.Module):
     @torch.no_grad()
     def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
         """Set the first layer to whiten 2x2 patches of `images` (normalised float, N, C, H, W): the
-        eigenvectors of the patch covariance, scaled by 1/sqrt(eigenvalue), and their negatives."""
-        c = images.shape[1]
+        eigenvectors of the patch covariance, scaled by 1/sqrt(eigenvalue), and their negatives. The layer
+        is then frozen: its outputs have (close to) identity covariance over those patches."""
+        c = self.whiten.in_channels
         patches = images.float().unfold(2, 2, 1).unfold(3, 2, 1)  # (N, C, H-1, W-1, 2, 2)
-        patches = patches.transpose(1, 3).reshape(-1, c * 4)  # (N*(H-1)*(W-1), C*4)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * 4)  # (N*(H-1)*(W-1), C*2*2), as conv weights
         patches = patches - patches.mean(0, keepdim=True)
         cov = patches.T @ patches / len(patches)
-        eigenvalues, eigenvectors = torch.linalg.eigh(cov)
-        filters = (eigenvectors.T / torch.sqrt(eigenvalues.view(-1, 1) + eps)).view(c * 4, c, 2, 2)
-        # patches were laid out as (W-offset, H-offset) by the transpose above: swap back to (H, W)
-        filters = filters.view(c * 4, 2, 2, c).permute(0, 3, 2, 1)
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov.double())
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues.clamp_min(0).view(-1, 1) + eps)).float()
+        filters = filters.view(c * 4, c, 2, 2)  # row i: one whitening direction, laid out like a conv filter
         self.whiten.weight.copy_(torch.cat([filters, -filters]))
         self.whiten.bias.zero_()
         self.whiten.weight.requires_grad_(False)

@@ -125,30 +125,32 @@ class BatchTransform:
     pad: int = 4
 
     def __call__(self, images: torch.Tensor, *, train: bool, generator: torch.Generator | None = None,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        x = images.to(dtype).div_(255.0)
-        if train and self.augment != "none":
+                 dtype: torch.dtype = torch.float32,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+        x = images
+        if train and self.augment != "none":  # on uint8: a quarter of the bytes of float
             x = augment_batch(x, self.augment, pad=self.pad, generator=generator)
-        mean = torch.tensor(self.mean, dtype=dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=dtype, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        # (x / 255 - mean) / std as one multiply-add, converted straight into the layout the model wants
+        std = torch.tensor(self.std, dtype=torch.float64)
+        scale = (1.0 / (255.0 * std)).to(dtype=dtype, device=x.device).view(1, -1, 1, 1)
+        shift = -torch.tensor(self.mean, dtype=torch.float64) / std
+        shift = shift.to(dtype=dtype, device=x.device).view(1, -1, 1, 1)
+        return x.to(dtype, memory_format=memory_format, copy=True).mul_(scale).add_(shift)  # never the caller's
 
 
 def augment_batch(x: torch.Tensor, kind: str, *, pad: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Random horizontal flips, then (for flip-crop*) random shifts of up to `pad` pixels, per sample."""
+    """Random horizontal flips, then (for flip-crop*) random shifts of up to `pad` pixels (reflect-padded
+    borders), then (for *cutout) one grey square, each per sample; for uint8 or float (N, C, H, W) batches."""
     n, _, h, w = x.shape
     dev = x.device
     flip = torch.rand(n, generator=generator) < 0.5
     x = torch.where(flip.to(dev).view(n, 1, 1, 1), x.flip(3), x)
     if kind.startswith("flip-crop") and pad > 0:
-        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")  # (N, C, H+2p, W+2p)
         dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
         dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
-        rows = (torch.arange(h, device=dev).view(1, h) + dy.view(n, 1)).view(n, 1, h, 1)
-        cols = (torch.arange(w, device=dev).view(1, w) + dx.view(n, 1)).view(n, 1, 1, w)
-        batch = torch.arange(n, device=dev).view(n, 1, 1, 1)
-        chan = torch.arange(x.shape[1], device=dev).view(1, -1, 1, 1)
-        x = padded[batch, chan, rows, cols]  # (N, C, H, W)
+        windows = padded.unfold(2, h, 1).unfold(3, w, 1)  # a view: (N, C, 2p+1, 2p+1, H, W)
+        x = windows[torch.arange(n, device=dev), :, dy, dx]  # one window per sample: (N, C, H, W)
     if kind.endswith("cutout"):
         size = max(1, h // 4)
         cy = torch.randint(0, h, (n,), generator=generator).to(dev).view(n, 1, 1)
@@ -156,7 +158,7 @@ def augment_batch(x: torch.Tensor, kind: str, *, pad: int, generator: torch.Gene
         ys = torch.arange(h, device=dev).view(1, h, 1)
         xs = torch.arange(w, device=dev).view(1, 1, w)
         hole = ((ys - cy).abs() <= size // 2) & ((xs - cx).abs() <= size // 2)
-        x = x.masked_fill(hole.unsqueeze(1), 0.5)
+        x = x.masked_fill(hole.unsqueeze(1), 0.5 if x.is_floating_point() else 128)
     return x
 
 
