@@ -42,6 +42,13 @@ def atomic_write(path: Path, write) -> None:
         os.close(dir_fd)
 
 
+def remove_temporaries(run_dir: Path) -> None:
+    """Delete the temporary files `atomic_write` leaves in a run folder when its process is killed mid-write."""
+    for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        for path in folder.glob(".*.tmp"):
+            path.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 

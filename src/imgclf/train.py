@@ -11,7 +11,14 @@ from pathlib import Path
 import torch
 
 from imgclf import __version__, distributed
-from imgclf.checkpoint import FORMAT, FORMAT_VERSION, atomic_write_text, load_checkpoint, save_checkpoint
+from imgclf.checkpoint import (
+    FORMAT,
+    FORMAT_VERSION,
+    atomic_write_text,
+    load_checkpoint,
+    remove_temporaries,
+    save_checkpoint,
+)
 from imgclf.config import TrainConfig
 from imgclf.data import BatchLoader, ImageData, load_data
 from imgclf.engine import Diverged, evaluate, train_one_epoch
@@ -79,6 +86,7 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dic
     tracker = Tracker(run_dir, enabled=dist.is_main, resume_epoch=start_epoch, steps_per_epoch=len(loaders["train"]),
                       log_every=cfg.run.log_every)
     if dist.is_main:
+        remove_temporaries(run_dir)  # half-written files of a killed run
         atomic_write_text(run_dir / "config.json", _json(cfg.to_dict()))
         tracker.message(f"imgclf {__version__}: {cfg.model.name} on {cfg.data.data} ({len(data.train)} train / "
                         f"{len(data.test)} {data.test_name} pictures, {len(data.classes)} classes, "
@@ -215,9 +223,9 @@ def _save(state: dict, *, epoch: int, step: int, metrics: dict, best_acc: float,
     if state["ema"] is not None:
         ckpt["ema_state_dict"] = {k: v.detach().cpu() for k, v in state["ema"].module.state_dict().items()}
     folder = state["run_dir"] / "checkpoints"
-    save_checkpoint(folder / "last.pt", ckpt)
-    if best:
+    if best:  # best.pt first: killed between the two, the run resumes from the older last.pt and redoes both
         save_checkpoint(folder / "best.pt", ckpt)
+    save_checkpoint(folder / "last.pt", ckpt)
 
 
 def _json(obj) -> str:
