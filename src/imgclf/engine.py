@@ -17,7 +17,8 @@ class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
     def __init__(self, epoch: int, step: int, value: float):
-        super().__init__(f"loss became {value} at epoch {epoch}, step {step}")
+        # counted from 1, as the progress lines show them ("epoch 3/10  step 40/390")
+        super().__init__(f"loss became {value} at epoch {epoch + 1}, step {step + 1}")
         self.epoch, self.step = epoch, step
 
 
