@@ -184,7 +184,9 @@ def register(subparsers, common) -> None:
                               description="Write a checkpoint in a format usable without imgclf; class names and "
                                           "preprocessing are stored inside the file (see README, Export and serve).")
     p.add_argument("checkpoint")
-    p.add_argument("--format", required=True, choices=sorted(FORMATS), dest="export_format")
+    p.add_argument("--format", required=True, choices=sorted(FORMATS), dest="export_format",
+                   help="onnx (onnxruntime, any language), torchscript (torch.jit.load, Python or C++), "
+                        "safetensors (the weights alone)")
     p.add_argument("--out", help="output file (default: beside the checkpoint, e.g. best.onnx)")
     p.set_defaults(func=cmd_export)
 
