@@ -12,7 +12,7 @@ from pathlib import Path
 
 from imgclf import __version__
 from imgclf.config import AUGMENTS, OPTIMIZERS, PRECISIONS, RECIPES, SCHEDULES, DataConfig, TrainConfig
-from imgclf.errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, UserError
+from imgclf.errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_USAGE, UserError
 
 # Modules that add subcommands of their own: each has `register(subparsers)` setting `func`.
 EXTENSIONS: tuple[str, ...] = ("imgclf.inspect", "imgclf.export", "imgclf.serve", "imgclf.visualize", "imgclf.lrfind",
@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"imgclf: error: {err}", file=sys.stderr)
         return err.code
+    except OSError as err:  # a folder that cannot be written, a full disk: the system's own one line
+        if args.debug:
+            raise
+        print(f"imgclf: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         if args.debug:
             raise
@@ -58,8 +63,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SIGINT
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other error (--help shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imgclf", description="Train, evaluate, inspect and use image classifiers.")
+    parser = OneLineParser(prog="imgclf", description="Train, evaluate, inspect and use image classifiers.")
     parser.add_argument("--version", action="version", version=f"imgclf {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show full tracebacks")
