@@ -257,5 +257,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"imgclf: serving {ckpt['model']['name']} ({len(predictor.classes)} classes) on "
           f"http://{shown}:{args.port}/ (Ctrl+C stops)", file=sys.stderr, flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"imgclf: note: --host {args.host} lets other machines reach the service, which has no "
+              f"authentication and no TLS", file=sys.stderr, flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)).run(sockets=[sock])
     return EXIT_OK
