@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -27,6 +29,9 @@ def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)  # mkstemp makes owner-only files; give the result the permissions open() would
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -63,11 +68,19 @@ def safe_load(path) -> object:
     if not path.is_file():
         raise UserError(f"no such file: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols; the outcome is reported below
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        detail = str(err).split("\n")[0][:200]
-        raise UserError(f"refused to load {path}: it holds objects other than tensors and plain values, "
-                        f"which could run code ({detail}); only use files from people you trust") from None
+        # torch's message suggests weights_only=False; we never do, so only its cause is kept
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if found:
+            raise UserError(f"refused to load {path}: unpickling it would call {found.group(1)}, and a checkpoint "
+                            f"holds only tensors and plain values (a hostile file, or one saved from Python objects: "
+                            f"save model.state_dict() instead); nothing in it was run") from None
+        cause = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
+        detail = cause.group(1).strip()[:200] if cause else type(err).__name__
+        raise UserError(f"cannot read {path}: not a PyTorch weights file, or damaged ({detail})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise UserError(f"cannot read {path}: not a PyTorch weights file, or truncated ({detail})") from None
