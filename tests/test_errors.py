@@ -1,0 +1,197 @@
+"""Every bad input, one line (issue 3, points 6 and 7): one line on stderr, no traceback unless --debug, and
+the documented exit codes (README, "Exit codes and safety"); a diverging run stops with exit status 3."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli, write_class_folder
+
+import imgclf.train
+from imgclf.checkpoint import load_checkpoint
+from imgclf.cli import main
+from imgclf.errors import EXIT_DIVERGED, EXIT_PARTIAL, EXIT_USAGE
+
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("errors-data")
+    write_class_folder(root / "train", ["a", "b", "c"], 6, seed=1)
+    write_class_folder(root / "test", ["a", "b", "c"], 2, seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(folder, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("errors-run") / "run"
+    assert main(["train", "--data", str(folder), "--epochs", "1", "--batch-size", "6", "--lr", "0.01",
+                 "--device", "cpu", "--out", str(run)]) == 0
+    return run / "checkpoints" / "last.pt"
+
+
+def one_line(capsys, code: int, expected_code: int = EXIT_USAGE) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == expected_code, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("imgclf") and "Traceback" not in err
+    return lines[0]
+
+
+def train(*args) -> int:
+    return main(["train", "--device", "cpu", *map(str, args)])
+
+
+def test_unknown_model_names_the_valid_ones(folder, tmp_path, capsys):
+    line = one_line(capsys, train("--data", folder, "--model", "resnet19", "--out", tmp_path / "r"))
+    assert "unknown model 'resnet19'" in line
+    assert "tutorial_cnn" in line and "resnet18" in line and "imgclf models" in line
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_unknown_data_set_names_the_valid_ones(tmp_path, capsys):
+    line = one_line(capsys, train("--data", "cifar11", "--out", tmp_path / "r"))
+    assert "'cifar11'" in line and "cifar10, cifar100, mnist, fashion-mnist" in line
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--img-size", "abc"], "argument --img-size: invalid int value: 'abc'"),
+    (["--img-size", "4"], "--img-size must be 8..4096, got 4"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--optimizer", "lbfgs"], "argument --optimizer: invalid choice: 'lbfgs'"),
+], ids=["size-not-a-number", "size-too-small", "batch-zero", "negative-lr", "unknown-optimizer"])
+def test_malformed_values(folder, tmp_path, capsys, flags, words):
+    try:
+        code = train("--data", folder, "--out", tmp_path / "r", *flags)
+    except SystemExit as exit_:  # argparse's own checks end the program (with a one-line message)
+        code = exit_.code
+    assert words in one_line(capsys, code)
+
+
+def test_malformed_input_size_for_inspect():
+    from imgclf.config import parse_size
+    from imgclf.errors import UserError
+
+    assert parse_size("1x28x28") == (1, 28, 28)
+    for text in ("32", "3x32", "3xAx32", "0x32x32", ""):
+        with pytest.raises(UserError, match="malformed size"):
+            parse_size(text)
+
+
+def test_missing_paths(tmp_path, checkpoint, capsys):
+    nowhere = tmp_path / "nowhere"
+    assert "is neither a built-in data set" in one_line(capsys, train("--data", nowhere, "--out", tmp_path / "r"))
+    assert f"no such file: {nowhere}.pt" in one_line(capsys, main(["predict", f"{nowhere}.pt", str(tmp_path)]))
+    assert f"no such file: {nowhere}.pt" in one_line(
+        capsys, main(["eval", f"{nowhere}.pt", "--data", str(tmp_path)]))
+    assert "nothing to resume" in one_line(capsys, train("--resume", nowhere))
+    code = main(["predict", str(checkpoint), f"{nowhere}.jpg"])
+    assert f"{nowhere}.jpg: no such file" in one_line(capsys, code, EXIT_PARTIAL)
+
+
+def test_pretrained_file_that_does_not_exist(folder, tmp_path, capsys):
+    line = one_line(capsys, train("--data", folder, "--pretrained", tmp_path / "w.pt", "--out", tmp_path / "r"))
+    assert f"no such file: {tmp_path / 'w.pt'}" in line
+    line = one_line(capsys, train("--data", folder, "--model", "resnet18", "--pretrained", tmp_path / "w.pt",
+                                  "--out", tmp_path / "r"))
+    assert "is neither a file nor a weights name of resnet18" in line
+
+
+def test_out_folder_that_cannot_be_made(folder, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    line = one_line(capsys, train("--data", folder, "--epochs", 1, "--out", tmp_path / "file" / "run"))
+    assert str(tmp_path / "file") in line
+
+
+def test_checkpoint_for_another_number_of_classes(checkpoint, tmp_path, capsys):
+    other = tmp_path / "other"
+    write_class_folder(other / "train", ["cat", "dog"], 2)
+    write_class_folder(other / "test", ["cat", "dog"], 2)
+    line = one_line(capsys, main(["eval", str(checkpoint), "--data", str(other), "--device", "cpu"]))
+    assert "was trained for 3 classes (a, b, c), but" in line and "has 2 (cat, dog)" in line
+
+
+def test_files_that_are_not_checkpoints(tmp_path, capsys):
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    assert "cannot read" in one_line(capsys, main(["predict", str(text), str(tmp_path)]))
+    weights = tmp_path / "weights.pt"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, weights)
+    assert "is not an imgclf checkpoint" in one_line(capsys, main(["predict", str(weights), str(tmp_path)]))
+    half = tmp_path / "half.pt"
+    torch.save({"format": "imgclf-checkpoint", "w": torch.zeros(1000)}, half)
+    half.write_bytes(half.read_bytes()[:1500])  # truncated, as a copy cut short would be
+    assert "cannot read" in one_line(capsys, main(["eval", str(half), "--data", str(tmp_path)]))
+
+
+def test_non_image_to_predict_is_named_and_the_others_predicted(checkpoint, folder, tmp_path, capsys):
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("hello")
+    good = folder / "test" / "a" / "0000.png"
+    code = main(["predict", str(checkpoint), str(bad), str(good), "--device", "cpu"])
+    out = capsys.readouterr()
+    assert code == EXIT_PARTIAL
+    assert out.err.strip().splitlines() == [f"imgclf: {bad}: not a readable picture (cannot identify image file "
+                                            f"{str(bad)!r})"]
+    assert out.out.startswith(str(good))
+
+
+def test_real_processes_one_line_and_debug_traceback(tmp_path):
+    r = run_cli("train", "--data", tmp_path / "nowhere", "--out", tmp_path / "r", env=ENV)
+    assert r.returncode == EXIT_USAGE
+    assert r.stderr.splitlines() == [f"imgclf: error: --data '{tmp_path / 'nowhere'}' is neither a built-in data "
+                                     f"set (cifar10, cifar100, mnist, fashion-mnist) nor an existing folder"]
+    r = run_cli("train", "--debug", "--data", tmp_path / "nowhere", "--out", tmp_path / "r", env=ENV)
+    assert r.returncode != 0
+    assert "Traceback (most recent call last)" in r.stderr and "UserError" in r.stderr
+
+
+def test_huge_learning_rate_stops_with_exit_3_naming_epoch_and_step(folder, tmp_path):
+    r = run_cli("train", "--data", folder, "--epochs", 2, "--lr", "1e6", "--batch-size", 6, "--device", "cpu",
+                "--out", tmp_path / "r", env=ENV)
+    assert r.returncode == EXIT_DIVERGED, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("imgclf: error: training diverged: loss became ") and " at epoch 1, step " in last
+    assert "no checkpoint was written; try a lower --lr" in last and "Traceback" not in r.stderr
+
+
+def test_divergence_keeps_the_last_good_checkpoint(folder, tmp_path, capsys, monkeypatch):
+    """The loss turns NaN in the 2nd step of epoch 2: the run stops, and last.pt of epoch 1 stays, whole."""
+    real = imgclf.train.build_loss
+    calls = {"n": 0}
+
+    def poisoned(cfg):
+        loss = real(cfg)
+
+        def fn(logits, y):
+            calls["n"] += 1
+            value = loss(logits, y)
+            return value * float("nan") if calls["n"] == 3 + 2 else value  # 3 steps per epoch
+
+        return fn
+
+    monkeypatch.setattr(imgclf.train, "build_loss", poisoned)
+    run = tmp_path / "r"
+    code = train("--data", folder, "--epochs", 3, "--batch-size", 6, "--lr", 0.01, "--out", run)
+    err = capsys.readouterr().err
+    assert code == EXIT_DIVERGED and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert f"training diverged: loss became nan at epoch 2, step 2; the last good checkpoint {run}/checkpoints/" \
+           f"last.pt is kept; try a lower --lr" in line.replace(os.sep, "/")
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
