@@ -72,7 +72,7 @@ def safe_load(path) -> object:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        # torch's message suggests weights_only=False; we never do, so only its cause is kept
+        # torch's message suggests turning weights_only off; we never do, so only its cause is kept
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
         if found:
             raise UserError(f"refused to load {path}: unpickling it would call {found.group(1)}, and a checkpoint "
