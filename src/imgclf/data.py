@@ -250,6 +250,9 @@ def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int
     for split, name in ((train, "train"), (test, test_name)):
         if len(split) == 0:
             raise UserError(f"no readable pictures in the {name} split of {root}")
+    unreadable = [c for i, c in enumerate(classes) if not bool((train.labels == i).any())]
+    if unreadable:  # every picture of the class was skipped: as good as an empty class folder
+        raise UserError(f"class folder {train_dir / unreadable[0]} holds no readable pictures; fix or remove them")
     mean, std = _cached_stats(train, cache_root, train_files, size, channels)
     return ImageData(train, test, classes, mean, std, test_name, bad_train + bad_test)
 
@@ -325,7 +328,7 @@ def cached_split(files: list[Path], labels: list[int], *, size: int, channels: i
     images = np.load(folder / "images.npy", mmap_mode="r")
     if images.nbytes <= MMAP_BYTES:
         images = torch.from_numpy(np.load(folder / "images.npy"))
-    for path, reason in meta["bad"]:
+    for path, reason in meta["bad"] if progress else ():  # reported by the main process only
         print(f"imgclf: skipping {path}: {reason}", file=sys.stderr)
     split = Split(images, torch.tensor(meta["labels"], dtype=torch.int64), meta["files"])
     return split, [tuple(b) for b in meta["bad"]]
