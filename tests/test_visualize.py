@@ -181,6 +181,18 @@ def test_features_writes_a_png_per_layer_and_tensorboard_images(trained_run, dat
     assert "is not a readable picture" in capsys.readouterr().err
 
 
+def test_features_of_an_untrained_model_given_by_name(data_dir, tmp_path, capsys):
+    picture = data_dir / "test" / "circle" / "0000.png"
+    out = tmp_path / "untrained"
+    assert main(["features", "tutorial_cnn", str(picture), "--input-size", "3x16x16", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "0000.png: predicted nothing: random weights (seed 0)"
+    assert lines[1].split()[1:] == ["features.0", "Conv2d", "32x16x16"] and len(lines) == 7
+    assert len(list(out.glob("*.png"))) == 7
+    assert main(["features", "tutorial_cnn", str(picture), "--input-size", "3x16x8"]) == 2
+    assert "--input-size must be square" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- imgclf lr-find
 
 def test_lr_sweep_is_exponential():

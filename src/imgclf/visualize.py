@@ -216,10 +216,14 @@ def register(subparsers, common) -> None:
     p.set_defaults(func=cmd_show)
 
     p = subparsers.add_parser("features", parents=[common], help="feature maps of one picture (notes 17-19)",
-                              description="Run one picture through a trained model and draw what each convolution, "
-                                          "activation and pooling layer outputs, to PNGs and to TensorBoard.")
-    p.add_argument("checkpoint", metavar="CKPT")
+                              description="Run one picture through a trained model (or an untrained one, as note 17 "
+                                          "does) and draw what each convolution, activation and pooling layer "
+                                          "outputs, to PNGs and to TensorBoard.")
+    p.add_argument("checkpoint", metavar="CKPT|MODEL", help="a checkpoint, or a model name for random weights")
     p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--input-size", metavar="CxHxW", default="3x32x32",
+                   help="input of a model given by name (3x32x32); a checkpoint knows its own")
+    p.add_argument("--seed", type=int, default=0, help="random weights of a model given by name (0)")
     p.add_argument("--out", help="folder for the PNGs and TensorBoard events (features/<picture name>)")
     p.add_argument("--max-channels", type=int, default=64, help="channels drawn per layer (64)")
     p.set_defaults(func=cmd_features)
@@ -330,15 +334,34 @@ def feature_maps(model: torch.nn.Module, x: torch.Tensor) -> tuple[list[tuple[st
     return found, logits
 
 
+def _checkpoint_or_random(args: argparse.Namespace) -> dict:
+    """The checkpoint at args.checkpoint, or for a model name a stand-in with seeded random weights
+    (as note 17 looks at an untrained convolution), inputs scaled to -1..1 and no class names."""
+    from imgclf.checkpoint import load_checkpoint
+    from imgclf.config import parse_size
+    from imgclf.models import build_model
+
+    path = Path(args.checkpoint).expanduser()
+    if path.is_file() or path.suffix in (".pt", ".pth") or "/" in args.checkpoint:
+        return load_checkpoint(path)
+    channels, size, width = parse_size(args.input_size)
+    if size != width:
+        raise UserError(f"--input-size must be square, got {args.input_size}")
+    torch.manual_seed(args.seed)
+    model = build_model(args.checkpoint, num_classes=10, in_channels=channels, img_size=size)
+    return {"model": {"name": args.checkpoint}, "model_object": model, "classes": [],
+            "input": {"channels": channels, "size": size, "mean": [0.5] * channels, "std": [0.5] * channels}}
+
+
 def cmd_features(args: argparse.Namespace) -> int:
     from torch.utils.tensorboard import SummaryWriter
 
-    from imgclf.checkpoint import load_checkpoint, model_from_checkpoint
+    from imgclf.checkpoint import model_from_checkpoint
     from imgclf.transforms import BadImage, BatchTransform, load_image
 
     if args.max_channels < 1:
         raise UserError(f"--max-channels must be at least 1, got {args.max_channels}")
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = _checkpoint_or_random(args)
     inp = ckpt["input"]
     image_path = Path(args.image).expanduser()
     if not image_path.is_file():
@@ -347,7 +370,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         picture = load_image(image_path, size=inp["size"], channels=inp["channels"]).transpose(2, 0, 1)
     except BadImage as err:
         raise UserError(f"{image_path} is not a readable picture ({err})") from None
-    model = model_from_checkpoint(ckpt)
+    model = model_from_checkpoint(ckpt) if "state_dict" in ckpt else ckpt["model_object"]
     x = BatchTransform(tuple(inp["mean"]), tuple(inp["std"]))(torch.from_numpy(picture.copy())[None], train=False)
     maps, logits = feature_maps(model, x)
     if not maps:
@@ -356,7 +379,8 @@ def cmd_features(args: argparse.Namespace) -> int:
     top = int(probs.argmax())
     out = Path(args.out) if args.out else Path("features") / image_path.stem
     out.mkdir(parents=True, exist_ok=True)
-    label = f"{ckpt['classes'][top]} {float(probs[top]):.1%}"
+    label = f"{ckpt['classes'][top]} {float(probs[top]):.1%}" if ckpt["classes"] else \
+        f"nothing: random weights (seed {args.seed})"
     writer = SummaryWriter(str(out))
     try:
         fig = image_grid([picture], [f"predicted: {label}"], ncols=1, tile_inches=3,
