@@ -17,6 +17,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -271,26 +272,26 @@ def stratified_split(files: list, labels: list[int], *, fraction: float, seed: i
     return pick(train_idx, files), pick(train_idx, labels), pick(test_idx, files), pick(test_idx, labels)
 
 
+def _peek(path: Path) -> tuple[tuple[int, int], str] | None:
+    """(size, mode) from a picture's header; None when unreadable or over the pixel limit (reported later)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.size, img.mode
+    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return None
+
+
 def _default_size(files: list[Path]) -> int:
     """Small square pictures (CIFAR-like) keep their size; photos are brought to 224, as ImageNet models expect."""
-    for path in files[:8]:
-        try:
-            with Image.open(path) as img:
-                w, h = img.size
-            return w if w == h and w <= 64 else 224
-        except (OSError, ValueError, Image.DecompressionBombError):
-            continue
+    for (w, h), _ in filter(None, map(_peek, files[:8])):
+        return w if w == h and w <= 64 else 224
     return 224
 
 
 def _default_channels(files: list[Path]) -> int:
-    modes = set()
-    for path in files[:16]:
-        try:
-            with Image.open(path) as img:
-                modes.add(img.mode)
-        except (OSError, ValueError, Image.DecompressionBombError):
-            continue
+    modes = {mode for _, mode in filter(None, map(_peek, files[:16]))}
     return 1 if modes and modes <= {"L", "1", "I;16", "I;16B", "I;16L", "I", "F"} else 3
 
 
