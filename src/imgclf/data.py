@@ -277,6 +277,7 @@ def _peek(path: Path) -> tuple[tuple[int, int], str] | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on odd metadata
             with Image.open(path) as img:
                 return img.size, img.mode
     except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -39,6 +39,7 @@ def load_image(path, *, size: int, channels: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on odd metadata: it decodes or fails
             with Image.open(path) as img:
                 if img.width * img.height > MAX_PIXELS:
                     raise BadImage(f"{img.width}x{img.height} pixels is over the {MAX_PIXELS:,}-pixel limit")
