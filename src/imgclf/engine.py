@@ -25,13 +25,17 @@ class Diverged(RuntimeError):
 def train_one_epoch(model: nn.Module, loader, *, epoch: int, optimizer, scheduler, loss_fn,
                     autocast: Callable[[], AbstractContextManager], scaler=None, start_step: int = 0,
                     should_stop: Callable[[], bool] = lambda: False, dist: DistInfo | None = None,
-                    on_step: Callable[[int, float], None] = lambda step, loss: None) -> dict:
+                    on_step: Callable[[int, float], None] = lambda step, loss: None,
+                    carry: list[float] | None = None) -> dict:
     """Train over `loader.epoch(epoch)` from `start_step`. Stops early (returning `stopped_at`) as soon as
     `should_stop()` is true after a step; raises Diverged on a non-finite loss before updating weights.
-    Loss and accuracy are over the whole global batch, summed across the processes of `dist`."""
+    Loss and accuracy are over the whole global batch, summed across the processes of `dist`.
+    `carry` is the `sums` (loss sum, correct, seen) an earlier, stopped call returned for the steps before
+    `start_step`: the epoch's figures then cover all of it, exactly as if it had not stopped."""
     model.train()
     world = getattr(loader, "world", 1)
-    loss_sum, correct, seen, step = 0.0, torch.zeros((), dtype=torch.int64), 0, start_step
+    base = carry if carry and (dist is None or dist.is_main) else [0.0, 0.0, 0.0]  # counted once
+    loss_sum, correct, seen, step = float(base[0]), torch.tensor(int(base[1])), int(base[2]), start_step
     start = time.perf_counter()
     stopped_at = None
     for step, (x, y, n_global) in enumerate(loader.epoch(epoch, start_step=start_step), start=start_step):
@@ -60,7 +64,8 @@ def train_one_epoch(model: nn.Module, loader, *, epoch: int, optimizer, schedule
             break
     totals = all_reduce_sum(torch.tensor([loss_sum, float(correct), float(seen)], dtype=torch.float64,
                                          device=_device(model)), dist or DistInfo()).tolist()
-    return {"loss": totals[0] / max(totals[2], 1), "acc": totals[1] / max(totals[2], 1), "images": int(totals[2]),
+    return {"loss": totals[0] / max(totals[2], 1), "acc": totals[1] / max(totals[2], 1),
+            "images": int(totals[2]) - int(carry[2] if carry else 0), "sums": totals,
             "seconds": time.perf_counter() - start, "stopped_at": stopped_at}
 
 

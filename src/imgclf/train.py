@@ -101,6 +101,7 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dic
     state = dict(cfg=cfg, data=data, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                  ema=ema, run_dir=run_dir, dist=dist)
     record: dict = ckpt["metrics"] if ckpt else {}
+    carry = ckpt.get("partial") if ckpt else None  # sums of the steps done before a mid-epoch stop
     epochs_this_run = 0
     with stop:
         for epoch in range(start_epoch, cfg.optim.epochs):
@@ -109,16 +110,17 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dic
                 stats = train_one_epoch(
                     net, loaders["train"], epoch=epoch, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
                     autocast=autocast, scaler=scaler, start_step=start_step, should_stop=stop.check, dist=dist,
-                    on_step=lambda step, loss: _after_step(step, loss, tracker, optimizer, model, ema))
+                    on_step=lambda step, loss: _after_step(step, loss, tracker, optimizer, model, ema), carry=carry)
             except Diverged as err:
                 last = run_dir / "checkpoints" / "last.pt"
                 kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
                 raise UserError(f"training diverged: {err}; {kept}; try a lower --lr", EXIT_DIVERGED) from None
             if stats["stopped_at"] is not None:
-                _save(state, epoch=epoch, step=stats["stopped_at"], metrics=record, best_acc=best_acc, best=False)
+                _save(state, epoch=epoch, step=stats["stopped_at"], metrics=record, best_acc=best_acc, best=False,
+                      partial=stats["sums"])
                 raise Stopped(f"stopped by {stop.name} at epoch {epoch + 1}, step {stats['stopped_at']}; resume with: "
                               f"imgclf train --resume {run_dir}", EXIT_SIGTERM if stop.name == "SIGTERM" else EXIT_SIGINT)
-            start_step = 0
+            start_step, carry = 0, None
             test = evaluate(ema.module if ema else net, loaders["test"], num_classes=len(data.classes),
                             autocast=autocast, dist=dist, tta=cfg.run.tta)
             record = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_acc": stats["acc"],
@@ -202,7 +204,8 @@ def _restore(ckpt: dict, model, optimizer, scheduler, scaler, ema) -> tuple[int,
     return ckpt["epoch"], ckpt["step"], ckpt["best_acc"]
 
 
-def _save(state: dict, *, epoch: int, step: int, metrics: dict, best_acc: float, best: bool) -> None:
+def _save(state: dict, *, epoch: int, step: int, metrics: dict, best_acc: float, best: bool,
+          partial: list[float] | None = None) -> None:
     """Write last.pt (and best.pt when `best`) atomically, from the main process only."""
     if not state["dist"].is_main:
         return
@@ -214,6 +217,7 @@ def _save(state: dict, *, epoch: int, step: int, metrics: dict, best_acc: float,
         "classes": list(data.classes),
         "input": {"channels": data.channels, "size": data.img_size, "mean": list(data.mean), "std": list(data.std)},
         "epoch": epoch, "step": step, "best_acc": best_acc, "metrics": metrics, "config": cfg.to_dict(),
+        "partial": partial,  # (loss sum, correct, seen) of the epoch's first `step` steps, when stopped mid-epoch
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": state["optimizer"].state_dict(), "scheduler": state["scheduler"].state_dict(),
         "scaler": state["scaler"].state_dict() if state["scaler"] else None,
