@@ -128,7 +128,8 @@ def _add_train(sub, common) -> None:
     g.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     g.add_argument("--seed", type=int, help="seed of initialisation, order and augmentation (0)")
     g.add_argument("--precision", choices=PRECISIONS, help="autocast precision (fp32; auto: bf16 where supported)")
-    g.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (on)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--log-every", type=int, help="TensorBoard train-loss interval in steps (50)")
     g.add_argument("--stop-after", type=int, help="stop resumably after this many epochs of this invocation")
@@ -233,6 +234,8 @@ def _add_predict(sub, common) -> None:
     p.add_argument("--topk", type=int, default=3, help="how many labels per picture (3)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32 (exact probabilities, as exported models give) or auto: bf16 where supported, faster")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="one JSON object per line")
     fmt.add_argument("--csv", action="store_true", help="CSV with a header row")
@@ -244,7 +247,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.topk < 1:
         raise UserError(f"--topk must be at least 1, got {args.topk}")
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision)
     results = predictor.predict(args.paths, topk=args.topk, batch_size=args.batch_size)
     writer = csv.writer(sys.stdout) if args.csv else None
     if writer:

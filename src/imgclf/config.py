@@ -51,8 +51,10 @@ class RunConfig:
     out: str = "runs/run"
     device: str = "auto"
     seed: int = 0
+    # fp32 by default: bf16 (`auto`) is faster on AVX512-BF16 CPUs and recent GPUs, but its results can depend
+    # on the kernels oneDNN picks in a process, which would break bit-exact resume (benchmarks/RESULTS.md)
     precision: str = "fp32"
-    channels_last: bool = False
+    channels_last: bool = True  # NHWC convolutions: faster with oneDNN and tensor cores (benchmarks/)
     compile: bool = False
     log_every: int = 50  # TensorBoard train-loss interval, in steps
     stop_after: int | None = None  # stop (resumably) after this many epochs in this invocation

@@ -113,7 +113,13 @@ class FastNet(nn.Module):
         self.whiten.bias.requires_grad_(False)
 
 
-OWN_MODELS: dict[str, Callable[..., nn.Module]] = {"tutorial_cnn": TutorialCNN, "fastnet": FastNet}
+def fastnet_small(**kwargs) -> FastNet:
+    """FastNet at half the widths: about a quarter of the computation, for the shortest time budgets."""
+    return FastNet(widths=(32, 128, 128), **kwargs)
+
+
+OWN_MODELS: dict[str, Callable[..., nn.Module]] = {"tutorial_cnn": TutorialCNN, "fastnet": FastNet,
+                                                   "fastnet_small": fastnet_small}
 
 
 def available_models() -> list[str]:
@@ -138,8 +144,8 @@ def build_model(name: str, *, num_classes: int, in_channels: int = 3, img_size: 
         from torchvision import models
 
         if name not in models.list_models(module=models):
-            raise UserError(f"unknown model {name!r}; choose tutorial_cnn, fastnet or a torchvision classifier "
-                            f"such as resnet18, vgg16, mobilenet_v3_small (`imgclf models` lists all)")
+            raise UserError(f"unknown model {name!r}; choose tutorial_cnn, fastnet, fastnet_small or a torchvision "
+                            f"classifier such as resnet18, vgg16, mobilenet_v3_small (`imgclf models` lists all)")
         weights = None
         if pretrained and not Path(pretrained).expanduser().exists():
             weights = _torchvision_weights(name, pretrained)

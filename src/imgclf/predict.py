@@ -32,7 +32,7 @@ class Predictor:
 
     def __init__(self, ckpt: dict, *, device: str = "auto", precision: str = "fp32"):
         self.device = resolve_device(device)
-        self.model = model_from_checkpoint(ckpt).to(self.device)
+        self.model = model_from_checkpoint(ckpt).to(self.device, memory_format=torch.channels_last)
         self.classes: list[str] = ckpt["classes"]
         inp = ckpt["input"]
         self.size, self.channels = inp["size"], inp["channels"]
@@ -46,7 +46,7 @@ class Predictor:
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, size, size) -> class probabilities (N, classes)."""
-        x = self.transform(images.to(self.device), train=False)
+        x = self.transform(images.to(self.device), train=False, memory_format=torch.channels_last)
         with self.autocast():
             return self.model(x).float().softmax(1).cpu()
 
