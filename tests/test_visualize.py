@@ -186,7 +186,7 @@ def test_features_of_an_untrained_model_given_by_name(data_dir, tmp_path, capsys
     out = tmp_path / "untrained"
     assert main(["features", "tutorial_cnn", str(picture), "--input-size", "3x16x16", "--out", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "0000.png: predicted nothing: random weights (seed 0)"
+    assert lines[0] == "0000.png: random weights (seed 0), no prediction"
     assert lines[1].split()[1:] == ["features.0", "Conv2d", "32x16x16"] and len(lines) == 7
     assert len(list(out.glob("*.png"))) == 7
     assert main(["features", "tutorial_cnn", str(picture), "--input-size", "3x16x8"]) == 2

@@ -105,7 +105,8 @@ def lr_find_figure(test: RangeTest, suggested: dict[str, float], *, title: str):
     ax.set_xscale("log")
     first = test.losses[0] if test.losses else 1.0
     low = min(test.losses) if test.losses else 0.0
-    ax.set_ylim(low - 0.1 * (first - low + 1e-3), max(first, low) * 1.3 + 1e-3)  # the divergence spike off-scale
+    span = max(first - low, 0.02 * abs(first), 1e-3)
+    ax.set_ylim(low - 0.15 * span, first + 1.0 * span)  # the divergence spike goes off the top
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("training loss")
     ax.set_title(title)

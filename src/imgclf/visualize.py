@@ -379,11 +379,11 @@ def cmd_features(args: argparse.Namespace) -> int:
     top = int(probs.argmax())
     out = Path(args.out) if args.out else Path("features") / image_path.stem
     out.mkdir(parents=True, exist_ok=True)
-    label = f"{ckpt['classes'][top]} {float(probs[top]):.1%}" if ckpt["classes"] else \
-        f"nothing: random weights (seed {args.seed})"
+    label = (f"predicted {ckpt['classes'][top]} {float(probs[top]):.1%}" if ckpt["classes"]
+             else f"random weights (seed {args.seed}), no prediction")
     writer = SummaryWriter(str(out))
     try:
-        fig = image_grid([picture], [f"predicted: {label}"], ncols=1, tile_inches=3,
+        fig = image_grid([picture], [label], ncols=1, tile_inches=3,
                          title=f"{image_path.name} as the model sees it ({inp['channels']}x{inp['size']}x{inp['size']})")
         save_png(fig, out / "00_input.png")
         writer.add_image("features/00 input", figure_array(fig), 0, dataformats="HWC")
@@ -394,7 +394,7 @@ def cmd_features(args: argparse.Namespace) -> int:
             writer.add_image(f"features/{i:02d} {name} ({kind})", figure_array(fig), 0, dataformats="HWC")
     finally:
         writer.close()
-    print(f"{image_path.name}: predicted {label}")
+    print(f"{image_path.name}: {label}")
     for i, (name, kind, act) in enumerate(maps, start=1):
         print(f"{i:3d}. {name:<24} {kind:<12} {'x'.join(map(str, act.shape))}")
     print(f"wrote {len(maps) + 1} PNGs and TensorBoard events to {out} (tensorboard --logdir {out})",
