@@ -160,13 +160,13 @@ def test_real_processes_one_line_and_debug_traceback(tmp_path):
     assert "Traceback (most recent call last)" in r.stderr and "UserError" in r.stderr
 
 
-def test_huge_learning_rate_stops_with_exit_3_naming_epoch_and_step(folder, tmp_path):
-    r = run_cli("train", "--data", folder, "--epochs", 2, "--lr", "1e6", "--batch-size", 6, "--device", "cpu",
-                "--out", tmp_path / "r", env=ENV)
-    assert r.returncode == EXIT_DIVERGED, r.stderr
-    last = r.stderr.strip().splitlines()[-1]
+def test_huge_learning_rate_stops_with_exit_3_naming_epoch_and_step(folder, tmp_path, capsys):
+    code = train("--data", folder, "--epochs", 2, "--lr", "1e6", "--batch-size", 6, "--out", tmp_path / "r")
+    err = capsys.readouterr().err
+    assert code == EXIT_DIVERGED, err
+    last = err.strip().splitlines()[-1]
     assert last.startswith("imgclf: error: training diverged: loss became ") and " at epoch 1, step " in last
-    assert "no checkpoint was written; try a lower --lr" in last and "Traceback" not in r.stderr
+    assert "no checkpoint was written; try a lower --lr" in last and "Traceback" not in err
 
 
 def test_divergence_keeps_the_last_good_checkpoint(folder, tmp_path, capsys, monkeypatch):
