@@ -171,3 +171,20 @@ def test_starting_over_an_existing_run_is_refused(runs, folder, capsys):
     code, err = train(capsys, "--data", folder, "--out", runs["full"])
     assert code == EXIT_USAGE
     assert f"--resume {runs['full']}" in one_line(err)
+
+
+def test_a_last_train_batch_of_one_is_dropped_and_evaluation_keeps_every_picture():
+    from imgclf.data import BatchLoader, Split
+    from imgclf.transforms import BatchTransform
+
+    def sizes(n: int, train: bool) -> list[int]:
+        split = Split(torch.zeros(n, 3, 8, 8, dtype=torch.uint8), torch.zeros(n, dtype=torch.int64))
+        loader = BatchLoader(split, batch_size=7, transform=BatchTransform((0.5,) * 3, (0.25,) * 3), train=train,
+                             device=torch.device("cpu"))
+        got = [len(y) for _, y, _ in loader.epoch(0)]
+        assert len(got) == len(loader)
+        return got
+
+    assert sizes(15, train=True) == [7, 7]  # 15 = 7 + 7 + 1: BatchNorm cannot train on one picture
+    assert sizes(16, train=True) == [7, 7, 2]
+    assert sizes(15, train=False) == [7, 7, 1]  # eval mode uses running statistics: nothing is left out
