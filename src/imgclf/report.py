@@ -22,7 +22,7 @@ def write_run_report(run_dir: Path, *, records: Sequence[dict], result: dict, da
     `records` are metrics.jsonl's per-epoch dicts; `result` is `engine.evaluate(..., keep_probs=True)` over
     `data.test` in its order (so that probs[i] belongs to data.test.labels[i]). Returns the PNGs written.
     """
-    from imgclf.visualize import confusion_figure, curves_figure, figure_array, per_class_figure, save_png
+    from imgclf.visualize import confusion_figure, curves_figure, figure_array, per_class_figure, save_rgb_png
 
     run_dir = Path(run_dir)
     name = run_dir.resolve().name
@@ -34,11 +34,12 @@ def write_run_report(run_dir: Path, *, records: Sequence[dict], result: dict, da
                                       title=f"{name}, {data.test_name} split"),
         "mistakes": mistakes_figure(result["probs"], data.test, classes),
     }
-    written = [save_png(fig, run_dir / f"{key}.png") for key, fig in figures.items()]
+    pixels = {key: figure_array(fig) for key, fig in figures.items()}  # rendered once, for file and TensorBoard
+    written = [save_rgb_png(image, run_dir / f"{key}.png") for key, image in pixels.items()]
     if writer is None:
         return written
-    for key, fig in figures.items():
-        writer.add_image(f"report/{key}", figure_array(fig), step, dataformats="HWC")
+    for key, image in pixels.items():
+        writer.add_image(f"report/{key}", image, step, dataformats="HWC")
     per_class = per_class_accuracy(result["confusion"])
     writer.add_image("report/per_class", figure_array(per_class_figure(per_class, classes)), step,
                      dataformats="HWC")

@@ -36,6 +36,18 @@ def save_png(fig: Figure, path: Path) -> Path:
     return path
 
 
+def save_rgb_png(pixels: np.ndarray, path: Path) -> Path:
+    """Write uint8 (H, W, 3) pixels, e.g. a `figure_array`, as a PNG (atomically): one rendering serves both
+    the file and TensorBoard."""
+    from PIL import Image
+
+    from imgclf.checkpoint import atomic_write
+
+    path = Path(path)
+    atomic_write(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
+    return path
+
+
 def figure_array(fig: Figure) -> np.ndarray:
     """The rendered figure as uint8 (H, W, 3), as TensorBoard's add_image(dataformats='HWC') takes it."""
     canvas = FigureCanvasAgg(fig)
