@@ -103,9 +103,9 @@ def driver() -> None:
         return epoch
 
     for i in range(kills):
-        started = (run / "checkpoints" / "last.pt").exists()
-        if started and load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == EPOCHS:
+        if last_epoch == EPOCHS:
             break  # finished between kills
+        started = (run / "checkpoints" / "last.pt").exists()
         stale = set(_temporaries(run))  # left by earlier kills
         pid = _fork_cli(resume if started else fresh)
         mode = MODES[i % len(MODES)]
@@ -129,6 +129,7 @@ def driver() -> None:
             code = os.waitstatus_to_exitcode(status)
             if code != 0:
                 report["problems"].append(f"kill {i}: the training process failed with exit status {code}")
+            last_epoch = check(f"after kill {i - 1}, the run's end")
             break
         epoch = check(f"kill {i} ({mode})")
         if epoch < last_epoch:
@@ -136,7 +137,7 @@ def driver() -> None:
         last_epoch = epoch
         report["kills"].append({"mode": mode, "writing": writing, "last_epoch": epoch})
     last = run / "checkpoints" / "last.pt"
-    finish = [] if last.exists() and load_checkpoint(last)["epoch"] == EPOCHS else [resume if last.exists() else fresh]
+    finish = [] if last_epoch == EPOCHS else [resume if last.exists() else fresh]
     for argv in [*finish, [*args, "--out", str(out / "straight")]]:
         code = os.waitstatus_to_exitcode(os.waitpid(_fork_cli(argv), 0)[1])
         if code != 0:
