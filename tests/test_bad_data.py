@@ -208,7 +208,9 @@ def test_ants_and_bees_train_to_the_end(hymenoptera_dir, tmp_path, capsys):
                  "--lr", "0.01", "--device", "cpu", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 0, err
-    assert "(245 train / 153 val pictures, 2 classes, 3x32x32)" in err and "skipping" not in err
+    assert "245 train / 153 val" in err and "skipping" not in err
+    data = load_data(DataConfig(data=str(hymenoptera_dir), img_size=32), progress=False)  # the cache just made
+    assert str(hymenoptera_dir / "train" / "ants" / "imageNotFound.gif") in data.train.files
 
 
 def test_ants_and_bees_seeded_with_broken_files(hymenoptera_dir, tmp_path):
@@ -229,6 +231,6 @@ def test_ants_and_bees_seeded_with_broken_files(hymenoptera_dir, tmp_path):
     for path in bad:
         assert r.stderr.count(f"imgclf: skipping {path}: ") == 1, (path, r.stderr)
     assert f"skipped files {len(bad)}" in r.stderr
-    assert "(245 train / 153 val pictures" in r.stderr
+    assert "245 train / 153 val" in r.stderr
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
     assert os.path.islink(copy / "train" / "ants" / "imageNotFound.gif")
