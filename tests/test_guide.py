@@ -148,12 +148,13 @@ def is_exact(text: str, match: re.Match) -> bool:
 # ---------------------------------------------------------------- the test
 
 def make_data(root: Path) -> dict[str, str]:
-    """Small stand-ins: CIFAR-like 32x32 train/test folders, photo-like ants/bees train/val, one picture."""
+    """Small stand-ins: CIFAR-like train/test folders (16x16, so that lr-find's 100 steps are quick),
+    ants/bees train/val, one picture."""
     from conftest import write_class_folder
 
     classes = ["airplane", "cat", "ship"]
-    write_class_folder(root / "cifar" / "train", classes, 16, size=32, seed=1)
-    write_class_folder(root / "cifar" / "test", classes, 8, size=32, seed=2, fmt="jpg")
+    write_class_folder(root / "cifar" / "train", classes, 8, size=16, seed=1)
+    write_class_folder(root / "cifar" / "test", classes, 4, size=16, seed=2, fmt="jpg")
     write_class_folder(root / "ants" / "train", ["ants", "bees"], 8, size=40, seed=3, fmt="jpg")
     write_class_folder(root / "ants" / "val", ["ants", "bees"], 4, size=40, seed=4, fmt="jpg")
     return {"CIFAR": str(root / "cifar"), "ANTS": str(root / "ants"),

@@ -397,13 +397,15 @@ def cmd_features(args: argparse.Namespace) -> int:
     try:
         fig = image_grid([picture], [label], ncols=1, tile_inches=3,
                          title=f"{image_path.name} as the model sees it ({inp['channels']}x{inp['size']}x{inp['size']})")
-        save_png(fig, out / "00_input.png")
-        writer.add_image("features/00 input", figure_array(fig), 0, dataformats="HWC")
+        pixels = figure_array(fig)
+        save_rgb_png(pixels, out / "00_input.png")
+        writer.add_image("features/00 input", pixels, 0, dataformats="HWC")
         for i, (name, kind, act) in enumerate(maps, start=1):
             fig = feature_maps_figure(act, title=f"{i}. {name} ({kind})", max_channels=args.max_channels)
             stem = f"{i:02d}_{name.replace('.', '_').replace('#', '_')}_{kind}"
-            save_png(fig, out / f"{stem}.png")
-            writer.add_image(f"features/{i:02d} {name} ({kind})", figure_array(fig), 0, dataformats="HWC")
+            pixels = figure_array(fig)
+            save_rgb_png(pixels, out / f"{stem}.png")
+            writer.add_image(f"features/{i:02d} {name} ({kind})", pixels, 0, dataformats="HWC")
     finally:
         writer.close()
     print(f"{image_path.name}: {label}")
