@@ -83,8 +83,8 @@ def image_grid(images, labels: Sequence[str], *, ncols: int, title: str | None =
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
     side = min(128, max(np.asarray(images[0]).shape[-2:]))
-    band = round(side * 0.2 * lines)  # room for the label above each tile
     gap = max(2, side // 16)
+    band = round(side * 0.2 * lines) if lines else gap  # room for the label above each tile
     cell_w, cell_h = side + gap, side + band
     mosaic = np.full((nrows * cell_h, ncols * cell_w - gap, 3), 255, dtype=np.uint8)
     for i, img in enumerate(images):
