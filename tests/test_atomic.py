@@ -21,7 +21,7 @@ import torch
 from conftest import write_class_folder
 
 HERE = Path(__file__).resolve().parent
-KILLS = 24
+KILLS = 20
 EPOCHS = 30
 MODES = ("start-up", "checkpoint-write", "epochs", "any-write")
 
