@@ -63,6 +63,25 @@ def test_a_layer_called_twice_has_two_rows_but_its_parameters_count_once():
     assert s.total_params == 72 and s.total_macs == 128
 
 
+def test_attention_is_counted_and_weights_its_parent_uses_directly_are_listed():
+    class Attend(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            tokens = x.flatten(2).transpose(1, 2)  # (1, 4, 8)
+            return self.attn(tokens, tokens, tokens)[0]
+
+    model = Attend()
+    s = summarize(model, (8, 2, 2))
+    assert [(r.name, r.called) for r in s.layers] == [("attn", True), ("attn.out_proj", False)]
+    # q, k, v projections 3 * 4*8*8, scores and weighted sum 2 * 4*4*8, output projection 4*8*8
+    assert s.layers[0].macs == 3 * 256 + 256 + 256
+    assert sum(r.params for r in s.layers) == s.total_params == sum(p.numel() for p in model.parameters())
+    assert "(used by its parent)" in format_table(s)
+
+
 def test_grouped_and_strided_convolutions():
     model = nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=2, bias=False))
     s = summarize(model, (4, 10, 10))

@@ -29,6 +29,7 @@ class LayerRow:
     output_shape: list[int]  # without the batch dimension
     params: int  # parameters owned by this layer (0 when it runs a second time)
     macs: int  # multiply-accumulates for one input
+    called: bool = True  # False: holds parameters but its parent uses them without calling it
 
 
 @dataclass
@@ -60,26 +61,39 @@ def layer_macs(module: nn.Module, inp: torch.Tensor | None, output: torch.Tensor
     return 0
 
 
+def attention_macs(module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor) -> int:
+    """Projections of query, key and value, the scores, their weighted sum and the output projection."""
+    dim = 1 if module.batch_first else 0
+    q_len, k_len, e = query.shape[dim], key.shape[dim], module.embed_dim
+    return int(q_len * e * e + k_len * e * (module.kdim + module.vdim) + 2 * q_len * k_len * e + q_len * e * e)
+
+
 def summarize(model: nn.Module, input_shape: tuple[int, int, int], *, name: str = "model") -> Summary:
     """Run one (1, C, H, W) zero input through `model` in eval mode and record every leaf layer's call."""
     rows: list[LayerRow] = []
     seen: set[int] = set()
     names = {module: n for n, module in model.named_modules()}
 
-    def hook(module, inputs, output):
+    def hook(module, args, kwargs, output):
         out = output[0] if isinstance(output, (tuple, list)) else output
         if not isinstance(out, torch.Tensor):
             return
-        inp = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+        inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if isinstance(module, nn.MultiheadAttention):
+            query = args[0] if args else kwargs["query"]
+            key = args[1] if len(args) > 1 else kwargs.get("key", query)
+            macs = attention_macs(module, query, key)
+        else:
+            macs = layer_macs(module, inp, out)
         own = sum(p.numel() for p in module.parameters(recurse=False))
         rows.append(LayerRow(names[module] or type(module).__name__, type(module).__name__,
-                             list(out.shape[1:]), 0 if id(module) in seen else own, layer_macs(module, inp, out)))
+                             list(out.shape[1:]), 0 if id(module) in seen else own, macs))
         seen.add(id(module))
 
     # leaves, and containers that own parameters directly (nn.MultiheadAttention's in_proj_weight)
     watched = [m for m in model.modules()
                if not list(m.children()) or any(True for _ in m.parameters(recurse=False))]
-    handles = [m.register_forward_hook(hook) for m in watched]
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in watched]
     was_training = model.training
     model.eval()
     try:
@@ -92,6 +106,10 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int], *, name: str 
         for h in handles:
             h.remove()
         model.train(was_training)
+    for module in watched:  # e.g. MultiheadAttention's out_proj, whose weights its parent uses directly
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        if own and id(module) not in seen:
+            rows.append(LayerRow(names[module], type(module).__name__, [], own, 0, called=False))
     params = {id(p): p for p in model.parameters()}.values()
     size = sum(p.numel() * p.element_size() for p in params) + sum(b.numel() * b.element_size()
                                                                   for b in model.buffers())
@@ -103,8 +121,8 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int], *, name: str 
 def format_table(summary: Summary) -> str:
     """The summary as a fixed-width text table with totals, for the terminal."""
     header = ("layer", "type", "output shape", "params", "MACs")
-    lines = [(r.name, r.kind, "x".join(map(str, r.output_shape)), f"{r.params:,}", f"{r.macs:,}")
-             for r in summary.layers]
+    lines = [(r.name, r.kind, "x".join(map(str, r.output_shape)) if r.called else "(used by its parent)",
+              f"{r.params:,}", f"{r.macs:,}") for r in summary.layers]
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
 
     def fmt(cells) -> str:
