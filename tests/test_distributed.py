@@ -26,7 +26,7 @@ def _records(run: Path) -> list[dict]:
 def folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ddp")
     classes = ["a", "b", "c"]
-    write_class_folder(root / "train", classes, 22, seed=3)  # 66 pictures: global batches 16,16,16,16,2
+    write_class_folder(root / "train", classes, 24, seed=3)  # 72 pictures: global batches 16,16,16,16,8
     write_class_folder(root / "test", classes, 9, seed=4)  # 27: ranks evaluate 14 and 13, no padding
     return root
 
@@ -64,6 +64,17 @@ def test_two_gloo_processes_match_one(folder, tmp_path):
                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r3.returncode == 0, r3.stderr[-3000:]
     assert [r["epoch"] for r in _records(double)] == [1, 2, 3]
+
+
+def test_a_last_batch_too_small_to_share_is_dropped():
+    from imgclf.data import BatchLoader, Split
+    from imgclf.transforms import BatchTransform
+
+    split = Split(torch.zeros(35, 1, 4, 4, dtype=torch.uint8), torch.arange(35))
+    common = dict(batch_size=16, transform=BatchTransform((0.0,), (1.0,)), train=True, device=torch.device("cpu"))
+    assert len(BatchLoader(split, world=1, **common)) == 3  # 16, 16, 3
+    ranks = [BatchLoader(split, world=2, rank=r, **common) for r in (0, 1)]
+    assert [[len(y) for _, y, _ in loader.epoch(0)] for loader in ranks] == [[8, 8], [8, 8]]  # 3 -> 2 + 1: dropped
 
 
 def _children(pid: int) -> list[int]:

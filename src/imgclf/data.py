@@ -441,8 +441,8 @@ class BatchLoader:
         n = len(self.split)
         if not self.train:
             return -(-len(range(self.rank, n, self.world)) // self.batch_size)
-        # A last batch of one picture would break BatchNorm's statistics: it is dropped.
-        return n // self.batch_size + (1 if n % self.batch_size > 1 else 0)
+        # A last batch that would leave some process one picture or none breaks BatchNorm: it is dropped.
+        return n // self.batch_size + (1 if n % self.batch_size >= 2 * self.world else 0)
 
     def epoch(self, epoch: int, *, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         """Yield (images, labels, size of the global batch) for each step from `start_step`."""
