@@ -172,9 +172,11 @@ def confusion_figure(confusion, classes: Sequence[str], *, title: str = "confusi
 def per_class_figure(accuracies: Sequence[float], classes: Sequence[str]) -> Figure:
     fig = Figure(figsize=(max(5, 0.35 * len(classes) + 2), 3.5), dpi=DPI)
     ax = fig.add_subplot()
-    ax.bar(range(len(classes)), [a * 100 for a in accuracies], color=TEST_COLOR)
+    bars = ax.bar(range(len(classes)), [a * 100 for a in accuracies], color=TEST_COLOR)
+    if len(classes) <= 30:
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_xticks(range(len(classes)), classes, rotation=45 if len(classes) > 4 else 0, ha="right", fontsize=8)
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 108)  # room for the label of a bar at 100
     ax.set_ylabel("accuracy (%)")
     ax.set_title("accuracy per class")
     fig.tight_layout()
