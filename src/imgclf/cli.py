@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -181,7 +182,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except Stopped as stop:
         print(f"imgclf: {stop}", file=sys.stderr)
         return stop.code
-    if record:
+    if record and os.environ.get("RANK", "0") == "0":  # under torchrun, once for the job
         print(f"done: test accuracy {record['test_acc']:.2%} after {record['epoch']} epochs; "
               f"checkpoints in {Path(cfg.run.out) / 'checkpoints'}", file=sys.stderr)
     return EXIT_OK
@@ -248,11 +249,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise UserError(f"--topk must be at least 1, got {args.topk}")
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision)
-    results = predictor.predict(args.paths, topk=args.topk, batch_size=args.batch_size)
     writer = csv.writer(sys.stdout) if args.csv else None
     if writer:
         writer.writerow(["path", "rank", "label", "probability"])
-    for r in results:
+    failed = False
+    for r in predictor.iter_predict(args.paths, topk=args.topk, batch_size=args.batch_size):
+        failed = failed or bool(r.error)
         if r.error:
             print(f"imgclf: {r.path}: {r.error}", file=sys.stderr)
         elif args.json:
@@ -264,7 +266,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             tops = "  ".join(f"{lab} {p:.1%}" for lab, p in zip(r.labels, r.probs, strict=True))
             print(f"{r.path}  {tops}")
-    return EXIT_PARTIAL if any(r.error for r in results) else EXIT_OK
+        sys.stdout.flush()  # each answer as soon as it is known, also into a pipe
+    return EXIT_PARTIAL if failed else EXIT_OK
 
 
 def cmd_samples(args: argparse.Namespace) -> int:

@@ -47,7 +47,7 @@ def load_image(path, *, size: int, channels: int) -> np.ndarray:
                 img = ImageOps.exif_transpose(img)
                 img = _to_mode(img, channels)
                 img = _resize_center_crop(img, size)
-                arr = np.asarray(img, dtype=np.uint8)
+                arr = np.array(img, dtype=np.uint8)  # a writable copy, safe for torch.from_numpy
     except BadImage:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning,
