@@ -56,7 +56,9 @@ def first_line_seconds(args: list[str]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="hymenoptera_data (train/ and val/)")
-    parser.add_argument("--checkpoint", help="an imgclf checkpoint (default: train resnet18 for one epoch)")
+    parser.add_argument("--checkpoint", help="an imgclf checkpoint (default: train resnet18 for one epoch, or reuse "
+                        "the one in --run-dir)")
+    parser.add_argument("--run-dir", help="where that resnet18 run is kept between invocations (default: temporary)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
@@ -67,8 +69,11 @@ def main() -> None:
 
     tmp = tempfile.TemporaryDirectory()
     ckpt_path = args.checkpoint
+    out = Path(args.run_dir or Path(tmp.name) / "run")
+    if ckpt_path is None and (out / "checkpoints" / "last.pt").is_file():
+        ckpt_path = str(out / "checkpoints" / "last.pt")
+        print(f"checkpoint: {ckpt_path}")
     if ckpt_path is None:
-        out = Path(tmp.name) / "run"
         m = check(run_measured([PYTHON, "-m", "imgclf", "train", "--data", args.data, "--model", "resnet18",
                                 "--img-size", "224", "--epochs", "1", "--batch-size", "32", "--out", str(out)]),
                   "training the resnet18 checkpoint")

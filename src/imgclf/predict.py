@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -52,9 +53,12 @@ class Predictor:
 
     def predict(self, paths: list[str], *, topk: int = 5, batch_size: int = 64) -> list[Prediction]:
         """Predict every picture in `paths` (files and folders, in order); unreadable ones carry `error`."""
+        return list(self.iter_predict(paths, topk=topk, batch_size=batch_size))
+
+    def iter_predict(self, paths: list[str], *, topk: int = 5, batch_size: int = 64) -> Iterator[Prediction]:
+        """As `predict`, yielding each batch's answers as soon as they are computed."""
         files = expand_paths(paths)
         k = max(1, min(topk, len(self.classes)))
-        results: list[Prediction] = []
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
             for start in range(0, len(files), batch_size):
                 chunk = files[start : start + batch_size]
@@ -64,10 +68,9 @@ class Predictor:
                 for i, (path, item) in enumerate(zip(chunk, decoded, strict=True)):
                     if i in good:
                         p, idx = probs[good.index(i)].topk(k)
-                        results.append(Prediction(path, [self.classes[j] for j in idx.tolist()], p.tolist()))
+                        yield Prediction(path, [self.classes[j] for j in idx.tolist()], p.tolist())
                     else:
-                        results.append(Prediction(path, error=item))
-        return results
+                        yield Prediction(path, error=item)
 
     def _decode(self, path: str) -> np.ndarray | str:
         if not Path(path).is_file():
