@@ -22,7 +22,8 @@ EXTENSIONS: tuple[str, ...] = ("imgclf.inspect", "imgclf.export", "imgclf.serve"
 # flag -> (config section, field); flags default to None so that only what the user typed overrides.
 TRAIN_FLAGS = {
     "data": ("data", "data"), "data_root": ("data", "data_root"), "img_size": ("data", "img_size"),
-    "val_fraction": ("data", "val_fraction"), "augment": ("data", "augment"), "batch_size": ("data", "batch_size"),
+    "val_fraction": ("data", "val_fraction"), "augment": ("data", "augment"), "crop_pad": ("data", "crop_pad"),
+    "batch_size": ("data", "batch_size"),
     "eval_batch_size": ("data", "eval_batch_size"), "strict_data": ("data", "strict"),
     "cache_dir": ("data", "cache_dir"),
     "model": ("model", "name"), "pretrained": ("model", "pretrained"), "freeze_backbone": ("model", "freeze_backbone"),
@@ -106,6 +107,7 @@ def _add_train(sub, common) -> None:
     g.add_argument("--img-size", type=int, help="side of the square input (default: native; photos 224)")
     g.add_argument("--val-fraction", type=float, help="held-out share of a single folder of classes (0.2)")
     g.add_argument("--augment", choices=AUGMENTS, help="training augmentation (flip-crop)")
+    g.add_argument("--crop-pad", type=int, help="largest shift of flip-crop, in pixels (an eighth of the side)")
     g.add_argument("--batch-size", type=int, help="global batch size, split across processes (128)")
     g.add_argument("--eval-batch-size", type=int, help="batch size for evaluation (1024)")
     g.add_argument("--strict-data", action="store_true", default=None, help="fail before training on any bad file")

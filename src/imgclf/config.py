@@ -20,6 +20,7 @@ class DataConfig:
     img_size: int | None = None  # None: the data set's native size (folders: 224 unless small and square)
     val_fraction: float = 0.2  # for a single folder of classes
     augment: str = "flip-crop"
+    crop_pad: int | None = None  # flip-crop shift in pixels; None: an eighth of the side (4 at 32)
     batch_size: int = 128  # global batch size, split across processes
     eval_batch_size: int = 1024
     strict: bool = False  # check every file before training and fail on any bad one
@@ -87,6 +88,7 @@ class TrainConfig:
         _check(d.batch_size >= 1, f"--batch-size must be at least 1, got {d.batch_size}")
         _check(d.img_size is None or 8 <= d.img_size <= 4096, f"--img-size must be 8..4096, got {d.img_size}")
         _check(0.0 < d.val_fraction < 1.0, f"--val-fraction must be between 0 and 1, got {d.val_fraction}")
+        _check(d.crop_pad is None or d.crop_pad >= 0, f"--crop-pad must be >= 0, got {d.crop_pad}")
         _check(d.augment in AUGMENTS, f"unknown --augment {d.augment!r}; choose one of {', '.join(AUGMENTS)}")
         _check(o.optimizer in OPTIMIZERS, f"unknown --optimizer {o.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         _check(o.schedule in SCHEDULES, f"unknown --schedule {o.schedule!r}; choose one of {', '.join(SCHEDULES)}")
