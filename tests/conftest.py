@@ -31,6 +31,18 @@ def shared_dataset(name: str) -> Path:
     return Path(out.stdout.strip())
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for in-process training: on a shared, busy machine several spinning threads are
+    many times slower. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def cifar10_dir() -> Path:
     return shared_dataset("cifar10")

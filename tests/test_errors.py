@@ -18,12 +18,7 @@ from imgclf.errors import EXIT_DIVERGED, EXIT_PARTIAL, EXIT_USAGE
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

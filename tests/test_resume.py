@@ -19,13 +19,7 @@ from imgclf.errors import EXIT_USAGE
 VOLATILE = {"images_per_s", "epoch_seconds", "time"}  # wall-clock figures: the only fields that may differ
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared, busy machine several spinning threads are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train(capsys, *args) -> tuple[int, str]:
