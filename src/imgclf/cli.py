@@ -224,9 +224,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{name:<{width}}  {acc:>8.2%}  {sum(row):>6}")
     print("\nconfusion matrix (rows: true class, columns: predicted)")
     cell = max(5, len(str(int(confusion.max()))) + 1)
-    print(" " * width + "".join(f"{i:>{cell}}" for i in range(len(classes))))
-    for i, (name, row) in enumerate(zip(classes, confusion.tolist(), strict=True)):
-        print(f"{f'{i} {name}':<{width}}" + "".join(f"{v:>{cell}}" for v in row))
+    labels = [f"{i} {name}" for i, name in enumerate(classes)]
+    label_width = max(len(label) for label in labels)
+    print(" " * label_width + "".join(f"{i:>{cell}}" for i in range(len(classes))))
+    for label, row in zip(labels, confusion.tolist(), strict=True):
+        print(f"{label:<{label_width}}" + "".join(f"{v:>{cell}}" for v in row))
     return EXIT_OK
 
 
