@@ -211,7 +211,7 @@ def test_fast_recipe_is_valid_and_flags_still_override_it():
     cfg = train_config(args)
     assert isinstance(cfg, TrainConfig)
     assert (cfg.model.name, cfg.optim.epochs, cfg.run.tta, cfg.data.batch_size) == ("fastnet", 3, True, 512)
-    assert cfg.data == DataConfig(data="x", batch_size=512, eval_batch_size=1000, augment="flip-crop")
+    assert cfg.data == DataConfig(data="x", batch_size=512, eval_batch_size=1000, augment="flip-crop", crop_pad=2)
 
 
 def test_fast_recipe_trains_end_to_end(tiny_split_folder, tmp_path):
