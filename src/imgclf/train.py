@@ -69,8 +69,10 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dic
     model = build_model(cfg.model.name, num_classes=len(data.classes), in_channels=data.channels,
                         img_size=data.img_size, pretrained=None if ckpt else cfg.model.pretrained,
                         freeze_backbone=cfg.model.freeze_backbone)
-    transform = BatchTransform(data.mean, data.std, cfg.data.augment,
-                               pad=max(1, data.img_size // 8) if cfg.data.crop_pad is None else cfg.data.crop_pad)
+    pad = max(1, data.img_size // 8) if cfg.data.crop_pad is None else cfg.data.crop_pad
+    if pad >= data.img_size:
+        raise UserError(f"--crop-pad {pad} must be smaller than the picture side ({data.img_size})")
+    transform = BatchTransform(data.mean, data.std, cfg.data.augment, pad=pad)
     loaders = _loaders(cfg, data, transform, device, dist)
     if hasattr(model, "init_whitening") and not ckpt:
         model.init_whitening(next(iter(loaders["whiten"].epoch(0)))[0].cpu())
