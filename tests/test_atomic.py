@@ -22,7 +22,7 @@ from conftest import write_class_folder
 
 HERE = Path(__file__).resolve().parent
 KILLS = 20
-EPOCHS = 30
+EPOCHS = 60  # enough that the kills are spent before a quiet machine finishes the run
 MODES = ("start-up", "checkpoint-write", "epochs", "any-write")
 
 
