@@ -38,7 +38,7 @@ def test_sigkill_at_random_instants_never_breaks_the_run(tmp_path):
     assert report["problems"] == [], report
     kills = report["kills"]
     assert len(kills) >= KILLS // 2, report  # the run may finish before all kills are spent, not this early
-    assert sum(k["writing"].startswith((".last.pt", ".best.pt")) for k in kills) >= 4, report
+    assert sum(k["writing"].startswith((".last.pt", ".best.pt")) for k in kills) >= 2, report  # mid-save kills
     assert len({k["last_epoch"] for k in kills}) >= 3, report  # the kills fell all along the run
     # It ended exactly where a run that was never killed ends (nothing lost, nothing done twice).
     for name in ("last.pt", "best.pt"):

@@ -44,7 +44,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     device = resolve_device(cfg.run.device, dist)
     distributed.init(dist, device)
     try:
-        return _train(cfg, resume=resume, dist=dist, device=device)
+        record = _train(cfg, resume=resume, dist=dist, device=device)
+        distributed.barrier(dist)  # leave together: tearing down a group that a peer still uses can abort it
+        return record
     except RuntimeError as err:
         if not dist.enabled or not distributed.is_peer_failure(err):
             raise
