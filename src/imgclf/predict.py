@@ -13,7 +13,7 @@ import torch
 
 from imgclf.checkpoint import load_checkpoint, model_from_checkpoint
 from imgclf.config import DataConfig
-from imgclf.data import BatchLoader, is_image_file, list_images, load_data
+from imgclf.data import BatchLoader, list_images, load_data
 from imgclf.engine import evaluate
 from imgclf.errors import UserError
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
@@ -63,14 +63,14 @@ class Predictor:
             for start in range(0, len(files), batch_size):
                 chunk = files[start : start + batch_size]
                 decoded = list(pool.map(self._decode, chunk))
-                good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
-                probs = self.probabilities(torch.from_numpy(np.stack([decoded[i] for i in good]))) if good else None
-                for i, (path, item) in enumerate(zip(chunk, decoded, strict=True)):
-                    if i in good:
-                        p, idx = probs[good.index(i)].topk(k)
-                        yield Prediction(path, [self.classes[j] for j in idx.tolist()], p.tolist())
-                    else:
+                good = [d for d in decoded if isinstance(d, np.ndarray)]
+                rows = iter(self.probabilities(torch.from_numpy(np.stack(good))) if good else [])
+                for path, item in zip(chunk, decoded, strict=True):
+                    if isinstance(item, str):
                         yield Prediction(path, error=item)
+                        continue
+                    p, idx = next(rows).topk(k)  # rows come in the order of the decoded pictures
+                    yield Prediction(path, [self.classes[j] for j in idx.tolist()], p.tolist())
 
     def _decode(self, path: str) -> np.ndarray | str:
         if not Path(path).is_file():
@@ -89,8 +89,8 @@ def expand_paths(paths: list[str]) -> list[str]:
         if path.is_dir():
             found = list_images(path)
             if not found:
-                raise UserError(f"{path} holds no pictures ({', '.join(('.jpg', '.png', '...'))})")
-            out.extend(str(f) for f in found if is_image_file(f))
+                raise UserError(f"{path} holds no pictures (.jpg, .png, ...)")
+            out.extend(map(str, found))
         else:
             out.append(str(path))
     return out
@@ -102,9 +102,8 @@ def evaluate_checkpoint(path, data_cfg: DataConfig, *, device: str = "auto", pre
     inp = ckpt["input"]
     data = load_data(replace(data_cfg, img_size=inp["size"]), img_size=inp["size"], channels=inp["channels"])
     if data.classes != ckpt["classes"]:
-        raise UserError(f"{path} was trained for {len(ckpt['classes'])} classes ({', '.join(ckpt['classes'][:5])}"
-                        f"{', ...' if len(ckpt['classes']) > 5 else ''}), but {data_cfg.data} has {len(data.classes)} "
-                        f"({', '.join(data.classes[:5])}{', ...' if len(data.classes) > 5 else ''})")
+        raise UserError(f"{path} was trained for {len(ckpt['classes'])} classes ({_preview(ckpt['classes'])}), "
+                        f"but {data_cfg.data} has {len(data.classes)} ({_preview(data.classes)})")
     dev = resolve_device(device)
     model = model_from_checkpoint(ckpt).to(dev)
     transform = BatchTransform(tuple(inp["mean"]), tuple(inp["std"]))
@@ -114,3 +113,7 @@ def evaluate_checkpoint(path, data_cfg: DataConfig, *, device: str = "auto", pre
         dev, resolve_precision(precision, dev)), tta=tta, keep_probs=True)
     result.update(classes=data.classes, split=data.test_name, data=data)
     return result
+
+
+def _preview(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")

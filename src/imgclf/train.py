@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import sys
 import time
@@ -92,7 +93,7 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dic
                       log_every=cfg.run.log_every)
     if dist.is_main:
         remove_temporaries(run_dir)  # half-written files of a killed run
-        atomic_write_text(run_dir / "config.json", _json(cfg.to_dict()))
+        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         tracker.message(f"imgclf {__version__}: {cfg.model.name} on {cfg.data.data} ({len(data.train)} train / "
                         f"{len(data.test)} {data.test_name} pictures, {len(data.classes)} classes, "
                         f"{data.channels}x{data.img_size}x{data.img_size}) on {device}, {str(precision)[6:]}, "
@@ -235,12 +236,6 @@ def _save(state: dict, *, epoch: int, step: int, metrics: dict, best_acc: float,
     if best:  # best.pt first: killed between the two, the run resumes from the older last.pt and redoes both
         save_checkpoint(folder / "best.pt", ckpt)
     save_checkpoint(folder / "last.pt", ckpt)
-
-
-def _json(obj) -> str:
-    import json
-
-    return json.dumps(obj, indent=2) + "\n"
 
 
 class StopFlag:
