@@ -111,13 +111,15 @@ def load_checkpoint(path) -> dict:
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
-    """Rebuild the network a checkpoint describes and load its weights (no download, no pretrained file)."""
+def model_from_checkpoint(ckpt: dict, *, lean_import: bool = False) -> torch.nn.Module:
+    """Rebuild the network a checkpoint describes and load its weights (no download, no pretrained file).
+
+    `lean_import`: see `imgclf.models.build_model` (a faster start for `predict`)."""
     from imgclf.models import build_model
 
     spec = ckpt["model"]
     model = build_model(spec["name"], num_classes=len(ckpt["classes"]), in_channels=ckpt["input"]["channels"],
-                        img_size=ckpt["input"]["size"])
+                        img_size=ckpt["input"]["size"], lean_import=lean_import)
     state = ckpt.get("ema_state_dict") or ckpt["state_dict"]  # the averaged weights are the evaluated ones
     try:
         model.load_state_dict(strip_prefixes(state))
