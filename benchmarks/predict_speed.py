@@ -12,6 +12,7 @@ trained for one epoch here unless --checkpoint is given; weights do not change t
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -116,6 +117,7 @@ def main() -> None:
     firsts = [first_line_seconds([*cmd, files[0]]) for _ in range(3)]
     print(f"`imgclf predict CKPT one.jpg --precision auto`: first answer after {statistics.median(f for f, _ in firsts):.2f}s "
           f"(median of 3; exits after {statistics.median(e for _, e in firsts):.2f}s)")
+    print("load average at the end: " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
     tmp.cleanup()
 
 
