@@ -41,11 +41,14 @@ def main() -> None:
             m = check(run_measured(cmd), "imgclf train")
             records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         print(f"\n$ imgclf train --data CIFAR {args.flags} --epochs {epochs}{' (cold cache)' if args.cold else ''}")
+        training = 0.0
         for r in records:
+            training += r.get("train_seconds", 0.0)
             print(f"  epoch {r['epoch']:>2}: test accuracy {r['test_acc']:.2%} at {r['time'] - launched:7.1f}s "
-                  f"({r['images_per_s']:.0f} train img/s)")
+                  f"({r['images_per_s']:.0f} train img/s, {training:.2f}s of training so far)")
         final = records[-1]["test_acc"]
-        print(f"  final {final:.2%} in {m.seconds:.1f}s wall (peak RSS {m.peak_rss_mb:.0f} MB)")
+        print(f"  final {final:.2%} in {m.seconds:.1f}s wall, {training:.2f}s of it training "
+              f"(peak RSS {m.peak_rss_mb:.0f} MB)")
         for target, budget in zip(args.target, args.budget or [float("inf")] * len(args.target), strict=False):
             met = final >= target and m.seconds <= budget
             print(f"  target {target:.0%} in {budget:.0f}s: {'met' if met else 'NOT met'}")

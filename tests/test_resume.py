@@ -16,7 +16,7 @@ from conftest import write_class_folder
 from imgclf.cli import main
 from imgclf.errors import EXIT_USAGE
 
-VOLATILE = {"images_per_s", "epoch_seconds", "time"}  # wall-clock figures: the only fields that may differ
+VOLATILE = {"images_per_s", "train_seconds", "epoch_seconds", "time"}  # wall-clock figures: the only fields that may differ
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -182,3 +182,25 @@ def test_a_last_train_batch_of_one_is_dropped_and_evaluation_keeps_every_picture
     assert sizes(15, train=True) == [7, 7]  # 15 = 7 + 7 + 1: BatchNorm cannot train on one picture
     assert sizes(16, train=True) == [7, 7, 2]
     assert sizes(15, train=False) == [7, 7, 1]  # eval mode uses running statistics: nothing is left out
+
+
+def test_fast_recipe_with_lookahead_resumes_exactly(tmp_path, capsys):
+    """fastnet with Lookahead averaging (its average travels in the checkpoint), alternating flips and
+    shifts, resumed after epoch 1 of 3 with a step count (7) that is not a multiple of the 5-step average."""
+    data = tmp_path / "data"
+    write_class_folder(data / "train", ["a", "b", "c"], 20, seed=5)
+    write_class_folder(data / "test", ["a", "b", "c"], 4, seed=6)
+    common = ["--data", data, "--recipe", "fast", "--precision", "fp32", "--epochs", 3, "--batch-size", 8,
+              "--img-size", 16, "--seed", 2]
+    assert train(capsys, *common, "--out", tmp_path / "full")[0] == 0
+    assert train(capsys, *common, "--out", tmp_path / "part", "--stop-after", 1)[0] == 0
+    after_one = load(tmp_path / "part")
+    code, err = train(capsys, "--resume", tmp_path / "part")
+    assert code == 0, err
+    full, part = load(tmp_path / "full"), load(tmp_path / "part")
+    assert_same_state(full, part)
+    assert_same_tensors(full["lookahead"], part["lookahead"])
+    assert not torch.equal(after_one["lookahead"]["head.weight"], full["lookahead"]["head.weight"])
+    # the run ends on the average: the final weights are the Lookahead's
+    assert_same_tensors({k: full["state_dict"][k] for k in full["lookahead"]}, full["lookahead"])
+    assert records(tmp_path / "full") == records(tmp_path / "part")

@@ -185,7 +185,7 @@ def test_fastnet_whitening_layer_whitens_2x2_patches():
     model.init_whitening(x)
     w = model.whiten.weight
     assert w.shape == (24, 3, 2, 2) and model.whiten.bias.shape == (24,)
-    assert not w.requires_grad and not model.whiten.bias.requires_grad
+    assert not w.requires_grad and model.whiten.bias.requires_grad  # the bias learns (airbench)
     torch.testing.assert_close(w[12:], -w[:12])
     with torch.no_grad():
         out = model.whiten(x)[:, :12]  # (N, 12, 31, 31): the first half; the second is its negative
@@ -223,3 +223,67 @@ def test_fast_recipe_trains_end_to_end(tiny_split_folder, tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and records[-1]["test_count"] == 24
     assert records[-1]["test_acc"] > 0.5  # three easy classes
+
+
+# ---------------------------------------------------------------- the speed records' techniques
+
+def test_lookahead_decay_schedule():
+    from imgclf.optim import lookahead_decay
+
+    values = [lookahead_decay(s, 100) for s in range(101)]
+    assert values[0] == 0.0 and values[100] == 1.0
+    assert values[50] == pytest.approx(0.95**5 * 0.125)
+    assert all(a < b for a, b in zip(values[:100], values[1:100], strict=False))  # rises until the end
+
+
+def test_lookahead_pulls_weights_back_to_the_average_every_five_steps():
+    from imgclf.optim import Lookahead, lookahead_decay
+
+    model = torch.nn.Linear(3, 2)
+    lookahead = Lookahead(model)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    lookahead.after_step(model, 4, 100)  # not a multiple of 5: nothing happens
+    assert torch.equal(model.weight, start + 1.0)
+    lookahead.after_step(model, 50, 100)
+    kept = lookahead_decay(50, 100)
+    assert torch.allclose(model.weight, start + (1.0 - kept))  # moved to the average, which moved part-way
+    assert torch.equal(lookahead.average["weight"], model.weight)
+    with torch.no_grad():
+        model.weight.add_(5.0)
+    lookahead.after_step(model, 100, 100)  # the last step: the weights become the average
+    assert torch.allclose(model.weight, start + (1.0 - kept))
+
+
+def test_alternating_flips_mirror_each_picture_every_other_epoch():
+    n = 40
+    images = _images(n, size=8, seed=3)
+    split = Split(images, torch.arange(n), [f"{i}.png" for i in range(n)])  # labels name the pictures
+    transform = BatchTransform((0.0,) * 3, (1 / 255,) * 3, "flip")  # normalisation is the identity
+    loader = BatchLoader(split, batch_size=8, transform=transform, train=True, device=torch.device("cpu"))
+    flipped = {}
+    for epoch in range(3):
+        for x, y, _ in loader.epoch(epoch):
+            for picture, i in zip(x, y.tolist(), strict=True):
+                original = images[i].float()
+                assert torch.equal(picture, original) or torch.equal(picture, original.flip(2))
+                flipped[epoch, i] = torch.equal(picture, original.flip(2)) and not torch.equal(picture, original)
+    assert all(flipped[0, i] != flipped[1, i] and flipped[0, i] == flipped[2, i] for i in range(n))
+    assert 10 < sum(flipped[0, i] for i in range(n)) < 30  # about half start mirrored
+
+
+def test_tta_averages_flipped_and_shifted_views():
+    from imgclf.engine import tta_logits
+
+    x = torch.randn(4, 3, 16, 16)
+    pooled = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 5))
+    # global average pooling ignores mirroring, and the two shifts pool the same up to the reflected borders
+    assert torch.allclose(tta_logits(pooled, x), pooled(x), atol=0.05)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.Flatten(1), torch.nn.LazyLinear(5))
+    conv(x)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = [padded[:, :, :16, :16], padded[:, :, 2:, 2:]]  # down-right and up-left by one pixel
+    expected = 0.25 * (conv(x) + conv(x.flip(3))) + 0.125 * sum(conv(v) + conv(v.flip(3)) for v in shifted)
+    assert torch.allclose(tta_logits(conv, x), expected, atol=1e-5)
+    assert not torch.allclose(tta_logits(conv, x), conv(x), atol=1e-3)

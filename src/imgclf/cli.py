@@ -30,7 +30,7 @@ TRAIN_FLAGS = {
     "optimizer": ("optim", "optimizer"), "lr": ("optim", "lr"), "momentum": ("optim", "momentum"),
     "nesterov": ("optim", "nesterov"), "weight_decay": ("optim", "weight_decay"), "schedule": ("optim", "schedule"),
     "warmup_epochs": ("optim", "warmup_epochs"), "label_smoothing": ("optim", "label_smoothing"),
-    "epochs": ("optim", "epochs"),
+    "epochs": ("optim", "epochs"), "lookahead": ("optim", "lookahead"),
     "out": ("run", "out"), "device": ("run", "device"), "seed": ("run", "seed"), "precision": ("run", "precision"),
     "channels_last": ("run", "channels_last"), "compile": ("run", "compile"), "log_every": ("run", "log_every"),
     "stop_after": ("run", "stop_after"), "ema": ("run", "ema"), "tta": ("run", "tta"),
@@ -126,6 +126,8 @@ def _add_train(sub, common) -> None:
     g.add_argument("--warmup-epochs", type=float, help="linear warm-up length (1)")
     g.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing (0.1)")
     g.add_argument("--epochs", type=int, help="epochs in all (10)")
+    g.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None,
+                   help="every 5 steps, average the weights and continue from the average (fast recipe: on)")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run folder (runs/run)")
     g.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
@@ -137,7 +139,8 @@ def _add_train(sub, common) -> None:
     g.add_argument("--log-every", type=int, help="TensorBoard train-loss interval in steps (50)")
     g.add_argument("--stop-after", type=int, help="stop resumably after this many epochs of this invocation")
     g.add_argument("--ema", action="store_true", default=None, help="evaluate and keep an average of the weights")
-    g.add_argument("--tta", action="store_true", default=None, help="average with flipped pictures at evaluation")
+    g.add_argument("--tta", action="store_true", default=None,
+                   help="the last epoch's evaluation averages flipped and 1-pixel-shifted views (6 passes)")
     p.set_defaults(func=cmd_train)
 
 
@@ -173,7 +176,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not last.is_file():
             raise UserError(f"nothing to resume: {last} does not exist")
         base = TrainConfig.from_dict(load_checkpoint(last)["config"])
-        cfg = train_config(args, dataclasses.replace(base, run=dataclasses.replace(base.run, out=str(args.resume))))
+        # --stop-after counts the epochs of one invocation: the resumed one runs to the end unless told again
+        run = dataclasses.replace(base.run, out=str(args.resume), stop_after=None)
+        cfg = train_config(args, dataclasses.replace(base, run=run))
     else:
         cfg = train_config(args)
         if (Path(cfg.run.out) / "checkpoints" / "last.pt").exists():

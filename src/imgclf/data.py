@@ -436,6 +436,10 @@ class BatchLoader:
             if self.images.nbytes < free // 4:  # keep the data set on the GPU, as the speed records do
                 self.images = self.images.to(device)
         self.labels = split.labels.to(device) if self.images.device == device else split.labels
+        # Alternating flips (airbench): each picture is mirrored in every other epoch, starting at random,
+        # so every two epochs see both orientations of every picture exactly once.
+        first_flip = torch.rand(len(split), generator=torch.Generator().manual_seed(_mix(seed, -1))) < 0.5
+        self.first_flip = first_flip.to(self.labels.device)
 
     def __len__(self) -> int:
         n = len(self.split)
@@ -451,6 +455,8 @@ class BatchLoader:
             order = torch.randperm(len(self.split), generator=gen)
         else:
             order = torch.arange(self.rank, len(self.split), self.world)
+        # indices live where the pictures do: a copy to the GPU at each step would wait for the GPU
+        order = order.to(self.labels.device)
         for step in range(start_step, len(self)):
             idx = order[step * self.batch_size : (step + 1) * self.batch_size]
             yield self._batch(idx, epoch, step)
@@ -459,13 +465,16 @@ class BatchLoader:
         if isinstance(self.images, np.ndarray):  # memory-mapped: read rows in file order
             idx_sorted, inverse = torch.sort(idx)
             rows = torch.from_numpy(np.take(self.images, idx_sorted.numpy(), axis=0))
-            images, labels = rows[torch.argsort(inverse)], self.labels[idx]
+            images = rows[torch.argsort(inverse)]
         else:
-            images, labels = self.images[idx.to(self.images.device)], self.labels[idx.to(self.labels.device)]
-        images = images.to(self.device, non_blocking=True)
-        gen = torch.Generator().manual_seed(_mix(self.seed, epoch, step + 1)) if self.train else None
+            images = self.images[idx]
+        images, labels = images.to(self.device, non_blocking=True), self.labels[idx]
+        gen, flip = None, None
+        if self.train:  # random numbers drawn on the training device, so that nothing waits for a copy
+            gen = torch.Generator(device=self.device).manual_seed(_mix(self.seed, epoch, step + 1))
+            flip = (self.first_flip[idx] ^ bool(epoch % 2)).to(self.device, non_blocking=True)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        x = self.transform(images, train=self.train, generator=gen, dtype=self.dtype, memory_format=fmt)
+        x = self.transform(images, train=self.train, generator=gen, flip=flip, dtype=self.dtype, memory_format=fmt)
         y = labels.to(self.device, non_blocking=True)
         if self.train and self.world > 1:  # this rank's share of the global batch
             x, y = x[self.rank :: self.world], y[self.rank :: self.world]

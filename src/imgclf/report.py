@@ -103,17 +103,19 @@ def flatten_config(cfg: dict, prefix: str = "") -> dict:
 
 
 def report_after_training(run_dir: Path, *, cfg, data, model: torch.nn.Module, transform, device, autocast,
-                          records: Sequence[dict], writer) -> None:
-    """Evaluate the final model once more on the held-out split (this process only, keeping probabilities)
-    and write the run's pictures. A failure here is reported in one line and never loses the run."""
+                          records: Sequence[dict], writer, result: dict | None = None) -> None:
+    """Write the run's pictures from `result` (the last evaluation, with probabilities of the whole held-out
+    split in order), or, without one, evaluate the final model once more in this process.
+    A failure here is reported in one line and never loses the run."""
     try:
         from imgclf.data import BatchLoader
         from imgclf.engine import evaluate
 
-        loader = BatchLoader(data.test, batch_size=cfg.data.eval_batch_size, transform=transform, train=False,
-                             device=device)
-        result = evaluate(model, loader, num_classes=len(data.classes), autocast=autocast, tta=cfg.run.tta,
-                          keep_probs=True)
+        if result is None or "probs" not in result:
+            loader = BatchLoader(data.test, batch_size=cfg.data.eval_batch_size, transform=transform, train=False,
+                                 device=device)
+            result = evaluate(model, loader, num_classes=len(data.classes), autocast=autocast, tta=cfg.run.tta,
+                              keep_probs=True)
         write_run_report(run_dir, records=records, result=result, data=data, writer=writer,
                          hparams=flatten_config(cfg.to_dict()))
     except Exception as err:  # noqa: BLE001 - pictures are a bonus; the checkpoints are already saved

@@ -25,7 +25,7 @@ from imgclf.data import BatchLoader, ImageData, load_data
 from imgclf.engine import Diverged, evaluate, train_one_epoch
 from imgclf.errors import EXIT_DISTRIBUTED, EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, UserError
 from imgclf.models import build_model
-from imgclf.optim import build_loss, build_optimizer, build_scheduler
+from imgclf.optim import Lookahead, build_loss, build_optimizer, build_scheduler
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.tracking import Tracker
 from imgclf.transforms import BatchTransform
@@ -69,6 +69,8 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dic
         raise UserError(f"{run_dir} was trained on classes {ckpt['classes']}, but {cfg.data.data} has "
                         f"{data.classes}; start a new run with --out")
     precision = resolve_precision(cfg.run.precision, device)
+    if device.type == "cuda":  # every batch has the same shape: let cuDNN time its algorithms once and keep the best
+        torch.backends.cudnn.benchmark = True
     model = build_model(cfg.model.name, num_classes=len(data.classes), in_channels=data.channels,
                         img_size=data.img_size, pretrained=None if ckpt else cfg.model.pretrained,
                         freeze_backbone=cfg.model.freeze_backbone)
@@ -84,9 +86,10 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dic
     scheduler = build_scheduler(optimizer, cfg.optim, len(loaders["train"]))
     scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
     ema = _ema(model, cfg) if cfg.run.ema else None
+    lookahead = Lookahead(model) if cfg.optim.lookahead else None
     start_epoch, start_step, best_acc = 0, 0, 0.0
     if ckpt:
-        start_epoch, start_step, best_acc = _restore(ckpt, model, optimizer, scheduler, scaler, ema)
+        start_epoch, start_step, best_acc = _restore(ckpt, model, optimizer, scheduler, scaler, ema, lookahead)
     net = _wrap(model, cfg, dist, device)
     autocast = autocast_factory(device, precision)
     tracker = Tracker(run_dir, enabled=dist.is_main, resume_epoch=start_epoch, steps_per_epoch=len(loaders["train"]),
@@ -105,7 +108,9 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dic
     loss_fn = build_loss(cfg.optim)
     stop = StopFlag(dist, device)
     state = dict(cfg=cfg, data=data, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                 ema=ema, run_dir=run_dir, dist=dist)
+                 ema=ema, lookahead=lookahead, run_dir=run_dir, dist=dist)
+    steps, total_steps = len(loaders["train"]), cfg.optim.epochs * len(loaders["train"])
+    check_every = 1 if device.type == "cpu" else 32  # reading a loss makes the host wait for the GPU
     record: dict = ckpt["metrics"] if ckpt else {}
     carry = ckpt.get("partial") if ckpt else None  # sums of the steps done before a mid-epoch stop
     epochs_this_run = 0
@@ -116,7 +121,10 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dic
                 stats = train_one_epoch(
                     net, loaders["train"], epoch=epoch, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
                     autocast=autocast, scaler=scaler, start_step=start_step, should_stop=stop.check, dist=dist,
-                    on_step=lambda step, loss: _after_step(step, loss, tracker, optimizer, model, ema), carry=carry)
+                    after_update=lambda step, done=epoch * steps: _after_update(done + step + 1, total_steps, model,
+                                                                                ema, lookahead),
+                    on_step=lambda step, loss: tracker.step(step, loss, optimizer.param_groups[0]["lr"]),
+                    carry=carry, check_every=check_every)
             except Diverged as err:
                 last = run_dir / "checkpoints" / "last.pt"
                 kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
@@ -127,12 +135,14 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dic
                 raise Stopped(f"stopped by {stop.name} at epoch {epoch + 1}, step {stats['stopped_at']}; resume with: "
                               f"imgclf train --resume {run_dir}", EXIT_SIGTERM if stop.name == "SIGTERM" else EXIT_SIGINT)
             start_step, carry = 0, None
+            last = epoch + 1 == cfg.optim.epochs
+            # test-time augmentation costs 6 passes: only the final figure (and `imgclf eval`) pays for it
             test = evaluate(ema.module if ema else net, loaders["test"], num_classes=len(data.classes),
-                            autocast=autocast, dist=dist, tta=cfg.run.tta)
+                            autocast=autocast, dist=dist, tta=cfg.run.tta and last, keep_probs=last and not dist.enabled)
             record = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_acc": stats["acc"],
                       "test_loss": test["loss"], "test_acc": test["acc"], "test_count": test["count"],
                       "lr": optimizer.param_groups[0]["lr"], "images_per_s": stats["images"] / max(stats["seconds"], 1e-9),
-                      "epoch_seconds": stats["seconds"] + test["seconds"],
+                      "train_seconds": stats["seconds"], "epoch_seconds": stats["seconds"] + test["seconds"],
                       "skipped_files": len(data.skipped), "time": time.time()}
             tracker.end_epoch(record)
             improved = test["acc"] > best_acc
@@ -149,7 +159,8 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dic
         from imgclf.report import report_after_training
 
         report_after_training(run_dir, cfg=cfg, data=data, model=ema.module if ema else model, transform=transform,
-                              device=device, autocast=autocast, records=tracker.records, writer=tracker.writer)
+                              device=device, autocast=autocast, records=tracker.records, writer=tracker.writer,
+                              result=test if epochs_this_run else None)
     tracker.close()
     return record
 
@@ -190,13 +201,15 @@ def _ema(model, cfg: TrainConfig):
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.99), use_buffers=True)
 
 
-def _after_step(step: int, loss: float, tracker: Tracker, optimizer, model, ema) -> None:
-    if ema is not None and step % 5 == 0:
+def _after_update(step: int, total_steps: int, model, ema, lookahead) -> None:
+    """Weight averaging after optimizer step number `step` (1-based, over the whole run)."""
+    if ema is not None and step % 5 == 1:
         ema.update_parameters(model)
-    tracker.step(step, loss, optimizer.param_groups[0]["lr"])
+    if lookahead is not None:
+        lookahead.after_step(model, step, total_steps)
 
 
-def _restore(ckpt: dict, model, optimizer, scheduler, scaler, ema) -> tuple[int, int, float]:
+def _restore(ckpt: dict, model, optimizer, scheduler, scaler, ema, lookahead) -> tuple[int, int, float]:
     model.load_state_dict(ckpt["state_dict"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
@@ -204,6 +217,8 @@ def _restore(ckpt: dict, model, optimizer, scheduler, scaler, ema) -> tuple[int,
         scaler.load_state_dict(ckpt["scaler"])
     if ema is not None and ckpt.get("ema_state_dict"):
         ema.module.load_state_dict(ckpt["ema_state_dict"])
+    if lookahead is not None and ckpt.get("lookahead"):
+        lookahead.load_state_dict(ckpt["lookahead"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if torch.cuda.is_available() and ckpt["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
@@ -230,6 +245,8 @@ def _save(state: dict, *, epoch: int, step: int, metrics: dict, best_acc: float,
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
     }
+    if state["lookahead"] is not None:
+        ckpt["lookahead"] = state["lookahead"].state_dict()
     if state["ema"] is not None:
         ckpt["ema_state_dict"] = {k: v.detach().cpu() for k, v in state["ema"].module.state_dict().items()}
     folder = state["run_dir"] / "checkpoints"

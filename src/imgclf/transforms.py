@@ -126,11 +126,11 @@ class BatchTransform:
     pad: int = 4
 
     def __call__(self, images: torch.Tensor, *, train: bool, generator: torch.Generator | None = None,
-                 dtype: torch.dtype = torch.float32,
+                 flip: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
         x = images
         if train and self.augment != "none":  # on uint8: a quarter of the bytes of float
-            x = augment_batch(x, self.augment, pad=self.pad, generator=generator)
+            x = augment_batch(x, self.augment, pad=self.pad, generator=generator, flip=flip)
         # (x / 255 - mean) / std as one multiply-add, converted straight into the layout the model wants
         std = torch.tensor(self.std, dtype=torch.float64)
         scale = (1.0 / (255.0 * std)).to(dtype=dtype, device=x.device).view(1, -1, 1, 1)
@@ -139,23 +139,28 @@ class BatchTransform:
         return x.to(dtype, memory_format=memory_format, copy=True).mul_(scale).add_(shift)  # never the caller's
 
 
-def augment_batch(x: torch.Tensor, kind: str, *, pad: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Random horizontal flips, then (for flip-crop*) random shifts of up to `pad` pixels (reflect-padded
-    borders), then (for *cutout) one grey square, each per sample; for uint8 or float (N, C, H, W) batches."""
+def augment_batch(x: torch.Tensor, kind: str, *, pad: int, generator: torch.Generator | None,
+                  flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Horizontal flips (of the samples where the bool `flip` is true; without it, of a random half), then
+    (for flip-crop*) random shifts of up to `pad` pixels (reflect-padded borders), then (for *cutout) one
+    grey square, each per sample; for uint8 or float (N, C, H, W) batches. Random numbers are drawn on the
+    generator's device (the CPU without one)."""
     n, _, h, w = x.shape
     dev = x.device
-    flip = torch.rand(n, generator=generator) < 0.5
+    rng = dict(generator=generator, device=generator.device if generator is not None else "cpu")
+    if flip is None:
+        flip = torch.rand(n, **rng) < 0.5
     x = torch.where(flip.to(dev).view(n, 1, 1, 1), x.flip(3), x)
     if kind.startswith("flip-crop") and pad > 0:
         padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")  # (N, C, H+2p, W+2p)
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+        dy = torch.randint(0, 2 * pad + 1, (n,), **rng).to(dev)
+        dx = torch.randint(0, 2 * pad + 1, (n,), **rng).to(dev)
         windows = padded.unfold(2, h, 1).unfold(3, w, 1)  # a view: (N, C, 2p+1, 2p+1, H, W)
         x = windows[torch.arange(n, device=dev), :, dy, dx]  # one window per sample: (N, C, H, W)
     if kind.endswith("cutout"):
         size = max(1, h // 4)
-        cy = torch.randint(0, h, (n,), generator=generator).to(dev).view(n, 1, 1)
-        cx = torch.randint(0, w, (n,), generator=generator).to(dev).view(n, 1, 1)
+        cy = torch.randint(0, h, (n,), **rng).to(dev).view(n, 1, 1)
+        cx = torch.randint(0, w, (n,), **rng).to(dev).view(n, 1, 1)
         ys = torch.arange(h, device=dev).view(1, h, 1)
         xs = torch.arange(w, device=dev).view(1, 1, w)
         hole = ((ys - cy).abs() <= size // 2) & ((xs - cx).abs() <= size // 2)
