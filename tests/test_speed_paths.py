@@ -185,7 +185,7 @@ def test_fastnet_whitening_layer_whitens_2x2_patches():
     model.init_whitening(x)
     w = model.whiten.weight
     assert w.shape == (24, 3, 2, 2) and model.whiten.bias.shape == (24,)
-    assert not w.requires_grad and model.whiten.bias.requires_grad  # the bias learns (airbench)
+    assert not w.requires_grad and not model.whiten.bias.requires_grad
     torch.testing.assert_close(w[12:], -w[:12])
     with torch.no_grad():
         out = model.whiten(x)[:, :12]  # (N, 12, 31, 31): the first half; the second is its negative

@@ -73,7 +73,7 @@ class _ConvGroup(nn.Sequential):
 
 class FastNet(nn.Module):
     """A small CIFAR network after the speed records (airbench, hlb-CIFAR10): a 2x2 whitening first layer
-    (set from the data by `init_whitening`, weights then frozen), three conv groups, global max-pool, a linear head
+    (set from the data by `init_whitening`, frozen), three conv groups, global max-pool, a linear head
     and a fixed logit scale. Shapes shown for 3x32x32 and the default widths; pictures need a side >= 16."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, img_size: int = 32,
@@ -83,7 +83,10 @@ class FastNet(nn.Module):
             raise UserError(f"fastnet needs pictures of at least 16x16, got {img_size}x{img_size}; pass --img-size 16")
         patch_dims = in_channels * 2 * 2
         self.whiten = nn.Conv2d(in_channels, 2 * patch_dims, kernel_size=2, padding=0)  # (N, 24, 31, 31)
-        self.whiten.weight.requires_grad_(False)  # set from data (or a checkpoint), never trained
+        # Set from data (or a checkpoint), never trained. airbench also trains the bias for 3 epochs; here
+        # it stays frozen, because then nothing before the first conv group needs a gradient: on a 2-core
+        # CPU a trainable bias made fastnet_small's epochs ~15% slower (benchmarks/RESULTS.md).
+        self.whiten.requires_grad_(False)
         w0, w1, w2 = widths
         self.blocks = nn.Sequential(
             nn.GELU(),
@@ -102,7 +105,7 @@ class FastNet(nn.Module):
     def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
         """Set the first layer to whiten 2x2 patches of `images` (normalised float, N, C, H, W): the
         eigenvectors of the patch covariance, scaled by 1/sqrt(eigenvalue), and their negatives. The layer
-        weights are then frozen: its outputs have (close to) identity covariance over those patches."""
+        layer is frozen: its outputs have (close to) identity covariance over those patches."""
         c = self.whiten.in_channels
         patches = images.float().unfold(2, 2, 1).unfold(3, 2, 1)  # (N, C, H-1, W-1, 2, 2)
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * 4)  # (N*(H-1)*(W-1), C*2*2), as conv weights
@@ -113,7 +116,6 @@ class FastNet(nn.Module):
         filters = filters.view(c * 4, c, 2, 2)  # row i: one whitening direction, laid out like a conv filter
         self.whiten.weight.copy_(torch.cat([filters, -filters]))
         self.whiten.bias.zero_()
-        # the bias stays trainable (airbench): it learns where each whitened feature should start
 
 
 def fastnet_small(**kwargs) -> FastNet:

@@ -13,13 +13,28 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from imgclf.errors import EXIT_OK, UserError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _figure(**kwargs) -> Figure:
+    """A matplotlib Figure; matplotlib is imported here, not at start-up (~0.3 s every command would pay)."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
+def _canvas(fig: Figure):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    return FigureCanvasAgg(fig)
 
 DPI = 100
 TRAIN_COLOR, TEST_COLOR = "tab:blue", "tab:orange"
@@ -32,7 +47,7 @@ def save_png(fig: Figure, path: Path) -> Path:
     from imgclf.checkpoint import atomic_write
 
     path = Path(path)
-    atomic_write(path, lambda tmp: FigureCanvasAgg(fig).print_png(tmp))
+    atomic_write(path, lambda tmp: _canvas(fig).print_png(tmp))
     return path
 
 
@@ -50,7 +65,7 @@ def save_rgb_png(pixels: np.ndarray, path: Path) -> Path:
 
 def figure_array(fig: Figure) -> np.ndarray:
     """The rendered figure as uint8 (H, W, 3), as TensorBoard's add_image(dataformats='HWC') takes it."""
-    canvas = FigureCanvasAgg(fig)
+    canvas = _canvas(fig)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
@@ -96,7 +111,7 @@ def image_grid(images, labels: Sequence[str], *, ncols: int, title: str | None =
         title = textwrap.fill(title, width=max(20, int((width_in + left) * DPI / 10)))
     head = 0.25 + 0.22 * title.count("\n") + 0.2 if title else 0.05
     height_in = width_in * mosaic.shape[0] / mosaic.shape[1]
-    fig = Figure(figsize=(width_in + left + 0.05, height_in + head + 0.05), dpi=DPI)
+    fig = _figure(figsize=(width_in + left + 0.05, height_in + head + 0.05), dpi=DPI)
     W, H = fig.get_size_inches()
     ax = fig.add_axes((left / W, 0.05 / H, width_in / W, height_in / H))
     ax.imshow(mosaic, interpolation="nearest" if side <= 64 else "antialiased")
@@ -118,7 +133,7 @@ def image_grid(images, labels: Sequence[str], *, ncols: int, title: str | None =
 def curves_figure(records: Sequence[dict], *, title: str = "training curves") -> Figure:
     """Loss and accuracy per epoch, train and test, from metrics.jsonl records."""
     epochs = [r["epoch"] for r in records]
-    fig = Figure(figsize=(10, 4), dpi=DPI)
+    fig = _figure(figsize=(10, 4), dpi=DPI)
     loss_ax, acc_ax = fig.subplots(1, 2)
     for ax, key, label in ((loss_ax, "loss", "loss"), (acc_ax, "acc", "accuracy (%)")):
         scale = 100 if key == "acc" else 1
@@ -146,7 +161,7 @@ def confusion_figure(confusion, classes: Sequence[str], *, title: str = "confusi
     cm = np.asarray(confusion, dtype=np.int64)
     k = len(classes)
     side = min(20.0, max(4.5, 0.45 * k + 2.5))
-    fig = Figure(figsize=(side + 1, side), dpi=DPI)
+    fig = _figure(figsize=(side + 1, side), dpi=DPI)
     ax = fig.add_subplot()
     image = ax.imshow(cm, cmap="Blues", vmin=0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
@@ -170,7 +185,7 @@ def confusion_figure(confusion, classes: Sequence[str], *, title: str = "confusi
 
 
 def per_class_figure(accuracies: Sequence[float], classes: Sequence[str]) -> Figure:
-    fig = Figure(figsize=(max(5, 0.35 * len(classes) + 2), 3.5), dpi=DPI)
+    fig = _figure(figsize=(max(5, 0.35 * len(classes) + 2), 3.5), dpi=DPI)
     ax = fig.add_subplot()
     bars = ax.bar(range(len(classes)), [a * 100 for a in accuracies], color=TEST_COLOR)
     if len(classes) <= 30:
