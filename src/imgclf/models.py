@@ -85,7 +85,7 @@ class FastNet(nn.Module):
         self.whiten = nn.Conv2d(in_channels, 2 * patch_dims, kernel_size=2, padding=0)  # (N, 24, 31, 31)
         # Set from data (or a checkpoint), never trained. airbench also trains the bias for 3 epochs; here
         # it stays frozen, because then nothing before the first conv group needs a gradient: on a 2-core
-        # CPU a trainable bias made fastnet_small's epochs ~15% slower (benchmarks/RESULTS.md).
+        # CPU a trainable bias made fastnet_small train ~20% fewer pictures a second (benchmarks/RESULTS.md).
         self.whiten.requires_grad_(False)
         w0, w1, w2 = widths
         self.blocks = nn.Sequential(

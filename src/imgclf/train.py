@@ -135,10 +135,11 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dic
                 raise Stopped(f"stopped by {stop.name} at epoch {epoch + 1}, step {stats['stopped_at']}; resume with: "
                               f"imgclf train --resume {run_dir}", EXIT_SIGTERM if stop.name == "SIGTERM" else EXIT_SIGINT)
             start_step, carry = 0, None
-            last = epoch + 1 == cfg.optim.epochs
-            # test-time augmentation costs 6 passes: only the final figure (and `imgclf eval`) pays for it
-            test = evaluate(ema.module if ema else net, loaders["test"], num_classes=len(data.classes),
-                            autocast=autocast, dist=dist, tta=cfg.run.tta and last, keep_probs=last and not dist.enabled)
+            final = epoch + 1 == cfg.optim.epochs
+            # test-time augmentation costs 6 passes: only the final figure (and `imgclf eval`) pays for it;
+            # the final probabilities are kept for the run's pictures (one process holds them all)
+            test = evaluate(ema.module if ema else net, loaders["test"], num_classes=len(data.classes), autocast=autocast,
+                            dist=dist, tta=cfg.run.tta and final, keep_probs=final and not dist.enabled)
             record = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_acc": stats["acc"],
                       "test_loss": test["loss"], "test_acc": test["acc"], "test_count": test["count"],
                       "lr": optimizer.param_groups[0]["lr"], "images_per_s": stats["images"] / max(stats["seconds"], 1e-9),
