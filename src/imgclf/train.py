@@ -95,16 +95,8 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dic
     tracker = Tracker(run_dir, enabled=dist.is_main, resume_epoch=start_epoch, steps_per_epoch=len(loaders["train"]),
                       log_every=cfg.run.log_every)
     if dist.is_main:
-        remove_temporaries(run_dir)  # half-written files of a killed run
-        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-        tracker.message(f"imgclf {__version__}: {cfg.model.name} on {cfg.data.data} ({len(data.train)} train / "
-                        f"{len(data.test)} {data.test_name} pictures, {len(data.classes)} classes, "
-                        f"{data.channels}x{data.img_size}x{data.img_size}) on {device}, {str(precision)[6:]}, "
-                        f"world size {dist.world_size}; run folder {run_dir}")
-        if not ckpt:
-            first = next(iter(loaders["train"].epoch(0)))[0]
-            tracker.batch_grid("train/batch", first, data.mean, data.std)
-            tracker.graph(model, first)
+        _start_run_folder(cfg, data, model, loaders["train"], tracker, device=device, precision=precision,
+                          world=dist.world_size, fresh=ckpt is None)
     loss_fn = build_loss(cfg.optim)
     stop = StopFlag(dist, device)
     state = dict(cfg=cfg, data=data, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
@@ -140,11 +132,7 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dic
             # the final probabilities are kept for the run's pictures (one process holds them all)
             test = evaluate(ema.module if ema else net, loaders["test"], num_classes=len(data.classes), autocast=autocast,
                             dist=dist, tta=cfg.run.tta and final, keep_probs=final and not dist.enabled)
-            record = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_acc": stats["acc"],
-                      "test_loss": test["loss"], "test_acc": test["acc"], "test_count": test["count"],
-                      "lr": optimizer.param_groups[0]["lr"], "images_per_s": stats["images"] / max(stats["seconds"], 1e-9),
-                      "train_seconds": stats["seconds"], "epoch_seconds": stats["seconds"] + test["seconds"],
-                      "skipped_files": len(data.skipped), "time": time.time()}
+            record = epoch_record(epoch, stats, test, lr=optimizer.param_groups[0]["lr"], skipped=len(data.skipped))
             tracker.end_epoch(record)
             improved = test["acc"] > best_acc
             best_acc = max(best_acc, test["acc"])
@@ -164,6 +152,31 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dic
                               result=test if epochs_this_run else None)
     tracker.close()
     return record
+
+
+def epoch_record(epoch: int, stats: dict, test: dict, *, lr: float, skipped: int) -> dict:
+    """One line of metrics.jsonl from `train_one_epoch`'s and `evaluate`'s results (epoch counted from 0)."""
+    return {"epoch": epoch + 1, "train_loss": stats["loss"], "train_acc": stats["acc"],
+            "test_loss": test["loss"], "test_acc": test["acc"], "test_count": test["count"], "lr": lr,
+            "images_per_s": stats["images"] / max(stats["seconds"], 1e-9), "train_seconds": stats["seconds"],
+            "epoch_seconds": stats["seconds"] + test["seconds"], "skipped_files": skipped, "time": time.time()}
+
+
+def _start_run_folder(cfg: TrainConfig, data: ImageData, model, train_loader, tracker: Tracker, *, device,
+                      precision, world: int, fresh: bool) -> None:
+    """Main process: clear a killed run's half-written files, write config.json, say what runs where, and
+    for a new run show its first batch and graph in TensorBoard."""
+    run_dir = Path(cfg.run.out)
+    remove_temporaries(run_dir)
+    atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    tracker.message(f"imgclf {__version__}: {cfg.model.name} on {cfg.data.data} ({len(data.train)} train / "
+                    f"{len(data.test)} {data.test_name} pictures, {len(data.classes)} classes, "
+                    f"{data.channels}x{data.img_size}x{data.img_size}) on {device}, {str(precision)[6:]}, "
+                    f"world size {world}; run folder {run_dir}")
+    if fresh:
+        first = next(iter(train_loader.epoch(0)))[0]
+        tracker.batch_grid("train/batch", first, data.mean, data.std)
+        tracker.graph(model, first)
 
 
 def _load_data_ranked(cfg: TrainConfig, dist) -> ImageData:
