@@ -23,7 +23,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train(capsys, *args) -> tuple[int, str]:
-    code = main(["train", "--device", "cpu", *map(str, args)])
+    # fp32: these runs share one process, where oneDNN's bf16 kernel choices can depend on what ran before
+    # (test_signals.py and test_atomic.py resume bf16 runs bit for bit across processes)
+    code = main(["train", "--device", "cpu", "--precision", "fp32", *map(str, args)])
     return code, capsys.readouterr().err
 
 
@@ -68,7 +70,7 @@ def folder(tmp_path_factory) -> Path:
 def runs(folder, tmp_path_factory) -> dict:
     """tutorial_cnn: 4 epochs straight, and 2 + 2 with --stop-after and --resume (outputs kept for checks)."""
     out = tmp_path_factory.mktemp("resume-runs")
-    common = ["--data", folder, "--epochs", 4, "--seed", 0, "--batch-size", 8, "--device", "cpu"]
+    common = ["--data", folder, "--epochs", 4, "--seed", 0, "--batch-size", 8, "--device", "cpu", "--precision", "fp32"]
     codes = [main(["train", *map(str, common), "--out", str(out / "full")])]
     codes.append(main(["train", *map(str, common), "--out", str(out / "part"), "--stop-after", "2"]))
     after_two = load(out / "part")
@@ -190,7 +192,7 @@ def test_fast_recipe_with_lookahead_resumes_exactly(tmp_path, capsys):
     data = tmp_path / "data"
     write_class_folder(data / "train", ["a", "b", "c"], 20, seed=5)
     write_class_folder(data / "test", ["a", "b", "c"], 4, seed=6)
-    common = ["--data", data, "--recipe", "fast", "--precision", "fp32", "--epochs", 3, "--batch-size", 8,
+    common = ["--data", data, "--recipe", "fast", "--epochs", 3, "--batch-size", 8,
               "--img-size", 16, "--seed", 2]
     assert train(capsys, *common, "--out", tmp_path / "full")[0] == 0
     assert train(capsys, *common, "--out", tmp_path / "part", "--stop-after", 1)[0] == 0

@@ -132,7 +132,7 @@ def _add_train(sub, common) -> None:
     g.add_argument("--out", help="run folder (runs/run)")
     g.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     g.add_argument("--seed", type=int, help="seed of initialisation, order and augmentation (0)")
-    g.add_argument("--precision", choices=PRECISIONS, help="autocast precision (fp32; auto: bf16 where supported)")
+    g.add_argument("--precision", choices=PRECISIONS, help="autocast precision (auto: bf16 where supported, else fp32)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (on)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")

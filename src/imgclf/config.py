@@ -53,9 +53,10 @@ class RunConfig:
     out: str = "runs/run"
     device: str = "auto"
     seed: int = 0
-    # fp32 by default: bf16 (`auto`) is faster on AVX512-BF16 CPUs and recent GPUs, but its results can depend
-    # on the kernels oneDNN picks in a process, which would break bit-exact resume (benchmarks/RESULTS.md)
-    precision: str = "fp32"
+    # bf16 autocast where the hardware has it (AVX512-BF16/AMX CPUs, recent GPUs), else fp32. Runs stay
+    # repeatable and resume bit-exactly across processes; within one process oneDNN's kernel choices can
+    # depend on what ran before, so in-process comparisons (tests) pin fp32.
+    precision: str = "auto"
     channels_last: bool = True  # NHWC convolutions: faster with oneDNN and tensor cores (benchmarks/)
     compile: bool = False
     log_every: int = 50  # TensorBoard train-loss interval, in steps

@@ -119,8 +119,9 @@ def expand_paths(paths: list[str]) -> list[str]:
     return out
 
 
-def evaluate_checkpoint(path, data_cfg: DataConfig, *, device: str = "auto", precision: str = "fp32") -> dict:
-    """Evaluate a checkpoint on the held-out split of `data_cfg.data`, preprocessed as it was trained."""
+def evaluate_checkpoint(path, data_cfg: DataConfig, *, device: str = "auto", precision: str | None = None) -> dict:
+    """Evaluate a checkpoint on the held-out split of `data_cfg.data`, preprocessed as it was trained and,
+    unless `precision` says otherwise, computed in the run's precision (so it reproduces the run's figures)."""
     from imgclf.data import BatchLoader, load_data
     from imgclf.engine import evaluate
 
@@ -130,11 +131,15 @@ def evaluate_checkpoint(path, data_cfg: DataConfig, *, device: str = "auto", pre
     if data.classes != ckpt["classes"]:
         raise UserError(f"{path} was trained for {len(ckpt['classes'])} classes ({_preview(ckpt['classes'])}), "
                         f"but {data_cfg.data} has {len(data.classes)} ({_preview(data.classes)})")
+    run = ckpt.get("config", {}).get("run", {})
+    tta, channels_last = run.get("tta", False), run.get("channels_last", False)
+    precision = precision or run.get("precision", "fp32")
     dev = resolve_device(device)
-    model = model_from_checkpoint(ckpt).to(dev)
+    model = model_from_checkpoint(ckpt).to(dev, memory_format=torch.channels_last if channels_last
+                                           else torch.preserve_format)
     transform = BatchTransform(tuple(inp["mean"]), tuple(inp["std"]))
-    loader = BatchLoader(data.test, batch_size=data_cfg.eval_batch_size, transform=transform, train=False, device=dev)
-    tta = bool(ckpt.get("config", {}).get("run", {}).get("tta", False))
+    loader = BatchLoader(data.test, batch_size=data_cfg.eval_batch_size, transform=transform, train=False, device=dev,
+                         channels_last=channels_last)
     result = evaluate(model, loader, num_classes=len(data.classes), autocast=autocast_factory(
         dev, resolve_precision(precision, dev)), tta=tta, keep_probs=True)
     result.update(classes=data.classes, split=data.test_name, data=data)
