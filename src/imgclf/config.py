@@ -127,7 +127,7 @@ RECIPES: dict[str, dict[str, dict]] = {
         "optim": {"optimizer": "sgd", "lr": 0.75, "momentum": 0.85, "nesterov": True, "weight_decay": 1.33e-3,
                   "schedule": "onecycle", "warmup_epochs": 0.5, "label_smoothing": 0.2, "epochs": 4,
                   "lookahead": True},
-        "run": {"precision": "auto", "channels_last": True, "tta": True},
+        "run": {"tta": True},
     },
 }
 

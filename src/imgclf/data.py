@@ -438,8 +438,10 @@ class BatchLoader:
         self.labels = split.labels.to(device) if self.images.device == device else split.labels
         # Alternating flips (airbench): each picture is mirrored in every other epoch, starting at random,
         # so every two epochs see both orientations of every picture exactly once.
-        first_flip = torch.rand(len(split), generator=torch.Generator().manual_seed(_mix(seed, -1))) < 0.5
-        self.first_flip = first_flip.to(self.labels.device)
+        self.first_flip = None
+        if train:
+            first_flip = torch.rand(len(split), generator=torch.Generator().manual_seed(_mix(seed, -1))) < 0.5
+            self.first_flip = first_flip.to(self.labels.device)
 
     def __len__(self) -> int:
         n = len(self.split)

@@ -149,7 +149,7 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dic
 
         report_after_training(run_dir, cfg=cfg, data=data, model=ema.module if ema else model, transform=transform,
                               device=device, autocast=autocast, records=tracker.records, writer=tracker.writer,
-                              result=test if epochs_this_run else None)
+                              result=test)
     tracker.close()
     return record
 
