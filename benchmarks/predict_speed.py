@@ -65,7 +65,8 @@ def main() -> None:
     args = parser.parse_args()
     print(machine(), flush=True)
     sys.path.insert(0, str(ROOT / "src"))
-    from imgclf.checkpoint import load_checkpoint, model_from_checkpoint
+    from imgclf.checkpoint import load_checkpoint
+    from imgclf.models import model_from_checkpoint
     from imgclf.predict import Predictor, expand_paths
 
     tmp = tempfile.TemporaryDirectory()

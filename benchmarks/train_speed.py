@@ -57,7 +57,7 @@ def main() -> None:
     print(machine(), flush=True)
     sys.path.insert(0, str(ROOT / "src"))
     from imgclf.config import DataConfig
-    from imgclf.data import load_data
+    from imgclf.sources import load_data
 
     start = time.perf_counter()
     data = load_data(DataConfig(data=args.data), progress=False)  # decode once into the cache, untimed below

@@ -18,8 +18,8 @@ from PIL import Image
 
 from imgclf.cli import main
 from imgclf.config import DataConfig
-from imgclf.data import load_data
 from imgclf.errors import EXIT_USAGE
+from imgclf.sources import load_data
 from imgclf.transforms import BadImage, load_image
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)

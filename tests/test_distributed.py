@@ -68,7 +68,8 @@ def test_two_gloo_processes_match_one(folder, tmp_path):
 
 
 def test_a_last_batch_too_small_to_share_is_dropped():
-    from imgclf.data import BatchLoader, Split
+    from imgclf.cache import Split
+    from imgclf.loader import BatchLoader
     from imgclf.transforms import BatchTransform
 
     split = Split(torch.zeros(35, 1, 4, 4, dtype=torch.uint8), torch.arange(35))

@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from imgclf.config import DataConfig
-from imgclf.data import load_data
 from imgclf.models import build_model
 from imgclf.predict import Predictor
+from imgclf.sources import load_data
 from imgclf.transforms import BadImage, load_image
 
 EXAMPLES = int(os.environ.get("IMGCLF_FUZZ_EXAMPLES", "250"))

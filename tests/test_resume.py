@@ -170,7 +170,8 @@ def test_starting_over_an_existing_run_is_refused(runs, folder, capsys):
 
 
 def test_a_last_train_batch_of_one_is_dropped_and_evaluation_keeps_every_picture():
-    from imgclf.data import BatchLoader, Split
+    from imgclf.cache import Split
+    from imgclf.loader import BatchLoader
     from imgclf.transforms import BatchTransform
 
     def sizes(n: int, train: bool) -> list[int]:

@@ -13,12 +13,14 @@ import torch
 from conftest import run_cli, write_class_folder
 from PIL import Image
 
-from imgclf import data as data_mod
+from imgclf import cache as cache_mod
+from imgclf.cache import Split, cached_split
 from imgclf.config import RECIPES, DataConfig, TrainConfig
-from imgclf.data import BatchLoader, Split, cached_split, list_images
 from imgclf.errors import UserError
+from imgclf.loader import BatchLoader
 from imgclf.models import FastNet, build_model
 from imgclf.runtime import autocast_factory, bf16_supported
+from imgclf.sources import list_images
 from imgclf.transforms import BatchTransform, augment_batch
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
@@ -140,7 +142,7 @@ def test_cache_is_reused_without_decoding_again(tmp_path, monkeypatch):
     root, files, labels = _folder(tmp_path)
     cache = tmp_path / "cache"
     first, _ = cached_split(files, labels, size=12, channels=3, cache_root=cache, progress=False)
-    monkeypatch.setattr(data_mod, "_decode_many", lambda *a, **k: pytest.fail("decoded again"))
+    monkeypatch.setattr(cache_mod, "_decode_many", lambda *a, **k: pytest.fail("decoded again"))
     second, _ = cached_split(files, labels, size=12, channels=3, cache_root=cache, progress=False)
     assert torch.equal(torch.as_tensor(first.images), torch.as_tensor(second.images))
     assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1
@@ -164,7 +166,7 @@ def test_large_cache_is_memory_mapped_and_batches_the_same(tmp_path, monkeypatch
     root, files, labels = _folder(tmp_path)
     cache = tmp_path / "cache"
     in_memory, _ = cached_split(files, labels, size=12, channels=3, cache_root=cache, progress=False)
-    monkeypatch.setattr(data_mod, "MMAP_BYTES", 100)  # everything above 100 bytes counts as large
+    monkeypatch.setattr(cache_mod, "MMAP_BYTES", 100)  # everything above 100 bytes counts as large
     mapped, _ = cached_split(files, labels, size=12, channels=3, cache_root=cache, progress=False)
     assert isinstance(in_memory.images, torch.Tensor)
     assert isinstance(mapped.images, np.memmap) and not mapped.images.flags.writeable

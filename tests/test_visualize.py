@@ -13,8 +13,8 @@ from conftest import write_class_folder
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from imgclf.cache import Split
 from imgclf.cli import main
-from imgclf.data import Split
 from imgclf.lrfind import RangeTest, lr_at, range_test, suggestions
 from imgclf.report import confident_mistakes, flatten_config, mistakes_figure
 from imgclf.visualize import (

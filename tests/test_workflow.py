@@ -16,10 +16,11 @@ from PIL import Image
 
 from imgclf.checkpoint import load_checkpoint
 from imgclf.config import DataConfig, OptimConfig
-from imgclf.data import BatchLoader, load_data, read_idx, stratified_split
+from imgclf.loader import BatchLoader
 from imgclf.metrics import confusion_matrix, per_class_accuracy
 from imgclf.models import TutorialCNN, build_model
 from imgclf.optim import build_optimizer, lr_factor
+from imgclf.sources import load_data, read_idx, stratified_split
 from imgclf.transforms import BatchTransform, augment_batch, load_image
 
 # ---------------------------------------------------------------- 1. data
@@ -261,7 +262,7 @@ def test_metrics_pure_functions():
 
 
 def test_loader_drops_a_last_single_picture_batch_and_covers_each_sample():
-    from imgclf.data import Split
+    from imgclf.cache import Split
 
     split = Split(torch.zeros(17, 1, 4, 4, dtype=torch.uint8), torch.arange(17))
     t = BatchTransform((0.0,), (1.0,))

@@ -6,56 +6,34 @@ A checkpoint is a plain dict of tensors and plain values; it is always read with
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
 
 import torch
 
+from imgclf import __version__
 from imgclf.errors import UserError
+from imgclf.files import atomic_write
 
 FORMAT = "imgclf-checkpoint"
 FORMAT_VERSION = 1
 PREFIXES = ("_orig_mod.", "module.")  # left by torch.compile and DistributedDataParallel
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)`, fsync, then rename over `path`: readers see the old file or the new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)  # mkstemp makes owner-only files; give the result the permissions open() would
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def remove_temporaries(run_dir: Path) -> None:
-    """Delete the temporary files `atomic_write` leaves in a run folder when its process is killed mid-write."""
-    for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
-        for path in folder.glob(".*.tmp"):
-            path.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+def build_checkpoint(*, model_name: str, classes: list[str], channels: int, size: int, mean, std, config: dict,
+                     state: dict) -> dict:
+    """The self-describing checkpoint: what the network is, what it classifies, how its input is prepared,
+    the run's configuration, and `state` (`engine.TrainState.state_dict()`: weights, optimizer, progress)."""
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "imgclf_version": __version__,
+        "model": {"name": model_name, "num_classes": len(classes), "in_channels": channels, "img_size": size},
+        "classes": list(classes),
+        "input": {"channels": channels, "size": size, "mean": list(mean), "std": list(std)},
+        "config": config, **state,
+    }
 
 
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
@@ -109,20 +87,3 @@ def load_checkpoint(path) -> dict:
         raise UserError(f"{path} was written by a newer imgclf ({ckpt.get('imgclf_version')}); upgrade imgclf")
     ckpt["state_dict"] = strip_prefixes(ckpt["state_dict"])
     return ckpt
-
-
-def model_from_checkpoint(ckpt: dict, *, lean_import: bool = False) -> torch.nn.Module:
-    """Rebuild the network a checkpoint describes and load its weights (no download, no pretrained file).
-
-    `lean_import`: see `imgclf.models.build_model` (a faster start for `predict`)."""
-    from imgclf.models import build_model
-
-    spec = ckpt["model"]
-    model = build_model(spec["name"], num_classes=len(ckpt["classes"]), in_channels=ckpt["input"]["channels"],
-                        img_size=ckpt["input"]["size"], lean_import=lean_import)
-    state = ckpt.get("ema_state_dict") or ckpt["state_dict"]  # the averaged weights are the evaluated ones
-    try:
-        model.load_state_dict(strip_prefixes(state))
-    except RuntimeError as err:
-        raise UserError(f"checkpoint weights do not fit {spec['name']}: {str(err).splitlines()[0]}") from None
-    return model.eval()

@@ -169,7 +169,8 @@ def _value(cfg: TrainConfig, flag: str):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from imgclf.checkpoint import load_checkpoint
-    from imgclf.train import Stopped, train
+    from imgclf.errors import Stopped
+    from imgclf.train import train
 
     if args.resume:
         last = Path(args.resume) / "checkpoints" / "last.pt"
@@ -209,8 +210,8 @@ def _add_eval(sub, common) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from imgclf.evaluate import evaluate_checkpoint
     from imgclf.metrics import per_class_accuracy
-    from imgclf.predict import evaluate_checkpoint
 
     cfg = DataConfig(data=args.data, data_root=args.data_root, val_fraction=args.val_fraction,
                      eval_batch_size=args.batch_size, cache_dir=args.cache_dir)
@@ -280,7 +281,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
-    from imgclf.data import load_data, write_samples
+    from imgclf.sources import load_data, write_samples
 
     data = load_data(DataConfig(data=args.data, data_root=args.data_root))
     written = write_samples(data.test, data.classes, Path(args.out), per_class=args.per_class)

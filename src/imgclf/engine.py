@@ -6,12 +6,14 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from imgclf.distributed import DistInfo, all_reduce_sum
 from imgclf.metrics import accuracy, confusion_matrix
+from imgclf.optim import Lookahead
 
 
 class Diverged(RuntimeError):
@@ -23,30 +25,106 @@ class Diverged(RuntimeError):
         self.epoch, self.step = epoch, step
 
 
-def train_one_epoch(model: nn.Module, loader, *, epoch: int, optimizer, scheduler, loss_fn,
-                    autocast: Callable[[], AbstractContextManager], scaler=None, start_step: int = 0,
-                    should_stop: Callable[[], bool] = lambda: False, dist: DistInfo | None = None,
-                    after_update: Callable[[int], None] = lambda step: None,
-                    on_step: Callable[[int, float], None] = lambda step, loss: None,
-                    carry: list[float] | None = None, check_every: int = 1) -> dict:
-    """Train over `loader.epoch(epoch)` from `start_step`. Stops early (returning `stopped_at`) as soon as
-    `should_stop()` is true after a step. `after_update(step)` runs right after each optimizer step;
-    `on_step(step, loss)` gets each step's loss once it has been read from the device.
-    Losses are read every `check_every` steps (1 on a CPU; more on a GPU, so that the host does not wait
-    for the device at every step) and at the end; a non-finite one raises Diverged.
-    Loss and accuracy are over the whole global batch, summed across the processes of `dist`.
-    `carry` is the `sums` (loss sum, correct, seen) an earlier, stopped call returned for the steps before
-    `start_step`: the epoch's figures then cover all of it, exactly as if it had not stopped."""
+class Hooks:
+    """What the loop tells the run about each step; the defaults do nothing (override what you need)."""
+
+    def on_loss(self, step: int, loss: float) -> None:
+        """Step `step`'s loss, once it has been read from the device (in step order)."""
+
+    def should_stop(self) -> bool:
+        """Asked after every step: True ends the epoch there, resumably."""
+        return False
+
+
+@dataclass
+class TrainState:
+    """A run's moving parts and its progress, with symmetric `state_dict` / `load_state_dict`: what a
+    checkpoint saves is exactly what resuming restores. `net` is `model` as trained (compiled, DDP-wrapped);
+    `model` is the plain module whose weights are saved."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    total_steps: int
+    scaler: torch.amp.GradScaler | None = None
+    ema: nn.Module | None = None  # torch.optim.swa_utils.AveragedModel
+    lookahead: Lookahead | None = None
+    net: nn.Module | None = None
+    epoch: int = 0  # epochs finished
+    step: int = 0  # steps done of epoch `epoch` (a run stopped mid-epoch)
+    best_acc: float = 0.0
+    metrics: dict = field(default_factory=dict)  # the last epoch's record
+    partial: list[float] | None = None  # (loss sum, correct, seen) of the first `step` steps of epoch `epoch`
+
+    def __post_init__(self):
+        self.net = self.net or self.model
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that are evaluated and kept: the average when there is one."""
+        return self.ema.module if self.ema is not None else self.net
+
+    def after_update(self, step: int) -> None:
+        """Weight averaging after optimizer step number `step` (1-based, over the whole run)."""
+        if self.ema is not None and step % 5 == 1:
+            self.ema.update_parameters(self.model)
+        if self.lookahead is not None:
+            self.lookahead.after_step(self.model, step, self.total_steps)
+
+    def state_dict(self) -> dict:
+        state = {"epoch": self.epoch, "step": self.step, "best_acc": self.best_acc, "metrics": self.metrics,
+                 "partial": self.partial, "state_dict": _cpu(self.model.state_dict()),
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler else None,
+                 "rng": {"torch": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
+        if self.lookahead is not None:
+            state["lookahead"] = self.lookahead.state_dict()
+        if self.ema is not None:
+            state["ema_state_dict"] = _cpu(self.ema.module.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.step, self.best_acc = state["epoch"], state["step"], state["best_acc"]
+        self.metrics, self.partial = state.get("metrics") or {}, state.get("partial")
+        self.model.load_state_dict(state["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema_state_dict"):
+            self.ema.module.load_state_dict(state["ema_state_dict"])
+        if self.lookahead is not None and state.get("lookahead"):
+            self.lookahead.load_state_dict(state["lookahead"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if torch.cuda.is_available() and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+
+
+def _cpu(state: dict) -> dict:
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def train_one_epoch(state: TrainState, loader, *, epoch: int, loss_fn, autocast: Callable[[], AbstractContextManager],
+                    hooks: Hooks | None = None, dist: DistInfo | None = None, check_every: int = 1) -> dict:
+    """Train `state.net` over `loader.epoch(epoch)`, from `state.step` when the epoch was begun before.
+
+    Stops early (returning `stopped_at`) as soon as `hooks.should_stop()` is true after a step. Losses are
+    read every `check_every` steps (1 on a CPU; more on a GPU, so that the host does not wait for the device
+    at every step) and at the end; a non-finite one raises Diverged. Loss and accuracy are over the whole
+    global batch, summed across the processes of `dist`; with `state.partial` (the sums of a stopped
+    epoch's first steps) the figures cover all of the epoch, exactly as if it had not stopped."""
+    hooks, dist = hooks or Hooks(), dist or DistInfo()
+    model, optimizer, scaler = state.net, state.optimizer, state.scaler
     model.train()
-    world = getattr(loader, "world", 1)
-    device = _device(model)
-    base = carry if carry and (dist is None or dist.is_main) else [0.0, 0.0, 0.0]  # counted once
+    world, device, steps = getattr(loader, "world", 1), _device(model), len(loader)
+    carry = state.partial if state.step else None
+    base = carry if carry and dist.is_main else [0.0, 0.0, 0.0]  # counted once
     loss_sum, seen = float(base[0]), int(base[2])
     correct = torch.tensor(int(base[1]), device=device)
     pending: list[tuple[int, torch.Tensor, int]] = []  # (step, loss on the device, pictures) not yet read
-    start = time.perf_counter()
-    stopped_at = None
-    for step, (x, y, n_global) in enumerate(loader.epoch(epoch, start_step=start_step), start=start_step):
+    start, stopped_at = time.perf_counter(), None
+    for step, (x, y, n_global) in enumerate(loader.epoch(epoch, start_step=state.step), start=state.step):
         with autocast():
             logits = model(x)
             # mean over the global batch, also when each process holds a share of it
@@ -59,20 +137,20 @@ def train_one_epoch(model: nn.Module, loader, *, epoch: int, optimizer, schedule
         else:
             loss.backward()
             optimizer.step()
-        scheduler.step()
-        after_update(step)
+        state.scheduler.step()
+        state.after_update(epoch * steps + step + 1)
         pending.append((step, loss.detach() * (n_global / (y.shape[0] * world)), y.shape[0]))
         correct += (logits.argmax(1) == y).sum()
         seen += y.shape[0]
-        stop = should_stop()
+        stop = hooks.should_stop()
         if stop or len(pending) >= check_every:
-            loss_sum += _read_losses(pending, epoch, on_step)
+            loss_sum += _read_losses(pending, epoch, hooks.on_loss)
         if stop:
             stopped_at = step + 1
             break
-    loss_sum += _read_losses(pending, epoch, on_step)
+    loss_sum += _read_losses(pending, epoch, hooks.on_loss)
     totals = all_reduce_sum(torch.tensor([loss_sum, float(correct), float(seen)], dtype=torch.float64,
-                                         device=device), dist or DistInfo()).tolist()
+                                         device=device), dist).tolist()
     return {"loss": totals[0] / max(totals[2], 1), "acc": totals[1] / max(totals[2], 1),
             "images": int(totals[2]) - int(carry[2] if carry else 0), "sums": totals,
             "seconds": time.perf_counter() - start, "stopped_at": stopped_at}

@@ -1,4 +1,4 @@
-"""The one exception type that reaches the user as a single line, and the exit codes."""
+"""The exceptions that end a command with one line for the user (UserError, Stopped), and the exit codes."""
 
 EXIT_OK = 0
 EXIT_PARTIAL = 1  # some inputs failed (predict), the others were handled
@@ -13,5 +13,13 @@ class UserError(Exception):
     """Something the user can fix. `str(err)` is one line that says what is wrong and what to do."""
 
     def __init__(self, message: str, code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.code = code
+
+
+class Stopped(Exception):
+    """Training stopped early but resumably (a signal or --stop-after). `code` is the exit status."""
+
+    def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code

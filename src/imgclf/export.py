@@ -95,7 +95,9 @@ class Exported:
 def export_checkpoint(checkpoint, fmt: str, out=None) -> Exported:
     """Write `checkpoint` as `fmt` to `out` (default beside it) and, for the graph formats, run the written
     file on a random batch to compare it with the checkpoint's own model."""
-    from imgclf.checkpoint import atomic_write, load_checkpoint, model_from_checkpoint
+    from imgclf.checkpoint import load_checkpoint
+    from imgclf.files import atomic_write
+    from imgclf.models import model_from_checkpoint
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -150,7 +150,8 @@ def model_for(target: str, *, input_shape: tuple[int, int, int], num_classes: in
     """A model by name (built for `input_shape`) or from an imgclf checkpoint file."""
     path = Path(target).expanduser()
     if path.is_file():
-        from imgclf.checkpoint import load_checkpoint, model_from_checkpoint
+        from imgclf.checkpoint import load_checkpoint
+        from imgclf.models import model_from_checkpoint
 
         ckpt = load_checkpoint(path)
         return model_from_checkpoint(ckpt), f"{ckpt['model']['name']} ({path.name})"

@@ -147,51 +147,49 @@ def register(subparsers, common) -> None:
     p.set_defaults(func=cmd_lr_find)
 
 
-def cmd_lr_find(args: argparse.Namespace) -> int:
-    from imgclf.cli import train_config
-    from imgclf.data import BatchLoader, load_data
-    from imgclf.models import build_model
+def lr_find(cfg, *, start_lr: float, end_lr: float, steps: int, plot: Path) -> tuple[RangeTest, dict, Path]:
+    """The range test for training configuration `cfg` (a TrainConfig): the same data, model, augmentation and
+    batches as `imgclf train` with the same flags (imgclf.pipeline). Returns the sweep, the suggestions and
+    the PNG written to `plot`."""
     from imgclf.optim import build_loss, build_optimizer
+    from imgclf.pipeline import build_run
     from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
-    from imgclf.transforms import BatchTransform
+    from imgclf.sources import load_data
     from imgclf.visualize import save_png
 
-    if not 0 < args.start_lr < args.end_lr:
-        raise UserError(f"need 0 < --start-lr < --end-lr, got {args.start_lr} and {args.end_lr}")
-    if args.steps < 10:
-        raise UserError(f"--steps must be at least 10, got {args.steps}")
-    cfg = train_config(args)
+    if not 0 < start_lr < end_lr:
+        raise UserError(f"need 0 < --start-lr < --end-lr, got {start_lr} and {end_lr}")
+    if steps < 10:
+        raise UserError(f"--steps must be at least 10, got {steps}")
     device = resolve_device(cfg.run.device)
     torch.manual_seed(cfg.run.seed)
-    data = load_data(cfg.data)
-    model = build_model(cfg.model.name, num_classes=len(data.classes), in_channels=data.channels,
-                        img_size=data.img_size, pretrained=cfg.model.pretrained,
-                        freeze_backbone=cfg.model.freeze_backbone)
-    transform = BatchTransform(data.mean, data.std, cfg.data.augment, pad=max(1, data.img_size // 8))
-    loader = BatchLoader(data.train, batch_size=min(cfg.data.batch_size, len(data.train)), transform=transform,
-                         train=True, device=device, seed=cfg.run.seed)
-    if len(loader) == 0:
+    parts = build_run(cfg, load_data(cfg.data), device=device)
+    if len(parts.train) == 0:
         raise UserError(f"the training split of {cfg.data.data} is too small for a batch")
-    if hasattr(model, "init_whitening"):
-        model.init_whitening(next(iter(BatchLoader(data.train, batch_size=5000, transform=transform, train=False,
-                                                   device=device).epoch(0)))[0].cpu())
-    model.to(device)
 
     def batches():
         epoch = 0
         while True:
-            yield from loader.epoch(epoch)
+            yield from parts.train.epoch(epoch)
             epoch += 1
 
-    test = range_test(model, batches(), optimizer=build_optimizer(model, cfg.optim), loss_fn=build_loss(cfg.optim),
-                      start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.steps,
+    test = range_test(parts.model, batches(), optimizer=build_optimizer(parts.model, cfg.optim),
+                      loss_fn=build_loss(cfg.optim), start_lr=start_lr, end_lr=end_lr, num_steps=steps,
                       autocast=autocast_factory(device, resolve_precision(cfg.run.precision, device)))
     suggested = suggestions(test.lrs, test.losses)
+    batch = min(cfg.data.batch_size, len(parts.data.train))
+    title = (f"lr-find: {cfg.model.name} on {Path(cfg.data.data).name or cfg.data.data}, {cfg.optim.optimizer}, "
+             f"batch {batch}")
+    return test, suggested, save_png(lr_find_figure(test, suggested, title=title), Path(plot))
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from imgclf.cli import train_config
+
+    test, suggested, out = lr_find(train_config(args), start_lr=args.start_lr, end_lr=args.end_lr,
+                                   steps=args.steps, plot=args.plot)
     where = (f"stopped at lr {test.lrs[-1]:.1e} after {len(test.lrs)} steps: the loss diverged" if test.diverged
              else f"{len(test.lrs)} steps up to lr {test.lrs[-1]:.1e}")
-    title = f"lr-find: {cfg.model.name} on {Path(cfg.data.data).name or cfg.data.data}, {cfg.optim.optimizer}, " \
-            f"batch {loader.batch_size}"
-    out = save_png(lr_find_figure(test, suggested, title=title), Path(args.plot))
     print(f"swept {args.start_lr:.0e} .. {args.end_lr:.0e}; {where}", file=sys.stderr)
     print(f"suggested learning rate: {suggested['valley']:.1e} (valley)")
     print(f"  steepest descent at {suggested['steep']:.1e}; minimum loss / 10 at {suggested['minimum']:.1e}")

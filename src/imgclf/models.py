@@ -6,15 +6,13 @@ and `eval` rebuild the same network from the checkpoint alone.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from imgclf.checkpoint import safe_load, strip_prefixes
 from imgclf.errors import UserError
 
 
@@ -139,13 +137,13 @@ def available_models() -> list[str]:
 
 
 def build_model(name: str, *, num_classes: int, in_channels: int = 3, img_size: int = 32,
-                pretrained: str | None = None, freeze_backbone: bool = False, lean_import: bool = False) -> nn.Module:
+                pretrained: str | None = None, freeze_backbone: bool = False, base: nn.Module | None = None) -> nn.Module:
     """Build `name` for `num_classes` classes (torchvision models: last layer replaced, note 24).
 
     `pretrained` is a local weights file (read with weights_only=True) or a torchvision weights name
     such as IMAGENET1K_V1 (downloaded where a network is reachable); it loads before the head is replaced.
-    `lean_import` (for start-up time, see `_torchvision_model_alone`) builds a torchvision classifier
-    without importing the whole torchvision package, when it is not imported yet.
+    `base`: torchvision classifier `name` already built (random weights, 1000 classes), to adapt instead of
+    building one (predict's lean start-up, `imgclf.predict`).
     """
     if name in OWN_MODELS:
         model = OWN_MODELS[name](num_classes=num_classes, in_channels=in_channels, img_size=img_size)
@@ -153,9 +151,7 @@ def build_model(name: str, *, num_classes: int, in_channels: int = 3, img_size: 
             load_weights(model, pretrained, skip_mismatched=True)
         head = [model.classifier[-1]] if name == "tutorial_cnn" else [model.head]
     else:
-        model = _torchvision_model_alone(name) if lean_import and not pretrained else None
-        if model is None:
-            model = _torchvision_model(name, pretrained)
+        model = base if base is not None and not pretrained else _torchvision_model(name, pretrained)
         if in_channels != 3:
             _adapt_first_conv(model, in_channels)
         head = [_replace_head(model, num_classes)]
@@ -183,47 +179,6 @@ def _torchvision_model(name: str, pretrained: str | None) -> nn.Module:
     return model
 
 
-# torchvision classifier name prefixes -> the torchvision.models module that defines them
-_TORCHVISION_FAMILIES = (
-    ("resnet", "resnet"), ("resnext", "resnet"), ("wide_resnet", "resnet"), ("vgg", "vgg"), ("alexnet", "alexnet"),
-    ("densenet", "densenet"), ("googlenet", "googlenet"), ("inception", "inception"), ("mnasnet", "mnasnet"),
-    ("mobilenet_v2", "mobilenetv2"), ("mobilenet_v3", "mobilenetv3"), ("regnet", "regnet"),
-    ("shufflenet", "shufflenetv2"), ("squeezenet", "squeezenet"), ("efficientnet", "efficientnet"),
-    ("convnext", "convnext"), ("vit_", "vision_transformer"), ("swin", "swin_transformer"), ("maxvit", "maxvit"),
-)
-
-
-def _torchvision_model_alone(name: str) -> nn.Module | None:
-    """torchvision classifier `name` (random weights, 1000 classes) built from its own module only, or None.
-
-    `import torchvision` runs the package's __init__, which imports every model family, the detection ops
-    and with them torch._dynamo: over a second, most of `imgclf predict`'s start-up. Here the packages
-    torchvision, torchvision.models and torchvision.ops are created without running their __init__, just
-    the one module defining `name` is imported, and afterwards every torchvision module is taken out of
-    sys.modules again, so that a later `import torchvision` is an ordinary, complete one (the model's
-    classes then differ from that import's: isinstance checks against torchvision's classes fail). None,
-    and sys.modules as it was, when torchvision is already imported, `name` is of no known family, or
-    anything fails; the caller then takes the ordinary path. Not safe while another thread imports torchvision.
-    """
-    if any(m == "torchvision" or m.startswith("torchvision.") for m in sys.modules):
-        return None  # already paid for (or half-imported elsewhere): nothing to save
-    family = next((module for prefix, module in _TORCHVISION_FAMILIES if name.startswith(prefix)), None)
-    if family is None:
-        return None
-    try:
-        for package in ("torchvision", "torchvision.models", "torchvision.ops"):  # parents first
-            spec = importlib.util.find_spec(package)
-            sys.modules[package] = importlib.util.module_from_spec(spec)  # not executed: no __init__ imports
-        importlib.import_module(f"torchvision.models.{family}")
-        builder = sys.modules["torchvision.models._api"].BUILTIN_MODELS.get(name)  # registered classifiers only
-        return builder(weights=None) if builder is not None else None
-    except Exception:  # noqa: BLE001 - a torchvision whose layout differs: the ordinary import handles it
-        return None
-    finally:
-        for module in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[module]
-
-
 def _torchvision_weights(name: str, text: str):
     from torchvision import models
 
@@ -247,8 +202,6 @@ def load_weights(model: nn.Module, path: str, *, skip_mismatched: bool) -> None:
     Prefixes left by DDP (`module.`) and torch.compile (`_orig_mod.`) are removed; with `skip_mismatched`,
     tensors whose shape differs (a classifier for other classes) are left as initialised.
     """
-    from imgclf.checkpoint import safe_load, strip_prefixes
-
     obj = safe_load(path)
     state = obj.get("state_dict", obj.get("model", obj)) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -294,3 +247,18 @@ def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
             return
+
+
+def model_from_checkpoint(ckpt: dict, *, base: nn.Module | None = None) -> nn.Module:
+    """Rebuild the network a checkpoint describes and load its weights (no download, no pretrained file).
+
+    `base`: see `build_model`."""
+    spec = ckpt["model"]
+    model = build_model(spec["name"], num_classes=len(ckpt["classes"]), in_channels=ckpt["input"]["channels"],
+                        img_size=ckpt["input"]["size"], base=base)
+    state = ckpt.get("ema_state_dict") or ckpt["state_dict"]  # the averaged weights are the evaluated ones
+    try:
+        model.load_state_dict(strip_prefixes(state))
+    except RuntimeError as err:
+        raise UserError(f"checkpoint weights do not fit {spec['name']}: {str(err).splitlines()[0]}") from None
+    return model.eval()

@@ -1,22 +1,26 @@
-"""Using a trained model (note 31): predict on pictures, evaluate on a data set. Needs only the checkpoint."""
+"""Using a trained model (note 31): predict on pictures. Needs only the checkpoint."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from imgclf.checkpoint import load_checkpoint, model_from_checkpoint
-from imgclf.config import DataConfig
-from imgclf.data import list_images
+from imgclf.checkpoint import load_checkpoint
 from imgclf.errors import UserError
+from imgclf.models import model_from_checkpoint
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
+from imgclf.sources import list_images
 from imgclf.transforms import BadImage, BatchTransform, load_image
 
 
@@ -33,7 +37,7 @@ class Predictor:
 
     def __init__(self, ckpt: dict, *, device: str = "auto", precision: str = "fp32"):
         self.device = resolve_device(device)
-        model = _fold_batchnorm(model_from_checkpoint(ckpt, lean_import=True))
+        model = _fold_batchnorm(model_from_checkpoint(ckpt, base=_torchvision_model_alone(ckpt["model"]["name"])))
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self.classes: list[str] = ckpt["classes"]
         inp = ckpt["input"]
@@ -119,32 +123,42 @@ def expand_paths(paths: list[str]) -> list[str]:
     return out
 
 
-def evaluate_checkpoint(path, data_cfg: DataConfig, *, device: str = "auto", precision: str | None = None) -> dict:
-    """Evaluate a checkpoint on the held-out split of `data_cfg.data`, preprocessed as it was trained and,
-    unless `precision` says otherwise, computed in the run's precision (so it reproduces the run's figures)."""
-    from imgclf.data import BatchLoader, load_data
-    from imgclf.engine import evaluate
-
-    ckpt = load_checkpoint(path)
-    inp = ckpt["input"]
-    data = load_data(replace(data_cfg, img_size=inp["size"]), img_size=inp["size"], channels=inp["channels"])
-    if data.classes != ckpt["classes"]:
-        raise UserError(f"{path} was trained for {len(ckpt['classes'])} classes ({_preview(ckpt['classes'])}), "
-                        f"but {data_cfg.data} has {len(data.classes)} ({_preview(data.classes)})")
-    run = ckpt.get("config", {}).get("run", {})
-    tta, channels_last = run.get("tta", False), run.get("channels_last", False)
-    precision = precision or run.get("precision", "fp32")
-    dev = resolve_device(device)
-    model = model_from_checkpoint(ckpt).to(dev, memory_format=torch.channels_last if channels_last
-                                           else torch.preserve_format)
-    transform = BatchTransform(tuple(inp["mean"]), tuple(inp["std"]))
-    loader = BatchLoader(data.test, batch_size=data_cfg.eval_batch_size, transform=transform, train=False, device=dev,
-                         channels_last=channels_last)
-    result = evaluate(model, loader, num_classes=len(data.classes), autocast=autocast_factory(
-        dev, resolve_precision(precision, dev)), tta=tta, keep_probs=True)
-    result.update(classes=data.classes, split=data.test_name, data=data)
-    return result
+# torchvision classifier name prefixes -> the torchvision.models module that defines them
+_TORCHVISION_FAMILIES = (
+    ("resnet", "resnet"), ("resnext", "resnet"), ("wide_resnet", "resnet"), ("vgg", "vgg"), ("alexnet", "alexnet"),
+    ("densenet", "densenet"), ("googlenet", "googlenet"), ("inception", "inception"), ("mnasnet", "mnasnet"),
+    ("mobilenet_v2", "mobilenetv2"), ("mobilenet_v3", "mobilenetv3"), ("regnet", "regnet"),
+    ("shufflenet", "shufflenetv2"), ("squeezenet", "squeezenet"), ("efficientnet", "efficientnet"),
+    ("convnext", "convnext"), ("vit_", "vision_transformer"), ("swin", "swin_transformer"), ("maxvit", "maxvit"),
+)
 
 
-def _preview(names: list[str]) -> str:
-    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+def _torchvision_model_alone(name: str) -> nn.Module | None:
+    """torchvision classifier `name` (random weights, 1000 classes) built from its own module only, or None.
+
+    `import torchvision` runs the package's __init__, which imports every model family, the detection ops
+    and with them torch._dynamo: over a second, most of `imgclf predict`'s start-up. Here the packages
+    torchvision, torchvision.models and torchvision.ops are created without running their __init__, just
+    the one module defining `name` is imported, and afterwards every torchvision module is taken out of
+    sys.modules again, so that a later `import torchvision` is an ordinary, complete one (the model's
+    classes then differ from that import's: isinstance checks against torchvision's classes fail). None,
+    and sys.modules as it was, when torchvision is already imported, `name` is of no known family, or
+    anything fails; the caller then takes the ordinary path. Not safe while another thread imports torchvision.
+    """
+    if any(m == "torchvision" or m.startswith("torchvision.") for m in sys.modules):
+        return None  # already paid for (or half-imported elsewhere): nothing to save
+    family = next((module for prefix, module in _TORCHVISION_FAMILIES if name.startswith(prefix)), None)
+    if family is None:
+        return None
+    try:
+        for package in ("torchvision", "torchvision.models", "torchvision.ops"):  # parents first
+            spec = importlib.util.find_spec(package)
+            sys.modules[package] = importlib.util.module_from_spec(spec)  # not executed: no __init__ imports
+        importlib.import_module(f"torchvision.models.{family}")
+        builder = sys.modules["torchvision.models._api"].BUILTIN_MODELS.get(name)  # registered classifiers only
+        return builder(weights=None) if builder is not None else None
+    except Exception:  # noqa: BLE001 - a torchvision whose layout differs: the ordinary import handles it
+        return None
+    finally:
+        for module in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[module]

@@ -88,7 +88,8 @@ def write_hparams(writer, hparams: dict, metrics: dict) -> None:
 
     clean = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()}
     for summary in hparams_summary(clean, metrics):
-        writer._get_file_writer().add_summary(summary)  # noqa: SLF001 - the documented way to share the run
+        # a private SummaryWriter method: the public add_hparams would write a separate sub-run
+        writer._get_file_writer().add_summary(summary)  # noqa: SLF001
 
 
 def flatten_config(cfg: dict, prefix: str = "") -> dict:
@@ -108,12 +109,11 @@ def report_after_training(run_dir: Path, *, cfg, data, model: torch.nn.Module, t
     split in order), or, without one, evaluate the final model once more in this process.
     A failure here is reported in one line and never loses the run."""
     try:
-        from imgclf.data import BatchLoader
         from imgclf.engine import evaluate
+        from imgclf.pipeline import eval_loader
 
         if result is None or "probs" not in result:
-            loader = BatchLoader(data.test, batch_size=cfg.data.eval_batch_size, transform=transform, train=False,
-                                 device=device)
+            loader = eval_loader(data.test, transform, batch_size=cfg.data.eval_batch_size, device=device)
             result = evaluate(model, loader, num_classes=len(data.classes), autocast=autocast, tta=cfg.run.tta,
                               keep_probs=True)
         write_run_report(run_dir, records=records, result=result, data=data, writer=writer,

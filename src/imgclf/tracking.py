@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from imgclf.checkpoint import atomic_write_text
+from imgclf.files import atomic_write_text
 
 
 class Tracker:

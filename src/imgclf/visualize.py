@@ -44,7 +44,7 @@ TRAIN_COLOR, TEST_COLOR = "tab:blue", "tab:orange"
 
 def save_png(fig: Figure, path: Path) -> Path:
     """Write `fig` as a PNG (atomically: a reader never sees half a file)."""
-    from imgclf.checkpoint import atomic_write
+    from imgclf.files import atomic_write
 
     path = Path(path)
     atomic_write(path, lambda tmp: _canvas(fig).print_png(tmp))
@@ -56,7 +56,7 @@ def save_rgb_png(pixels: np.ndarray, path: Path) -> Path:
     the file and TensorBoard."""
     from PIL import Image
 
-    from imgclf.checkpoint import atomic_write
+    from imgclf.files import atomic_write
 
     path = Path(path)
     atomic_write(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
@@ -281,7 +281,7 @@ def pick_samples(labels: torch.Tensor, *, num_classes: int, per_class: int | Non
 
 def cmd_show(args: argparse.Namespace) -> int:
     from imgclf.config import DataConfig
-    from imgclf.data import load_data
+    from imgclf.sources import load_data
 
     for flag in ("per_class", "random"):
         value = getattr(args, flag)
@@ -385,7 +385,7 @@ def _checkpoint_or_random(args: argparse.Namespace) -> dict:
 def cmd_features(args: argparse.Namespace) -> int:
     from torch.utils.tensorboard import SummaryWriter
 
-    from imgclf.checkpoint import model_from_checkpoint
+    from imgclf.models import model_from_checkpoint
     from imgclf.transforms import BadImage, BatchTransform, load_image
 
     if args.max_channels < 1:

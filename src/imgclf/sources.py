@@ -1,59 +1,31 @@
-"""Data sets (notes 05, 06, 13, 14): discovery, decoding into a uint8 cache, splits and batch loaders.
+"""Data sources (notes 05, 06, 13): built-in data sets, IDX files and folders of pictures, and their splits.
 
-Every data set, built-in or folder, becomes two `Split`s of uint8 tensors (N, C, H, W) plus integer labels.
-Folders are decoded once into a cache keyed by their file list, sizes and modification times, so later
-epochs and later runs never decode a JPEG again; the loader then slices, augments and normalises whole
-batches. A large cache is memory-mapped rather than read into memory.
+Every data set, built-in or folder, becomes two `Split`s of uint8 tensors (N, C, H, W) plus integer labels;
+folders go through the decode-once cache (`imgclf.cache`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import gzip
-import hashlib
-import json
 import os
-import shutil
 import struct
-import sys
-import tempfile
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from imgclf.cache import Split, cached_split, cached_stats, check_all, default_cache_dir
 from imgclf.config import DataConfig
 from imgclf.errors import UserError
-from imgclf.transforms import (
-    IMAGE_EXTENSIONS,
-    NORMALIZATION,
-    BadImage,
-    compute_mean_std,
-    load_image,
-    resize_batch,
-)
+from imgclf.transforms import IMAGE_EXTENSIONS, NORMALIZATION, compute_mean_std, resize_batch
 
 BUILTINS = ("cifar10", "cifar100", "mnist", "fashion-mnist")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
-CACHE_FORMAT = 2
-MMAP_BYTES = 2 << 30  # caches larger than this are memory-mapped, not read whole
-
-
-@dataclass
-class Split:
-    images: torch.Tensor | np.ndarray  # uint8 (N, C, H, W); a read-only memmap when large
-    labels: torch.Tensor  # int64 (N,)
-    files: list[str] | None = None  # source file of each image (folders only)
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
 
 
 @dataclass
@@ -242,7 +214,7 @@ def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int
     size = size or _default_size(train_files)
     channels = channels or _default_channels(train_files)
     if cfg.strict:
-        _check_all(train_files + test_files, size=size, channels=channels)
+        check_all(train_files + test_files, size=size, channels=channels)
     cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     train, bad_train = cached_split(train_files, train_labels, size=size, channels=channels,
                                     cache_root=cache_root, progress=progress)
@@ -254,7 +226,7 @@ def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int
     unreadable = [c for i, c in enumerate(classes) if not bool((train.labels == i).any())]
     if unreadable:  # every picture of the class was skipped: as good as an empty class folder
         raise UserError(f"class folder {train_dir / unreadable[0]} holds no readable pictures; fix or remove them")
-    mean, std = _cached_stats(train, cache_root, train_files, size, channels)
+    mean, std = cached_stats(train, cache_root, train_files, size, channels)
     return ImageData(train, test, classes, mean, std, test_name, bad_train + bad_test)
 
 
@@ -296,107 +268,6 @@ def _default_channels(files: list[Path]) -> int:
     return 1 if modes and modes <= {"L", "1", "I;16", "I;16B", "I;16L", "I", "F"} else 3
 
 
-def _check_all(files: list[Path], *, size: int, channels: int) -> None:
-    bad = [(f, r) for f, r in _decode_many(files, size=size, channels=channels, progress=False)[1]]
-    if bad:
-        listing = "; ".join(f"{f}: {r}" for f, r in bad)
-        raise UserError(f"--strict-data: {len(bad)} unreadable file(s): {listing}")
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "imgclf"
-
-
-def _fingerprint(files: list[Path], labels: list[int], size: int, channels: int) -> str:
-    h = hashlib.sha256(f"{CACHE_FORMAT}:{size}:{channels}".encode())
-    for path, label in zip(files, labels, strict=True):
-        st = path.stat()
-        h.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
-    return h.hexdigest()[:24]
-
-
-def cached_split(files: list[Path], labels: list[int], *, size: int, channels: int, cache_root: Path,
-                 progress: bool) -> tuple[Split, list[tuple[str, str]]]:
-    """Decode `files` once into `cache_root/<fingerprint>/`; later calls read (or memory-map) the result."""
-    key = _fingerprint(files, labels, size, channels)
-    folder = cache_root / key
-    if not (folder / "meta.json").is_file():
-        images, bad = _decode_many(files, size=size, channels=channels, progress=progress)
-        bad_set = {f for f, _ in bad}
-        kept = [i for i, f in enumerate(files) if str(f) not in bad_set]
-        _write_cache(folder, images, [labels[i] for i in kept], [str(files[i]) for i in kept], bad)
-    meta = json.loads((folder / "meta.json").read_text())
-    images = np.load(folder / "images.npy", mmap_mode="r")
-    if images.nbytes <= MMAP_BYTES:
-        images = torch.from_numpy(np.load(folder / "images.npy"))
-    for path, reason in meta["bad"] if progress else ():  # reported by the main process only
-        print(f"imgclf: skipping {path}: {reason}", file=sys.stderr)
-    split = Split(images, torch.tensor(meta["labels"], dtype=torch.int64), meta["files"])
-    return split, [tuple(b) for b in meta["bad"]]
-
-
-def _write_cache(folder: Path, images: np.ndarray, labels: list[int], files: list[str], bad) -> None:
-    """Write into a temporary folder, then rename: a killed process never leaves half a cache."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
-    try:
-        np.save(tmp / "images.npy", images)
-        meta = {"labels": labels, "files": files, "bad": [list(b) for b in bad]}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        with contextlib.suppress(OSError):  # another process wrote the same cache first: theirs is as good
-            os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _cached_stats(split: Split, cache_root: Path, files: list[Path], size: int, channels: int):
-    path = cache_root / f"stats-{_fingerprint(files, [0] * len(files), size, channels)}.json"
-    if path.is_file():
-        stats = json.loads(path.read_text())
-        return tuple(stats["mean"]), tuple(stats["std"])
-    mean, std = compute_mean_std(split.images)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"mean": mean, "std": std}))
-    os.replace(tmp, path)
-    return mean, std
-
-
-def _decode_one(job: tuple[str, int, int]):
-    path, size, channels = job
-    try:
-        return load_image(path, size=size, channels=channels), None
-    except BadImage as err:
-        return None, str(err)
-
-
-def _decode_many(files: list[Path], *, size: int, channels: int, progress: bool):
-    """Decode pictures in worker processes into uint8 (N, C, size, size); return it and the (file, reason) skipped."""
-    jobs = [(str(f), size, channels) for f in files]
-    out = np.empty((len(files), channels, size, size), dtype=np.uint8)
-    bad, kept = [], 0
-    workers = min(len(os.sched_getaffinity(0)), 8, max(1, len(files) // 256))
-    iterator = _pool_map(jobs, workers)
-    if progress and len(files) > 1000:
-        from tqdm import tqdm
-
-        iterator = tqdm(iterator, total=len(files), desc="decoding (once, cached)", unit="img",
-                        disable=not sys.stderr.isatty(), leave=False)
-    for (path, _, _), (arr, reason) in zip(jobs, iterator, strict=True):
-        if arr is None:
-            bad.append((path, reason))
-        else:
-            out[kept] = arr.transpose(2, 0, 1)
-            kept += 1
-    return out[:kept], bad
-
-
-def _pool_map(jobs, workers: int) -> Iterator:
-    if workers <= 1:
-        yield from map(_decode_one, jobs)
-        return
-    with get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers) as pool:
-        yield from pool.imap(_decode_one, jobs, chunksize=64)
 
 
 def write_samples(split: Split, classes: list[str], out: Path, *, per_class: int) -> list[Path]:
@@ -413,79 +284,3 @@ def write_samples(split: Split, classes: list[str], out: Path, *, per_class: int
             written.append(path)
     return written
 
-
-# ---------------------------------------------------------------- batches (note 14)
-
-class BatchLoader:
-    """Batches of one split, as (normalised float images, labels) on `device`.
-
-    Train order and augmentation depend only on (seed, epoch, step), so an epoch can be replayed or resumed
-    from any step. `batch_size` is global: with `world` processes, rank r gets rows r, r+world, ... of each
-    global batch; evaluation gives every sample to exactly one rank.
-    """
-
-    def __init__(self, split: Split, *, batch_size: int, transform, train: bool, device: torch.device,
-                 seed: int = 0, rank: int = 0, world: int = 1, dtype: torch.dtype = torch.float32,
-                 channels_last: bool = False):
-        self.split, self.batch_size, self.transform, self.train = split, batch_size, transform, train
-        self.device, self.seed, self.rank, self.world = device, seed, rank, world
-        self.dtype, self.channels_last = dtype, channels_last
-        self.images = split.images
-        if device.type == "cuda" and isinstance(self.images, torch.Tensor):
-            free, _ = torch.cuda.mem_get_info(device)
-            if self.images.nbytes < free // 4:  # keep the data set on the GPU, as the speed records do
-                self.images = self.images.to(device)
-        self.labels = split.labels.to(device) if self.images.device == device else split.labels
-        # Alternating flips (airbench): each picture is mirrored in every other epoch, starting at random,
-        # so every two epochs see both orientations of every picture exactly once.
-        self.first_flip = None
-        if train:
-            first_flip = torch.rand(len(split), generator=torch.Generator().manual_seed(_mix(seed, -1))) < 0.5
-            self.first_flip = first_flip.to(self.labels.device)
-
-    def __len__(self) -> int:
-        n = len(self.split)
-        if not self.train:
-            return -(-len(range(self.rank, n, self.world)) // self.batch_size)
-        # A last batch that would leave some process one picture or none breaks BatchNorm: it is dropped.
-        return n // self.batch_size + (1 if n % self.batch_size >= 2 * self.world else 0)
-
-    def epoch(self, epoch: int, *, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        """Yield (images, labels, size of the global batch) for each step from `start_step`."""
-        if self.train:
-            gen = torch.Generator().manual_seed(_mix(self.seed, epoch))
-            order = torch.randperm(len(self.split), generator=gen)
-        else:
-            order = torch.arange(self.rank, len(self.split), self.world)
-        # indices live where the pictures do: a copy to the GPU at each step would wait for the GPU
-        order = order.to(self.labels.device)
-        for step in range(start_step, len(self)):
-            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
-            yield self._batch(idx, epoch, step)
-
-    def _batch(self, idx: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        if isinstance(self.images, np.ndarray):  # memory-mapped: read rows in file order
-            idx_sorted, inverse = torch.sort(idx)
-            rows = torch.from_numpy(np.take(self.images, idx_sorted.numpy(), axis=0))
-            images = rows[torch.argsort(inverse)]
-        else:
-            images = self.images[idx]
-        images, labels = images.to(self.device, non_blocking=True), self.labels[idx]
-        gen, flip = None, None
-        if self.train:  # random numbers drawn on the training device, so that nothing waits for a copy
-            gen = torch.Generator(device=self.device).manual_seed(_mix(self.seed, epoch, step + 1))
-            flip = (self.first_flip[idx] ^ bool(epoch % 2)).to(self.device, non_blocking=True)
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        x = self.transform(images, train=self.train, generator=gen, flip=flip, dtype=self.dtype, memory_format=fmt)
-        y = labels.to(self.device, non_blocking=True)
-        if self.train and self.world > 1:  # this rank's share of the global batch
-            x, y = x[self.rank :: self.world], y[self.rank :: self.world]
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, y, len(idx)
-
-
-def _mix(*values: int) -> int:
-    """A 63-bit seed from several integers, so (seed, epoch, step) streams never collide."""
-    digest = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)

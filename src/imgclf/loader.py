@@ -1,0 +1,86 @@
+"""Batches (note 14): a split's pictures sliced, augmented and normalised as whole batches on the device."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from imgclf.cache import Split
+
+
+class BatchLoader:
+    """Batches of one split, as (normalised float images, labels) on `device`.
+
+    Train order and augmentation depend only on (seed, epoch, step), so an epoch can be replayed or resumed
+    from any step. `batch_size` is global: with `world` processes, rank r gets rows r, r+world, ... of each
+    global batch; evaluation gives every sample to exactly one rank.
+    """
+
+    def __init__(self, split: Split, *, batch_size: int, transform, train: bool, device: torch.device,
+                 seed: int = 0, rank: int = 0, world: int = 1, dtype: torch.dtype = torch.float32,
+                 channels_last: bool = False):
+        self.split, self.batch_size, self.transform, self.train = split, batch_size, transform, train
+        self.device, self.seed, self.rank, self.world = device, seed, rank, world
+        self.dtype, self.channels_last = dtype, channels_last
+        self.images = split.images
+        if device.type == "cuda" and isinstance(self.images, torch.Tensor):
+            free, _ = torch.cuda.mem_get_info(device)
+            if self.images.nbytes < free // 4:  # keep the data set on the GPU, as the speed records do
+                self.images = self.images.to(device)
+        self.labels = split.labels.to(device) if self.images.device == device else split.labels
+        # Alternating flips (airbench): each picture is mirrored in every other epoch, starting at random,
+        # so every two epochs see both orientations of every picture exactly once.
+        self.first_flip = None
+        if train:
+            first_flip = torch.rand(len(split), generator=torch.Generator().manual_seed(_mix(seed, -1))) < 0.5
+            self.first_flip = first_flip.to(self.labels.device)
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        if not self.train:
+            return -(-len(range(self.rank, n, self.world)) // self.batch_size)
+        # A last batch that would leave some process one picture or none breaks BatchNorm: it is dropped.
+        return n // self.batch_size + (1 if n % self.batch_size >= 2 * self.world else 0)
+
+    def epoch(self, epoch: int, *, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Yield (images, labels, size of the global batch) for each step from `start_step`."""
+        if self.train:
+            gen = torch.Generator().manual_seed(_mix(self.seed, epoch))
+            order = torch.randperm(len(self.split), generator=gen)
+        else:
+            order = torch.arange(self.rank, len(self.split), self.world)
+        # indices live where the pictures do: a copy to the GPU at each step would wait for the GPU
+        order = order.to(self.labels.device)
+        for step in range(start_step, len(self)):
+            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
+            yield self._batch(idx, epoch, step)
+
+    def _batch(self, idx: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if isinstance(self.images, np.ndarray):  # memory-mapped: read rows in file order
+            idx_sorted, inverse = torch.sort(idx)
+            rows = torch.from_numpy(np.take(self.images, idx_sorted.numpy(), axis=0))
+            images = rows[torch.argsort(inverse)]
+        else:
+            images = self.images[idx]
+        images, labels = images.to(self.device, non_blocking=True), self.labels[idx]
+        gen, flip = None, None
+        if self.train:  # random numbers drawn on the training device, so that nothing waits for a copy
+            gen = torch.Generator(device=self.device).manual_seed(_mix(self.seed, epoch, step + 1))
+            flip = (self.first_flip[idx] ^ bool(epoch % 2)).to(self.device, non_blocking=True)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = self.transform(images, train=self.train, generator=gen, flip=flip, dtype=self.dtype, memory_format=fmt)
+        y = labels.to(self.device, non_blocking=True)
+        if self.train and self.world > 1:  # this rank's share of the global batch
+            x, y = x[self.rank :: self.world], y[self.rank :: self.world]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y, len(idx)
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from several integers, so (seed, epoch, step) streams never collide."""
+    digest = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)

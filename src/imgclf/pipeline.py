@@ -1,0 +1,89 @@
+"""A run's pieces built from its configuration: data, model, transform and loaders (notes 13-14, 24).
+
+Training, `lr-find`, checkpoint evaluation and the run report all set up through here, so that the batches
+they see for the same flags cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from imgclf import distributed
+from imgclf.cache import Split
+from imgclf.config import DataConfig, TrainConfig
+from imgclf.distributed import DistInfo
+from imgclf.errors import UserError
+from imgclf.loader import BatchLoader
+from imgclf.models import build_model
+from imgclf.sources import ImageData, load_data
+from imgclf.transforms import BatchTransform
+
+WHITENING_PICTURES = 5000  # fastnet's first layer is set from the patch statistics of this many pictures
+
+
+@dataclass
+class RunParts:
+    data: ImageData
+    model: nn.Module  # on the device, in the run's memory format
+    transform: BatchTransform
+    train: BatchLoader
+    test: BatchLoader
+
+
+def build_run(cfg: TrainConfig, data: ImageData, *, device: torch.device, dist: DistInfo | None = None,
+              fresh: bool = True) -> RunParts:
+    """Model, transform and loaders of a run on `data`. `fresh`: initialise the weights (pretrained file,
+    fastnet's whitening) as a new run does; a resumed run takes them from its checkpoint instead."""
+    dist = dist or DistInfo()
+    model = build_model(cfg.model.name, num_classes=len(data.classes), in_channels=data.channels,
+                        img_size=data.img_size, pretrained=cfg.model.pretrained if fresh else None,
+                        freeze_backbone=cfg.model.freeze_backbone)
+    transform = build_transform(cfg.data, data)
+    if cfg.data.batch_size < dist.world_size:
+        raise UserError(f"--batch-size {cfg.data.batch_size} is smaller than the {dist.world_size} processes; "
+                        f"it is the global batch size, split across them")
+    common = dict(transform=transform, device=device, rank=dist.rank, world=dist.world_size,
+                  channels_last=cfg.run.channels_last)
+    train = BatchLoader(data.train, batch_size=cfg.data.batch_size, train=True, seed=cfg.run.seed, **common)
+    test = BatchLoader(data.test, batch_size=cfg.data.eval_batch_size, train=False, **common)
+    if fresh and hasattr(model, "init_whitening"):
+        model.init_whitening(whitening_batch(data.train, transform, device))
+    return RunParts(data, place_model(model, device, channels_last=cfg.run.channels_last), transform, train, test)
+
+
+def build_transform(cfg: DataConfig, data: ImageData) -> BatchTransform:
+    """The train/eval preset for `data`: its statistics, the augmentation and crop shift `cfg` asks for."""
+    pad = max(1, data.img_size // 8) if cfg.crop_pad is None else cfg.crop_pad
+    if pad >= data.img_size:
+        raise UserError(f"--crop-pad {pad} must be smaller than the picture side ({data.img_size})")
+    return BatchTransform(data.mean, data.std, cfg.augment, pad=pad)
+
+
+def eval_loader(split: Split, transform: BatchTransform, *, batch_size: int, device: torch.device,
+                channels_last: bool = False) -> BatchLoader:
+    """Every picture of `split` once, in order, normalised as in training (no augmentation)."""
+    return BatchLoader(split, batch_size=batch_size, transform=transform, train=False, device=device,
+                       channels_last=channels_last)
+
+
+def whitening_batch(split: Split, transform: BatchTransform, device: torch.device) -> torch.Tensor:
+    """The first pictures of `split`, normalised, on the CPU: what fastnet's whitening layer is set from."""
+    loader = eval_loader(split, transform, batch_size=WHITENING_PICTURES, device=device)
+    return next(iter(loader.epoch(0)))[0].cpu()
+
+
+def place_model(model: nn.Module, device: torch.device, *, channels_last: bool) -> nn.Module:
+    return model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+
+
+def load_data_ranked(cfg: DataConfig, dist: DistInfo) -> ImageData:
+    """Rank 0 decodes (and caches) first; the others then read its cache instead of decoding again."""
+    if not dist.is_main:
+        distributed.barrier(dist)
+    data = load_data(cfg, progress=dist.is_main)
+    if dist.is_main:
+        distributed.barrier(dist)
+    return data
