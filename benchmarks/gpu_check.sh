@@ -34,7 +34,7 @@ for run in fast12 fp16 tutorial nccl compiled; do
 import json, sys
 records = [json.loads(line) for line in open(sys.argv[1])]
 seconds = [r.get("train_seconds", 0.0) for r in records]
-print(f"{sys.argv[1]}: {len(records)} epochs, final test accuracy {records[-1]['test_acc']:.2%}, "
+print(f"{sys.argv[1]}: {len(records)} epochs, final test accuracy {records[-1]['val_acc']:.2%}, "
       f"{sum(seconds):.2f}s of training (per epoch: {', '.join(f'{s:.2f}' for s in seconds)})")
 PY
 done

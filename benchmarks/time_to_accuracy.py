@@ -44,9 +44,9 @@ def main() -> None:
         training = 0.0
         for r in records:
             training += r.get("train_seconds", 0.0)
-            print(f"  epoch {r['epoch']:>2}: test accuracy {r['test_acc']:.2%} at {r['time'] - launched:7.1f}s "
+            print(f"  epoch {r['epoch']:>2}: test accuracy {r['val_acc']:.2%} at {r['time'] - launched:7.1f}s "
                   f"({r['images_per_s']:.0f} train img/s, {training:.2f}s of training so far)")
-        final = records[-1]["test_acc"]
+        final = records[-1]["val_acc"]
         print(f"  final {final:.2%} in {m.seconds:.1f}s wall, {training:.2f}s of it training "
               f"(peak RSS {m.peak_rss_mb:.0f} MB)")
         for target, budget in zip(args.target, args.budget or [float("inf")] * len(args.target), strict=False):

@@ -42,7 +42,7 @@ def imgclf_run(data: str, epochs: int, flags: str, n_train: int, n_test: int) ->
     train_s = [n_train / r["images_per_s"] for r in records]
     eval_s = [r["epoch_seconds"] - t for r, t in zip(records, train_s, strict=True)]
     return {"name": f"imgclf {flags}", "train_ips": statistics.median(r["images_per_s"] for r in records),
-            "eval_ips": n_test / statistics.median(eval_s), "acc": records[-1]["test_acc"], "wall": m.seconds,
+            "eval_ips": n_test / statistics.median(eval_s), "acc": records[-1]["val_acc"], "wall": m.seconds,
             "rss": m.peak_rss_mb}
 
 
@@ -61,8 +61,8 @@ def main() -> None:
 
     start = time.perf_counter()
     data = load_data(DataConfig(data=args.data), progress=False)  # decode once into the cache, untimed below
-    print(f"cache ready in {time.perf_counter() - start:.1f}s ({len(data.train)} train / {len(data.test)} test)")
-    n_train, n_test = len(data.train), len(data.test)
+    print(f"cache ready in {time.perf_counter() - start:.1f}s ({len(data.train)} train / {len(data.val)} test)")
+    n_train, n_test = len(data.train), len(data.val)
     del data
 
     results: dict[str, list[dict]] = {}

@@ -44,7 +44,7 @@ def test_sigkill_at_random_instants_never_breaks_the_run(tmp_path):
     for name in ("last.pt", "best.pt"):
         killed, straight = (torch.load(tmp_path / run / "checkpoints" / name, weights_only=True)
                             for run in ("killed", "straight"))
-        assert killed["epoch"] == straight["epoch"] and killed["best_acc"] == straight["best_acc"], name
+        assert killed["epoch"] == straight["epoch"] and killed["best_score"] == straight["best_score"], name
         for key, value in straight["state_dict"].items():
             assert torch.equal(value, killed["state_dict"][key]), (name, key)
         if name == "last.pt":

@@ -128,7 +128,7 @@ def test_bad_files_are_skipped_reported_once_and_counted(seeded, tmp_path, capsy
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_files"] for r in records] == [len(seeded["bad"])] * 2
     data = load_data(DataConfig(data=str(seeded["root"])), progress=False)
-    assert len(data.train) == 6 + 6 + 1 and len(data.test) == 6
+    assert len(data.train) == 6 + 6 + 1 and len(data.val) == 6
     assert sorted(f for f, _ in data.skipped) == sorted(map(str, seeded["bad"]))
 
 

@@ -42,9 +42,9 @@ def test_two_gloo_processes_match_one(folder, tmp_path):
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "world size 2" in r2.stderr
     a, b = _records(single), _records(double)
-    assert [r["test_count"] for r in b] == [27, 27]  # every test picture counted exactly once
+    assert [r["val_count"] for r in b] == [27, 27]  # every test picture counted exactly once
     for ra, rb in zip(a, b, strict=True):
-        for key in ("train_loss", "test_loss", "test_acc", "train_acc"):
+        for key in ("train_loss", "val_loss", "val_acc", "train_acc"):
             assert rb[key] == pytest.approx(ra[key], abs=1e-4), key
     wa = torch.load(single / "checkpoints" / "last.pt", weights_only=True)["state_dict"]
     wb = torch.load(double / "checkpoints" / "last.pt", weights_only=True)["state_dict"]
@@ -59,7 +59,7 @@ def test_two_gloo_processes_match_one(folder, tmp_path):
     # the distributed checkpoint serves a single process
     r = run_cli("eval", double / "checkpoints" / "last.pt", "--data", folder, "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["accuracy"] == pytest.approx(b[-1]["test_acc"], abs=1e-9)
+    assert json.loads(r.stdout)["accuracy"] == pytest.approx(b[-1]["val_acc"], abs=1e-9)
     # and resuming under DDP continues it
     r3 = subprocess.run([*TORCHRUN, "train", "--resume", str(double), "--epochs", "3"], capture_output=True,
                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -169,8 +169,8 @@ def test_divergence_keeps_the_last_good_checkpoint(folder, tmp_path, capsys, mon
     real = imgclf.train.build_loss
     calls = {"n": 0}
 
-    def poisoned(cfg):
-        loss = real(cfg)
+    def poisoned(cfg, *args):
+        loss = real(cfg, *args)
 
         def fn(logits, y):
             calls["n"] += 1

@@ -160,7 +160,7 @@ def test_folder_data_set_keeps_good_files_and_names_every_rejected_one(blobs):
             if not accepted:
                 assert skipped[str(path)].strip()
         assert len(data.train) == len(kept) == 2 + sum(str(p) in kept for p in fuzzed)
-        assert len(data.test) == 2
+        assert len(data.val) == 2
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

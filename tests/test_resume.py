@@ -52,7 +52,7 @@ def assert_same_state(a: dict, b: dict) -> None:
         assert_same_tensors(oa[key], ob[key])
     assert a["scheduler"] == b["scheduler"]
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
-    assert (a["epoch"], a["step"], a["best_acc"]) == (b["epoch"], b["step"], b["best_acc"])
+    assert (a["epoch"], a["step"], a["best_score"]) == (b["epoch"], b["step"], b["best_score"])
     assert {k: v for k, v in a["metrics"].items() if k not in VOLATILE} == \
         {k: v for k, v in b["metrics"].items() if k not in VOLATILE}
 

@@ -223,12 +223,12 @@ def test_fast_recipe_trains_end_to_end(tiny_split_folder, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "fastnet" in r.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 2 and records[-1]["test_count"] == 24
-    assert records[-1]["test_acc"] > 0.5  # three easy classes
+    assert len(records) == 2 and records[-1]["val_count"] == 24
+    assert records[-1]["val_acc"] > 0.5  # three easy classes
     # the final figure is the test-time-augmented one, as `imgclf eval` computes it from the checkpoint
     r = run_cli("eval", out / "checkpoints" / "last.pt", "--data", tiny_split_folder, "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["loss"] == pytest.approx(records[-1]["test_loss"], rel=1e-5)
+    assert json.loads(r.stdout)["loss"] == pytest.approx(records[-1]["val_loss"], rel=1e-5)
 
 
 # ---------------------------------------------------------------- the speed records' techniques

@@ -94,12 +94,12 @@ def test_plugins_with_data_are_active(server):
 
 def test_scalars_of_the_run_are_served(server, run_dir):
     tags = wait_for(lambda: get_json(server, "/data/plugin/scalars/tags").get("."))
-    assert {"train/loss", "train/lr", "test/acc", "test/loss", "train/acc", "epoch/test_acc"} <= set(tags)
+    assert {"train/loss", "train/lr", "val/acc", "val/loss", "train/acc", "epoch/val_acc"} <= set(tags)
     assert {f"test_class/{c}" for c in CLASSES} <= set(tags)
-    points = get_json(server, "/data/plugin/scalars/scalars?" + urllib.parse.urlencode({"run": ".", "tag": "epoch/test_acc"}))
+    points = get_json(server, "/data/plugin/scalars/scalars?" + urllib.parse.urlencode({"run": ".", "tag": "epoch/val_acc"}))
     assert [step for _, step, _ in points] == [1, 2]
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    assert points[-1][2] == pytest.approx(last["test_acc"], abs=1e-6)
+    assert points[-1][2] == pytest.approx(last["val_acc"], abs=1e-6)
 
 
 def test_images_of_the_run_are_served_as_pngs(server):
@@ -130,4 +130,4 @@ def test_hparams_of_the_run_are_served(server):
     session = groups["sessionGroups"][0]
     assert session["hparams"]["optim.lr"] == 0.02 and session["hparams"]["model.name"] == "tutorial_cnn"
     metrics = {m["name"]["tag"]: m["value"] for m in session["sessions"][0]["metricValues"]}
-    assert 0.0 <= metrics["test/acc"] <= 1.0
+    assert 0.0 <= metrics["val/acc"] <= 1.0

@@ -75,13 +75,18 @@ def test_pick_samples_per_class_and_random():
 
 
 def test_curves_and_confusion_figures_render(tmp_path):
-    records = [{"epoch": e, "train_loss": 2.0 / e, "test_loss": 2.2 / e, "train_acc": 0.3 * e, "test_acc": 0.25 * e}
+    records = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 2.2 / e, "train_acc": 0.3 * e, "val_acc": 0.25 * e}
                for e in (1, 2, 3)]
     assert png_size(save_png(curves_figure(records), tmp_path / "c.png"))[0] == 1000
     cm = torch.tensor([[5, 1, 0], [0, 6, 0], [2, 0, 4]])
-    assert png_size(save_png(confusion_figure(cm, CLASSES), tmp_path / "m.png"))[0] > 400
+    small = confusion_figure(cm, CLASSES)
+    assert png_size(save_png(small, tmp_path / "m.png"))[0] > 400
+    assert png_size(tmp_path / "m.png") == (550, 450)  # 4.5 + 1 by 4.5 inches at 100 dpi
+    assert [t.get_text() for t in small.axes[0].texts] == [str(v) for v in cm.flatten().tolist()]  # every cell
     many = torch.eye(100, dtype=torch.int64) * 10  # CIFAR-100: no numbers in cells, still drawn
-    assert png_size(save_png(confusion_figure(many, [f"class{i}" for i in range(100)]), tmp_path / "big.png"))
+    big = confusion_figure(many, [f"class{i}" for i in range(100)])
+    assert png_size(save_png(big, tmp_path / "big.png")) == (2100, 2000)  # the largest size, 21 by 20 inches
+    assert len(big.axes[0].texts) == 0 and "100.0% of 1000 right" in big.axes[0].get_title()
 
 
 def test_confident_mistakes_come_most_confident_first():
@@ -90,8 +95,13 @@ def test_confident_mistakes_come_most_confident_first():
     assert confident_mistakes(probs, labels, count=10) == [3, 1, 4, 2]  # 0.95, 0.8, 0.7, 0.6
     assert confident_mistakes(probs, labels, count=2) == [3, 1]
     split = Split(torch.zeros(5, 3, 8, 8, dtype=torch.uint8), labels)
-    assert mistakes_figure(probs, split, ["a", "b"]).get_size_inches()[0] > 0
-    assert mistakes_figure(probs[[0]], Split(split.images[:1], labels[:1]), ["a", "b"]).texts  # "no mistakes"
+    fig = mistakes_figure(probs, split, ["a", "b"])
+    assert fig.get_size_inches()[0] == pytest.approx(4 * 1.5 + 0.1)  # one row of four 1.5-inch tiles
+    assert [t.get_text() for t in fig.axes[0].texts] == [  # the four mistakes, most confident first
+        "true: a\npred: b 95%", "true: a\npred: b 80%", "true: b\npred: a 70%", "true: a\npred: b 60%"]
+    assert fig._suptitle.get_text() == "most confident mistakes: 4 of 4 wrong out of 5"
+    right = mistakes_figure(probs[[0]], Split(split.images[:1], labels[:1]), ["a", "b"])
+    assert [t.get_text() for t in right.texts] == ["no mistakes: all 1 test pictures were classified right"]
 
 
 def test_flatten_config():
@@ -123,6 +133,8 @@ def test_training_writes_curves_confusion_mistakes_and_tensorboard_report(traine
     for name in ("curves", "confusion", "mistakes"):
         w, h = png_size(trained_run / f"{name}.png")
         assert w > 300 and h > 100
+    assert png_size(trained_run / "curves.png") == (1000, 400)  # 10 by 4 inches at 100 dpi
+    assert png_size(trained_run / "confusion.png") == (550, 450)  # three classes: the smallest matrix
     t = tags(trained_run)
     assert {"report/curves", "report/confusion", "report/mistakes", "report/per_class"} <= set(t["images"])
     assert {f"test_class/{c}" for c in CLASSES} <= set(t["scalars"])
@@ -130,7 +142,7 @@ def test_training_writes_curves_confusion_mistakes_and_tensorboard_report(traine
     acc.Reload()
     per_class = [acc.Scalars(f"test_class/{c}")[-1].value for c in CLASSES]
     last = json.loads((trained_run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert sum(per_class) / 3 == pytest.approx(last["test_acc"], abs=1e-6)  # balanced test split
+    assert sum(per_class) / 3 == pytest.approx(last["val_acc"], abs=1e-6)  # balanced test split
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(acc.PluginTagToContent("hparams"))
 
 

@@ -33,7 +33,7 @@ def test_folder_layouts_classes_and_hidden_entries(tmp_path):
     (root / "ant" / "notes.txt").write_text("not a picture")
     data = load_data(DataConfig(data=str(tmp_path / "d"), cache_dir=str(tmp_path / "cache")))
     assert data.classes == ["Bee", "ant", "zebra"]  # sorted folder names, hidden ones ignored
-    assert (len(data.train), len(data.test), data.test_name) == (15, 9, "val")
+    assert (len(data.train), len(data.val), data.val_name) == (15, 9, "val")
     assert data.skipped == []  # .DS_Store and notes.txt are not pictures, so never tried
     assert data.train.images.dtype == torch.uint8 and tuple(data.train.images.shape[1:]) == (3, 16, 16)
 
@@ -42,8 +42,8 @@ def test_single_folder_is_split_stratified_and_seeded(tmp_path):
     write_class_folder(tmp_path / "one", ["a", "b"], 10)
     cfg = DataConfig(data=str(tmp_path / "one"), val_fraction=0.3, cache_dir=str(tmp_path / "cache"))
     data = load_data(cfg)
-    assert len(data.test) == 6 and data.test.labels.bincount().tolist() == [3, 3]
-    assert load_data(cfg).test.files == data.test.files  # the same split every time
+    assert len(data.val) == 6 and data.val.labels.bincount().tolist() == [3, 3]
+    assert load_data(cfg).val.files == data.val.files  # the same split every time
     files, labels = list(range(20)), [0] * 10 + [1] * 10
     assert stratified_split(files, labels, fraction=0.3, seed=1) != stratified_split(files, labels, fraction=0.3,
                                                                                        seed=2)
@@ -64,7 +64,7 @@ def test_grayscale_rgba_palette_and_16bit_are_converted(tmp_path):
 
 def test_idx_folder_and_builtin_mnist_without_network(tmp_path, fashion_dir):
     data = load_data(DataConfig(data=str(fashion_dir)))
-    assert (len(data.train), len(data.test)) == (60000, 10000)
+    assert (len(data.train), len(data.val)) == (60000, 10000)
     assert data.classes[0] == "T-shirt/top" and data.mean == (0.2860,)
     # torchvision's MNIST finds files already in --data-root and downloads nothing
     raw = tmp_path / "root" / "MNIST" / "raw"
@@ -182,13 +182,13 @@ def test_run_folder_holds_metrics_tensorboard_and_checkpoints(trained_run):
     data, run, result = trained_run
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
-    assert records[-1]["test_acc"] >= 0.9 and records[-1]["test_count"] == 30
-    assert "epoch 3/3" in result.stderr and "test loss" in result.stderr
+    assert records[-1]["val_acc"] >= 0.9 and records[-1]["val_count"] == 30
+    assert "epoch 3/3" in result.stderr and "val loss" in result.stderr
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
     tags = events.Tags()
-    assert {"train/loss", "train/lr", "test/loss", "test/acc"} <= set(tags["scalars"])
+    assert {"train/loss", "train/lr", "val/loss", "val/acc"} <= set(tags["scalars"])
     assert len(events.Scalars("train/loss")) >= 8  # every 2 of 18 steps
     assert "train/batch" in tags["images"] and tags["graph"]
     assert json.loads((run / "config.json").read_text())["optim"]["epochs"] == 3
@@ -209,11 +209,11 @@ def test_eval_agrees_with_metrics_and_prints_table_and_json(trained_run):
     r = run_cli("eval", run / "checkpoints" / "last.pt", "--data", data, "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["accuracy"] == pytest.approx(last["test_acc"]) and out["loss"] == pytest.approx(last["test_loss"])
+    assert out["accuracy"] == pytest.approx(last["val_acc"]) and out["loss"] == pytest.approx(last["val_loss"])
     assert np.array(out["confusion"]).sum() == 30 and set(out["per_class_accuracy"]) == {"circle", "square",
                                                                                          "triangle"}
     table = run_cli("eval", run / "checkpoints" / "last.pt", "--data", data).stdout
-    assert "confusion matrix" in table and "triangle" in table and f"{last['test_acc']:.2%}" in table
+    assert "confusion matrix" in table and "triangle" in table and f"{last['val_acc']:.2%}" in table
 
 
 def test_predict_table_json_csv_and_bad_files(trained_run, tmp_path):
@@ -282,7 +282,7 @@ def test_fashion_mnist_idx_reaches_90_percent_in_3_epochs(fashion_dir, tmp_path)
                 "--out", tmp_path / "run")
     assert r.returncode == 0, r.stderr
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert max(r["test_acc"] for r in records) >= 0.90, records
+    assert max(r["val_acc"] for r in records) >= 0.90, records
 
 
 @pytest.mark.slow
@@ -299,7 +299,7 @@ def test_resnet18_on_ants_and_bees_at_224_then_predict_and_eval(hymenoptera_dir,
     assert all(line.split()[-2] in ("ants", "bees") and line.endswith("%") for line in lines)
     ev = json.loads(run_cli("eval", run / "checkpoints" / "last.pt", "--data", hymenoptera_dir, "--json").stdout)
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert ev["count"] == 153 and ev["accuracy"] == pytest.approx(last["test_acc"])
+    assert ev["count"] == 153 and ev["accuracy"] == pytest.approx(last["val_acc"])
 
 
 @pytest.mark.slow
@@ -313,5 +313,5 @@ def test_notes_recipe_learns_on_cifar10_subset(cifar10_dir, tmp_path):
                 (dest / f.name).symlink_to(f)
     r = run_cli("train", "--data", tmp_path / "c10", "--recipe", "notes", "--epochs", "3", "--out", tmp_path / "r")
     assert r.returncode == 0, r.stderr
-    acc = [json.loads(line)["test_acc"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    acc = [json.loads(line)["val_acc"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert acc[2] > acc[0] and acc[2] > 0.2, acc

@@ -17,6 +17,7 @@ import torch
 from imgclf import __version__
 from imgclf.errors import UserError
 from imgclf.files import atomic_write
+from imgclf.usercode import code_identity
 
 FORMAT = "imgclf-checkpoint"
 FORMAT_VERSION = 1
@@ -26,10 +27,17 @@ PREFIXES = ("_orig_mod.", "module.")  # left by torch.compile and DistributedDat
 def build_checkpoint(*, model_name: str, classes: list[str], channels: int, size: int, mean, std, config: dict,
                      state: dict) -> dict:
     """The self-describing checkpoint: what the network is, what it classifies, how its input is prepared,
-    the run's configuration, and `state` (`engine.TrainState.state_dict()`: weights, optimizer, progress)."""
+    the run's configuration, and `state` (`engine.TrainState.state_dict()`: weights, optimizer, progress).
+
+    A network from the user's .py file (`--model FILE.py:Class`) is described by `model.code`: the file's
+    name and SHA-256, the class and its constructor arguments (`usercode.code_identity`), never the code."""
+    model = {"name": model_name, "num_classes": len(classes), "in_channels": channels, "img_size": size}
+    code = code_identity(model_name, (config.get("model") or {}).get("args"))
+    if code is not None:
+        model["code"] = code
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "imgclf_version": __version__,
-        "model": {"name": model_name, "num_classes": len(classes), "in_channels": channels, "img_size": size},
+        "model": model,
         "classes": list(classes),
         "input": {"channels": channels, "size": size, "mean": list(mean), "std": list(std)},
         "config": config, **state,

@@ -1,58 +1,61 @@
-"""The command line: the only reader of argv. Each subcommand turns flags into config and calls a builder."""
+"""The command line: the only reader of argv and the only user of argparse. Every subcommand's flags are
+declared here (the training flags from their declarations in imgclf.config); its cmd_* function turns them
+into plain arguments and calls the library. Numeric flags are checked before a command runs: the training
+ones by TrainConfig.validated, the others by the bounds given where they are declared (`_number`).
+Library modules are imported inside the cmd_* functions, so building the parser imports no torch and no
+matplotlib, and `imgclf predict` starts lean."""
 
 from __future__ import annotations
 
 import argparse
 import csv
 import dataclasses
-import importlib
 import json
 import os
 import sys
 from pathlib import Path
 
 from imgclf import __version__
-from imgclf.config import AUGMENTS, OPTIMIZERS, PRECISIONS, RECIPES, SCHEDULES, DataConfig, TrainConfig
-from imgclf.errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_USAGE, UserError
-
-# Modules that add subcommands of their own: each has `register(subparsers)` setting `func`.
-EXTENSIONS: tuple[str, ...] = ("imgclf.inspect", "imgclf.export", "imgclf.serve", "imgclf.visualize", "imgclf.lrfind",
-                                 "imgclf.envinfo")
-
-# flag -> (config section, field); flags default to None so that only what the user typed overrides.
-TRAIN_FLAGS = {
-    "data": ("data", "data"), "data_root": ("data", "data_root"), "img_size": ("data", "img_size"),
-    "val_fraction": ("data", "val_fraction"), "augment": ("data", "augment"), "crop_pad": ("data", "crop_pad"),
-    "batch_size": ("data", "batch_size"),
-    "eval_batch_size": ("data", "eval_batch_size"), "strict_data": ("data", "strict"),
-    "cache_dir": ("data", "cache_dir"),
-    "model": ("model", "name"), "pretrained": ("model", "pretrained"), "freeze_backbone": ("model", "freeze_backbone"),
-    "optimizer": ("optim", "optimizer"), "lr": ("optim", "lr"), "momentum": ("optim", "momentum"),
-    "nesterov": ("optim", "nesterov"), "weight_decay": ("optim", "weight_decay"), "schedule": ("optim", "schedule"),
-    "warmup_epochs": ("optim", "warmup_epochs"), "label_smoothing": ("optim", "label_smoothing"),
-    "epochs": ("optim", "epochs"), "lookahead": ("optim", "lookahead"),
-    "out": ("run", "out"), "device": ("run", "device"), "seed": ("run", "seed"), "precision": ("run", "precision"),
-    "channels_last": ("run", "channels_last"), "compile": ("run", "compile"), "log_every": ("run", "log_every"),
-    "stop_after": ("run", "stop_after"), "ema": ("run", "ema"), "tta": ("run", "tta"),
-}
-# What may change when resuming; anything else that differs from the checkpoint's config is refused.
-RESUMABLE = {"epochs", "device", "stop_after", "log_every", "eval_batch_size", "cache_dir", "data", "data_root",
-             "compile"}
+from imgclf.config import (
+    MAX_BATCH,
+    MAX_SEED,
+    MAX_SIDE,
+    PRECISIONS,
+    RECIPES,
+    DataConfig,
+    TrainConfig,
+    check_number,
+    flag_of,
+    parse_size,
+)
+from imgclf.errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_USAGE, Stopped, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except BrokenPipeError:  # whoever read stdout stopped (`imgclf predict ... | head`): a normal end
+        _stdout_to_devnull()
+        return EXIT_OK
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
         return EXIT_OK
     try:
+        for dest, (flag, bounds) in args.limits.items():
+            check_number(flag, getattr(args, dest), **bounds)
         return args.func(args) or EXIT_OK
     except UserError as err:
         if args.debug:
             raise
         print(f"imgclf: error: {err}", file=sys.stderr)
         return err.code
+    except BrokenPipeError:  # not an error to report: main ends quietly
+        raise
     except OSError as err:  # a folder that cannot be written, a full disk: the system's own one line
         if args.debug:
             raise
@@ -63,6 +66,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("imgclf: interrupted", file=sys.stderr)
         return EXIT_SIGINT
+
+
+def _stdout_to_devnull() -> None:
+    """Point file descriptor 1 at /dev/null, so that flushing what is left in sys.stdout's buffer at exit
+    does not fail again (the Python documentation's "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # sys.stdout is no file (a test's capture): no flush at exit
+        pass
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -78,104 +91,106 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-    _add_train(sub, common)
-    _add_eval(sub, common)
-    _add_predict(sub, common)
-    p = sub.add_parser("samples", parents=[common], help="save test pictures of a data set as PNG files")
-    p.add_argument("data", help="a built-in data set or a folder")
-    p.add_argument("--data-root", default="data")
-    p.add_argument("--per-class", type=int, default=1, help="pictures per class (1)")
-    p.add_argument("--out", default="imgs", help="folder to write into (imgs)")
-    p.set_defaults(func=cmd_samples)
-    p = sub.add_parser("models", parents=[common], help="list the model names --model takes")
-    p.set_defaults(func=cmd_models)
-    for name in EXTENSIONS:
-        importlib.import_module(name).register(sub, common)
+    for add in (_add_train, _add_eval, _add_predict, _add_samples, _add_models, _add_inspect, _add_export,
+                _add_serve, _add_show, _add_features, _add_lr_find, _add_env):
+        add(sub, common)
     parser.set_defaults(debug=False)
     return parser
 
 
+def _command(sub, common, name: str, func, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand running `func(args)`; `limits` collects the bounds of its numeric flags (`_number`)."""
+    p = sub.add_parser(name, parents=[common], **kwargs)
+    p.set_defaults(func=func, limits={})
+    return p
+
+
+def _number(p: argparse.ArgumentParser, flag: str, kind: type, low=None, high=None, *, group=None,
+            low_open: bool = False, high_open: bool = False, words: str | None = None, **kwargs) -> None:
+    """Add the numeric flag `flag` to `p` (or to its `group`); `main` checks, before the command runs, that
+    its value is finite and within [low, high] (config.check_number: one line naming the flag if not)."""
+    action = (group or p).add_argument(flag, type=kind, **kwargs)
+    p.get_default("limits")[action.dest] = (flag, {"low": low, "high": high, "low_open": low_open,
+                                                   "high_open": high_open, "words": words})
+
+
+# ---------------------------------------------------------------- train (flags from imgclf.config)
+
 def _add_train(sub, common) -> None:
-    p = sub.add_parser("train", parents=[common], help="train a model (notes 26-30)",
-                       description="Train a model; defaults come from --recipe, any flag given overrides them.")
+    p = _command(sub, common, "train", cmd_train, help="train a model (notes 26-30)",
+                 description="Train a model; defaults come from --recipe, any flag given overrides them.")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="default",
-                   help="default: a recipe that trains well; notes: exactly the notes' SGD 0.01, batch 64, no augmentation")
+                   help="default: a recipe that trains well; notes: exactly the notes' SGD 0.01, batch 64, no "
+                        "augmentation; fast: the CIFAR speed records' recipe for fastnet")
     p.add_argument("--resume", metavar="RUN", help="continue RUN/checkpoints/last.pt exactly where it stopped")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", help="cifar10, cifar100, mnist, fashion-mnist, or a folder (see README)")
-    g.add_argument("--data-root", help="where built-in data sets are downloaded and found (default ./data)")
-    g.add_argument("--img-size", type=int, help="side of the square input (default: native; photos 224)")
-    g.add_argument("--val-fraction", type=float, help="held-out share of a single folder of classes (0.2)")
-    g.add_argument("--augment", choices=AUGMENTS, help="training augmentation (flip-crop)")
-    g.add_argument("--crop-pad", type=int, help="largest shift of flip-crop, in pixels (an eighth of the side)")
-    g.add_argument("--batch-size", type=int, help="global batch size, split across processes (128)")
-    g.add_argument("--eval-batch-size", type=int, help="batch size for evaluation (1024)")
-    g.add_argument("--strict-data", action="store_true", default=None, help="fail before training on any bad file")
-    g.add_argument("--cache-dir", help="where decoded folders are cached (~/.cache/imgclf)")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help="tutorial_cnn, fastnet, or any torchvision classifier (`imgclf models`)")
-    g.add_argument("--pretrained", metavar="FILE|NAME", help="backbone weights: a local file, or e.g. IMAGENET1K_V1")
-    g.add_argument("--freeze-backbone", action="store_true", default=None, help="train only the new last layer")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", choices=OPTIMIZERS)
-    g.add_argument("--lr", type=float, help="peak learning rate (0.05)")
-    g.add_argument("--momentum", type=float, help="SGD momentum (0.9)")
-    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum (on)")
-    g.add_argument("--weight-decay", type=float, help="on weights, not biases or norms (5e-4)")
-    g.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule after warm-up (onecycle)")
-    g.add_argument("--warmup-epochs", type=float, help="linear warm-up length (1)")
-    g.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing (0.1)")
-    g.add_argument("--epochs", type=int, help="epochs in all (10)")
-    g.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None,
-                   help="every 5 steps, average the weights and continue from the average (fast recipe: on)")
-    g = p.add_argument_group("run")
-    g.add_argument("--out", help="run folder (runs/run)")
-    g.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    g.add_argument("--seed", type=int, help="seed of initialisation, order and augmentation (0)")
-    g.add_argument("--precision", choices=PRECISIONS, help="autocast precision (auto: bf16 where supported, else fp32)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory format (on)")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    g.add_argument("--log-every", type=int, help="TensorBoard train-loss interval in steps (50)")
-    g.add_argument("--stop-after", type=int, help="stop resumably after this many epochs of this invocation")
-    g.add_argument("--ema", action="store_true", default=None, help="evaluate and keep an average of the weights")
-    g.add_argument("--tta", action="store_true", default=None,
-                   help="the last epoch's evaluation averages flipped and 1-pixel-shifted views (6 passes)")
-    p.set_defaults(func=cmd_train)
+    add_config_flags(p)
+
+
+SECTION_TITLES = {"data": "data", "model": "model", "optim": "optimisation", "run": "run"}
+
+
+def config_fields(sections=TrainConfig.SECTIONS):
+    """(section, field, flag) of every TrainConfig field, in declaration order."""
+    for section in sections:
+        for f in dataclasses.fields(TrainConfig.__dataclass_fields__[section].default_factory):
+            yield section, f, flag_of(f)
+
+
+def shown_default(f: dataclasses.Field) -> str:
+    """A field's default as its flag's help shows it: on/off for switches, the declared words for None."""
+    if f.default is None:
+        return f.metadata["none"]
+    if isinstance(f.default, bool):
+        return "on" if f.default else "off"
+    return str(f.default)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = (),
+                     required: tuple[str, ...] = ()) -> None:
+    """One flag per TrainConfig field (but those in `skip`), from the field's declaration (config.option).
+    Flags default to None, so that only what the user typed overrides the recipe or the resumed run."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for section, f, flag in config_fields():
+        if flag in skip:
+            continue
+        group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(SECTION_TITLES[section]))
+        meta, kind = f.metadata, f.type.split(" | ")[0]
+        kwargs = {"dest": f"{section}.{f.name}", "default": None, "required": flag in required,
+                  "help": f"{meta['help']} (default: {shown_default(f)})"}
+        if kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs.update(type={"int": int, "float": float, "str": str}[kind], choices=meta["choices"],
+                          metavar=meta["metavar"] or (None if meta["choices"] else
+                                                      {"int": "N", "float": "X"}.get(kind, f.name.upper())))
+        group.add_argument(flag, **kwargs)
 
 
 def train_config(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
     """Flags -> TrainConfig: `base` (a resumed run's) or the recipe's defaults, then every flag given."""
-    given = {flag: getattr(args, flag) for flag in TRAIN_FLAGS if getattr(args, flag, None) is not None}
+    given = {(section, f.name, flag, f.metadata["resumable"]): getattr(args, f"{section}.{f.name}")
+             for section, f, flag in config_fields() if getattr(args, f"{section}.{f.name}", None) is not None}
     if base is None:
         sections = {name: dict(values) for name, values in RECIPES[args.recipe].items()}
     else:
         sections = base.to_dict()
-        refused = [f for f in given if f not in RESUMABLE and _value(base, f) != given[f]]
-        if refused:
-            flag = refused[0]
-            raise UserError(f"--{flag.replace('_', '-')} {given[flag]} contradicts the run being resumed "
-                            f"(it used {_value(base, flag)}); drop the flag, or start a new run with --out")
-    for flag, value in given.items():
-        section, name = TRAIN_FLAGS[flag]
+        for (section, name, flag, resumable), value in given.items():
+            used = getattr(getattr(base, section), name)
+            if not resumable and used != value:
+                raise UserError(f"{flag} {value} contradicts the run being resumed (it used {used}); drop the "
+                                f"flag, or start a new run with --out")
+    for (section, name, _, _), value in given.items():
         sections.setdefault(section, {})[name] = value
     return TrainConfig.from_dict(sections)
 
 
-def _value(cfg: TrainConfig, flag: str):
-    section, name = TRAIN_FLAGS[flag]
-    return getattr(getattr(cfg, section), name)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from imgclf.checkpoint import load_checkpoint
-    from imgclf.errors import Stopped
-    from imgclf.train import train
-
     if args.resume:
         last = Path(args.resume) / "checkpoints" / "last.pt"
         if not last.is_file():
             raise UserError(f"nothing to resume: {last} does not exist")
+        from imgclf.checkpoint import load_checkpoint
+
         base = TrainConfig.from_dict(load_checkpoint(last)["config"])
         # --stop-after counts the epochs of one invocation: the resumed one runs to the end unless told again
         run = dataclasses.replace(base.run, out=str(args.resume), stop_after=None)
@@ -185,28 +200,39 @@ def cmd_train(args: argparse.Namespace) -> int:
         if (Path(cfg.run.out) / "checkpoints" / "last.pt").exists():
             raise UserError(f"{cfg.run.out} already holds a run; resume it with --resume {cfg.run.out}, "
                             f"or choose another --out")
+    from imgclf.train import train  # torch and the rest, once the flags are known to be good
+
     try:
         record = train(cfg, resume=bool(args.resume))
     except Stopped as stop:
         print(f"imgclf: {stop}", file=sys.stderr)
         return stop.code
     if record and os.environ.get("RANK", "0") == "0":  # under torchrun, once for the job
-        print(f"done: test accuracy {record['test_acc']:.2%} after {record['epoch']} epochs; "
+        test = f", test accuracy {record['test_acc']:.2%}" if "test_acc" in record else ""
+        print(f"done: validation accuracy {record['val_acc']:.2%}{test} after {record['epoch']} epochs; "
               f"checkpoints in {Path(cfg.run.out) / 'checkpoints'}", file=sys.stderr)
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- eval, predict, samples, models
+
+# Help of flags several commands share; argparse fills in %(default)s, so the help shows the default in the code.
+DATA_ROOT_HELP = "where built-in data sets are downloaded and found (%(default)s)"
+VAL_FRACTION_HELP = "held-out share of a single folder of classes, as in training (%(default)g)"
+CACHE_DIR_HELP = "where decoded folders are cached (default: ~/.cache/imgclf)"
+DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (%(default)s)"
+
 def _add_eval(sub, common) -> None:
-    p = sub.add_parser("eval", parents=[common], help="loss, accuracy, per-class accuracy, confusion matrix")
+    p = _command(sub, common, "eval", cmd_eval, help="loss, accuracy, per-class accuracy, confusion matrix")
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True, help="data set or folder; its test/ or val/ split is evaluated")
-    p.add_argument("--data-root", default="data")
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--cache-dir")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--data-root", default="data", help=DATA_ROOT_HELP)
+    _number(p, "--val-fraction", float, 0, 1, low_open=True, high_open=True, words="between 0 and 1", default=0.2,
+            help=VAL_FRACTION_HELP)
+    _number(p, "--batch-size", int, 1, MAX_BATCH, default=1024, help="pictures per batch (%(default)s)")
+    p.add_argument("--cache-dir", help=CACHE_DIR_HELP)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -239,25 +265,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _add_predict(sub, common) -> None:
-    p = sub.add_parser("predict", parents=[common], help="label pictures with a trained model (note 31)")
+    p = _command(sub, common, "predict", cmd_predict, help="label pictures with a trained model (note 31)")
     p.add_argument("checkpoint")
     p.add_argument("paths", nargs="+", metavar="PATH", help="picture files and folders")
-    p.add_argument("--topk", type=int, default=3, help="how many labels per picture (3)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
+    _number(p, "--topk", int, 1, default=3, help="how many labels per picture (%(default)s)")
+    _number(p, "--batch-size", int, 1, MAX_BATCH, default=64, help="pictures per batch (%(default)s)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 (exact probabilities, as exported models give) or auto: bf16 where supported, faster")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="one JSON object per line")
     fmt.add_argument("--csv", action="store_true", help="CSV with a header row")
-    p.set_defaults(func=cmd_predict)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from imgclf.predict import Predictor
 
-    if args.topk < 1:
-        raise UserError(f"--topk must be at least 1, got {args.topk}")
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision)
     writer = csv.writer(sys.stdout) if args.csv else None
     if writer:
@@ -280,17 +303,203 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if failed else EXIT_OK
 
 
+def _add_samples(sub, common) -> None:
+    p = _command(sub, common, "samples", cmd_samples, help="save test pictures of a data set as PNG files")
+    p.add_argument("data", help="a built-in data set or a folder")
+    p.add_argument("--data-root", default="data", help=DATA_ROOT_HELP)
+    _number(p, "--per-class", int, 1, default=1, help="pictures per class (%(default)s)")
+    p.add_argument("--out", default="imgs", help="folder to write into (%(default)s)")
+
+
 def cmd_samples(args: argparse.Namespace) -> int:
     from imgclf.sources import load_data, write_samples
 
     data = load_data(DataConfig(data=args.data, data_root=args.data_root))
-    written = write_samples(data.test, data.classes, Path(args.out), per_class=args.per_class)
-    print(f"wrote {len(written)} {data.test_name} pictures to {args.out}/")
+    written = write_samples(data.val, data.classes, Path(args.out), per_class=args.per_class)
+    print(f"wrote {len(written)} {data.val_name} pictures to {args.out}/")
     return EXIT_OK
+
+
+def _add_models(sub, common) -> None:
+    _command(sub, common, "models", cmd_models, help="list the model names --model takes")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     from imgclf.models import available_models
 
     print("\n".join(available_models()))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- inspect, export, serve
+
+def _add_inspect(sub, common) -> None:
+    p = _command(sub, common, "inspect", cmd_inspect, help="layer table: output shape, params, MACs (notes 16-21)",
+                 description="Print every layer of a model with its output shape, parameters and "
+                             "multiply-accumulates for one input, with totals and size.")
+    p.add_argument("target", metavar="MODEL|CKPT", help="a model name (`imgclf models`) or a checkpoint file")
+    p.add_argument("--input-size", metavar="CxHxW",
+                   help="input shape, e.g. 3x32x32 (default: the checkpoint's, or 3x32x32 for a model name)")
+    _number(p, "--num-classes", int, 1, 100_000, default=10,
+            help="classes of the last layer for a model name (%(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    shape = parse_size(args.input_size) if args.input_size else None
+    from imgclf.inspect import format_table, inspect_target
+
+    summary = inspect_target(args.target, input_shape=shape, num_classes=args.num_classes)
+    print(json.dumps(summary.to_dict()) if args.json else format_table(summary))
+    return EXIT_OK
+
+
+EXPORT_FORMATS = ("onnx", "safetensors", "torchscript")  # imgclf.export.FORMATS, named without importing torch
+
+
+def _add_export(sub, common) -> None:
+    p = _command(sub, common, "export", cmd_export, help="write a checkpoint as TorchScript, ONNX or safetensors",
+                 description="Write a checkpoint in a format usable without imgclf; class names and "
+                             "preprocessing are stored inside the file (see README, Export and serve).")
+    p.add_argument("checkpoint")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, dest="export_format",
+                   help="onnx (onnxruntime, any language), torchscript (torch.jit.load, Python or C++), "
+                        "safetensors (the weights alone)")
+    p.add_argument("--out", help="output file (default: beside the checkpoint, e.g. best.onnx)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from imgclf.export import export_checkpoint
+
+    print(export_checkpoint(args.checkpoint, args.export_format, out=args.out).describe())
+    return EXIT_OK
+
+
+def _add_serve(sub, common) -> None:
+    p = _command(sub, common, "serve", cmd_serve, help="serve a checkpoint over HTTP, with a web page",
+                 description="Serve predictions over HTTP: POST /predict, GET /health, and a page "
+                             "at / to try pictures in a browser.")
+    p.add_argument("checkpoint")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s: this machine only)")
+    _number(p, "--port", int, 1, 65535, words="between 1 and 65535", default=8000, help="TCP port (%(default)s)")
+    _number(p, "--topk", int, 1, default=5, help="labels per answer unless the request asks ?topk=N (%(default)s)")
+    _number(p, "--max-upload-mb", float, 0, low_open=True, default=10.0,
+            help="largest accepted upload, in MB (%(default)g)")
+    _number(p, "--max-batch", int, 1, MAX_BATCH, default=32, help="most pictures per forward pass (%(default)s)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from imgclf.serve import serve_checkpoint
+
+    serve_checkpoint(args.checkpoint, host=args.host, port=args.port, topk=args.topk,
+                     max_upload_mb=args.max_upload_mb, max_batch=args.max_batch, device=args.device)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- show, features, lr-find, env
+
+def _add_show(sub, common) -> None:
+    p = _command(sub, common, "show", cmd_show, help="a labelled grid of sample pictures (notes 06, 13-14)",
+                 description="Write a PNG grid of sample pictures labelled with their class names, "
+                             "and print how many pictures each class has in each split.")
+    p.add_argument("data", metavar="DATA", help="cifar10, mnist, ... or a folder (as `train --data`)")
+    how = p.add_mutually_exclusive_group()
+    _number(p, "--per-class", int, 1, 1000, words="1..1000", group=how, metavar="N",
+            help="N pictures of each class, one row per class (default 8 when there are at most 20 classes)")
+    _number(p, "--random", int, 1, 1000, words="1..1000", group=how, metavar="N",
+            help="N pictures drawn at random (default 64 with many classes)")
+    p.add_argument("--split", choices=("train", "test"), default="train",
+                   help="which split to draw from (%(default)s)")
+    p.add_argument("--out", default="samples.png", help="PNG to write (%(default)s)")
+    _number(p, "--seed", int, 0, MAX_SEED, default=0, help="which pictures are drawn (%(default)s)")
+    _number(p, "--img-size", int, 8, MAX_SIDE, words=f"8..{MAX_SIDE}",
+            help="side of the square pictures (default: as `train` uses)")
+    p.add_argument("--data-root", default="data", help=DATA_ROOT_HELP)
+    _number(p, "--val-fraction", float, 0, 1, low_open=True, high_open=True, words="between 0 and 1", default=0.2,
+            help=VAL_FRACTION_HELP)
+    p.add_argument("--cache-dir", help=CACHE_DIR_HELP)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from imgclf.visualize import show
+
+    cfg = DataConfig(data=args.data, data_root=args.data_root, img_size=args.img_size,
+                     val_fraction=args.val_fraction, cache_dir=args.cache_dir)
+    table, out = show(cfg, per_class=args.per_class, random=args.random, split=args.split, out=args.out,
+                      seed=args.seed)
+    print(table)
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+def _add_features(sub, common) -> None:
+    p = _command(sub, common, "features", cmd_features, help="feature maps of one picture (notes 17-19)",
+                 description="Run one picture through a trained model (or an untrained one, as note 17 "
+                             "does) and draw what each convolution, activation and pooling layer "
+                             "outputs, to PNGs and to TensorBoard.")
+    p.add_argument("checkpoint", metavar="CKPT|MODEL", help="a checkpoint, or a model name for random weights")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--input-size", metavar="CxHxW", default="3x32x32",
+                   help="input of a model given by name (%(default)s); a checkpoint knows its own")
+    _number(p, "--seed", int, 0, MAX_SEED, default=0, help="random weights of a model given by name (%(default)s)")
+    p.add_argument("--out", help="folder for the PNGs and TensorBoard events (features/<picture name>)")
+    _number(p, "--max-channels", int, 1, default=64, help="channels drawn per layer (%(default)s)")
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    shape = parse_size(args.input_size)
+    from imgclf.visualize import features
+
+    done = features(args.checkpoint, args.image, input_shape=shape, seed=args.seed, out=args.out,
+                    max_channels=args.max_channels)
+    print(f"{done.image.name}: {done.label}")
+    for i, (name, kind, out_shape) in enumerate(done.layers, start=1):
+        print(f"{i:3d}. {name:<24} {kind:<12} {'x'.join(map(str, out_shape))}")
+    print(f"wrote {len(done.layers) + 1} PNGs and TensorBoard events to {done.out} (tensorboard --logdir "
+          f"{done.out})", file=sys.stderr)
+    return EXIT_OK
+
+
+def _add_lr_find(sub, common) -> None:
+    p = _command(sub, common, "lr-find", cmd_lr_find, help="learning-rate range test, plotted (notes 23, 26)",
+                 description="Sweep the learning rate exponentially over a few training steps, plot the loss "
+                             "against it and suggest a learning rate for `imgclf train --lr`. The training "
+                             "flags mean what they mean to `imgclf train`.")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="default", help="as `imgclf train --recipe`")
+    _number(p, "--start-lr", float, 0, low_open=True, default=1e-7, help="first learning rate (%(default)g)")
+    _number(p, "--end-lr", float, 0, low_open=True, default=10.0, help="last learning rate (%(default)g)")
+    _number(p, "--steps", int, 10, default=100, help="training steps of the sweep (%(default)s)")
+    p.add_argument("--out", dest="plot", default="lr_find.png", help="PNG to write (%(default)s)")
+    add_config_flags(p, skip=("--out", "--lr", "--epochs", "--patience", "--monitor", "--stop-after", "--log-every",
+                              "--ema", "--tta"), required=("--data",))
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    cfg = train_config(args)
+    from imgclf.lrfind import lr_find
+
+    test, suggested, out = lr_find(cfg, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps,
+                                   plot=args.plot)
+    where = (f"stopped at lr {test.lrs[-1]:.1e} after {len(test.lrs)} steps: the loss diverged" if test.diverged
+             else f"{len(test.lrs)} steps up to lr {test.lrs[-1]:.1e}")
+    print(f"swept {args.start_lr:.0e} .. {args.end_lr:.0e}; {where}", file=sys.stderr)
+    print(f"suggested learning rate: {suggested['valley']:.1e} (valley)")
+    print(f"  steepest descent at {suggested['steep']:.1e}; minimum loss / 10 at {suggested['minimum']:.1e}")
+    print(f"plot: {out}")
+    return EXIT_OK
+
+
+def _add_env(sub, common) -> None:
+    p = _command(sub, common, "env", cmd_env, help="versions and devices (notes 01, 29-30)",
+                 description="Print Python and package versions, the devices PyTorch can use "
+                             "(CUDA GPUs with name and memory, MPS, CPU threads) and bf16 support.")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from imgclf.envinfo import environment, format_environment
+
+    env = environment()
+    print(json.dumps(env) if args.json else format_environment(env))
     return EXIT_OK

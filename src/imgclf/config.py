@@ -3,66 +3,118 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from imgclf.errors import UserError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "onecycle")
-AUGMENTS = ("none", "flip", "flip-crop", "flip-crop-cutout")
+AUGMENTS = ("auto", "none", "flip", "flip-crop", "flip-crop-cutout", "photo")
+AUTO_AUGMENTS = ("none", "trivialaugment", "randaugment")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BALANCES = ("none", "sampler", "loss")
+MONITORS = ("val_acc", "val_loss", "val_macro_f1")  # imgclf.metrics.MONITORS says which way is better
+# Upper bounds of numeric flags: far beyond any sensible value, low enough that nothing overflows.
+MAX_SIDE = 4096  # pixels, a side of an input picture
+MAX_CHANNELS = 64  # channels of an input picture (--input-size)
+MAX_BATCH = 65536  # pictures in one batch
+MAX_EPOCHS = 100_000
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits
+
+
+def option(default, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
+           resumable: bool = False, metavar: str | None = None, none: str = "none"):
+    """A configuration field and its command-line flag in one declaration: `imgclf.cli` builds the flag
+    (`--field-name` unless `flag` says otherwise), its help and its shown default from this, so `--help`
+    cannot disagree with the code. `resumable`: the flag may differ from the run being resumed; `none`: what
+    a default of None means, for the help."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices,
+                                            "resumable": resumable, "metavar": metavar, "none": none})
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The command-line flag of a configuration field declared with `option`."""
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    data: str = "cifar10"  # a built-in name or a folder
-    data_root: str = "data"  # where built-ins are downloaded / found
-    img_size: int | None = None  # None: the data set's native size (folders: 224 unless small and square)
-    val_fraction: float = 0.2  # for a single folder of classes
-    augment: str = "flip-crop"
-    crop_pad: int | None = None  # flip-crop shift in pixels; None: an eighth of the side (4 at 32)
-    batch_size: int = 128  # global batch size, split across processes
-    eval_batch_size: int = 1024
-    strict: bool = False  # check every file before training and fail on any bad one
-    cache_dir: str | None = None  # default: $XDG_CACHE_HOME/imgclf
+    data: str = option("cifar10", "cifar10, cifar100, mnist, fashion-mnist, or a folder (see README)",
+                       resumable=True)
+    data_root: str = option("data", "where built-in data sets are downloaded and found", resumable=True)
+    img_size: int | None = option(None, "side of the square input", none="native; photos 224")
+    labels: str | None = option(None, "a CSV of filename,label rows naming the class of each picture under --data "
+                                      "(Kaggle's layout)", none="class folders", metavar="FILE.csv")
+    val_fraction: float = option(0.2, "held-out share of a single folder of classes")
+    augment: str = option("auto", "training augmentation; auto: photo for photos, flip-crop for small square "
+                                  "pictures such as CIFAR's", choices=AUGMENTS)
+    store_size: int | None = option(None, "side at which training pictures are kept decoded, for random-resized "
+                                          "crops (photo)", none="8/7 of --img-size for photos, else --img-size")
+    crop_scale: float = option(0.25, "smallest area of a random-resized crop, as a share of the picture (photo)")
+    auto_augment: str = option("trivialaugment", "auto-augment policy of each training picture (photo)",
+                               choices=AUTO_AUGMENTS)
+    random_erasing: float = option(0.25, "probability of erasing a rectangle of each training picture (photo)")
+    mixup: float = option(0.0, "mixup's Beta alpha; 0: no mixup")
+    cutmix: float = option(0.0, "CutMix's Beta alpha; 0: no CutMix")
+    mix_switch: float = option(0.5, "with both mixup and CutMix, the probability of CutMix for a batch")
+    crop_pad: int | None = option(None, "largest shift of flip-crop, in pixels", none="an eighth of the side")
+    batch_size: int = option(128, "global batch size, split across processes")
+    balance: str = option("none", "unbalanced classes: sampler draws pictures inversely to their class's size; "
+                                  "loss weights the loss so", choices=BALANCES)
+    eval_batch_size: int = option(1024, "batch size for evaluation", resumable=True)
+    strict: bool = option(False, "fail before training on any bad file", flag="--strict-data")
+    cache_dir: str | None = option(None, "where decoded folders are cached", none="~/.cache/imgclf",
+                                resumable=True)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "tutorial_cnn"
-    pretrained: str | None = None  # a local file, or a torchvision weights name such as IMAGENET1K_V1
-    freeze_backbone: bool = False
+    name: str = option("tutorial_cnn", "tutorial_cnn, fastnet, or any torchvision classifier (`imgclf models`)",
+                       flag="--model")
+    pretrained: str | None = option(None, "backbone weights: a local file, or a weights name such as IMAGENET1K_V1",
+                                    metavar="FILE|NAME")
+    freeze_backbone: bool = option(False, "train only the new last layer")
+    args: str | None = option(None, "keyword arguments for the constructor of a timm/NAME model or of "
+                                    "--model FILE.py:ClassName, as a JSON object", flag="--model-args",
+                              metavar="JSON")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    epochs: int = 10
-    lookahead: bool = False  # average the weights every 5 steps and continue from the average (optim.Lookahead)
+    optimizer: str = option("sgd", "optimizer", choices=OPTIMIZERS)
+    lr: float = option(0.05, "peak learning rate")
+    momentum: float = option(0.9, "SGD momentum")
+    nesterov: bool = option(True, "Nesterov momentum")
+    weight_decay: float = option(5e-4, "on weights, not biases or norms")
+    schedule: str = option("onecycle", "learning-rate schedule after warm-up", choices=SCHEDULES)
+    warmup_epochs: float = option(1.0, "linear warm-up length, in epochs")
+    label_smoothing: float = option(0.1, "cross-entropy label smoothing")
+    epochs: int = option(10, "epochs in all", resumable=True)
+    patience: int | None = option(None, "end the run after this many epochs without a better --monitor figure",
+                                  none="never", resumable=True)
+    monitor: str = option("val_acc", "validation figure that chooses best.pt and early stopping", choices=MONITORS)
+    lookahead: bool = option(False, "every 5 steps, average the weights and continue from the average")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    out: str = "runs/run"
-    device: str = "auto"
-    seed: int = 0
+    out: str = option("runs/run", "run folder")
+    device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", resumable=True)
+    seed: int = option(0, "seed of initialisation, order and augmentation")
     # bf16 autocast where the hardware has it (AVX512-BF16/AMX CPUs, recent GPUs), else fp32. Runs stay
     # repeatable and resume bit-exactly across processes; within one process oneDNN's kernel choices can
     # depend on what ran before, so in-process comparisons (tests) pin fp32.
-    precision: str = "auto"
-    channels_last: bool = True  # NHWC convolutions: faster with oneDNN and tensor cores (benchmarks/)
-    compile: bool = False
-    log_every: int = 50  # TensorBoard train-loss interval, in steps
-    stop_after: int | None = None  # stop (resumably) after this many epochs in this invocation
-    ema: bool = False  # evaluate and save an exponential moving average of the weights
-    tta: bool = False  # final evaluation averages flipped and shifted views (engine.tta_logits)
+    precision: str = option("auto", "autocast precision (auto: bf16 where supported, else fp32)", choices=PRECISIONS)
+    # NHWC convolutions: faster with oneDNN and tensor cores (benchmarks/)
+    channels_last: bool = option(True, "channels_last memory format")
+    compile: bool = option(False, "torch.compile the model", resumable=True)
+    log_every: int = option(50, "TensorBoard train-loss interval, in steps", resumable=True)
+    stop_after: int | None = option(None, "stop resumably after this many epochs of this invocation",
+                                    none="never", resumable=True)
+    ema: bool = option(False, "evaluate and keep an exponential moving average of the weights")
+    tta: bool = option(False, "the last epoch's evaluation averages flipped and 1-pixel-shifted views "
+                              "(6 passes; engine.tta_logits)")
 
 
 @dataclass(frozen=True)
@@ -71,6 +123,8 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    SECTIONS = ("data", "model", "optim", "run")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -85,22 +139,51 @@ class TrainConfig:
         return cls(**kwargs).validated()
 
     def validated(self) -> TrainConfig:
-        """Return self, or raise UserError naming the first invalid value."""
+        """Return self, or raise UserError naming the first invalid value and what the flag accepts."""
         d, o, r = self.data, self.optim, self.run
-        _check(d.batch_size >= 1, f"--batch-size must be at least 1, got {d.batch_size}")
-        _check(d.img_size is None or 8 <= d.img_size <= 4096, f"--img-size must be 8..4096, got {d.img_size}")
-        _check(0.0 < d.val_fraction < 1.0, f"--val-fraction must be between 0 and 1, got {d.val_fraction}")
-        _check(d.crop_pad is None or d.crop_pad >= 0, f"--crop-pad must be >= 0, got {d.crop_pad}")
-        _check(d.augment in AUGMENTS, f"unknown --augment {d.augment!r}; choose one of {', '.join(AUGMENTS)}")
-        _check(o.optimizer in OPTIMIZERS, f"unknown --optimizer {o.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        _check(o.schedule in SCHEDULES, f"unknown --schedule {o.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        _check(o.lr > 0, f"--lr must be positive, got {o.lr}")
-        _check(o.epochs >= 1, f"--epochs must be at least 1, got {o.epochs}")
-        _check(0.0 <= o.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {o.label_smoothing}")
-        _check(o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}")
-        _check(r.precision in PRECISIONS, f"unknown --precision {r.precision!r}; choose one of {', '.join(PRECISIONS)}")
-        _check(r.stop_after is None or r.stop_after >= 1, "--stop-after must be at least 1")
+        check_number("--img-size", d.img_size, 8, MAX_SIDE, words=f"8..{MAX_SIDE}")
+        check_number("--val-fraction", d.val_fraction, 0, 1, low_open=True, high_open=True, words="between 0 and 1")
+        check_number("--crop-pad", d.crop_pad, 0, MAX_SIDE)
+        check_number("--batch-size", d.batch_size, 1, MAX_BATCH)
+        check_number("--eval-batch-size", d.eval_batch_size, 1, MAX_BATCH)
+        check_number("--lr", o.lr, 0, low_open=True)
+        check_number("--momentum", o.momentum, 0, 1, high_open=True, words="in [0, 1)")
+        check_number("--weight-decay", o.weight_decay, 0)
+        check_number("--warmup-epochs", o.warmup_epochs, 0)
+        check_number("--label-smoothing", o.label_smoothing, 0, 1, high_open=True, words="in [0, 1)")
+        check_number("--epochs", o.epochs, 1, MAX_EPOCHS)
+        check_number("--patience", o.patience, 1, MAX_EPOCHS)
+        check_number("--seed", r.seed, 0, MAX_SEED)
+        check_number("--log-every", r.log_every, 1)
+        check_number("--stop-after", r.stop_after, 1, MAX_EPOCHS)
+        for section in self.SECTIONS:  # fields with a fixed set of values (also a recipe's or a checkpoint's)
+            part = getattr(self, section)
+            for f in dataclasses.fields(part):
+                choices, value = f.metadata["choices"], getattr(part, f.name)
+                _check(not choices or value in choices,
+                       f"unknown {flag_of(f)} {value!r}; choose one of {', '.join(choices or ())}")
         return self
+
+
+def check_number(flag: str, value, low=None, high=None, *, low_open: bool = False, high_open: bool = False,
+                 words: str | None = None) -> None:
+    """Raise UserError, one line naming `flag` and what it accepts, unless `value` is None or a finite number
+    within [low, high] (an open end excludes its bound; a bound of None is no bound). `words` describes the
+    accepted values; by default, the bound that was crossed ("at least 1", "positive", "at most 65536")."""
+    if value is None:
+        return
+    finite = not isinstance(value, float) or math.isfinite(value)  # ints: any size (math.isfinite overflows)
+    above_low = low is None or (value > low if low_open else value >= low)
+    below_high = high is None or (value < high if high_open else value <= high)
+    if finite and above_low and below_high:
+        return
+    if words is None and not finite:
+        words = "a finite number"
+    elif words is None and not above_low:
+        words = ("positive" if low == 0 else f"above {low}") if low_open else f"at least {low}"
+    elif words is None:
+        words = f"below {high}" if high_open else f"at most {high}"
+    raise UserError(f"{flag} must be {words}, got {value}")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -141,4 +224,7 @@ def parse_size(text: str) -> tuple[int, int, int]:
         dims = ()
     if len(dims) != 3 or min(dims) < 1:
         raise UserError(f"malformed size {text!r}; write CxHxW, for example 3x32x32")
+    if dims[0] > MAX_CHANNELS or max(dims[1:]) > MAX_SIDE:
+        raise UserError(f"--input-size {text} is too large: at most {MAX_CHANNELS} channels and {MAX_SIDE} pixels "
+                        f"a side")
     return dims  # type: ignore[return-value]

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from imgclf.distributed import DistInfo, all_reduce_sum
-from imgclf.metrics import accuracy, confusion_matrix
+from imgclf.metrics import accuracy, confusion_matrix, improved
+from imgclf.models import training_loss
 from imgclf.optim import Lookahead
 
 
@@ -52,7 +53,8 @@ class TrainState:
     net: nn.Module | None = None
     epoch: int = 0  # epochs finished
     step: int = 0  # steps done of epoch `epoch` (a run stopped mid-epoch)
-    best_acc: float = 0.0
+    best_score: float | None = None  # the best value of the monitored validation metric so far
+    best_epoch: int = 0  # the epoch (counted from 1) that reached it
     metrics: dict = field(default_factory=dict)  # the last epoch's record
     partial: list[float] | None = None  # (loss sum, correct, seen) of the first `step` steps of epoch `epoch`
 
@@ -71,8 +73,17 @@ class TrainState:
         if self.lookahead is not None:
             self.lookahead.after_step(self.model, step, self.total_steps)
 
+    def end_epoch(self, record: dict, monitor: str) -> bool:
+        """Record a finished epoch's metrics; True when its `monitor` figure is the best so far."""
+        better = improved(record[monitor], self.best_score, monitor)
+        self.epoch, self.step, self.partial, self.metrics = record["epoch"], 0, None, record
+        if better:
+            self.best_score, self.best_epoch = record[monitor], record["epoch"]
+        return better
+
     def state_dict(self) -> dict:
-        state = {"epoch": self.epoch, "step": self.step, "best_acc": self.best_acc, "metrics": self.metrics,
+        state = {"epoch": self.epoch, "step": self.step, "best_score": self.best_score,
+                 "best_epoch": self.best_epoch, "metrics": self.metrics,
                  "partial": self.partial, "state_dict": _cpu(self.model.state_dict()),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -85,7 +96,8 @@ class TrainState:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.step, self.best_acc = state["epoch"], state["step"], state["best_acc"]
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
         self.metrics, self.partial = state.get("metrics") or {}, state.get("partial")
         self.model.load_state_dict(state["state_dict"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -126,9 +138,9 @@ def train_one_epoch(state: TrainState, loader, *, epoch: int, loss_fn, autocast:
     start, stopped_at = time.perf_counter(), None
     for step, (x, y, n_global) in enumerate(loader.epoch(epoch, start_step=state.step), start=state.step):
         with autocast():
-            logits = model(x)
+            logits, loss = training_loss(model(x), y, loss_fn)  # auxiliary classifiers' losses included
             # mean over the global batch, also when each process holds a share of it
-            loss = loss_fn(logits.float(), y) * (y.shape[0] * world / n_global)
+            loss = loss * (y.shape[0] * world / n_global)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -140,7 +152,7 @@ def train_one_epoch(state: TrainState, loader, *, epoch: int, loss_fn, autocast:
         state.scheduler.step()
         state.after_update(epoch * steps + step + 1)
         pending.append((step, loss.detach() * (n_global / (y.shape[0] * world)), y.shape[0]))
-        correct += (logits.argmax(1) == y).sum()
+        correct += (logits.argmax(1) == (y if y.ndim == 1 else y.argmax(1))).sum()  # mixed: the larger share
         seen += y.shape[0]
         stop = hooks.should_stop()
         if stop or len(pending) >= check_every:
@@ -179,26 +191,31 @@ def _device(model: nn.Module) -> torch.device:
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, *, num_classes: int, autocast: Callable[[], AbstractContextManager],
              dist: DistInfo | None = None, tta: bool = False, keep_probs: bool = False) -> dict:
-    """Loss (plain cross-entropy), accuracy and confusion matrix over every sample once, summed across
-    processes. With `tta`, logits are those of `tta_logits`."""
+    """Loss (plain cross-entropy), accuracy, top-5 accuracy (more than five classes) and confusion matrix over
+    every sample once, summed across processes. With `tta`, logits are those of `tta_logits`."""
     model.eval()
     dist = dist or DistInfo()
     start = time.perf_counter()
     loss_sum = torch.zeros((), dtype=torch.float64, device=_device(model))
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=_device(model))
+    top5 = torch.zeros((), dtype=torch.int64, device=_device(model))
     probs = []
     for x, y, _ in loader.epoch(0):
         with autocast():
             logits = tta_logits(model, x) if tta else model(x).float()
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").double()
         confusion += confusion_matrix(logits.argmax(1), y, num_classes)
+        if num_classes > 5:
+            top5 += (logits.topk(5, dim=1).indices == y.view(-1, 1)).any(1).sum()
         if keep_probs:
             probs.append(logits.softmax(1).cpu())
-    all_reduce_sum(loss_sum, dist)
-    all_reduce_sum(confusion, dist)
+    for total in (loss_sum, confusion, top5):
+        all_reduce_sum(total, dist)
     count = int(confusion.sum())
     out = {"loss": float(loss_sum) / max(count, 1), "acc": accuracy(confusion.cpu()), "count": count,
            "confusion": confusion.cpu(), "seconds": time.perf_counter() - start}
+    if num_classes > 5:
+        out["top5"] = int(top5) / max(count, 1)
     if keep_probs:
         out["probs"] = torch.cat(probs) if probs else torch.zeros(0, num_classes)
     return out

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import sys
@@ -12,7 +10,6 @@ from importlib import metadata
 import torch
 
 from imgclf import __version__
-from imgclf.errors import EXIT_OK
 from imgclf.runtime import bf16_supported, resolve_device
 
 PACKAGES = ("torch", "torchvision", "pillow", "numpy", "tensorboard", "matplotlib")
@@ -75,17 +72,3 @@ def format_environment(env: dict) -> str:
     lines.append(f"  {'mps':<8} {'available' if env['mps'] else 'not available'}")
     lines.append(f"--device auto uses: {env['default_device']}")
     return "\n".join(lines)
-
-
-def register(subparsers, common) -> None:
-    p = subparsers.add_parser("env", parents=[common], help="versions and devices (notes 01, 29-30)",
-                              description="Print Python and package versions, the devices PyTorch can use "
-                                          "(CUDA GPUs with name and memory, MPS, CPU threads) and bf16 support.")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_env)
-
-
-def cmd_env(args: argparse.Namespace) -> int:
-    env = environment()
-    print(json.dumps(env) if args.json else format_environment(env))
-    return EXIT_OK

@@ -14,13 +14,23 @@ from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import load_data
 from imgclf.transforms import BatchTransform
 
+SPLITS = ("train", "val", "test")
 
-def evaluate_checkpoint(path, data_cfg: DataConfig, *, device: str = "auto", precision: str | None = None) -> dict:
-    """Evaluate a checkpoint on the held-out split of `data_cfg.data`, preprocessed as it was trained and,
-    unless `precision` says otherwise, computed in the run's precision (so it reproduces the run's figures)."""
+
+def evaluate_checkpoint(path, data_cfg: DataConfig, *, split: str | None = None, device: str = "auto",
+                        precision: str | None = None) -> dict:
+    """Evaluate a checkpoint on one split of `data_cfg.data`, preprocessed as it was trained and, unless
+    `precision` says otherwise, computed in the run's precision (so it reproduces the run's figures).
+
+    `split`: train, val or test; by default the test split where the data set has one beside its validation
+    split, else the held-out one (a test folder serving as validation), and all of a plain folder of class
+    folders. The result is `engine.evaluate`'s with `classes`, `split` (its name) and `data` added."""
     ckpt = load_checkpoint(path)
     inp = ckpt["input"]
-    data = load_data(replace(data_cfg, img_size=inp["size"]), img_size=inp["size"], channels=inp["channels"])
+    # augment "none": every split decoded at the model's size (training's larger photo store is not needed)
+    data = load_data(replace(data_cfg, img_size=inp["size"], augment="none"), img_size=inp["size"],
+                     channels=inp["channels"],
+                     whole=split is None)
     if data.classes != ckpt["classes"]:
         raise UserError(f"{path} was trained for {len(ckpt['classes'])} classes ({preview(ckpt['classes'])}), "
                         f"but {data_cfg.data} has {len(data.classes)} ({preview(data.classes)})")
@@ -28,13 +38,26 @@ def evaluate_checkpoint(path, data_cfg: DataConfig, *, device: str = "auto", pre
     channels_last = run.get("channels_last", False)
     dev = resolve_device(device)
     model = place_model(model_from_checkpoint(ckpt), dev, channels_last=channels_last)
-    loader = eval_loader(data.test, BatchTransform(tuple(inp["mean"]), tuple(inp["std"])),
+    name, chosen = _choose(data, split, data_cfg.data)
+    loader = eval_loader(chosen, BatchTransform(tuple(inp["mean"]), tuple(inp["std"])),
                          batch_size=data_cfg.eval_batch_size, device=dev, channels_last=channels_last)
     autocast = autocast_factory(dev, resolve_precision(precision or run.get("precision", "fp32"), dev))
     result = evaluate(model, loader, num_classes=len(data.classes), autocast=autocast, tta=run.get("tta", False),
                       keep_probs=True)
-    result.update(classes=data.classes, split=data.test_name, data=data)
+    result.update(classes=data.classes, split=name, data=data, split_data=chosen)
     return result
+
+
+def _choose(data, split: str | None, where: str):
+    """(name, Split) of the split to evaluate; see `evaluate_checkpoint`."""
+    if split is None:
+        return ("test", data.test) if data.test is not None else (data.val_name, data.val)
+    if split not in SPLITS:
+        raise UserError(f"unknown --split {split!r}; choose one of {', '.join(SPLITS)}")
+    if split == "test" and data.test is None:
+        raise UserError(f"{where} has no test split beside its validation split; its held-out split is "
+                        f"{data.val_name!r}: use --split val")
+    return {"train": ("train", data.train), "val": (data.val_name, data.val), "test": ("test", data.test)}[split]
 
 
 def preview(names: list[str]) -> str:

@@ -18,7 +18,6 @@ crop); output `probabilities`, float32, shape (N, classes), in the order of the 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import io
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 from imgclf import __version__
-from imgclf.errors import EXIT_OK, UserError
+from imgclf.errors import UserError
 
 FORMATS = {"torchscript": ".torchscript.pt", "onnx": ".onnx", "safetensors": ".safetensors"}
 METADATA_KEY = "imgclf"  # the key (or extra-file stem) under which every format stores the metadata JSON
@@ -52,7 +51,10 @@ class ExportWrapper(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(torch.float32) / 255.0  # the same operations, in the same order, as BatchTransform
+        # The same function as BatchTransform's evaluation path, (x / 255 - mean) / std per channel, written
+        # out as three float32 operations; BatchTransform folds it into one multiply-add with constants
+        # computed in float64, so the two agree up to float32 rounding, not bit for bit.
+        x = images.to(torch.float32) / 255.0
         return self.model((x - self.mean) / self.std).softmax(1)
 
 
@@ -90,6 +92,19 @@ class Exported:
     path: Path
     metadata: dict
     max_diff: float | None  # export vs checkpoint probabilities on a random batch; None: not checked
+
+    def describe(self) -> str:
+        """One line for the user: the file, its size, what goes in and out, and the self-check."""
+        meta, inp = self.metadata, self.metadata["input"]
+        shape = f"(N, {inp['channels']}, {inp['size']}, {inp['size']})"
+        size_mb = self.path.stat().st_size / 1e6
+        if meta["export_format"] == "safetensors":
+            return (f"wrote {self.path} ({size_mb:.1f} MB): weights of {meta['model']['name']} for "
+                    f"{len(meta['classes'])} classes, input float32 {shape} normalised; metadata in the header")
+        check = ("not run (onnxruntime absent)" if self.max_diff is None
+                 else f"max difference from the checkpoint {self.max_diff:.1e}")
+        return (f"wrote {self.path} ({size_mb:.1f} MB): input uint8 {shape} -> probabilities "
+                f"(N, {len(meta['classes'])}); {check}")
 
 
 def export_checkpoint(checkpoint, fmt: str, out=None) -> Exported:
@@ -179,31 +194,3 @@ def _self_check(wrapper: nn.Module, data: bytes, fmt: str, channels: int, size: 
         session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
         got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
     return float((got - want).abs().max())
-
-
-def register(subparsers, common) -> None:
-    p = subparsers.add_parser("export", parents=[common], help="write a checkpoint as TorchScript, ONNX or safetensors",
-                              description="Write a checkpoint in a format usable without imgclf; class names and "
-                                          "preprocessing are stored inside the file (see README, Export and serve).")
-    p.add_argument("checkpoint")
-    p.add_argument("--format", required=True, choices=sorted(FORMATS), dest="export_format",
-                   help="onnx (onnxruntime, any language), torchscript (torch.jit.load, Python or C++), "
-                        "safetensors (the weights alone)")
-    p.add_argument("--out", help="output file (default: beside the checkpoint, e.g. best.onnx)")
-    p.set_defaults(func=cmd_export)
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    done = export_checkpoint(args.checkpoint, args.export_format, args.out)
-    meta, inp = done.metadata, done.metadata["input"]
-    shape = f"(N, {inp['channels']}, {inp['size']}, {inp['size']})"
-    size_mb = done.path.stat().st_size / 1e6
-    if args.export_format == "safetensors":
-        print(f"wrote {done.path} ({size_mb:.1f} MB): weights of {meta['model']['name']} for "
-              f"{len(meta['classes'])} classes, input float32 {shape} normalised; metadata in the header")
-    else:
-        check = ("not run (onnxruntime absent)" if done.max_diff is None
-                 else f"max difference from the checkpoint {done.max_diff:.1e}")
-        print(f"wrote {done.path} ({size_mb:.1f} MB): input uint8 {shape} -> probabilities "
-              f"(N, {len(meta['classes'])}); {check}")
-    return EXIT_OK

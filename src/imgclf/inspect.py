@@ -9,8 +9,6 @@ the network does, not what its definition suggests. MACs are counted for convolu
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,8 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imgclf.config import parse_size
-from imgclf.errors import EXIT_OK, UserError
+from imgclf.errors import UserError
 
 
 @dataclass
@@ -174,25 +171,11 @@ def checkpoint_input(target: str) -> tuple[int, int, int] | None:
     return (inp["channels"], inp["size"], inp["size"])
 
 
-# ---------------------------------------------------------------- command line
-
-def register(subparsers, common) -> None:
-    p = subparsers.add_parser("inspect", parents=[common], help="layer table: output shape, params, MACs (notes 16-21)",
-                              description="Print every layer of a model with its output shape, parameters and "
-                                          "multiply-accumulates for one input, with totals and size.")
-    p.add_argument("target", metavar="MODEL|CKPT", help="a model name (`imgclf models`) or a checkpoint file")
-    p.add_argument("--input-size", metavar="CxHxW",
-                   help="input shape, e.g. 3x32x32 (default: the checkpoint's, or 3x32x32 for a model name)")
-    p.add_argument("--num-classes", type=int, default=10, help="classes of the last layer for a model name (10)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_inspect)
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    if args.num_classes < 1:
-        raise UserError(f"--num-classes must be at least 1, got {args.num_classes}")
-    shape = parse_size(args.input_size) if args.input_size else checkpoint_input(args.target) or (3, 32, 32)
-    model, name = model_for(args.target, input_shape=shape, num_classes=args.num_classes)
-    summary = summarize(model, shape, name=name)
-    print(json.dumps(summary.to_dict()) if args.json else format_table(summary))
-    return EXIT_OK
+def inspect_target(target: str, *, input_shape: tuple[int, int, int] | None = None,
+                   num_classes: int = 10) -> Summary:
+    """The layer table of `target`, a model name or a checkpoint file (`imgclf inspect`), for an input of
+    `input_shape` (C, H, W): by default the checkpoint's, or 3x32x32 for a model name. `num_classes` sizes
+    the last layer of a model given by name."""
+    shape = input_shape or checkpoint_input(target) or (3, 32, 32)
+    model, name = model_for(target, input_shape=shape, num_classes=num_classes)
+    return summarize(model, shape, name=name)

@@ -21,10 +21,12 @@ class BatchLoader:
 
     def __init__(self, split: Split, *, batch_size: int, transform, train: bool, device: torch.device,
                  seed: int = 0, rank: int = 0, world: int = 1, dtype: torch.dtype = torch.float32,
-                 channels_last: bool = False):
+                 channels_last: bool = False, sample_weights: torch.Tensor | None = None, mixer=None):
         self.split, self.batch_size, self.transform, self.train = split, batch_size, transform, train
         self.device, self.seed, self.rank, self.world = device, seed, rank, world
         self.dtype, self.channels_last = dtype, channels_last
+        self.sample_weights = sample_weights  # train: draw pictures with these odds (with replacement)
+        self.mixer = mixer  # train: transforms.Mixer (mixup / cutmix), or None
         self.images = split.images
         if device.type == "cuda" and isinstance(self.images, torch.Tensor):
             free, _ = torch.cuda.mem_get_info(device)
@@ -49,7 +51,8 @@ class BatchLoader:
         """Yield (images, labels, size of the global batch) for each step from `start_step`."""
         if self.train:
             gen = torch.Generator().manual_seed(_mix(self.seed, epoch))
-            order = torch.randperm(len(self.split), generator=gen)
+            order = (torch.randperm(len(self.split), generator=gen) if self.sample_weights is None else
+                     torch.multinomial(self.sample_weights, len(self.split), replacement=True, generator=gen))
         else:
             order = torch.arange(self.rank, len(self.split), self.world)
         # indices live where the pictures do: a copy to the GPU at each step would wait for the GPU
@@ -58,14 +61,18 @@ class BatchLoader:
             idx = order[step * self.batch_size : (step + 1) * self.batch_size]
             yield self._batch(idx, epoch, step)
 
-    def _batch(self, idx: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """The pictures `idx` names, on the device."""
         if isinstance(self.images, np.ndarray):  # memory-mapped: read rows in file order
             idx_sorted, inverse = torch.sort(idx)
-            rows = torch.from_numpy(np.take(self.images, idx_sorted.numpy(), axis=0))
-            images = rows[torch.argsort(inverse)]
-        else:
-            images = self.images[idx]
-        images, labels = images.to(self.device, non_blocking=True), self.labels[idx]
+            rows = torch.from_numpy(np.take(self.images, idx_sorted.cpu().numpy(), axis=0))
+            return rows[torch.argsort(inverse)].to(self.device, non_blocking=True)
+        return self.images[idx].to(self.device, non_blocking=True)
+
+    def _batch(self, idx: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if self.train and self.transform.augment == "photo":
+            return self._photo_batch(idx, epoch, step)
+        images, labels = self._rows(idx), self.labels[idx]
         gen, flip = None, None
         if self.train:  # random numbers drawn on the training device, so that nothing waits for a copy
             gen = torch.Generator(device=self.device).manual_seed(_mix(self.seed, epoch, step + 1))
@@ -75,8 +82,24 @@ class BatchLoader:
         y = labels.to(self.device, non_blocking=True)
         if self.train and self.world > 1:  # this rank's share of the global batch
             x, y = x[self.rank :: self.world], y[self.rank :: self.world]
+        if self.train and self.mixer is not None:  # soft labels (N, classes) from here on
+            x, y = self.mixer(x, y, _mix(self.seed, epoch, step + 1, -self.rank - 1))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        return x, y, len(idx)
+
+    def _photo_batch(self, idx: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The photo recipe: this process decodes and augments only its own rows of the global batch; each
+        picture's augmentation is seeded by (seed, epoch, step, its place in the global batch), so the
+        result does not depend on the number of processes (mixing pairs pictures within a process's rows)."""
+        places = range(self.rank, len(idx), self.world)
+        own = idx[self.rank :: self.world]
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = self.transform(self._rows(own), train=True, dtype=self.dtype, memory_format=fmt,
+                           seeds=[_mix(self.seed, epoch, step + 1, place) for place in places])
+        y = self.labels[own].to(self.device, non_blocking=True)
+        if self.mixer is not None:  # soft labels (N, classes) from here on
+            x, y = self.mixer(x, y, _mix(self.seed, epoch, step + 1, -self.rank - 1))
         return x, y, len(idx)
 
 

@@ -8,15 +8,13 @@ falls fastest, before it turns upward. Nothing is saved but the plot: the model 
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from imgclf.errors import EXIT_OK, UserError
+from imgclf.errors import UserError
 
 
 @dataclass
@@ -116,36 +114,7 @@ def lr_find_figure(test: RangeTest, suggested: dict[str, float], *, title: str):
     return fig
 
 
-# ---------------------------------------------------------------- command line
-
-def register(subparsers, common) -> None:
-    from imgclf.config import OPTIMIZERS, RECIPES
-
-    p = subparsers.add_parser("lr-find", parents=[common], help="learning-rate range test, plotted (notes 23, 26)",
-                              description="Sweep the learning rate exponentially over a few training steps, plot "
-                                          "the loss against it and suggest a learning rate for `imgclf train --lr`.")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="default", help="as `imgclf train --recipe`")
-    p.add_argument("--data", required=True, help="as `imgclf train --data`")
-    p.add_argument("--data-root")
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--val-fraction", type=float)
-    p.add_argument("--batch-size", type=int, help="as in training (128)")
-    p.add_argument("--cache-dir")
-    p.add_argument("--model", help="as `imgclf train --model` (tutorial_cnn)")
-    p.add_argument("--pretrained", metavar="FILE|NAME")
-    p.add_argument("--freeze-backbone", action="store_true", default=None)
-    p.add_argument("--optimizer", choices=OPTIMIZERS)
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate (1e-7)")
-    p.add_argument("--end-lr", type=float, default=10.0, help="last learning rate (10)")
-    p.add_argument("--steps", type=int, default=100, help="training steps of the sweep (100)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"))
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", dest="plot", default="lr_find.png", help="PNG to write (lr_find.png)")
-    p.set_defaults(func=cmd_lr_find)
-
+# ---------------------------------------------------------------- the whole test
 
 def lr_find(cfg, *, start_lr: float, end_lr: float, steps: int, plot: Path) -> tuple[RangeTest, dict, Path]:
     """The range test for training configuration `cfg` (a TrainConfig): the same data, model, augmentation and
@@ -157,7 +126,7 @@ def lr_find(cfg, *, start_lr: float, end_lr: float, steps: int, plot: Path) -> t
     from imgclf.sources import load_data
     from imgclf.visualize import save_png
 
-    if not 0 < start_lr < end_lr:
+    if not 0 < start_lr < end_lr < math.inf:
         raise UserError(f"need 0 < --start-lr < --end-lr, got {start_lr} and {end_lr}")
     if steps < 10:
         raise UserError(f"--steps must be at least 10, got {steps}")
@@ -181,17 +150,3 @@ def lr_find(cfg, *, start_lr: float, end_lr: float, steps: int, plot: Path) -> t
     title = (f"lr-find: {cfg.model.name} on {Path(cfg.data.data).name or cfg.data.data}, {cfg.optim.optimizer}, "
              f"batch {batch}")
     return test, suggested, save_png(lr_find_figure(test, suggested, title=title), Path(plot))
-
-
-def cmd_lr_find(args: argparse.Namespace) -> int:
-    from imgclf.cli import train_config
-
-    test, suggested, out = lr_find(train_config(args), start_lr=args.start_lr, end_lr=args.end_lr,
-                                   steps=args.steps, plot=args.plot)
-    where = (f"stopped at lr {test.lrs[-1]:.1e} after {len(test.lrs)} steps: the loss diverged" if test.diverged
-             else f"{len(test.lrs)} steps up to lr {test.lrs[-1]:.1e}")
-    print(f"swept {args.start_lr:.0e} .. {args.end_lr:.0e}; {where}", file=sys.stderr)
-    print(f"suggested learning rate: {suggested['valley']:.1e} (valley)")
-    print(f"  steepest descent at {suggested['steep']:.1e}; minimum loss / 10 at {suggested['minimum']:.1e}")
-    print(f"plot: {out}")
-    return EXIT_OK

@@ -20,3 +20,37 @@ def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
     """Recall of each class: correct / pictures of that class (0 for a class with no pictures)."""
     support = confusion.sum(dim=1).clamp_min(1)
     return (confusion.diag().double() / support.double()).tolist()
+
+
+def precision_recall_f1(confusion: torch.Tensor) -> dict[str, list[float]]:
+    """Per-class precision (right / predicted as the class), recall (right / of the class) and their harmonic
+    mean F1, from a confusion matrix (rows true, columns predicted); 0 where a quotient is 0/0."""
+    c = confusion.double()
+    right = c.diag()
+    precision = right / c.sum(dim=0).clamp_min(1)
+    recall = right / c.sum(dim=1).clamp_min(1)
+    f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
+    return {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist()}
+
+
+def summary(confusion: torch.Tensor, classes: list[str]) -> dict:
+    """Macro-averaged precision, recall and F1 and the per-class figures, keyed by class name."""
+    prf = precision_recall_f1(confusion)
+    n = max(len(classes), 1)
+    return {"macro_precision": sum(prf["precision"]) / n, "macro_recall": sum(prf["recall"]) / n,
+            "macro_f1": sum(prf["f1"]) / n,
+            "per_class": {name: {key: prf[key][i] for key in ("precision", "recall", "f1")}
+                          for i, name in enumerate(classes)}}
+
+
+# What --monitor may watch, and whether a larger value is better.
+MONITORS = {"val_acc": True, "val_loss": False, "val_macro_f1": True}
+
+
+def improved(value: float, best: float | None, monitor: str) -> bool:
+    """Whether `value` of metric `monitor` beats `best` (None: nothing yet). A NaN never improves."""
+    if value != value:  # NaN
+        return False
+    if best is None:
+        return True
+    return value > best if MONITORS[monitor] else value < best

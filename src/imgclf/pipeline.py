@@ -18,8 +18,9 @@ from imgclf.distributed import DistInfo
 from imgclf.errors import UserError
 from imgclf.loader import BatchLoader
 from imgclf.models import build_model
+from imgclf.optim import balancing_weights
 from imgclf.sources import ImageData, load_data
-from imgclf.transforms import BatchTransform
+from imgclf.transforms import BatchTransform, Mixer, PhotoAugment
 
 WHITENING_PICTURES = 5000  # fastnet's first layer is set from the patch statistics of this many pictures
 
@@ -30,7 +31,8 @@ class RunParts:
     model: nn.Module  # on the device, in the run's memory format
     transform: BatchTransform
     train: BatchLoader
-    test: BatchLoader
+    val: BatchLoader  # evaluated after every epoch
+    test: BatchLoader | None  # evaluated once at the end, when the data set has a test split beside val
 
 
 def build_run(cfg: TrainConfig, data: ImageData, *, device: torch.device, dist: DistInfo | None = None,
@@ -40,26 +42,47 @@ def build_run(cfg: TrainConfig, data: ImageData, *, device: torch.device, dist: 
     dist = dist or DistInfo()
     model = build_model(cfg.model.name, num_classes=len(data.classes), in_channels=data.channels,
                         img_size=data.img_size, pretrained=cfg.model.pretrained if fresh else None,
-                        freeze_backbone=cfg.model.freeze_backbone)
+                        freeze_backbone=cfg.model.freeze_backbone, model_args=cfg.model.args)
     transform = build_transform(cfg.data, data)
     if cfg.data.batch_size < dist.world_size:
         raise UserError(f"--batch-size {cfg.data.batch_size} is smaller than the {dist.world_size} processes; "
                         f"it is the global batch size, split across them")
     common = dict(transform=transform, device=device, rank=dist.rank, world=dist.world_size,
                   channels_last=cfg.run.channels_last)
-    train = BatchLoader(data.train, batch_size=cfg.data.batch_size, train=True, seed=cfg.run.seed, **common)
-    test = BatchLoader(data.test, batch_size=cfg.data.eval_batch_size, train=False, **common)
+    odds = None
+    if cfg.data.balance == "sampler":  # each class drawn as often as the others, its pictures equally often
+        odds = balancing_weights(data.train.labels, len(data.classes))[data.train.labels]
+    mixer = None
+    if cfg.data.mixup > 0 or cfg.data.cutmix > 0:
+        mixer = Mixer(len(data.classes), mixup=cfg.data.mixup, cutmix=cfg.data.cutmix, switch=cfg.data.mix_switch)
+    train = BatchLoader(data.train, batch_size=cfg.data.batch_size, train=True, seed=cfg.run.seed,
+                        sample_weights=odds, mixer=mixer, **common)
+    val, test = (None if split is None else BatchLoader(split, batch_size=cfg.data.eval_batch_size, train=False,
+                                                        **common) for split in (data.val, data.test))
     if fresh and hasattr(model, "init_whitening"):
         model.init_whitening(whitening_batch(data.train, transform, device))
-    return RunParts(data, place_model(model, device, channels_last=cfg.run.channels_last), transform, train, test)
+    return RunParts(data, place_model(model, device, channels_last=cfg.run.channels_last), transform, train, val,
+                    test)
+
+
+def augmentation(cfg: DataConfig, data: ImageData) -> str:
+    """The augmentation `cfg` asks for, with "auto" resolved by the kind of data: the photo recipe for
+    photos, flip-crop for small square pictures (CIFAR's measured recipe)."""
+    if cfg.augment != "auto":
+        return cfg.augment
+    return "photo" if data.photos else "flip-crop"
 
 
 def build_transform(cfg: DataConfig, data: ImageData) -> BatchTransform:
-    """The train/eval preset for `data`: its statistics, the augmentation and crop shift `cfg` asks for."""
+    """The train/eval preset for `data`: its statistics and the augmentation `cfg` asks for."""
     pad = max(1, data.img_size // 8) if cfg.crop_pad is None else cfg.crop_pad
     if pad >= data.img_size:
         raise UserError(f"--crop-pad {pad} must be smaller than the picture side ({data.img_size})")
-    return BatchTransform(data.mean, data.std, cfg.augment, pad=pad)
+    kind, photo = augmentation(cfg, data), None
+    if kind == "photo":
+        photo = PhotoAugment(size=data.img_size, scale=(cfg.crop_scale, 1.0), policy=cfg.auto_augment,
+                             erasing=cfg.random_erasing, fill=tuple(round(255 * m) for m in data.mean))
+    return BatchTransform(data.mean, data.std, kind, pad=pad, size=data.img_size, photo=photo)
 
 
 def eval_loader(split: Split, transform: BatchTransform, *, batch_size: int, device: torch.device,

@@ -20,7 +20,7 @@ def write_run_report(run_dir: Path, *, records: Sequence[dict], result: dict, da
     """Draw the run's pictures into `run_dir` and, with a SummaryWriter `writer`, into TensorBoard.
 
     `records` are metrics.jsonl's per-epoch dicts; `result` is `engine.evaluate(..., keep_probs=True)` over
-    `data.test` in its order (so that probs[i] belongs to data.test.labels[i]). Returns the PNGs written.
+    `data.val` in its order (so that probs[i] belongs to data.val.labels[i]). Returns the PNGs written.
     """
     from imgclf.visualize import confusion_figure, curves_figure, figure_array, per_class_figure, save_rgb_png
 
@@ -31,8 +31,8 @@ def write_run_report(run_dir: Path, *, records: Sequence[dict], result: dict, da
     figures = {
         "curves": curves_figure(records, title=f"{name}: loss and accuracy per epoch"),
         "confusion": confusion_figure(result["confusion"], classes,
-                                      title=f"{name}, {data.test_name} split"),
-        "mistakes": mistakes_figure(result["probs"], data.test, classes),
+                                      title=f"{name}, {data.val_name} split"),
+        "mistakes": mistakes_figure(result["probs"], data.val, classes),
     }
     pixels = {key: figure_array(fig) for key, fig in figures.items()}  # rendered once, for file and TensorBoard
     written = [save_rgb_png(image, run_dir / f"{key}.png") for key, image in pixels.items()]
@@ -46,7 +46,7 @@ def write_run_report(run_dir: Path, *, records: Sequence[dict], result: dict, da
     for cls, acc in zip(classes, per_class, strict=True):
         writer.add_scalar(f"test_class/{cls}", acc, step)
     if hparams is not None:
-        write_hparams(writer, hparams, {"test/acc": result["acc"], "test/loss": result["loss"]})
+        write_hparams(writer, hparams, {"val/acc": result["acc"], "val/loss": result["loss"]})
     writer.flush()
     return written
 
@@ -113,7 +113,7 @@ def report_after_training(run_dir: Path, *, cfg, data, model: torch.nn.Module, t
         from imgclf.pipeline import eval_loader
 
         if result is None or "probs" not in result:
-            loader = eval_loader(data.test, transform, batch_size=cfg.data.eval_batch_size, device=device)
+            loader = eval_loader(data.val, transform, batch_size=cfg.data.eval_batch_size, device=device)
             result = evaluate(model, loader, num_classes=len(data.classes), autocast=autocast, tta=cfg.run.tta,
                               keep_probs=True)
         write_run_report(run_dir, records=records, result=result, data=data, writer=writer,

@@ -17,7 +17,6 @@ Starlette, uvicorn and python-multipart are imported only when the service start
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import importlib.util
@@ -30,7 +29,7 @@ from importlib import resources
 import numpy as np
 import torch
 
-from imgclf.errors import EXIT_OK, UserError
+from imgclf.errors import UserError
 
 REQUIRES = {"starlette": "starlette", "uvicorn": "uvicorn", "python_multipart": "python-multipart"}
 MULTIPART_SLACK = 64 * 1024  # room for multipart boundaries and part headers around a file at the limit
@@ -222,43 +221,31 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def register(subparsers, common) -> None:
-    p = subparsers.add_parser("serve", parents=[common], help="serve a checkpoint over HTTP, with a web page",
-                              description="Serve predictions over HTTP: POST /predict, GET /health, and a page "
-                                          "at / to try pictures in a browser.")
-    p.add_argument("checkpoint")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (8000)")
-    p.add_argument("--topk", type=int, default=5, help="labels per answer unless the request asks ?topk=N (5)")
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload, in MB (10)")
-    p.add_argument("--max-batch", type=int, default=32, help="most pictures per forward pass (32)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.set_defaults(func=cmd_serve)
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
+def check_requirements() -> None:
     missing = [pip for module, pip in REQUIRES.items() if importlib.util.find_spec(module) is None]
     if missing:
         raise UserError(f"imgclf serve needs the package(s) {', '.join(missing)}: pip install 'imgclf[serve]'")
-    if not 1 <= args.port <= 65535:
-        raise UserError(f"--port must be between 1 and 65535, got {args.port}")
-    if args.topk < 1 or args.max_batch < 1 or not args.max_upload_mb > 0:
-        raise UserError("--topk and --max-batch must be at least 1, and --max-upload-mb above 0")
+
+
+def serve_checkpoint(checkpoint, *, host: str = "127.0.0.1", port: int = 8000, topk: int = 5,
+                     max_upload_mb: float = 10.0, max_batch: int = 32, device: str = "auto") -> None:
+    """Serve `checkpoint` on host:port until stopped (Ctrl+C, SIGTERM): `imgclf serve`. The port is bound
+    before the checkpoint loads, so that a taken port is one clear error at once."""
+    check_requirements()
     import uvicorn
 
     from imgclf.checkpoint import load_checkpoint
     from imgclf.predict import Predictor
 
-    sock = listening_socket(args.host, args.port)
-    ckpt = load_checkpoint(args.checkpoint)
-    predictor = Predictor(ckpt, device=args.device)
-    app = create_app(predictor, model_name=ckpt["model"]["name"], max_upload_bytes=int(args.max_upload_mb * 1e6),
-                     topk=args.topk, max_batch=args.max_batch)
-    shown = f"[{args.host}]" if ":" in args.host else args.host
+    sock = listening_socket(host, port)
+    ckpt = load_checkpoint(checkpoint)
+    predictor = Predictor(ckpt, device=device)
+    app = create_app(predictor, model_name=ckpt["model"]["name"], max_upload_bytes=int(max_upload_mb * 1e6),
+                     topk=topk, max_batch=max_batch)
+    shown = f"[{host}]" if ":" in host else host
     print(f"imgclf: serving {ckpt['model']['name']} ({len(predictor.classes)} classes) on "
-          f"http://{shown}:{args.port}/ (Ctrl+C stops)", file=sys.stderr, flush=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"imgclf: note: --host {args.host} lets other machines reach the service, which has no "
+          f"http://{shown}:{port}/ (Ctrl+C stops)", file=sys.stderr, flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"imgclf: note: --host {host} lets other machines reach the service, which has no "
               f"authentication and no TLS", file=sys.stderr, flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)).run(sockets=[sock])
-    return EXIT_OK

@@ -6,6 +6,7 @@ folders go through the decode-once cache (`imgclf.cache`).
 
 from __future__ import annotations
 
+import csv
 import gzip
 import os
 import struct
@@ -28,15 +29,38 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
                    "Ankle boot"]
 
 
+VAL_NAMES = ("val", "valid", "validation")  # folder names of a validation split, in order of preference
+
+
 @dataclass
 class ImageData:
+    """A data set as the pipeline uses it. `val` is evaluated after every epoch and chooses best.pt and early
+    stopping; `test`, when the data set has one beside a validation split, is evaluated once at the end and
+    never chooses anything. With no validation split of its own, a data set's test split serves as `val`
+    (`val_name` then says "test"), as CIFAR-10's does."""
+
     train: Split
-    test: Split
+    val: Split
     classes: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    test_name: str = "test"  # "test" or "val": what the held-out split is called in this data set
+    val_name: str = "test"  # what the validation split is called in this data set: test, val, valid, ...
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) of undecodable files
+    test: Split | None = None
+    photos: bool = False  # the pictures are photos (not small squares such as CIFAR's): the photo recipe suits them
+
+    def splits(self) -> dict[str, Split]:
+        """Every split by its role: train, val (named after its folder when that is not "val"), test."""
+        out = {"train": self.train, "val": self.val}
+        if self.test is not None:
+            out["test"] = self.test
+        return out
+
+    def describe(self) -> str:
+        """'245 train / 153 val pictures' or '... / 100 test (validation) ...', for a run's first line."""
+        val = f"{len(self.val)} {self.val_name}" + ("" if self.val_name in VAL_NAMES else " (as validation)")
+        test = f" / {len(self.test)} test" if self.test is not None else ""
+        return f"{len(self.train)} train / {val}{test} pictures"
 
     @property
     def channels(self) -> int:
@@ -44,12 +68,14 @@ class ImageData:
 
     @property
     def img_size(self) -> int:
-        return int(self.train.images.shape[2])
+        """The side the model sees (training pictures may be stored larger, for random-resized crops)."""
+        return int(self.val.images.shape[2])
 
 
 def load_data(cfg: DataConfig, *, img_size: int | None = None, channels: int | None = None,
-              progress: bool = True) -> ImageData:
-    """Load the data set `cfg.data` names. `img_size`/`channels` (from a checkpoint) override detection."""
+              progress: bool = True, whole: bool = False) -> ImageData:
+    """Load the data set `cfg.data` names. `img_size`/`channels` (from a checkpoint) override detection.
+    `whole`: a single folder of class folders is not split; all of it is the `val` split (see _load_folder)."""
     size = img_size or cfg.img_size
     if cfg.data in BUILTINS:
         return _load_builtin(cfg, size=size, channels=channels)
@@ -61,7 +87,17 @@ def load_data(cfg: DataConfig, *, img_size: int | None = None, channels: int | N
         raise UserError(f"--data {cfg.data!r} is a file; give a folder of class folders or a built-in name")
     if _idx_files(root):
         return _finish(_load_idx(root), size=size, channels=channels, name=root.name.lower())
-    return _load_folder(root, cfg, size=size, channels=channels, progress=progress)
+    return _load_folder(root, cfg, size=size, channels=channels, progress=progress, whole=whole)
+
+
+def imbalance_warning(labels: torch.Tensor, classes: list[str]) -> str | None:
+    """One line when the smallest class has under a fifth of the largest's pictures, else None."""
+    counts = torch.bincount(labels, minlength=len(classes)).tolist()
+    small, large = min(range(len(counts)), key=counts.__getitem__), max(range(len(counts)), key=counts.__getitem__)
+    if counts[small] * 5 >= counts[large]:
+        return None
+    return (f"warning: class {classes[small]} has {counts[small]} training pictures, under a fifth of "
+            f"{classes[large]}'s {counts[large]}; consider --balance sampler or --balance loss")
 
 
 # ---------------------------------------------------------------- built-in data sets (torchvision)
@@ -89,13 +125,13 @@ def _load_builtin(cfg: DataConfig, *, size: int | None, channels: int | None) ->
         images = torch.as_tensor(np.asarray(ds.data))
         images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # -> N, C, H, W
         splits.append(Split(images.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)))
-    data = ImageData(splits[0], splits[1], list(ds.classes), *NORMALIZATION[cfg.data])
+    data = ImageData(splits[0], splits[1], list(ds.classes), *NORMALIZATION[cfg.data], "test")
     return _finish(data, size=size, channels=channels, name=cfg.data)
 
 
 def _finish(data: ImageData, *, size: int | None, channels: int | None, name: str) -> ImageData:
     """Resize / convert channels when a model asks for other than the native, and fill in statistics."""
-    for split in (data.train, data.test):
+    for split in data.splits().values():
         if channels is not None and split.images.shape[1] != channels:
             split.images = _convert_channels(torch.as_tensor(split.images), channels)
         if size is not None:
@@ -160,7 +196,7 @@ def _load_idx(root: Path) -> ImageData:
     n_classes = int(max(splits[0].labels.max(), splits[1].labels.max())) + 1
     fashion = "fashion" in str(root).lower() and n_classes == 10
     classes = FASHION_CLASSES if fashion else [str(i) for i in range(n_classes)]
-    return ImageData(splits[0], splits[1], classes, (), ())
+    return ImageData(splits[0], splits[1], classes, (), (), "test")
 
 
 # ---------------------------------------------------------------- folders of pictures (note 06)
@@ -199,35 +235,108 @@ def _scan(folder: Path, classes: list[str] | None = None) -> tuple[list[str], li
     return names, files, labels
 
 
-def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int | None,
-                 progress: bool) -> ImageData:
-    held_out = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
-    train_dir = root / "train" if (root / "train").is_dir() else root
-    classes, train_files, train_labels = _scan(train_dir)
-    if held_out is not None and train_dir != root:
-        _, test_files, test_labels = _scan(held_out, classes)
-        test_name = held_out.name
+@dataclass(frozen=True)
+class FolderLayout:
+    """Where the splits of a folder of pictures are: `train` holds the class folders; `val` and `test` are
+    folders beside it (None when absent)."""
+
+    train: Path
+    val: Path | None = None
+    test: Path | None = None
+
+
+def folder_layout(root: Path) -> FolderLayout:
+    """Read the layout of `root`: `train/` with `val/` (or `valid/`, `validation/`) and/or `test/` beside it,
+    or a single folder of class folders. Split folders beside class folders without `train/` are ambiguous."""
+    subdirs = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith((".", "__"))}
+    val = next((subdirs[n] for n in VAL_NAMES if n in subdirs), None)
+    test = subdirs.get("test")
+    if "train" in subdirs:
+        return FolderLayout(subdirs["train"], val, test)
+    held_out = [p.name for p in (val, test) if p is not None]
+    if held_out:
+        raise UserError(f"{root} has {held_out[0]}/ but no train/ folder beside it; put the training class folders "
+                        f"in {root / 'train'}/, or point --data at a folder of class folders alone")
+    return FolderLayout(root)
+
+
+def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int | None, progress: bool,
+                 whole: bool = False) -> ImageData:
+    """Decode (once, cached) the splits of a folder data set; see `folder_layout`. Without a validation or
+    test folder, `cfg.val_fraction` of each class is held out, or with `whole` nothing: every picture is then
+    the `val` split, named "all" (what `imgclf eval` measures on a plain folder of class folders)."""
+    layout = folder_layout(root)
+    classes, *train = _labelled_files(root, layout.train, cfg)
+    lists, val_name = {"train": train}, "val"
+    held_out = layout.val or layout.test
+    if held_out is not None:
+        lists["val"], val_name = _scan(held_out, classes)[1:], held_out.name
+        if layout.val is not None and layout.test is not None:
+            lists["test"] = _scan(layout.test, classes)[1:]
+    elif whole:
+        lists["val"], val_name = train, "all"
     else:
-        train_files, train_labels, test_files, test_labels = stratified_split(
-            train_files, train_labels, fraction=cfg.val_fraction, seed=0)
-        test_name = "val"
-    size = size or _default_size(train_files)
-    channels = channels or _default_channels(train_files)
+        files, labels, val_files, val_labels = stratified_split(*train, fraction=cfg.val_fraction, seed=0)
+        lists["train"], lists["val"] = [files, labels], [val_files, val_labels]
+    photos = _are_photos(lists["train"][0])
+    size = size or (224 if photos else _native_side(lists["train"][0]))
+    channels = channels or _default_channels(lists["train"][0])
+    store = store_size(cfg, size, photos)
     if cfg.strict:
-        check_all(train_files + test_files, size=size, channels=channels)
+        check_all([f for files, _ in lists.values() for f in files], size=size, channels=channels)
     cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    train, bad_train = cached_split(train_files, train_labels, size=size, channels=channels,
-                                    cache_root=cache_root, progress=progress)
-    test, bad_test = cached_split(test_files, test_labels, size=size, channels=channels,
-                                  cache_root=cache_root, progress=progress)
-    for split, name in ((train, "train"), (test, test_name)):
-        if len(split) == 0:
-            raise UserError(f"no readable pictures in the {name} split of {root}")
-    unreadable = [c for i, c in enumerate(classes) if not bool((train.labels == i).any())]
-    if unreadable:  # every picture of the class was skipped: as good as an empty class folder
-        raise UserError(f"class folder {train_dir / unreadable[0]} holds no readable pictures; fix or remove them")
-    mean, std = cached_stats(train, cache_root, train_files, size, channels)
-    return ImageData(train, test, classes, mean, std, test_name, bad_train + bad_test)
+    splits, skipped = {}, []
+    for role, (files, labels) in lists.items():
+        side = store if role == "train" else size
+        splits[role], bad = cached_split(files, labels, size=side, channels=channels, cache_root=cache_root,
+                                         progress=progress)
+        skipped += bad
+        if len(splits[role]) == 0:
+            raise UserError(f"no readable pictures in the {val_name if role == 'val' else role} split of {root}")
+    unreadable = [c for i, c in enumerate(classes) if not bool((splits["train"].labels == i).any())]
+    if unreadable and not whole:  # every picture of the class was skipped: as good as an empty class folder
+        raise UserError(f"class {unreadable[0]} of {layout.train} has no readable pictures; fix or remove them")
+    mean, std = cached_stats(splits["train"], cache_root, lists["train"][0], store, channels)
+    return ImageData(splits["train"], splits["val"], classes, mean, std, val_name, skipped, splits.get("test"),
+                     photos)
+
+
+def store_size(cfg: DataConfig, size: int, photos: bool) -> int:
+    """Side at which training pictures are cached: above `size` for the photo recipe's random-resized crops
+    (8/7 of it, as ImageNet's 256 for 224, unless --store-size says), else `size` itself."""
+    if cfg.augment != "photo" and not (cfg.augment == "auto" and photos):
+        return size
+    return max(size, cfg.store_size or round(size * 8 / 7))
+
+
+def _labelled_files(root: Path, folder: Path, cfg: DataConfig) -> tuple[list[str], list[Path], list[int]]:
+    """(classes, files, labels) of the training pictures: class folders, or `cfg.labels`' CSV."""
+    return read_labels_csv(Path(cfg.labels).expanduser(), root) if cfg.labels else _scan(folder)
+
+
+def read_labels_csv(path: Path, root: Path) -> tuple[list[str], list[Path], list[int]]:
+    """A CSV of `filename,label` rows (a header row is recognised and skipped; Kaggle's layout): files are
+    relative to `root` (or absolute). Classes are the sorted distinct labels."""
+    if not path.is_file():
+        raise UserError(f"--labels {path}: no such file; give a CSV of filename,label rows")
+    try:
+        rows = [r for r in csv.reader(path.read_text(encoding="utf-8-sig").splitlines()) if r and any(r)]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"--labels {path}: not a readable CSV file ({err})") from None
+    if rows and not (root / rows[0][0]).is_file() and len(rows[0]) >= 2 and not rows[0][1].strip().isdigit():
+        rows = rows[1:]  # a header such as "filename,label" or "id,class"
+    bad = next((i for i, r in enumerate(rows) if len(r) < 2 or not r[0].strip() or not r[1].strip()), None)
+    if bad is not None:
+        raise UserError(f"--labels {path}: row {bad + 1} is not filename,label: {','.join(rows[bad])[:80]!r}")
+    if not rows:
+        raise UserError(f"--labels {path} holds no filename,label rows")
+    classes = sorted({r[1].strip() for r in rows})
+    index = {name: i for i, name in enumerate(classes)}
+    files = [root / r[0].strip() for r in rows]
+    missing = next((f for f in files if not f.is_file()), None)
+    if missing is not None:
+        raise UserError(f"--labels {path} names {missing}, which does not exist (file names are relative to {root})")
+    return classes, files, [index[r[1].strip()] for r in rows]
 
 
 def stratified_split(files: list, labels: list[int], *, fraction: float, seed: int):
@@ -256,10 +365,17 @@ def _peek(path: Path) -> tuple[tuple[int, int], str] | None:
         return None
 
 
-def _default_size(files: list[Path]) -> int:
-    """Small square pictures (CIFAR-like) keep their size; photos are brought to 224, as ImageNet models expect."""
+def _are_photos(files: list[Path]) -> bool:
+    """Photos, unless the first readable picture is a small square (64 pixels or less, CIFAR-like)."""
     for (w, h), _ in filter(None, map(_peek, files[:8])):
-        return w if w == h and w <= 64 else 224
+        return not (w == h and w <= 64)
+    return True
+
+
+def _native_side(files: list[Path]) -> int:
+    """The side of the first readable picture (a small square: see `_are_photos`)."""
+    for (w, _), _ in filter(None, map(_peek, files[:8])):
+        return w
     return 224
 
 

@@ -74,17 +74,33 @@ class Tracker:
         self.records.append(record)
         atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
         step = record["epoch"] * self.steps_per_epoch
-        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "images_per_s"):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "images_per_s"):
             if key in record:
                 group, _, name = key.partition("_")
-                self.writer.add_scalar(f"{group}/{name}" if group in ("train", "test") else key, record[key], step)
-        self.writer.add_scalar("epoch/test_acc", record["test_acc"], record["epoch"])
+                tag = f"{group}/{name}" if group in ("train", "val", "test") else key
+                self.writer.add_scalar(tag, record[key], step)
+        self.writer.add_scalar("epoch/val_acc", record["val_acc"], record["epoch"])
         self.writer.flush()
         skipped = f"  skipped files {record['skipped_files']}" if record.get("skipped_files") else ""
         print(f"epoch {record['epoch']}/{self.total_epochs}  train loss {record['train_loss']:.4f} "
-              f"acc {record['train_acc']:.2%}  |  test loss {record['test_loss']:.4f} acc {record['test_acc']:.2%}"
+              f"acc {record['train_acc']:.2%}  |  val loss {record['val_loss']:.4f} acc {record['val_acc']:.2%}"
               f"  |  {record['images_per_s']:.0f} img/s  {record['epoch_seconds']:.1f}s{skipped}",
               file=self.stream, flush=True)
+
+    def amend_last(self, extra: dict) -> dict:
+        """Add `extra` (the final test figures) to the last epoch's record, in metrics.jsonl and TensorBoard,
+        and say it; returns the amended record."""
+        record = self.records[-1] if self.records else {}
+        record.update(extra)
+        if not self.enabled or not extra:
+            return record
+        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
+        for key in ("test_acc", "test_loss"):
+            self.writer.add_scalar(f"test/{key[5:]}", record[key], record["epoch"] * self.steps_per_epoch)
+        self.writer.flush()
+        print(f"test: accuracy {record['test_acc']:.2%}  loss {record['test_loss']:.4f} on {record['test_count']} "
+              f"pictures, with best.pt (epoch {record['test_of_epoch']})", file=self.stream, flush=True)
+        return record
 
     def batch_grid(self, tag: str, images: torch.Tensor, mean, std, step: int = 0) -> None:
         """A grid of one batch as the model sees it, un-normalised for the eye (note 14)."""

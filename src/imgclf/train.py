@@ -22,9 +22,11 @@ from imgclf.config import TrainConfig
 from imgclf.engine import Diverged, Hooks, TrainState, evaluate, train_one_epoch
 from imgclf.errors import EXIT_DISTRIBUTED, EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, Stopped, UserError
 from imgclf.files import atomic_write_text, remove_temporaries
-from imgclf.optim import Lookahead, build_loss, build_optimizer, build_scheduler
+from imgclf.metrics import summary
+from imgclf.optim import Lookahead, balancing_weights, build_loss, build_optimizer, build_scheduler
 from imgclf.pipeline import RunParts, build_run, load_data_ranked
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
+from imgclf.sources import ImageData, imbalance_warning
 from imgclf.tracking import Tracker
 
 
@@ -66,7 +68,8 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dic
     if dist.is_main:
         _start_run_folder(cfg, parts, tracker, device=device, precision=precision, world=dist.world_size,
                           fresh=ckpt is None)
-    loss_fn, autocast = build_loss(cfg.optim), autocast_factory(device, precision)
+    weights = balancing_weights(data.train.labels, len(data.classes)).to(device) if cfg.data.balance == "loss" else None
+    loss_fn, autocast = build_loss(cfg.optim, weights), autocast_factory(device, precision)
     check_every = 1 if device.type == "cpu" else 32  # reading a loss makes the host wait for the GPU
     with StopFlag(dist, device) as stop:
         for invocation_epochs, epoch in enumerate(range(state.epoch, epochs), start=1):
@@ -81,22 +84,22 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dic
             final = epoch + 1 == epochs
             # test-time augmentation costs 6 passes: only the final figure (and `imgclf eval`) pays for it;
             # the final probabilities are kept for the run's pictures (one process holds them all)
-            test = evaluate(state.eval_model, parts.test, num_classes=len(data.classes), autocast=autocast,
-                            dist=dist, tta=cfg.run.tta and final, keep_probs=final and not dist.enabled)
-            record = epoch_record(epoch, stats, test, lr=state.optimizer.param_groups[0]["lr"],
-                                  skipped=len(data.skipped))
+            val = evaluate(state.eval_model, parts.val, num_classes=len(data.classes), autocast=autocast,
+                           dist=dist, tta=cfg.run.tta and final, keep_probs=final and not dist.enabled)
+            record = epoch_record(epoch, stats, val, lr=state.optimizer.param_groups[0]["lr"], data=data)
             tracker.end_epoch(record)
-            improved = test["acc"] > state.best_acc
-            state.epoch, state.step, state.partial, state.metrics = epoch + 1, 0, None, record
-            state.best_acc = max(state.best_acc, test["acc"])
-            _save(cfg, parts, state, dist=dist, best=improved)
+            _save(cfg, parts, state, dist=dist, best=state.end_epoch(record, cfg.optim.monitor))
+            if _patience_spent(cfg, state, tracker):
+                break
             _stop_between_epochs(cfg, stop, invocation_epochs, epoch=epoch, run_dir=run_dir)
+    if parts.test is not None:
+        record = tracker.amend_last(_final_test(cfg, parts, state, autocast=autocast, dist=dist))
     if dist.is_main:  # curves.png, confusion.png, mistakes.png and TensorBoard pictures; never fails the run
         from imgclf.report import report_after_training
 
         report_after_training(run_dir, cfg=cfg, data=data, model=state.eval_model, transform=parts.transform,
                               device=device, autocast=autocast, records=tracker.records, writer=tracker.writer,
-                              result=test)
+                              result=val)
     tracker.close()
     return record
 
@@ -162,12 +165,46 @@ def _exit_code(signal_name: str | None) -> int:
     return {"SIGTERM": EXIT_SIGTERM, "SIGINT": EXIT_SIGINT}.get(signal_name, 0)
 
 
-def epoch_record(epoch: int, stats: dict, test: dict, *, lr: float, skipped: int) -> dict:
+def epoch_record(epoch: int, stats: dict, val: dict, *, lr: float, data: ImageData) -> dict:
     """One line of metrics.jsonl from `train_one_epoch`'s and `evaluate`'s results (epoch counted from 0)."""
     return {"epoch": epoch + 1, "train_loss": stats["loss"], "train_acc": stats["acc"],
-            "test_loss": test["loss"], "test_acc": test["acc"], "test_count": test["count"], "lr": lr,
+            **split_figures("val", val, data.classes), "lr": lr,
             "images_per_s": stats["images"] / max(stats["seconds"], 1e-9), "train_seconds": stats["seconds"],
-            "epoch_seconds": stats["seconds"] + test["seconds"], "skipped_files": skipped, "time": time.time()}
+            "epoch_seconds": stats["seconds"] + val["seconds"], "skipped_files": len(data.skipped), "time": time.time()}
+
+
+def split_figures(prefix: str, result: dict, classes: list[str]) -> dict:
+    """`evaluate`'s result as metrics.jsonl keys: loss, accuracy, count, top-5 (over five classes), macro
+    precision / recall / F1 and each class's figures, each key led by `prefix` (val or test)."""
+    out = {"loss": result["loss"], "acc": result["acc"], "count": result["count"]}
+    if "top5" in result:
+        out["top5"] = result["top5"]
+    out.update(summary(result["confusion"], classes))
+    return {f"{prefix}_{key}": value for key, value in out.items()}
+
+
+def _patience_spent(cfg: TrainConfig, state: TrainState, tracker: Tracker) -> bool:
+    """--patience: True (and said) when the monitored figure has not improved for that many epochs."""
+    waited = state.epoch - state.best_epoch
+    if cfg.optim.patience is None or waited < cfg.optim.patience or state.epoch >= cfg.optim.epochs:
+        return False
+    tracker.message(f"early stop after epoch {state.epoch}: {cfg.optim.monitor} has not improved for {waited} "
+                    f"epochs (best {state.best_score:.4f} at epoch {state.best_epoch}, kept in best.pt)")
+    return True
+
+
+def _final_test(cfg: TrainConfig, parts: RunParts, state: TrainState, *, autocast, dist) -> dict:
+    """The test split, evaluated once at the end with best.pt's weights; it never chooses anything."""
+    distributed.barrier(dist)  # best.pt is written by the main process
+    best = Path(cfg.run.out) / "checkpoints" / "best.pt"
+    if not best.is_file():
+        return {}
+    ckpt = load_checkpoint(best)
+    (state.ema.module if state.ema is not None else state.model).load_state_dict(
+        ckpt.get("ema_state_dict") or ckpt["state_dict"])
+    test = evaluate(state.eval_model, parts.test, num_classes=len(parts.data.classes), autocast=autocast,
+                    dist=dist, tta=cfg.run.tta)
+    return {**split_figures("test", test, parts.data.classes), "test_of_epoch": ckpt["epoch"]}
 
 
 def _start_run_folder(cfg: TrainConfig, parts: RunParts, tracker: Tracker, *, device, precision, world: int,
@@ -177,10 +214,13 @@ def _start_run_folder(cfg: TrainConfig, parts: RunParts, tracker: Tracker, *, de
     run_dir, data = Path(cfg.run.out), parts.data
     remove_temporaries(run_dir)
     atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-    tracker.message(f"imgclf {__version__}: {cfg.model.name} on {cfg.data.data} ({len(data.train)} train / "
-                    f"{len(data.test)} {data.test_name} pictures, {len(data.classes)} classes, "
+    tracker.message(f"imgclf {__version__}: {cfg.model.name} on {cfg.data.data} ({data.describe()}, "
+                    f"{len(data.classes)} classes, "
                     f"{data.channels}x{data.img_size}x{data.img_size}) on {device}, {str(precision)[6:]}, "
                     f"world size {world}; run folder {run_dir}")
+    warning = imbalance_warning(data.train.labels, data.classes)
+    if warning and cfg.data.balance == "none":
+        tracker.message(warning)
     if fresh:
         first = next(iter(parts.train.epoch(0)))[0]
         tracker.batch_grid("train/batch", first, data.mean, data.std)

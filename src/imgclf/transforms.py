@@ -7,6 +7,8 @@ whole batches are then augmented and normalised as tensors by `BatchTransform`, 
 
 from __future__ import annotations
 
+import functools
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -112,31 +114,149 @@ def compute_mean_std(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[flo
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(max(v, 1e-3), 4) for v in std.tolist())
 
 
+# ---------------------------------------------------------------- the photo recipe (random-resized crops and more)
+
+AUTO_AUGMENTS = ("none", "trivialaugment", "randaugment")
+
+
+@functools.cache
+def _policy(name: str):
+    from torchvision.transforms import v2
+
+    return {"trivialaugment": v2.TrivialAugmentWide, "randaugment": v2.RandAugment}[name]()
+
+
+@dataclass(frozen=True)
+class PhotoAugment:
+    """The photo recipe's training augmentation, for uint8 pictures stored at a side S >= `size`.
+
+    Each picture gets a random-resized crop (an area `scale` of the stored square, aspect `ratio`, as
+    torchvision's RandomResizedCrop draws them), mirrored at random and resized to `size` (one grid_sample
+    for the whole batch); then an auto-augment `policy` (torchvision.transforms.v2, on uint8); then, with
+    probability `erasing`, one rectangle filled with the mean colour `fill` (0 once normalised, as timm's
+    RandomErasing fills by default). Every random number of a picture comes from its own seed, so a process
+    can augment only its share of a global batch and still get what one process would.
+    """
+
+    size: int
+    scale: tuple[float, float] = (0.25, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    policy: str = "trivialaugment"
+    erasing: float = 0.25
+    fill: tuple[int, ...] = (128, 128, 128)
+
+    def __call__(self, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """uint8 (N, C, S, S) and one seed per picture -> uint8 (N, C, size, size)."""
+        u = torch.stack([torch.rand(10, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                         for s in seeds])  # (N, 10): every draw of each picture
+        x = self._crop_flip(images, u)
+        if self.policy != "none":
+            with torch.random.fork_rng(devices=[]):  # the policy draws from the global generator: seed it
+                for i, seed in enumerate(seeds):
+                    torch.manual_seed(seed)
+                    x[i] = _policy(self.policy)(x[i])
+        return self._erase(x, u) if self.erasing > 0 else x
+
+    def _crop_flip(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        n, c, side, _ = images.shape
+        lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        area = self.scale[0] + u[:, 0] * (self.scale[1] - self.scale[0])  # share of the stored square
+        aspect = torch.exp(lo + u[:, 1] * (hi - lo))
+        w, h = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)  # of the side
+        cx, cy = w / 2 + u[:, 2] * (1 - w), h / 2 + u[:, 3] * (1 - h)  # centres, in [0, 1]
+        mirror = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
+        theta = torch.zeros(n, 2, 3, dtype=torch.float64)  # output [-1, 1] -> input [-1, 1]
+        theta[:, 0, 0], theta[:, 0, 2] = w * mirror, 2 * cx - 1
+        theta[:, 1, 1], theta[:, 1, 2] = h, 2 * cy - 1
+        theta = theta.to(device=images.device, dtype=torch.float32)
+        grid = torch.nn.functional.affine_grid(theta, [n, c, self.size, self.size], align_corners=False)
+        out = torch.nn.functional.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border",
+                                              align_corners=False)  # (N, C, size, size)
+        return out.round_().clamp_(0, 255).to(torch.uint8)
+
+    def _erase(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        n, c, side, _ = x.shape
+        area = (0.02 + u[:, 6] * (1 / 3 - 0.02)) * side * side  # RandomErasing's default ranges
+        aspect = torch.exp(math.log(0.3) + u[:, 7] * (math.log(1 / 0.3) - math.log(0.3)))
+        eh = (area * aspect).sqrt().round().clamp(1, side)
+        ew = (area / aspect).sqrt().round().clamp(1, side)
+        top, left = (u[:, 8] * (side - eh + 1)).floor(), (u[:, 9] * (side - ew + 1)).floor()
+        ys = torch.arange(side, dtype=torch.float64).view(1, side, 1)
+        xs = torch.arange(side, dtype=torch.float64).view(1, 1, side)
+        hole = ((ys >= top.view(n, 1, 1)) & (ys < (top + eh).view(n, 1, 1)) & (xs >= left.view(n, 1, 1))
+                & (xs < (left + ew).view(n, 1, 1)) & (u[:, 5] < self.erasing).view(n, 1, 1))
+        fill = torch.tensor(self.fill[:c], dtype=torch.uint8, device=x.device).view(1, c, 1, 1)
+        return torch.where(hole.unsqueeze(1).to(x.device), fill, x)
+
+
+@dataclass(frozen=True)
+class Mixer:
+    """Mixup (`mixup` > 0: its Beta alpha) and/or CutMix (`cutmix` > 0) of a normalised batch, with soft
+    labels; with both, CutMix is chosen with probability `switch` (timm's switch_prob). torchvision's
+    transforms.v2 does the mixing, seeded per batch."""
+
+    num_classes: int
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    switch: float = 0.5
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchvision.transforms import v2
+
+        choices = []
+        if self.mixup > 0:
+            choices.append((v2.MixUp(alpha=self.mixup, num_classes=self.num_classes), 1 - self.switch))
+        if self.cutmix > 0:
+            choices.append((v2.CutMix(alpha=self.cutmix, num_classes=self.num_classes), self.switch))
+        if not choices or len(y) < 2:
+            return x, y
+        mix = choices[0][0] if len(choices) == 1 else v2.RandomChoice([t for t, _ in choices],
+                                                                       p=[p for _, p in choices])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return mix(x, y)
+
+
 @dataclass(frozen=True)
 class BatchTransform:
     """uint8 (N, C, H, W) batch -> normalised float batch, with the train preset's augmentation.
 
     Augmentation is per sample (each picture its own flip and shift) and driven only by the generator
-    passed in, so a run is repeatable and resumable from any step.
+    passed in (the photo recipe: by one seed per picture), so a run is repeatable and resumable from any step.
+    `size`: the side the model sees; pictures stored larger (the photo recipe keeps its training pictures
+    at a larger side, for random-resized crops) are centre-cropped to it outside training.
     """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: str = "none"
     pad: int = 4
+    size: int | None = None
+    photo: PhotoAugment | None = None  # with augment "photo"
 
     def __call__(self, images: torch.Tensor, *, train: bool, generator: torch.Generator | None = None,
                  flip: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-                 memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+                 memory_format: torch.memory_format = torch.contiguous_format,
+                 seeds: list[int] | None = None) -> torch.Tensor:
         x = images
-        if train and self.augment != "none":  # on uint8: a quarter of the bytes of float
+        if train and self.augment == "photo":
+            x = self.photo(x, seeds)
+        elif train and self.augment != "none":  # on uint8: a quarter of the bytes of float
             x = augment_batch(x, self.augment, pad=self.pad, generator=generator, flip=flip)
+        if self.size is not None and x.shape[-1] > self.size:
+            x = center_crop(x, self.size)
         # (x / 255 - mean) / std as one multiply-add, converted straight into the layout the model wants
         std = torch.tensor(self.std, dtype=torch.float64)
         scale = (1.0 / (255.0 * std)).to(dtype=dtype, device=x.device).view(1, -1, 1, 1)
         shift = -torch.tensor(self.mean, dtype=torch.float64) / std
         shift = shift.to(dtype=dtype, device=x.device).view(1, -1, 1, 1)
         return x.to(dtype, memory_format=memory_format, copy=True).mul_(scale).add_(shift)  # never the caller's
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The centre size x size of (N, C, H, W) pictures (a view)."""
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    return x[..., top : top + size, left : left + size]
 
 
 def augment_batch(x: torch.Tensor, kind: str, *, pad: int, generator: torch.Generator | None,

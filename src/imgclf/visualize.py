@@ -1,24 +1,23 @@
 """Pictures (notes 07-08, 14, 17-19): labelled image grids, training curves, confusion matrices, feature maps.
 
-Every function returns a matplotlib `Figure` built with the object API (no pyplot, so no global figure state
-and no GUI backend); `save_png` writes it and `figure_array` turns it into pixels for TensorBoard. The
-commands `imgclf show` and `imgclf features` live here too.
+The drawing functions return a matplotlib `Figure` built with the object API (no pyplot, so no global figure
+state and no GUI backend); `save_png` writes it and `figure_array` turns it into pixels for TensorBoard. What
+`imgclf show` and `imgclf features` do is here too (`show`, `features`); their flags are in imgclf.cli.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from imgclf.errors import EXIT_OK, UserError
+from imgclf.errors import UserError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -37,7 +36,7 @@ def _canvas(fig: Figure):
     return FigureCanvasAgg(fig)
 
 DPI = 100
-TRAIN_COLOR, TEST_COLOR = "tab:blue", "tab:orange"
+TRAIN_COLOR, VAL_COLOR = "tab:blue", "tab:orange"
 
 
 # ---------------------------------------------------------------- figures -> files / pixels
@@ -131,13 +130,13 @@ def image_grid(images, labels: Sequence[str], *, ncols: int, title: str | None =
 # ---------------------------------------------------------------- training curves and confusion matrix
 
 def curves_figure(records: Sequence[dict], *, title: str = "training curves") -> Figure:
-    """Loss and accuracy per epoch, train and test, from metrics.jsonl records."""
+    """Loss and accuracy per epoch, train and validation, from metrics.jsonl records."""
     epochs = [r["epoch"] for r in records]
     fig = _figure(figsize=(10, 4), dpi=DPI)
     loss_ax, acc_ax = fig.subplots(1, 2)
     for ax, key, label in ((loss_ax, "loss", "loss"), (acc_ax, "acc", "accuracy (%)")):
         scale = 100 if key == "acc" else 1
-        for split, color in (("train", TRAIN_COLOR), ("test", TEST_COLOR)):
+        for split, color in (("train", TRAIN_COLOR), ("val", VAL_COLOR)):
             values = [r[f"{split}_{key}"] * scale for r in records if f"{split}_{key}" in r]
             if values:
                 ax.plot(epochs[: len(values)], values, marker="o", color=color, label=split)
@@ -147,10 +146,10 @@ def curves_figure(records: Sequence[dict], *, title: str = "training curves") ->
         ax.grid(alpha=0.3)
         ax.legend()
         ax.xaxis.get_major_locator().set_params(integer=True)
-    if records and "test_acc" in records[-1]:
-        best = max(records, key=lambda r: r["test_acc"])
-        acc_ax.annotate(f"best {best['test_acc']:.1%} (epoch {best['epoch']})", (best["epoch"], best["test_acc"] * 100),
-                        textcoords="offset points", xytext=(0, -16), ha="center", fontsize=9, color=TEST_COLOR)
+    if records and "val_acc" in records[-1]:
+        best = max(records, key=lambda r: r["val_acc"])
+        acc_ax.annotate(f"best {best['val_acc']:.1%} (epoch {best['epoch']})", (best["epoch"], best["val_acc"] * 100),
+                        textcoords="offset points", xytext=(0, -16), ha="center", fontsize=9, color=VAL_COLOR)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -187,7 +186,7 @@ def confusion_figure(confusion, classes: Sequence[str], *, title: str = "confusi
 def per_class_figure(accuracies: Sequence[float], classes: Sequence[str]) -> Figure:
     fig = _figure(figsize=(max(5, 0.35 * len(classes) + 2), 3.5), dpi=DPI)
     ax = fig.add_subplot()
-    bars = ax.bar(range(len(classes)), [a * 100 for a in accuracies], color=TEST_COLOR)
+    bars = ax.bar(range(len(classes)), [a * 100 for a in accuracies], color=VAL_COLOR)
     if len(classes) <= 30:
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_xticks(range(len(classes)), classes, rotation=45 if len(classes) > 4 else 0, ha="right", fontsize=8)
@@ -225,43 +224,10 @@ def _viridis() -> torch.Tensor:
 
 # ---------------------------------------------------------------- `imgclf show`
 
-def register(subparsers, common) -> None:
-    p = subparsers.add_parser("show", parents=[common], help="a labelled grid of sample pictures (notes 06, 13-14)",
-                              description="Write a PNG grid of sample pictures labelled with their class names, "
-                                          "and print how many pictures each class has in each split.")
-    p.add_argument("data", metavar="DATA", help="cifar10, mnist, ... or a folder (as `train --data`)")
-    how = p.add_mutually_exclusive_group()
-    how.add_argument("--per-class", type=int, metavar="N", help="N pictures of each class, one row per class "
-                                                                  "(default 8 when there are at most 20 classes)")
-    how.add_argument("--random", type=int, metavar="N", help="N pictures drawn at random (default 64 with many "
-                                                               "classes)")
-    p.add_argument("--split", choices=("train", "test"), default="train", help="which split to draw from (train)")
-    p.add_argument("--out", default="samples.png", help="PNG to write (samples.png)")
-    p.add_argument("--seed", type=int, default=0, help="which pictures are drawn")
-    p.add_argument("--img-size", type=int, help="side of the square pictures (default: as `train` uses)")
-    p.add_argument("--data-root", default="data")
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--cache-dir")
-    p.set_defaults(func=cmd_show)
-
-    p = subparsers.add_parser("features", parents=[common], help="feature maps of one picture (notes 17-19)",
-                              description="Run one picture through a trained model (or an untrained one, as note 17 "
-                                          "does) and draw what each convolution, activation and pooling layer "
-                                          "outputs, to PNGs and to TensorBoard.")
-    p.add_argument("checkpoint", metavar="CKPT|MODEL", help="a checkpoint, or a model name for random weights")
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("--input-size", metavar="CxHxW", default="3x32x32",
-                   help="input of a model given by name (3x32x32); a checkpoint knows its own")
-    p.add_argument("--seed", type=int, default=0, help="random weights of a model given by name (0)")
-    p.add_argument("--out", help="folder for the PNGs and TensorBoard events (features/<picture name>)")
-    p.add_argument("--max-channels", type=int, default=64, help="channels drawn per layer (64)")
-    p.set_defaults(func=cmd_features)
-
-
 def class_counts(data) -> list[tuple[str, int, int]]:
     """(class, train count, held-out count) for each class."""
     train = torch.bincount(data.train.labels, minlength=len(data.classes)).tolist()
-    test = torch.bincount(data.test.labels, minlength=len(data.classes)).tolist()
+    test = torch.bincount(data.val.labels, minlength=len(data.classes)).tolist()
     return list(zip(data.classes, train, test, strict=True))
 
 
@@ -279,51 +245,55 @@ def pick_samples(labels: torch.Tensor, *, num_classes: int, per_class: int | Non
     return picks
 
 
-def cmd_show(args: argparse.Namespace) -> int:
-    from imgclf.config import DataConfig
-    from imgclf.sources import load_data
-
-    for flag in ("per_class", "random"):
-        value = getattr(args, flag)
-        if value is not None and not 1 <= value <= 1000:
-            raise UserError(f"--{flag.replace('_', '-')} must be 1..1000, got {value}")
-    cfg = DataConfig(data=args.data, data_root=args.data_root, img_size=args.img_size,
-                     val_fraction=args.val_fraction, cache_dir=args.cache_dir)
-    data = load_data(cfg)
+def class_count_table(data) -> str:
+    """Pictures per class in each split of `data` (an ImageData), with totals, as a text table."""
     rows = class_counts(data)
     width = max(8, *(len(name) for name, _, _ in rows))
-    print(f"{'class':<{width}}  {'train':>7}  {data.test_name:>7}")
-    for name, n_train, n_test in rows:
-        print(f"{name:<{width}}  {n_train:>7}  {n_test:>7}")
-    print(f"{'total':<{width}}  {len(data.train):>7}  {len(data.test):>7}")
-    print(f"{len(data.classes)} classes, pictures {data.channels}x{data.img_size}x{data.img_size}")
+    lines = [f"{'class':<{width}}  {'train':>7}  {data.val_name:>7}"]
+    lines += [f"{name:<{width}}  {n_train:>7}  {n_test:>7}" for name, n_train, n_test in rows]
+    lines.append(f"{'total':<{width}}  {len(data.train):>7}  {len(data.val):>7}")
+    lines.append(f"{len(data.classes)} classes, pictures {data.channels}x{data.img_size}x{data.img_size}")
+    return "\n".join(lines)
 
-    split = data.train if args.split == "train" else data.test
-    split_name = "train" if args.split == "train" else data.test_name
-    per_class, random = args.per_class, args.random
+
+def samples_figure(data, *, name: str, split: str = "train", per_class: int | None = None,
+                   random: int | None = None, seed: int = 0) -> Figure:
+    """A grid of pictures of `data` (an ImageData called `name`) labelled with their classes: `per_class` of
+    each class, one row per class, or `random` ones; by default 8 per class, or 64 when there are over 20
+    classes."""
+    chosen, split_name = (data.train, "train") if split == "train" else (data.val, data.val_name)
     if per_class is None and random is None:
         per_class, random = (8, None) if len(data.classes) <= 20 else (None, 64)
-    idx = pick_samples(split.labels, num_classes=len(data.classes), per_class=per_class, random=random,
-                       seed=args.seed)
-    images = [np.asarray(split.images[i]) for i in idx]
-    names = [data.classes[int(split.labels[i])] for i in idx]
-    if per_class is not None:  # one row per class, labelled on the left; short rows are padded with blanks
-        grid, labels, row_labels = [], [], []
-        blank = np.full_like(images[0], 255)
-        for c, name in enumerate(data.classes):
-            mine = [img for img, n in zip(images, names, strict=True) if n == name]
-            if mine:
-                grid += mine + [blank] * (per_class - len(mine))
-                labels += [""] * per_class
-                row_labels.append(f"{name} ({rows[c][1 if args.split == 'train' else 2]})")
-        fig = image_grid(grid, labels, ncols=per_class, row_labels=row_labels, lines=0,
-                         title=f"{_data_name(args.data)}: {per_class} {split_name} pictures per class")
-    else:
-        fig = image_grid(images, names, ncols=min(8, len(images)),
-                         title=f"{_data_name(args.data)}: {len(images)} random {split_name} pictures")
-    out = save_png(fig, Path(args.out))
-    print(f"wrote {out}")
-    return EXIT_OK
+    idx = pick_samples(chosen.labels, num_classes=len(data.classes), per_class=per_class, random=random,
+                       seed=seed)
+    images = [np.asarray(chosen.images[i]) for i in idx]
+    names = [data.classes[int(chosen.labels[i])] for i in idx]
+    if per_class is None:
+        return image_grid(images, names, ncols=min(8, len(images)),
+                          title=f"{name}: {len(images)} random {split_name} pictures")
+    counts = class_counts(data)
+    grid, labels, row_labels = [], [], []  # one row per class, labelled on the left; short rows padded with blanks
+    blank = np.full_like(images[0], 255)
+    for c, class_name in enumerate(data.classes):
+        mine = [img for img, n in zip(images, names, strict=True) if n == class_name]
+        if mine:
+            grid += mine + [blank] * (per_class - len(mine))
+            labels += [""] * per_class
+            row_labels.append(f"{class_name} ({counts[c][1 if split == 'train' else 2]})")
+    return image_grid(grid, labels, ncols=per_class, row_labels=row_labels, lines=0,
+                      title=f"{name}: {per_class} {split_name} pictures per class")
+
+
+def show(data_cfg, *, per_class: int | None = None, random: int | None = None, split: str = "train",
+         out="samples.png", seed: int = 0) -> tuple[str, Path]:
+    """`imgclf show`: load the data set of `data_cfg` (a DataConfig), draw `samples_figure` to the PNG `out`.
+    Returns the `class_count_table` and the PNG written."""
+    from imgclf.sources import load_data
+
+    data = load_data(data_cfg)
+    fig = samples_figure(data, name=_data_name(data_cfg.data), split=split, per_class=per_class, random=random,
+                         seed=seed)
+    return class_count_table(data), save_png(fig, Path(out))
 
 
 def _data_name(data: str) -> str:
@@ -363,42 +333,57 @@ def feature_maps(model: torch.nn.Module, x: torch.Tensor) -> tuple[list[tuple[st
     return found, logits
 
 
-def _checkpoint_or_random(args: argparse.Namespace) -> dict:
-    """The checkpoint at args.checkpoint, or for a model name a stand-in with seeded random weights
-    (as note 17 looks at an untrained convolution), inputs scaled to -1..1 and no class names."""
+def _checkpoint_or_random(target: str, *, input_shape: tuple[int, int, int], seed: int) -> dict:
+    """The checkpoint at `target`, or for a model name a stand-in with seeded random weights for an input of
+    `input_shape` (as note 17 looks at an untrained convolution), inputs scaled to -1..1 and no class names."""
     from imgclf.checkpoint import load_checkpoint
-    from imgclf.config import parse_size
     from imgclf.models import build_model
 
-    path = Path(args.checkpoint).expanduser()
-    if path.is_file() or path.suffix in (".pt", ".pth") or "/" in args.checkpoint:
+    path = Path(target).expanduser()
+    if path.is_file() or path.suffix in (".pt", ".pth") or "/" in target:
         return load_checkpoint(path)
-    channels, size, width = parse_size(args.input_size)
+    channels, size, width = input_shape
     if size != width:
-        raise UserError(f"--input-size must be square, got {args.input_size}")
-    torch.manual_seed(args.seed)
-    model = build_model(args.checkpoint, num_classes=10, in_channels=channels, img_size=size)
-    return {"model": {"name": args.checkpoint}, "model_object": model, "classes": [],
+        raise UserError(f"--input-size must be square, got {'x'.join(map(str, input_shape))}")
+    torch.manual_seed(seed)
+    model = build_model(target, num_classes=10, in_channels=channels, img_size=size)
+    return {"model": {"name": target}, "model_object": model, "classes": [],
             "input": {"channels": channels, "size": size, "mean": [0.5] * channels, "std": [0.5] * channels}}
 
 
-def cmd_features(args: argparse.Namespace) -> int:
-    from torch.utils.tensorboard import SummaryWriter
+def _read_picture(path: Path, inp: dict) -> np.ndarray:
+    """The picture at `path` as the model sees it: uint8 (C, size, size)."""
+    from imgclf.transforms import BadImage, load_image
 
-    from imgclf.models import model_from_checkpoint
-    from imgclf.transforms import BadImage, BatchTransform, load_image
-
-    if args.max_channels < 1:
-        raise UserError(f"--max-channels must be at least 1, got {args.max_channels}")
-    ckpt = _checkpoint_or_random(args)
-    inp = ckpt["input"]
-    image_path = Path(args.image).expanduser()
-    if not image_path.is_file():
-        raise UserError(f"no such picture: {image_path}")
+    if not path.is_file():
+        raise UserError(f"no such picture: {path}")
     try:
-        picture = load_image(image_path, size=inp["size"], channels=inp["channels"]).transpose(2, 0, 1)
+        return load_image(path, size=inp["size"], channels=inp["channels"]).transpose(2, 0, 1)
     except BadImage as err:
-        raise UserError(f"{image_path} is not a readable picture ({err})") from None
+        raise UserError(f"{path} is not a readable picture ({err})") from None
+
+
+@dataclass(frozen=True)
+class FeaturesWritten:
+    image: Path
+    label: str  # the model's prediction, or that its weights are random
+    layers: list[tuple[str, str, tuple[int, ...]]]  # (name, layer type, output shape) in the order they ran
+    out: Path  # the folder of the PNGs and TensorBoard events
+
+
+def features(target: str, image, *, input_shape: tuple[int, int, int] = (3, 32, 32), seed: int = 0, out=None,
+             max_channels: int = 64) -> FeaturesWritten:
+    """`imgclf features`: run the picture `image` through the checkpoint `target` (or, for a model name,
+    random weights seeded by `seed` for `input_shape`) and draw each convolution, activation and pooling
+    layer's output, at most `max_channels` channels each, as PNGs and TensorBoard images in `out`
+    (default features/<picture name>)."""
+    from imgclf.models import model_from_checkpoint
+    from imgclf.transforms import BatchTransform
+
+    ckpt = _checkpoint_or_random(target, input_shape=input_shape, seed=seed)
+    inp = ckpt["input"]
+    image_path = Path(image).expanduser()
+    picture = _read_picture(image_path, inp)
     model = model_from_checkpoint(ckpt) if "state_dict" in ckpt else ckpt["model_object"]
     x = BatchTransform(tuple(inp["mean"]), tuple(inp["std"]))(torch.from_numpy(picture.copy())[None], train=False)
     maps, logits = feature_maps(model, x)
@@ -406,28 +391,29 @@ def cmd_features(args: argparse.Namespace) -> int:
         raise UserError(f"{ckpt['model']['name']} has no convolution, activation or pooling layers to draw")
     probs = logits.float().softmax(1)[0]
     top = int(probs.argmax())
-    out = Path(args.out) if args.out else Path("features") / image_path.stem
-    out.mkdir(parents=True, exist_ok=True)
     label = (f"predicted {ckpt['classes'][top]} {float(probs[top]):.1%}" if ckpt["classes"]
-             else f"random weights (seed {args.seed}), no prediction")
+             else f"random weights (seed {seed}), no prediction")
+    folder = Path(out) if out else Path("features") / image_path.stem
+    title = f"{image_path.name} as the model sees it ({inp['channels']}x{inp['size']}x{inp['size']})"
+    _write_feature_maps(folder, picture, label, title, maps, max_channels=max_channels)
+    return FeaturesWritten(image_path, label, [(name, kind, tuple(act.shape)) for name, kind, act in maps], folder)
+
+
+def _write_feature_maps(out: Path, picture: np.ndarray, label: str, title: str, maps, *, max_channels: int) -> None:
+    """00_input.png and one PNG per layer in `out`, and the same pictures as TensorBoard images."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    out.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(out))
     try:
-        fig = image_grid([picture], [label], ncols=1, tile_inches=3,
-                         title=f"{image_path.name} as the model sees it ({inp['channels']}x{inp['size']}x{inp['size']})")
-        pixels = figure_array(fig)
+        pixels = figure_array(image_grid([picture], [label], ncols=1, tile_inches=3, title=title))
         save_rgb_png(pixels, out / "00_input.png")
         writer.add_image("features/00 input", pixels, 0, dataformats="HWC")
         for i, (name, kind, act) in enumerate(maps, start=1):
-            fig = feature_maps_figure(act, title=f"{i}. {name} ({kind})", max_channels=args.max_channels)
+            fig = feature_maps_figure(act, title=f"{i}. {name} ({kind})", max_channels=max_channels)
             stem = f"{i:02d}_{name.replace('.', '_').replace('#', '_')}_{kind}"
             pixels = figure_array(fig)
             save_rgb_png(pixels, out / f"{stem}.png")
             writer.add_image(f"features/{i:02d} {name} ({kind})", pixels, 0, dataformats="HWC")
     finally:
         writer.close()
-    print(f"{image_path.name}: {label}")
-    for i, (name, kind, act) in enumerate(maps, start=1):
-        print(f"{i:3d}. {name:<24} {kind:<12} {'x'.join(map(str, act.shape))}")
-    print(f"wrote {len(maps) + 1} PNGs and TensorBoard events to {out} (tensorboard --logdir {out})",
-          file=sys.stderr)
-    return EXIT_OK
