@@ -1,16 +1,24 @@
-"""Atomic writes (issue 3, point 2): SIGKILL a training process at random instants, many times, half of them
-while a file is being written; after every kill last.pt/best.pt load with weights_only=True and
-metrics.jsonl/config.json are whole. The run, resumed after each kill, ends exactly like one never killed.
+"""Atomic writes (issue 3, point 2): SIGKILL a training process at many instants, a quarter of them while a
+checkpoint is being written and a quarter while any file is; after every kill last.pt/best.pt load with
+weights_only=True and metrics.jsonl/config.json are whole. The run, resumed after each kill, ends exactly like
+one never killed.
 
 Starting a Python with torch takes seconds, so a driver process imports imgclf once and forks each training
 process from it: every child is a real `imgclf train` process (`cli.main` after fork), killed with SIGKILL.
+The instants come from the child's progress, not from the clock, so that a fast or a slow machine kills at the
+same points: the driver reads the child's stderr line by line, and the child says when it is about to rename a
+finished temporary file over a run file, or is halfway through writing a checkpoint, and waits there until the
+driver lets it go on (or kills it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -22,8 +30,10 @@ from conftest import write_class_folder
 
 HERE = Path(__file__).resolve().parent
 KILLS = 20
-EPOCHS = 60  # enough that the kills are spent before a quiet machine finishes the run
+EPOCHS = 40  # a kill costs the run at most 2 epochs of progress, so the kills are always spent before the end
 MODES = ("start-up", "checkpoint-write", "epochs", "any-write")
+PAUSE = "@@test_atomic pause"  # the child's announcement: PAUSE <half|whole> <temporary file name>
+WATCHED = ("config.json", "metrics.jsonl", "best.pt", "last.pt")  # the run files written atomically
 
 
 def test_sigkill_at_random_instants_never_breaks_the_run(tmp_path):
@@ -37,8 +47,12 @@ def test_sigkill_at_random_instants_never_breaks_the_run(tmp_path):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["problems"] == [], report
     kills = report["kills"]
-    assert len(kills) >= KILLS // 2, report  # the run may finish before all kills are spent, not this early
+    assert len(kills) >= KILLS // 2, report
+    assert len(kills) == KILLS, report  # every kill is spent before the run ends, however fast the machine
     assert sum(k["writing"].startswith((".last.pt", ".best.pt")) for k in kills) >= 2, report  # mid-save kills
+    assert sum(k["writing"].startswith((".last.pt", ".best.pt")) for k in kills) >= KILLS // 4, report
+    assert {k["writing"].split(".")[1] for k in kills if k["writing"]} >= {"config", "metrics", "last"}, report
+    assert all(k["left"] for k in kills if k["writing"]), report  # killed mid-write: the temporary file was left
     assert len({k["last_epoch"] for k in kills}) >= 3, report  # the kills fell all along the run
     # It ended exactly where a run that was never killed ends (nothing lost, nothing done twice).
     for name in ("last.pt", "best.pt"):
@@ -105,41 +119,29 @@ def driver() -> None:
     for i in range(kills):
         if last_epoch == EPOCHS:
             break  # finished between kills
-        started = (run / "checkpoints" / "last.pt").exists()
-        stale = set(_temporaries(run))  # left by earlier kills
-        pid = _fork_cli(resume if started else fresh)
+        child = Child(resume if (run / "checkpoints" / "last.pt").exists() else fresh)
         mode = MODES[i % len(MODES)]
-        writing = ""
-        deadline = time.monotonic() + 30
-        if mode == "start-up":  # anywhere in the first half second: loading, config.json, first steps
-            time.sleep(rng.uniform(0.0, 0.5))
-        elif mode == "epochs":  # anywhere in the epoch after one or two more have been recorded
-            target = _recorded(run) + rng.choice([1, 2])
-            while _recorded(run) < target and time.monotonic() < deadline:
-                time.sleep(0.002)
-            time.sleep(rng.uniform(0.0, 0.05))
-        else:  # the moment a new temporary file appears (a write in progress), or a few milliseconds later
-            prefixes = (".last.pt.", ".best.pt.") if mode == "checkpoint-write" else (".",)
-            while not writing and time.monotonic() < deadline:
-                writing = next((n for n in set(_temporaries(run)) - stale if n.startswith(prefixes)), "")
-            time.sleep(rng.choice([0.0, rng.uniform(0.0, 0.003)]))
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
+        writing = kill_point(child, mode, turn=i // len(MODES), rng=rng)
+        if writing is None:
+            report["problems"].append(f"kill {i} ({mode}): no progress within {PATIENCE_S} s")
+            writing = ""
+        status = child.kill()
+        left = bool(writing) and any((d / writing).exists() for d in (run, run / "checkpoints"))
         if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):  # it had ended by itself
             code = os.waitstatus_to_exitcode(status)
             if code != 0:
                 report["problems"].append(f"kill {i}: the training process failed with exit status {code}")
             last_epoch = check(f"after kill {i - 1}, the run's end")
             break
-        epoch = check(f"kill {i} ({mode})")
+        epoch = check(f"kill {i} ({mode}, {writing or 'no write'})")
         if epoch < last_epoch:
             report["problems"].append(f"kill {i}: last.pt went back from epoch {last_epoch} to {epoch}")
         last_epoch = epoch
-        report["kills"].append({"mode": mode, "writing": writing, "last_epoch": epoch})
+        report["kills"].append({"mode": mode, "writing": writing, "left": left, "last_epoch": epoch})
     last = run / "checkpoints" / "last.pt"
     finish = [] if last_epoch == EPOCHS else [resume if last.exists() else fresh]
     for argv in [*finish, [*args, "--out", str(out / "straight")]]:
-        code = os.waitstatus_to_exitcode(os.waitpid(_fork_cli(argv), 0)[1])
+        code = os.waitstatus_to_exitcode(os.waitpid(_fork_cli(argv)[0], 0)[1])
         if code != 0:
             report["problems"].append(f"{argv[:3]} exited with {code}")
     check("the end")
@@ -149,12 +151,107 @@ def driver() -> None:
     print(json.dumps(report), flush=True)
 
 
-def _recorded(run: Path) -> int:
-    """Epochs in metrics.jsonl (0 before the first)."""
-    try:
-        return (run / "metrics.jsonl").read_text().count("\n")
-    except FileNotFoundError:
-        return 0
+PATIENCE_S = 300  # for one kill point to come: a bound for a stuck child, not a timing the test depends on
+
+
+def kill_point(child: Child, mode: str, *, turn: int, rng: random.Random) -> str | None:
+    """Follow the child's progress up to the point where `mode` kills it on its `turn`-th use, releasing every
+    pause before it. Returns the temporary file being written at that point ('' when none), or None when no
+    progress came for PATIENCE_S.
+
+    start-up: at the fork, or at the child's first, second or third line of stderr (at random): before any
+    epoch ends. epochs: 0-3 lines (at random) after the first or second epoch ends (metrics.jsonl written).
+    checkpoint-write: at the 1st, 2nd, 3rd, 4th... pause in a checkpoint write, in turn (best.pt, when it
+    improved, is written before last.pt; each pauses halfway and before its rename). any-write: at the 1st,
+    2nd, ... 5th pause in any atomic write, in turn (config.json comes first, then metrics.jsonl, then the
+    checkpoints). A kill costs the run at most 2 epochs of progress."""
+    if mode == "start-up":
+        lines_left, epochs_left = rng.randrange(4), 0
+    elif mode == "epochs":
+        lines_left, epochs_left = rng.randrange(4), rng.choice([1, 2])
+    else:
+        pauses_left = 1 + turn % (4 if mode == "checkpoint-write" else 5)
+    deadline = time.monotonic() + PATIENCE_S
+    while True:
+        if mode in ("start-up", "epochs") and epochs_left == 0 and lines_left == 0:
+            return ""
+        line = child.next_line(deadline)
+        if line is None:
+            return "" if child.ended else None  # the run ended by itself: the kill finds it gone
+        paused = line.split()[3] if line.startswith(PAUSE) else None
+        if mode in ("start-up", "epochs"):
+            if epochs_left == 0:
+                lines_left -= 1
+                if lines_left == 0:
+                    return paused or ""
+            elif paused and paused.startswith(".metrics.jsonl."):
+                epochs_left -= 1
+        elif paused and (mode == "any-write" or paused.startswith((".last.pt.", ".best.pt."))):
+            pauses_left -= 1
+            if pauses_left == 0:
+                return paused
+        if paused:
+            child.go()
+
+
+class Child:
+    """A forked training process whose stderr comes back line by line, and whose writes pause (see `_pausing`)."""
+
+    def __init__(self, argv: list[str]):
+        self.pid, self.report, self.gate = _fork_cli(argv, watched=True)
+        self.buffer, self.ended = b"", False
+
+    def next_line(self, deadline: float) -> str | None:
+        """The child's next line of stderr; None when its output ended or `deadline` passed."""
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if self.ended or left <= 0 or not select.select([self.report], [], [], left)[0]:
+                return None
+            chunk = os.read(self.report, 65536)
+            self.ended = not chunk
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode(errors="replace")
+
+    def go(self) -> None:
+        with contextlib.suppress(BrokenPipeError):  # it ended meanwhile
+            os.write(self.gate, b"g")
+
+    def kill(self) -> int:
+        os.kill(self.pid, signal.SIGKILL)
+        _, status = os.waitpid(self.pid, 0)
+        os.close(self.report)
+        os.close(self.gate)
+        return status
+
+
+def _pausing(gate: int) -> None:
+    """In the child: before renaming a temporary file over a run file, and halfway through writing a
+    checkpoint's temporary file, say so on stderr and wait for a byte on `gate` (the driver's go-ahead)."""
+    real_replace, real_save = os.replace, torch.save
+
+    def pause(stage: str, path) -> None:
+        os.write(2, f"{PAUSE} {stage} {Path(path).name}\n".encode())
+        os.read(gate, 1)
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name in WATCHED:
+            pause("whole", src)
+        return real_replace(src, dst, *args, **kwargs)
+
+    def save(obj, f, *args, **kwargs):
+        if not isinstance(f, str | os.PathLike) or not Path(f).name.startswith((".last.pt.", ".best.pt.")):
+            return real_save(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        data = buffer.getvalue()
+        with open(f, "wb") as out:  # the same bytes, written in two halves with a pause between
+            out.write(data[: len(data) // 2])
+            out.flush()
+            pause("half", f)
+            out.write(data[len(data) // 2 :])
+
+    os.replace, torch.save = replace, save
 
 
 def _temporaries(run: Path) -> list[str]:
@@ -163,17 +260,28 @@ def _temporaries(run: Path) -> list[str]:
                   if p.name.endswith(".tmp"))
 
 
-def _fork_cli(argv: list[str]) -> int:
+def _fork_cli(argv: list[str], *, watched: bool = False) -> tuple[int, int | None, int | None]:
+    """Fork an `imgclf ARGV` process, quiet. Watched: its stderr comes back through a pipe and its writes
+    pause (`_pausing`); returns (pid, read end of its stderr, write end of its gate)."""
+    report_r, report_w = os.pipe() if watched else (None, None)
+    gate_r, gate_w = os.pipe() if watched else (None, None)
     pid = os.fork()
-    if pid == 0:  # the child: a training process, quiet
+    if pid == 0:  # the child: a training process
         code = 1
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
-            os.dup2(devnull, 2)
+            os.dup2(report_w if watched else devnull, 2)
+            if watched:
+                os.close(report_r)
+                os.close(gate_w)
+                _pausing(gate_r)
             from imgclf.cli import main
 
             code = main(argv)
         finally:
             os._exit(code)
-    return pid
+    if watched:
+        os.close(report_w)
+        os.close(gate_r)
+    return pid, report_r, gate_w

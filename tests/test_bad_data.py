@@ -123,7 +123,7 @@ def test_bad_files_are_skipped_reported_once_and_counted(seeded, tmp_path, capsy
         assert err.count(f"imgclf: skipping {path}: ") == 1, (path, err)
     assert err.count("imgclf: skipping ") == len(seeded["bad"])
     assert "really-a-jpeg" not in err  # a JPEG named .png is a picture all the same
-    summaries = [line for line in err.splitlines() if line.startswith("epoch ") and "test loss" in line]
+    summaries = [line for line in err.splitlines() if line.startswith("epoch ") and "val loss" in line]
     assert len(summaries) == 2 and all(f"skipped files {len(seeded['bad'])}" in s for s in summaries)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_files"] for r in records] == [len(seeded["bad"])] * 2

@@ -23,6 +23,12 @@ RULES = {
     ("data", "img_size"): ([None, 8, 4096], [7, 4097, 0, -1]),
     ("data", "val_fraction"): ([1e-9, 0.5, 1 - 1e-9], [0.0, 1.0, -0.1]),
     ("data", "crop_pad"): ([None, 0, 4096], [-1, 4097]),
+    ("data", "store_size"): ([None, 8, 4096], [7, 4097]),
+    ("data", "crop_scale"): ([1e-9, 1.0], [0.0, 1 + 1e-9]),
+    ("data", "random_erasing"): ([0.0, 1.0], [-1e-9, 1 + 1e-9]),
+    ("data", "mixup"): ([0.0, 1e300], [-1e-9]),
+    ("data", "cutmix"): ([0.0, 1e300], [-1e-9]),
+    ("data", "mix_switch"): ([0.0, 1.0], [-1e-9, 1 + 1e-9]),
     ("data", "batch_size"): ([1, 65536], [0, 65537, -1]),
     ("data", "eval_batch_size"): ([1, 65536], [0, 65537, -1]),
     ("optim", "lr"): ([1e-12, 0.05, 1e300], [0.0, -1e-12, -1.0]),
@@ -42,6 +48,7 @@ RULES = {
     ("optim", "schedule"): (["constant", "onecycle"], ["step"]),
     ("run", "precision"): (["auto", "fp16"], ["fp8"]),
     ("data", "balance"): (["none", "loss"], ["oversample"]),
+    ("data", "auto_augment"): (["none", "randaugment"], ["autoaugment-v9"]),
     ("optim", "monitor"): (["val_acc", "val_macro_f1"], ["test_acc"]),
 }
 FLAGS = {(section, f.name): flag for section, f, flag in config_fields()}
@@ -133,11 +140,11 @@ def test_train_help_shows_each_field_default():
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer), pytest.raises(SystemExit):
         parser.parse_args(["train", "--help"])
-    text = " ".join(buffer.getvalue().split())  # argparse wraps lines: compare with whitespace collapsed
+    text = "".join(buffer.getvalue().split())  # argparse wraps lines, also after hyphens: compare without spaces
     for _, f, flag in config_fields():
         help_text = actions[flag].help
         assert help_text.endswith(f"(default: {expected_default(f)})"), (flag, help_text)
-        assert " ".join(help_text.split()) in text, flag
+        assert "".join(help_text.split()) in text, flag
     # the switches that once showed the wrong default: 1.0 == True and 0 == False as dictionary keys
     assert actions["--warmup-epochs"].help.endswith("(default: 1.0)")
     assert actions["--seed"].help.endswith("(default: 0)")

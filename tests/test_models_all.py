@@ -3,13 +3,14 @@ working size (or says in one line which sizes it takes); auxiliary logits; ViTs 
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections import namedtuple
 
 import pytest
 import torch
-from conftest import write_class_folder
+from conftest import run_cli, write_class_folder
 from torch import nn
 
 from imgclf import cli
@@ -27,15 +28,18 @@ from imgclf.models import (
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# Over ~3 s for a build, a forward and backward pass of 2 pictures and an eval pass on this 2-core machine
-# (measured with `pytest --durations=0 tests/test_models_all.py`); the rest together take under 20 s.
+# Over 0.5 s for a build, a forward and backward pass of 2 pictures and an eval pass, one thread of a 2-core
+# machine (`pytest --durations=0 tests/test_models_all.py`; the largest take 3-6 s, vit_h_14 and
+# regnet_y_128gf much more): so that the rest, about 30 models, take under 10 s together.
 SLOW = {
-    "convnext_base", "convnext_large", "densenet161", "densenet201", "efficientnet_b7", "efficientnet_v2_l",
-    "efficientnet_v2_m", "inception_v3", "maxvit_t", "regnet_x_16gf", "regnet_x_32gf", "regnet_y_128gf",
-    "regnet_y_16gf", "regnet_y_32gf", "regnet_y_8gf", "resnet152", "resnext101_32x8d", "resnext101_64x4d",
-    "swin_b", "swin_s", "swin_v2_b", "swin_v2_s", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn",
-    "vgg19", "vgg19_bn", "vit_b_16", "vit_b_32", "vit_h_14", "vit_l_16", "vit_l_32", "wide_resnet101_2",
-    "wide_resnet50_2",
+    "alexnet", "convnext_base", "convnext_large", "convnext_small", "densenet161", "densenet169",
+    "densenet201", "efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7",
+    "efficientnet_v2_l", "efficientnet_v2_m", "efficientnet_v2_s", "inception_v3", "maxvit_t",
+    "regnet_x_16gf", "regnet_x_32gf", "regnet_x_3_2gf", "regnet_x_8gf", "regnet_y_128gf", "regnet_y_16gf",
+    "regnet_y_32gf", "regnet_y_3_2gf", "regnet_y_8gf", "resnet101", "resnet152", "resnet34", "resnet50",
+    "resnext101_32x8d", "resnext101_64x4d", "swin_b", "swin_s", "swin_t", "swin_v2_b", "swin_v2_s",
+    "swin_v2_t", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+    "vit_b_16", "vit_b_32", "vit_h_14", "vit_l_16", "vit_l_32", "wide_resnet101_2", "wide_resnet50_2",
 }
 LISTED = [n for n in available_models() if not n.startswith("timm/")]
 
@@ -117,6 +121,7 @@ def test_inception_v3_at_299_trains_with_its_auxiliary_classifier():
     training_loss(out, torch.tensor([0, 1]), nn.CrossEntropyLoss())[1].backward()
 
 
+@pytest.mark.slow
 def test_vit_pretrained_file_at_another_size_resizes_its_position_embeddings(tmp_path):
     source = build_model("vit_b_32", num_classes=3, img_size=96)  # a 3x3 grid of patches
     torch.save(source.state_dict(), tmp_path / "vit.pth")
@@ -126,6 +131,41 @@ def test_vit_pretrained_file_at_another_size_resizes_its_position_embeddings(tmp
     assert torch.equal(pos[:, 0], source.encoder.pos_embedding[:, 0])  # the class token's kept
     assert torch.equal(model.conv_proj.weight, source.conv_proj.weight)
     assert model.heads.head.out_features == 5
+
+
+class _Batches:
+    """The loader interface of `engine.train_one_epoch`: `steps` batches of 4 pictures, 3 classes."""
+
+    def __init__(self, size: int, steps: int = 2):
+        g = torch.Generator().manual_seed(0)
+        self.batches = [(torch.randn(4, 3, size, size, generator=g), torch.tensor([0, 1, 2, 0]), 4)
+                        for _ in range(steps)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        return iter(self.batches[start_step:])
+
+
+@pytest.mark.parametrize("name", ["googlenet", pytest.param("vit_b_32", marks=pytest.mark.slow)])
+def test_googlenet_and_a_vit_train_through_the_loop_at_64(name):
+    from contextlib import nullcontext
+
+    from imgclf.engine import TrainState, train_one_epoch
+
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=3, img_size=64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, total_steps=2)
+    before = model.fc.weight.clone() if name == "googlenet" else model.heads.head.weight.clone()
+    stats = train_one_epoch(state, _Batches(64), epoch=0, loss_fn=nn.CrossEntropyLoss(), autocast=nullcontext)
+    assert stats["images"] == 8 and stats["loss"] > 0 and 0 <= stats["acc"] <= 1
+    after = model.fc.weight if name == "googlenet" else model.heads.head.weight
+    assert not torch.equal(before, after)
+    if name == "googlenet":  # the auxiliary classifiers learn too
+        assert model.aux1.fc2.weight.grad is not None and model.aux2.fc2.weight.grad is not None
 
 
 @pytest.fixture(scope="module")
@@ -145,9 +185,10 @@ def _train_cli(tmp, name: str, *extra: str):
     return run / "checkpoints" / "last.pt"
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-@pytest.mark.parametrize("name", ["googlenet", pytest.param("vit_b_32", marks=pytest.mark.slow)])
-def test_googlenet_and_a_vit_train_at_64_then_evaluate_predict_and_export(tiny_64, tmp_path, name):
+@pytest.mark.parametrize("name", ["googlenet", "vit_b_32"])
+def test_googlenet_and_a_vit_train_at_64_from_the_cli_then_evaluate_and_export(tiny_64, tmp_path, name):
     path = _train_cli(tiny_64, name)
     ckpt = load_checkpoint(path)
     assert ckpt["input"]["size"] == 64 and ckpt["metrics"]["train_loss"] > 0
@@ -218,6 +259,7 @@ def test_timm_errors_are_one_line(timm, monkeypatch):
     assert not any(n.startswith("timm/") for n in available_models())
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_timm_model_trains_from_the_cli_with_a_pretrained_file_and_exports(timm, tiny_64, tmp_path):
     torch.save(timm.create_model("resnet18", num_classes=1000).state_dict(), tmp_path / "r18.pth")
@@ -226,3 +268,21 @@ def test_timm_model_trains_from_the_cli_with_a_pretrained_file_and_exports(timm,
     assert ckpt["model"]["name"] == "timm/resnet18"
     assert model_from_checkpoint(ckpt)(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
     assert export_checkpoint(path, "torchscript", tmp_path / "m.pt").max_diff < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet18", "convnext_nano"])
+def test_timm_models_train_on_ants_and_bees_with_a_local_pretrained_file(timm, hymenoptera_dir, tmp_path, arch):
+    from safetensors.torch import save_file
+
+    source = timm.create_model(arch, num_classes=1000)  # stands in for downloaded ImageNet weights
+    save_file(source.state_dict(), str(tmp_path / f"{arch}.safetensors"))
+    run = tmp_path / "run"
+    r = run_cli("train", "--data", hymenoptera_dir, "--model", f"timm/{arch}", "--pretrained",
+                tmp_path / f"{arch}.safetensors", "--img-size", "96", "--epochs", "1", "--batch-size", "32",
+                "--out", run)
+    assert r.returncode == 0, r.stderr
+    ev = json.loads(run_cli("eval", run / "checkpoints" / "last.pt", "--data", hymenoptera_dir, "--json").stdout)
+    assert ev["count"] == 153 and ev["classes"] == ["ants", "bees"]
+    pred = run_cli("predict", run / "checkpoints" / "last.pt", hymenoptera_dir / "val" / "ants", "--topk", "1")
+    assert pred.returncode == 0 and len(pred.stdout.splitlines()) == 70

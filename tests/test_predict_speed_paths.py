@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -139,6 +140,13 @@ def test_first_batch_is_one_picture_and_answers_keep_their_order(tmp_path, monke
 def test_stopping_early_leaves_nothing_running(tmp_path):
     ckpt = resnet_checkpoint(tmp_path / "r18.pt")
     write_pictures(tmp_path / "pics", 6)
+    before = set(threading.enumerate())
     answers = Predictor(ckpt, device="cpu").iter_predict([str(tmp_path / "pics")], batch_size=2)
     assert next(answers).labels
+    decoders = [t for t in set(threading.enumerate()) - before if t.name.startswith("ThreadPoolExecutor")]
+    assert decoders, "no decoding threads while predicting: this test would check nothing"
     answers.close()  # the prefetched batch is cancelled or finished, the decoding threads end
+    assert [t.name for t in decoders if t.is_alive()] == []
+    assert [t.name for t in set(threading.enumerate()) - before] == []
+    with pytest.raises(StopIteration):
+        next(answers)

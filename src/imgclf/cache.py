@@ -8,12 +8,13 @@ memory. The unit of data everywhere is a `Split`: uint8 images (N, C, H, W) with
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import sys
-import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -23,10 +24,12 @@ import numpy as np
 import torch
 
 from imgclf.errors import UserError
+from imgclf.files import atomic_write_text
 from imgclf.transforms import BadImage, compute_mean_std, load_image
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 MMAP_BYTES = 2 << 30  # caches larger than this are memory-mapped, not read whole
+BUILD_CHUNK = 4096  # pictures decoded between two records of a cache build's progress
 
 
 @dataclass
@@ -55,36 +58,106 @@ def _fingerprint(files: list[Path], labels: list[int], size: int, channels: int)
 
 def cached_split(files: list[Path], labels: list[int], *, size: int, channels: int, cache_root: Path,
                  progress: bool) -> tuple[Split, list[tuple[str, str]]]:
-    """Decode `files` once into `cache_root/<fingerprint>/`; later calls read (or memory-map) the result."""
+    """Decode `files` once into `cache_root/<fingerprint>/`; later calls read (or memory-map) the result.
+
+    Pictures skipped as unreadable are tried again when the cache is reused (a file unreadable once, for
+    lack of permission say, may be fixed since); if one now decodes, the cache is built anew."""
     key = _fingerprint(files, labels, size, channels)
     folder = cache_root / key
+    if (folder / "meta.json").is_file() and _skipped_now_readable(folder, size, channels):
+        shutil.rmtree(folder, ignore_errors=True)
     if not (folder / "meta.json").is_file():
-        images, bad = _decode_many(files, size=size, channels=channels, progress=progress)
-        bad_set = {f for f, _ in bad}
-        kept = [i for i, f in enumerate(files) if str(f) not in bad_set]
-        _write_cache(folder, images, [labels[i] for i in kept], [str(files[i]) for i in kept], bad)
+        _build(folder, files, labels, size=size, channels=channels, progress=progress)
+    with contextlib.suppress(OSError):
+        os.utime(folder / "meta.json")  # when it was last used, for `imgclf cache prune`
     meta = json.loads((folder / "meta.json").read_text())
-    images = np.load(folder / "images.npy", mmap_mode="r")
+    images = np.load(folder / "images.npy", mmap_mode="r")[: meta["count"]]
     if images.nbytes <= MMAP_BYTES:
-        images = torch.from_numpy(np.load(folder / "images.npy"))
+        images = torch.from_numpy(np.ascontiguousarray(images))
     for path, reason in meta["bad"] if progress else ():  # reported by the main process only
         print(f"imgclf: skipping {path}: {reason}", file=sys.stderr)
     split = Split(images, torch.tensor(meta["labels"], dtype=torch.int64), meta["files"])
     return split, [tuple(b) for b in meta["bad"]]
 
 
-def _write_cache(folder: Path, images: np.ndarray, labels: list[int], files: list[str], bad) -> None:
-    """Write into a temporary folder, then rename: a killed process never leaves half a cache."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+def _skipped_now_readable(folder: Path, size: int, channels: int) -> bool:
+    bad = json.loads((folder / "meta.json").read_text()).get("bad", [])
+    return any(_decode_one((path, size, channels))[0] is not None for path, _ in bad[:64])
+
+
+def _build(folder: Path, files: list[Path], labels: list[int], *, size: int, channels: int, progress: bool) -> None:
+    """Decode `files` chunk by chunk straight into a memory-mapped file in `.partial-<key>/` beside `folder`
+    (memory stays flat however many pictures there are), recording after each chunk how far it got, so that
+    a build killed half-way is continued, not restarted, by the next run; then rename it to `folder`.
+    A lock on the partial folder makes a second process wait instead of writing into the same files."""
+    work = folder.parent / f".partial-{folder.name}"
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / "meta.json").is_file():  # another process finished it while this one waited
+            return
+        state = _progress(work, len(files))
+        shape = (len(files), channels, size, size)
+        images = np.lib.format.open_memmap(work / "images.npy", mode="r+" if state["done"] else "w+",
+                                           dtype=np.uint8, shape=shape)
+        meter = _Meter(len(files), state["done"], enabled=progress and len(files) > 1000)
+        for start in range(state["done"], len(files), BUILD_CHUNK):
+            chunk = files[start : start + BUILD_CHUNK]
+            arrays, bad = _decode_many(chunk, size=size, channels=channels, progress=False)
+            images[state["kept"] : state["kept"] + len(arrays)] = arrays
+            images.flush()
+            bad_set = {f for f, _ in bad}
+            state["kept_index"] += [start + i for i, f in enumerate(chunk) if str(f) not in bad_set]
+            state.update(done=start + len(chunk), kept=state["kept"] + len(arrays), bad=state["bad"] + bad)
+            atomic_write_text(work / "progress.json", json.dumps(state))
+            meter.update(state["done"])
+        del images
+        meta = {"count": state["kept"], "labels": [labels[i] for i in state["kept_index"]],
+                "files": [str(files[i]) for i in state["kept_index"]], "bad": [list(b) for b in state["bad"]],
+                "source": str(Path(os.path.commonpath([str(f) for f in files])) if files else ""),
+                "size": size, "channels": channels}
+        atomic_write_text(work / "meta.json", json.dumps(meta))
+        (work / "progress.json").unlink()
+        os.replace(work, folder)
+        meter.close()
+
+
+def _progress(work: Path, total: int) -> dict:
+    """How far an earlier, killed build of this cache got (nothing, when it left no readable record)."""
+    fresh = {"done": 0, "kept": 0, "kept_index": [], "bad": []}
     try:
-        np.save(tmp / "images.npy", images)
-        meta = {"labels": labels, "files": files, "bad": [list(b) for b in bad]}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        with contextlib.suppress(OSError):  # another process wrote the same cache first: theirs is as good
-            os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        state = json.loads((work / "progress.json").read_text())
+        return state if 0 <= state["done"] <= total and (work / "images.npy").is_file() else fresh
+    except (OSError, ValueError, KeyError, TypeError):
+        return fresh
+
+
+class _Meter:
+    """Progress of a cache build: a tqdm bar on a terminal, else a line every tenth, each with the time left."""
+
+    def __init__(self, total: int, done: int, *, enabled: bool):
+        self.total, self.start_done, self.start, self.enabled = total, done, time.perf_counter(), enabled
+        self.next_tenth, self.bar = done * 10 // max(total, 1) + 1, None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, desc="decoding (once, cached)", unit="img", leave=False)
+        elif enabled and done:
+            print(f"imgclf: continuing an interrupted cache build at {done:,}/{total:,} pictures", file=sys.stderr)
+
+    def update(self, done: int) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+        elif self.enabled and done * 10 // self.total >= self.next_tenth:
+            self.next_tenth = done * 10 // self.total + 1
+            rate = (done - self.start_done) / max(time.perf_counter() - self.start, 1e-9)
+            left = (self.total - done) / max(rate, 1e-9)
+            print(f"imgclf: decoded {done:,}/{self.total:,} pictures (once, cached), {rate:.0f}/s, "
+                  f"about {left / 60:.1f} min left", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def cached_stats(split: Split, cache_root: Path, files: list[Path], size: int, channels: int):
@@ -112,12 +185,12 @@ def _decode_many(files: list[Path], *, size: int, channels: int, progress: bool)
     jobs = [(str(f), size, channels) for f in files]
     out = np.empty((len(files), channels, size, size), dtype=np.uint8)
     bad, kept = [], 0
-    workers = min(len(os.sched_getaffinity(0)), 8, max(1, len(files) // 256))
+    workers = min(len(os.sched_getaffinity(0)), max(1, len(files) // 256))  # every core, for a large set
     iterator = _pool_map(jobs, workers)
     if progress and len(files) > 1000:
         from tqdm import tqdm
 
-        iterator = tqdm(iterator, total=len(files), desc="decoding (once, cached)", unit="img",
+        iterator = tqdm(iterator, total=len(files), desc="checking", unit="img",
                         disable=not sys.stderr.isatty(), leave=False)
     for (path, _, _), (arr, reason) in zip(jobs, iterator, strict=True):
         if arr is None:

@@ -225,11 +225,17 @@ DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (%(defa
 def _add_eval(sub, common) -> None:
     p = _command(sub, common, "eval", cmd_eval, help="loss, accuracy, per-class accuracy, confusion matrix")
     p.add_argument("checkpoint")
-    p.add_argument("--data", required=True, help="data set or folder; its test/ or val/ split is evaluated")
+    p.add_argument("--data", required=True, help="data set or folder: by default its test split where it has one "
+                                                  "beside val/, else its held-out split, and all of a plain folder of "
+                                                  "class folders")
+    p.add_argument("--split", choices=("train", "val", "test"),
+                   help="evaluate this split instead (val: the validation split, or the share held out in training)")
+    p.add_argument("--labels", metavar="FILE.csv", help="as `imgclf train --labels`")
     p.add_argument("--data-root", default="data", help=DATA_ROOT_HELP)
     _number(p, "--val-fraction", float, 0, 1, low_open=True, high_open=True, words="between 0 and 1", default=0.2,
             help=VAL_FRACTION_HELP)
-    _number(p, "--batch-size", int, 1, MAX_BATCH, default=1024, help="pictures per batch (%(default)s)")
+    _number(p, "--batch-size", int, 1, MAX_BATCH,
+            help="pictures per batch (default: 1024 small pictures, fewer large ones)")
     p.add_argument("--cache-dir", help=CACHE_DIR_HELP)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -237,23 +243,30 @@ def _add_eval(sub, common) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from imgclf.evaluate import evaluate_checkpoint
-    from imgclf.metrics import per_class_accuracy
+    from imgclf.metrics import per_class_accuracy, summary
 
     cfg = DataConfig(data=args.data, data_root=args.data_root, val_fraction=args.val_fraction,
-                     eval_batch_size=args.batch_size, cache_dir=args.cache_dir)
-    r = evaluate_checkpoint(args.checkpoint, cfg, device=args.device)
+                     eval_batch_size=args.batch_size, cache_dir=args.cache_dir, labels=args.labels)
+    r = evaluate_checkpoint(args.checkpoint, cfg, split=args.split, device=args.device)
     classes, confusion = r["classes"], r["confusion"]
-    per_class = per_class_accuracy(confusion)
+    per_class, figures = per_class_accuracy(confusion), summary(confusion, classes)
     if args.json:
         print(json.dumps({"split": r["split"], "count": r["count"], "loss": r["loss"], "accuracy": r["acc"],
-                          "classes": classes, "per_class_accuracy": dict(zip(classes, per_class, strict=True)),
+                          **({"top5": r["top5"]} if "top5" in r else {}), "classes": classes,
+                          "per_class_accuracy": dict(zip(classes, per_class, strict=True)), **figures,
                           "confusion": confusion.tolist()}))
         return EXIT_OK
-    print(f"{r['split']}: {r['count']} pictures  loss {r['loss']:.4f}  accuracy {r['acc']:.2%}\n")
+    top5 = f"  top-5 {r['top5']:.2%}" if "top5" in r else ""
+    print(f"{r['split']}: {r['count']} pictures  loss {r['loss']:.4f}  accuracy {r['acc']:.2%}{top5}  "
+          f"macro F1 {figures['macro_f1']:.4f}\n")
     width = max(8, *(len(c) for c in classes))
-    print(f"{'class':<{width}}  {'accuracy':>8}  {'count':>6}")
+    print(f"{'class':<{width}}  {'accuracy':>8}  {'precision':>9}  {'recall':>6}  {'F1':>6}  {'count':>6}")
     for name, acc, row in zip(classes, per_class, confusion.tolist(), strict=True):
-        print(f"{name:<{width}}  {acc:>8.2%}  {sum(row):>6}")
+        f = figures["per_class"][name]
+        print(f"{name:<{width}}  {acc:>8.2%}  {f['precision']:>9.3f}  {f['recall']:>6.3f}  {f['f1']:>6.3f}  "
+              f"{sum(row):>6}")
+    print(f"{'macro':<{width}}  {'':>8}  {figures['macro_precision']:>9.3f}  {figures['macro_recall']:>6.3f}  "
+          f"{figures['macro_f1']:>6.3f}  {r['count']:>6}")
     print("\nconfusion matrix (rows: true class, columns: predicted)")
     cell = max(5, len(str(int(confusion.max()))) + 1)
     labels = [f"{i} {name}" for i, name in enumerate(classes)]
@@ -409,8 +422,9 @@ def _add_show(sub, common) -> None:
             help="N pictures of each class, one row per class (default 8 when there are at most 20 classes)")
     _number(p, "--random", int, 1, 1000, words="1..1000", group=how, metavar="N",
             help="N pictures drawn at random (default 64 with many classes)")
-    p.add_argument("--split", choices=("train", "test"), default="train",
-                   help="which split to draw from (%(default)s)")
+    p.add_argument("--split", choices=("train", "val", "test"), default="train",
+                   help="which split to draw from (%(default)s; val: the held-out split, named test when the data "
+                        "set's test split serves as validation)")
     p.add_argument("--out", default="samples.png", help="PNG to write (%(default)s)")
     _number(p, "--seed", int, 0, MAX_SEED, default=0, help="which pictures are drawn (%(default)s)")
     _number(p, "--img-size", int, 8, MAX_SIDE, words=f"8..{MAX_SIDE}",

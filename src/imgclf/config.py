@@ -62,7 +62,8 @@ class DataConfig:
     batch_size: int = option(128, "global batch size, split across processes")
     balance: str = option("none", "unbalanced classes: sampler draws pictures inversely to their class's size; "
                                   "loss weights the loss so", choices=BALANCES)
-    eval_batch_size: int = option(1024, "batch size for evaluation", resumable=True)
+    eval_batch_size: int | None = option(None, "batch size for evaluation", resumable=True,
+                                         none="1024 small pictures, fewer large ones (about 12 MB of input)")
     strict: bool = option(False, "fail before training on any bad file", flag="--strict-data")
     cache_dir: str | None = option(None, "where decoded folders are cached", none="~/.cache/imgclf",
                                 resumable=True)
@@ -144,6 +145,12 @@ class TrainConfig:
         check_number("--img-size", d.img_size, 8, MAX_SIDE, words=f"8..{MAX_SIDE}")
         check_number("--val-fraction", d.val_fraction, 0, 1, low_open=True, high_open=True, words="between 0 and 1")
         check_number("--crop-pad", d.crop_pad, 0, MAX_SIDE)
+        check_number("--store-size", d.store_size, 8, MAX_SIDE, words=f"8..{MAX_SIDE}")
+        check_number("--crop-scale", d.crop_scale, 0, 1, low_open=True, words="in (0, 1]")
+        check_number("--random-erasing", d.random_erasing, 0, 1, words="a probability, in [0, 1]")
+        check_number("--mixup", d.mixup, 0)
+        check_number("--cutmix", d.cutmix, 0)
+        check_number("--mix-switch", d.mix_switch, 0, 1, words="a probability, in [0, 1]")
         check_number("--batch-size", d.batch_size, 1, MAX_BATCH)
         check_number("--eval-batch-size", d.eval_batch_size, 1, MAX_BATCH)
         check_number("--lr", o.lr, 0, low_open=True)

@@ -9,7 +9,7 @@ from imgclf.config import DataConfig
 from imgclf.engine import evaluate
 from imgclf.errors import UserError
 from imgclf.models import model_from_checkpoint
-from imgclf.pipeline import eval_loader, place_model
+from imgclf.pipeline import eval_batch_size, eval_loader, place_model
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import load_data
 from imgclf.transforms import BatchTransform
@@ -40,7 +40,7 @@ def evaluate_checkpoint(path, data_cfg: DataConfig, *, split: str | None = None,
     model = place_model(model_from_checkpoint(ckpt), dev, channels_last=channels_last)
     name, chosen = _choose(data, split, data_cfg.data)
     loader = eval_loader(chosen, BatchTransform(tuple(inp["mean"]), tuple(inp["std"])),
-                         batch_size=data_cfg.eval_batch_size, device=dev, channels_last=channels_last)
+                         batch_size=eval_batch_size(data_cfg, chosen), device=dev, channels_last=channels_last)
     autocast = autocast_factory(dev, resolve_precision(precision or run.get("precision", "fp32"), dev))
     result = evaluate(model, loader, num_classes=len(data.classes), autocast=autocast, tta=run.get("tta", False),
                       keep_probs=True)

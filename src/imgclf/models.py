@@ -255,14 +255,19 @@ def _torchvision_classifier(name: str, *, num_classes: int, in_channels: int, im
     return model, heads
 
 
-def _check_torchvision_size(name: str, img_size: int) -> None:
-    """One line saying which sizes `name` takes, when `img_size` is not one of them."""
-    from torchvision import models
+def base_fits(name: str, img_size: int) -> bool:
+    """Whether `build_model(name, img_size=img_size, base=...)` uses a `base` built with torchvision's
+    defaults (no arguments): torchvision classifiers whose builder needs none for this size. For the others
+    (googlenet, inception_v3, vit_* and maxvit_* not at 224, imgclf's, timm's and the user's own models)
+    there is no point in building one."""
+    return (name not in OWN_MODELS and not name.startswith(TIMM_PREFIX) and ":" not in name
+            and not _builder_kwargs(name, img_size, named_weights=False))
 
-    if name not in models.list_models(module=models):
-        raise UserError(f"unknown model {name!r}; choose tutorial_cnn, fastnet, a torchvision classifier such as "
-                        f"resnet18, timm/NAME or FILE.py:ClassName (`imgclf models` lists them)")
-    if name.startswith("vit_"):
+
+def _check_torchvision_size(name: str, img_size: int) -> None:
+    """One line saying which sizes `name` takes, when `img_size` is not one of them. Imports nothing: with
+    `base`, predict's lean start-up does without the torchvision package (`imgclf.predict`)."""
+    if name.startswith("vit_") and name.rsplit("_", 1)[1].isdigit():
         patch = int(name.rsplit("_", 1)[1])
         if img_size % patch:
             fit = max(patch, round(img_size / patch) * patch)
@@ -285,9 +290,9 @@ def _builder_kwargs(name: str, img_size: int, *, named_weights: bool) -> dict:
         # explicit initialisation: the same as torchvision's default, without its FutureWarning (named
         # weights set it themselves, and refuse to be told)
         return kwargs if named_weights else {**kwargs, "init_weights": True}
-    if name.startswith("vit_"):
+    if name.startswith("vit_") and img_size != 224:  # 224: torchvision's default
         return {"image_size": img_size}
-    if name.startswith("maxvit_"):
+    if name.startswith("maxvit_") and img_size != 224:
         return {"input_size": (img_size, img_size)}
     return {}
 
@@ -295,6 +300,9 @@ def _builder_kwargs(name: str, img_size: int, *, named_weights: bool) -> dict:
 def _torchvision_model(name: str, pretrained: str | None, img_size: int) -> nn.Module:
     from torchvision import models
 
+    if name not in models.list_models(module=models):
+        raise UserError(f"unknown model {name!r}; choose tutorial_cnn, fastnet, a torchvision classifier such as "
+                        f"resnet18, timm/NAME or FILE.py:ClassName (`imgclf models` lists them)")
     weights = None
     if pretrained and not Path(pretrained).expanduser().exists():
         weights = _torchvision_weights(name, pretrained)

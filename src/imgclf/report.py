@@ -110,10 +110,10 @@ def report_after_training(run_dir: Path, *, cfg, data, model: torch.nn.Module, t
     A failure here is reported in one line and never loses the run."""
     try:
         from imgclf.engine import evaluate
-        from imgclf.pipeline import eval_loader
+        from imgclf.pipeline import eval_batch_size, eval_loader
 
         if result is None or "probs" not in result:
-            loader = eval_loader(data.val, transform, batch_size=cfg.data.eval_batch_size, device=device)
+            loader = eval_loader(data.val, transform, batch_size=eval_batch_size(cfg.data, data.val), device=device)
             result = evaluate(model, loader, num_classes=len(data.classes), autocast=autocast, tta=cfg.run.tta,
                               keep_probs=True)
         write_run_report(run_dir, records=records, result=result, data=data, writer=writer,

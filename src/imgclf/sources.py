@@ -295,7 +295,7 @@ def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int
             raise UserError(f"no readable pictures in the {val_name if role == 'val' else role} split of {root}")
     unreadable = [c for i, c in enumerate(classes) if not bool((splits["train"].labels == i).any())]
     if unreadable and not whole:  # every picture of the class was skipped: as good as an empty class folder
-        raise UserError(f"class {unreadable[0]} of {layout.train} has no readable pictures; fix or remove them")
+        raise UserError(f"class folder {layout.train / unreadable[0]} holds no readable pictures; fix or remove them")
     mean, std = cached_stats(splits["train"], cache_root, lists["train"][0], store, channels)
     return ImageData(splits["train"], splits["val"], classes, mean, std, val_name, skipped, splits.get("test"),
                      photos)

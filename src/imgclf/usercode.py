@@ -45,6 +45,8 @@ class CodeRef:
 
 def parse_code_name(name: str) -> CodeRef | None:
     """'dir/net.py:Net' -> CodeRef; None for any name that does not end in `.py:Something` (a model name)."""
+    if name.endswith(".py"):
+        raise UserError(f"--model {name}: name the class too, as {name}:ClassName")
     file, sep, class_name = name.rpartition(":")  # rpartition: a Windows drive letter also has a colon
     if not sep or not file.endswith(".py"):
         return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -224,11 +224,15 @@ def _viridis() -> torch.Tensor:
 
 # ---------------------------------------------------------------- `imgclf show`
 
-def class_counts(data) -> list[tuple[str, int, int]]:
-    """(class, train count, held-out count) for each class."""
-    train = torch.bincount(data.train.labels, minlength=len(data.classes)).tolist()
-    test = torch.bincount(data.val.labels, minlength=len(data.classes)).tolist()
-    return list(zip(data.classes, train, test, strict=True))
+def split_names(data) -> dict[str, str]:
+    """Each split's role -> the name it has in this data set (the validation split may be called test)."""
+    return {"train": "train", "val": data.val_name, **({"test": "test"} if data.test is not None else {})}
+
+
+def class_counts(data) -> list[tuple]:
+    """(class, count in train, count in val[, count in test]) for each class."""
+    columns = [torch.bincount(split.labels, minlength=len(data.classes)).tolist() for split in data.splits().values()]
+    return list(zip(data.classes, *columns, strict=True))
 
 
 def pick_samples(labels: torch.Tensor, *, num_classes: int, per_class: int | None, random: int | None,
@@ -248,10 +252,10 @@ def pick_samples(labels: torch.Tensor, *, num_classes: int, per_class: int | Non
 def class_count_table(data) -> str:
     """Pictures per class in each split of `data` (an ImageData), with totals, as a text table."""
     rows = class_counts(data)
-    width = max(8, *(len(name) for name, _, _ in rows))
-    lines = [f"{'class':<{width}}  {'train':>7}  {data.val_name:>7}"]
-    lines += [f"{name:<{width}}  {n_train:>7}  {n_test:>7}" for name, n_train, n_test in rows]
-    lines.append(f"{'total':<{width}}  {len(data.train):>7}  {len(data.val):>7}")
+    width = max(8, *(len(row[0]) for row in rows))
+    lines = [f"{'class':<{width}}" + "".join(f"  {name:>7}" for name in split_names(data).values())]
+    lines += [f"{row[0]:<{width}}" + "".join(f"  {n:>7}" for n in row[1:]) for row in rows]
+    lines.append(f"{'total':<{width}}" + "".join(f"  {len(split):>7}" for split in data.splits().values()))
     lines.append(f"{len(data.classes)} classes, pictures {data.channels}x{data.img_size}x{data.img_size}")
     return "\n".join(lines)
 
@@ -261,7 +265,9 @@ def samples_figure(data, *, name: str, split: str = "train", per_class: int | No
     """A grid of pictures of `data` (an ImageData called `name`) labelled with their classes: `per_class` of
     each class, one row per class, or `random` ones; by default 8 per class, or 64 when there are over 20
     classes."""
-    chosen, split_name = (data.train, "train") if split == "train" else (data.val, data.val_name)
+    if split == "test" and data.test is None:  # the test split serves as validation, or there is none
+        split = "val"
+    chosen, split_name = data.splits()[split], split_names(data)[split]
     if per_class is None and random is None:
         per_class, random = (8, None) if len(data.classes) <= 20 else (None, 64)
     idx = pick_samples(chosen.labels, num_classes=len(data.classes), per_class=per_class, random=random,
@@ -279,7 +285,7 @@ def samples_figure(data, *, name: str, split: str = "train", per_class: int | No
         if mine:
             grid += mine + [blank] * (per_class - len(mine))
             labels += [""] * per_class
-            row_labels.append(f"{class_name} ({counts[c][1 if split == 'train' else 2]})")
+            row_labels.append(f"{class_name} ({counts[c][1 + list(split_names(data)).index(split)]})")
     return image_grid(grid, labels, ncols=per_class, row_labels=row_labels, lines=0,
                       title=f"{name}: {per_class} {split_name} pictures per class")
 
@@ -288,12 +294,13 @@ def show(data_cfg, *, per_class: int | None = None, random: int | None = None, s
          out="samples.png", seed: int = 0) -> tuple[str, Path]:
     """`imgclf show`: load the data set of `data_cfg` (a DataConfig), draw `samples_figure` to the PNG `out`.
     Returns the `class_count_table` and the PNG written."""
-    from imgclf.sources import load_data
+    from imgclf.sources import imbalance_warning, load_data
 
-    data = load_data(data_cfg)
+    data = load_data(replace(data_cfg, augment="none"))  # every split at the model's side
     fig = samples_figure(data, name=_data_name(data_cfg.data), split=split, per_class=per_class, random=random,
                          seed=seed)
-    return class_count_table(data), save_png(fig, Path(out))
+    warning = imbalance_warning(data.train.labels, data.classes)
+    return class_count_table(data) + (f"\n{warning}" if warning else ""), save_png(fig, Path(out))
 
 
 def _data_name(data: str) -> str:
