@@ -30,7 +30,7 @@ from conftest import write_class_folder
 
 HERE = Path(__file__).resolve().parent
 KILLS = 20
-EPOCHS = 40  # a kill costs the run at most 2 epochs of progress, so the kills are always spent before the end
+EPOCHS = 24  # only the `epochs` kills let the run advance, by 2 epochs at most: it never ends before them
 MODES = ("start-up", "checkpoint-write", "epochs", "any-write")
 PAUSE = "@@test_atomic pause"  # the child's announcement: PAUSE <half|whole> <temporary file name>
 WATCHED = ("config.json", "metrics.jsonl", "best.pt", "last.pt")  # the run files written atomically
@@ -160,15 +160,15 @@ def kill_point(child: Child, mode: str, *, turn: int, rng: random.Random) -> str
     progress came for PATIENCE_S.
 
     start-up: at the fork, or at the child's first, second or third line of stderr (at random): before any
-    epoch ends. epochs: 0-3 lines (at random) after the first or second epoch ends (metrics.jsonl written).
-    checkpoint-write: at the 1st, 2nd, 3rd, 4th... pause in a checkpoint write, in turn (best.pt, when it
-    improved, is written before last.pt; each pauses halfway and before its rename). any-write: at the 1st,
-    2nd, ... 5th pause in any atomic write, in turn (config.json comes first, then metrics.jsonl, then the
-    checkpoints). A kill costs the run at most 2 epochs of progress."""
+    epoch ends. epochs: 1-3 lines (at random) after the first or second epoch is saved (last.pt renamed):
+    these kills let the run advance. checkpoint-write: at the 1st, 2nd, 3rd or 4th pause in a checkpoint
+    write, in turn (best.pt, when it improved, is written before last.pt; each pauses halfway and before its
+    rename). any-write: at the 1st, 2nd, ... 5th pause in any atomic write, in turn (config.json comes first,
+    then metrics.jsonl, then the checkpoints)."""
     if mode == "start-up":
         lines_left, epochs_left = rng.randrange(4), 0
     elif mode == "epochs":
-        lines_left, epochs_left = rng.randrange(4), rng.choice([1, 2])
+        lines_left, epochs_left = rng.randrange(1, 4), rng.choice([1, 2])  # a line after: the rename is done
     else:
         pauses_left = 1 + turn % (4 if mode == "checkpoint-write" else 5)
     deadline = time.monotonic() + PATIENCE_S
@@ -184,8 +184,8 @@ def kill_point(child: Child, mode: str, *, turn: int, rng: random.Random) -> str
                 lines_left -= 1
                 if lines_left == 0:
                     return paused or ""
-            elif paused and paused.startswith(".metrics.jsonl."):
-                epochs_left -= 1
+            elif paused and paused.startswith(".last.pt.") and line.split()[2] == "whole":
+                epochs_left -= 1  # released below: last.pt of one more epoch
         elif paused and (mode == "any-write" or paused.startswith((".last.pt.", ".best.pt."))):
             pauses_left -= 1
             if pauses_left == 0:

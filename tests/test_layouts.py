@@ -148,3 +148,17 @@ def test_unbalanced_classes_are_warned_about_in_the_first_lines(tmp_path, capsys
     lines = capsys.readouterr().err.splitlines()
     assert any("warning: class small has 5 training pictures, under a fifth of big's 30" in line and
                "--balance" in line for line in lines[:3]), lines[:3]
+
+
+def test_cache_list_and_prune(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    data = layout(tmp_path / "d", train=4, val=2)
+    load_data(DataConfig(data=str(data), cache_dir=str(cache)))
+    assert main(["cache", "list", "--cache-dir", str(cache), "--json"]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(c["pictures"] for c in listed) == [4, 8] and not any(c["partial"] for c in listed)
+    assert main(["cache", "prune", "--cache-dir", str(cache)]) == 0  # used just now: kept
+    assert len(list(cache.glob("*/meta.json"))) == 2
+    assert main(["cache", "prune", "--older-than", "0", "--cache-dir", str(cache)]) == 0
+    assert not list(cache.glob("*/meta.json"))
+    assert "2 caches" in capsys.readouterr().err

@@ -73,7 +73,7 @@ def cached_split(files: list[Path], labels: list[int], *, size: int, channels: i
     meta = json.loads((folder / "meta.json").read_text())
     images = np.load(folder / "images.npy", mmap_mode="r")[: meta["count"]]
     if images.nbytes <= MMAP_BYTES:
-        images = torch.from_numpy(np.ascontiguousarray(images))
+        images = torch.from_numpy(np.array(images))  # read whole, writable
     for path, reason in meta["bad"] if progress else ():  # reported by the main process only
         print(f"imgclf: skipping {path}: {reason}", file=sys.stderr)
     split = Split(images, torch.tensor(meta["labels"], dtype=torch.int64), meta["files"])
@@ -216,3 +216,46 @@ def check_all(files: list[Path], *, size: int, channels: int) -> None:
         listing = "; ".join(f"{f}: {r}" for f, r in bad)
         raise UserError(f"--strict-data: {len(bad)} unreadable file(s): {listing}")
 
+
+
+# ---------------------------------------------------------------- `imgclf cache list | prune`
+
+def list_caches(cache_root: Path) -> list[dict]:
+    """Every decoded-folder cache under `cache_root`, newest use first: key, source folder, pictures, side,
+    bytes on disk, last use (a time stamp), and whether it is an unfinished (killed) build."""
+    found = []
+    for folder in sorted(p for p in Path(cache_root).glob("*") if p.is_dir()):
+        partial = folder.name.startswith(".partial-")
+        if not partial and not (folder / "meta.json").is_file():
+            continue
+        meta = {}
+        with contextlib.suppress(OSError, ValueError):
+            meta = json.loads((folder / ("progress.json" if partial else "meta.json")).read_text())
+        stamp = max((p.stat().st_mtime for p in folder.iterdir()), default=folder.stat().st_mtime)
+        found.append({"key": folder.name.removeprefix(".partial-"), "path": str(folder), "partial": partial,
+                      "source": meta.get("source", "?"), "pictures": meta.get("count", meta.get("done", 0)),
+                      "side": meta.get("size"), "bytes": sum(p.stat().st_size for p in folder.iterdir()),
+                      "last_used": stamp})
+    return sorted(found, key=lambda c: -c["last_used"])
+
+
+def prune_caches(cache_root: Path, *, older_than_days: float = 30.0) -> list[dict]:
+    """Delete the caches not used for `older_than_days` (0: all) and unfinished builds that no process is
+    working on; return what was deleted (as `list_caches` describes it)."""
+    cutoff = time.time() - older_than_days * 86400
+    removed = []
+    for cache in list_caches(cache_root):
+        if cache["last_used"] > cutoff and not cache["partial"]:
+            continue
+        folder = Path(cache["path"])
+        with contextlib.suppress(OSError), open(folder / "lock", "a") as lock:
+            try:  # a build in progress holds this lock: leave it alone
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(cache)
+    for stats in Path(cache_root).glob("stats-*.json"):  # a few bytes each; rebuilt when needed
+        if stats.stat().st_mtime < cutoff:
+            stats.unlink(missing_ok=True)
+    return removed

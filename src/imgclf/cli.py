@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for add in (_add_train, _add_eval, _add_predict, _add_samples, _add_models, _add_inspect, _add_export,
-                _add_serve, _add_show, _add_features, _add_lr_find, _add_env):
+                _add_serve, _add_show, _add_features, _add_lr_find, _add_env, _add_cache):
         add(sub, common)
     parser.set_defaults(debug=False)
     return parser
@@ -221,6 +221,39 @@ DATA_ROOT_HELP = "where built-in data sets are downloaded and found (%(default)s
 VAL_FRACTION_HELP = "held-out share of a single folder of classes, as in training (%(default)g)"
 CACHE_DIR_HELP = "where decoded folders are cached (default: ~/.cache/imgclf)"
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (%(default)s)"
+
+def _add_cache(sub, common) -> None:
+    p = _command(sub, common, "cache", cmd_cache, help="list or prune the decoded-folder caches",
+                 description="Folders of pictures are decoded once into a cache (default ~/.cache/imgclf); "
+                             "list shows them, prune deletes those not used for a while and unfinished builds.")
+    p.add_argument("action", choices=("list", "prune"))
+    _number(p, "--older-than", float, 0, None, default=30.0, metavar="DAYS",
+            help="prune: caches not used for this many days (%(default)s; 0: every cache)")
+    p.add_argument("--cache-dir", help=CACHE_DIR_HELP)
+    p.add_argument("--json", action="store_true", help="list: one JSON object per cache")
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    import time
+
+    from imgclf.cache import default_cache_dir, list_caches, prune_caches
+
+    root = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    caches = list_caches(root) if args.action == "list" else prune_caches(root, older_than_days=args.older_than)
+    if args.json:
+        for cache in caches:
+            print(json.dumps(cache))
+        return EXIT_OK
+    for c in caches:
+        age = (time.time() - c["last_used"]) / 86400
+        state = "unfinished build, " if c["partial"] else ""
+        print(f"{c['key']}  {c['bytes'] / 2**20:>8.1f} MB  {c['pictures']:>7} pictures  "
+              f"{state}used {age:.1f} days ago  {c['source']}")
+    total = sum(c["bytes"] for c in caches) / 2**20
+    verb = "in" if args.action == "list" else "deleted from"
+    print(f"{len(caches)} caches, {total:.1f} MB {verb} {root}", file=sys.stderr)
+    return EXIT_OK
+
 
 def _add_eval(sub, common) -> None:
     p = _command(sub, common, "eval", cmd_eval, help="loss, accuracy, per-class accuracy, confusion matrix")

@@ -36,11 +36,12 @@ class RunParts:
 
 
 def build_run(cfg: TrainConfig, data: ImageData, *, device: torch.device, dist: DistInfo | None = None,
-              fresh: bool = True) -> RunParts:
+              fresh: bool = True, model: nn.Module | None = None) -> RunParts:
     """Model, transform and loaders of a run on `data`. `fresh`: initialise the weights (pretrained file,
-    fastnet's whitening) as a new run does; a resumed run takes them from its checkpoint instead."""
+    fastnet's whitening) as a new run does; a resumed run takes them from its checkpoint instead.
+    `model`: a network object to use instead of building `cfg.model.name` (the Python API)."""
     dist = dist or DistInfo()
-    model = build_model(cfg.model.name, num_classes=len(data.classes), in_channels=data.channels,
+    model = model if model is not None else build_model(cfg.model.name, num_classes=len(data.classes), in_channels=data.channels,
                         img_size=data.img_size, pretrained=cfg.model.pretrained if fresh else None,
                         freeze_backbone=cfg.model.freeze_backbone, model_args=cfg.model.args)
     transform = build_transform(cfg.data, data)

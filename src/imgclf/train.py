@@ -12,6 +12,7 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,13 +31,18 @@ from imgclf.sources import ImageData, imbalance_warning
 from imgclf.tracking import Tracker
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
-    """Train as `cfg` says, writing everything into `cfg.run.out`; return the last epoch's metrics."""
+def train(cfg: TrainConfig, *, resume: bool = False, model: torch.nn.Module | None = None,
+          on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Train as `cfg` says, writing everything into `cfg.run.out`; return the last epoch's metrics.
+
+    `model`: a network object to train instead of building `cfg.model.name` (the Python API; its output must
+    have one logit per class). `on_epoch(record)` is called after every epoch with its metrics.jsonl record
+    (main process only); raising `imgclf.errors.Stopped` there ends the run resumably."""
     dist = distributed.from_environment()
     device = resolve_device(cfg.run.device, dist)
     distributed.init(dist, device)
     try:
-        record = _train(cfg, resume=resume, dist=dist, device=device)
+        record = _train(cfg, resume=resume, dist=dist, device=device, model=model, on_epoch=on_epoch)
         distributed.barrier(dist)  # leave together: tearing down a group that a peer still uses can abort it
         return record
     except RuntimeError as err:
@@ -48,7 +54,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         distributed.close(dist)
 
 
-def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dict:
+def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model, on_epoch) -> dict:
     run_dir, epochs = Path(cfg.run.out), cfg.optim.epochs
     ckpt = _resume_point(cfg) if resume else None
     torch.manual_seed(cfg.run.seed)
@@ -59,7 +65,7 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dic
     if device.type == "cuda":  # every batch has the same shape: let cuDNN time its algorithms once and keep the best
         torch.backends.cudnn.benchmark = True
     precision = resolve_precision(cfg.run.precision, device)
-    parts = build_run(cfg, data, device=device, dist=dist, fresh=ckpt is None)
+    parts = build_run(cfg, data, device=device, dist=dist, fresh=ckpt is None, model=model)
     state = _train_state(cfg, parts, device=device, precision=precision, dist=dist)
     if ckpt:
         state.load_state_dict(ckpt)
@@ -88,6 +94,8 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device) -> dic
                            dist=dist, tta=cfg.run.tta and final, keep_probs=final and not dist.enabled)
             record = epoch_record(epoch, stats, val, lr=state.optimizer.param_groups[0]["lr"], data=data)
             tracker.end_epoch(record)
+            if on_epoch is not None and dist.is_main:
+                on_epoch(record)
             _save(cfg, parts, state, dist=dist, best=state.end_epoch(record, cfg.optim.monitor))
             if _patience_spent(cfg, state, tracker):
                 break

@@ -98,9 +98,11 @@ def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     return out
 
 
-def compute_mean_std(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 (N, C, H, W) images, scaled to 0..1, in float64 chunks."""
+def compute_mean_std(images: torch.Tensor, chunk: int | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 (N, C, H, W) images, scaled to 0..1, in float64 chunks (of about
+    64 MB unless `chunk` pictures are asked for: memory stays flat for a large, memory-mapped set)."""
     c = images.shape[1]
+    chunk = chunk or max(1, (64 << 20) // (8 * c * images.shape[2] * images.shape[3]))
     total = torch.zeros(c, dtype=torch.float64)
     total_sq = torch.zeros(c, dtype=torch.float64)
     count = 0

@@ -1,0 +1,108 @@
+"""The decode-once cache on a large folder of photos: memory while it builds, a SIGKILL half-way, and the rerun.
+
+Writes N photo-like JPEGs (default 100,000, 160x120, two classes) into a scratch folder, then:
+  1. starts `imgclf show` on it (which decodes the whole folder into the cache, as `train` would), kills it
+     with SIGKILL once about 40% is decoded, and checks that nothing that looks finished was left;
+  2. reruns it: the build continues from where it was killed; prints its wall time and peak memory;
+  3. runs it once more: the cache is read, not built.
+Peak memory is the process's own maximum resident set (it decodes in worker processes, which are measured
+apart by the same counter of the largest child). Run with nothing else running:
+
+    .venv/bin/python benchmarks/cache_scale.py [--count 100000] [--img-size 96]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from _common import PYTHON, ROOT, machine, run_measured
+
+
+def _write(job: tuple[Path, int]) -> None:
+    from PIL import Image
+
+    folder, i = job
+    rng = np.random.default_rng(i)
+    yy, xx = np.mgrid[0:120, 0:160]
+    base = rng.uniform(40, 200, 3)
+    pixels = base + 40 * np.sin(xx[..., None] / rng.uniform(5, 30) + rng.uniform(0, 6, 3)) + rng.normal(0, 12, (120, 160, 3))
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=85)
+
+
+def make_folder(root: Path, count: int) -> None:
+    jobs = []
+    for c, name in enumerate(("cat", "dog")):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        jobs += [(folder, i) for i in range(c, count, 2)]
+    with Pool(os.cpu_count()) as pool:
+        pool.map(_write, jobs, chunksize=256)
+
+
+def show_cmd(data: Path, cache: Path, size: int) -> list[str]:
+    return [PYTHON, "-m", "imgclf", "show", str(data), "--img-size", str(size), "--cache-dir", str(cache),
+            "--out", str(cache.parent / "show.png"), "--random", "8"]
+
+
+def kill_half_way(cmd: list[str], cache: Path, fraction: float) -> tuple[int, int]:
+    """Start `cmd`, SIGKILL it once a build's recorded progress passes `fraction`; (done, total) then."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = total = 0
+    while proc.poll() is None:
+        for progress in cache.glob(".partial-*/progress.json"):
+            try:
+                state = json.loads(progress.read_text())
+            except (OSError, ValueError):
+                continue
+            total = max(total, len(state.get("kept_index", [])) + len(state.get("bad", [])))
+            done = state["done"]
+        if done and done >= fraction * (ARGS.count * 0.8):  # the train split is 80% of the folder
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    return done, proc.returncode
+
+
+def main() -> None:
+    print(machine())
+    scratch = Path(tempfile.mkdtemp(prefix="imgclf-scale-"))
+    try:
+        data, cache = scratch / "photos", scratch / "cache"
+        start = time.perf_counter()
+        make_folder(data, ARGS.count)
+        print(f"wrote {ARGS.count:,} JPEGs (160x120) in {time.perf_counter() - start:.0f}s")
+        done, code = kill_half_way(show_cmd(data, cache, ARGS.img_size), cache, 0.4)
+        finished = list(cache.glob("*/meta.json"))
+        print(f"1. SIGKILL (exit {code}) after {done:,} pictures of the train split were recorded as decoded; "
+              f"finished caches left: {len(finished)} (the val split may have finished first)")
+        rerun = run_measured(show_cmd(data, cache, ARGS.img_size))
+        print(f"2. rerun: exit {rerun.returncode}, {rerun.seconds:.0f}s wall, peak memory {rerun.peak_rss_mb:.0f} MB; "
+              f"'continuing' said: {'continuing an interrupted cache build' in rerun.stderr}")
+        again = run_measured(show_cmd(data, cache, ARGS.img_size))
+        size = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) / 2**30
+        print(f"3. cached: exit {again.returncode}, {again.seconds:.1f}s wall, peak memory {again.peak_rss_mb:.0f} MB; "
+              f"cache {size:.2f} GB on disk; unfinished builds left: {len(list(cache.glob('.partial-*')))}")
+        print(rerun.stdout.strip().splitlines()[-3] if rerun.stdout.strip() else rerun.stderr[-500:])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=100_000)
+    parser.add_argument("--img-size", type=int, default=96)
+    ARGS = parser.parse_args()
+    sys.exit(main())
