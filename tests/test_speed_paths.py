@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from imgclf.config import RECIPES, DataConfig, TrainConfig
 from imgclf.errors import UserError
 from imgclf.loader import BatchLoader
 from imgclf.models import FastNet, build_model
-from imgclf.runtime import autocast_factory, bf16_supported
+from imgclf.runtime import autocast_factory, cpu_has_native_bf16
 from imgclf.sources import list_images
 from imgclf.transforms import BatchTransform, augment_batch
 
@@ -63,7 +64,7 @@ def test_channels_last_gives_the_same_logits(name):
             model.to(memory_format=torch.contiguous_format)
 
 
-@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no bf16 support in oneDNN")
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN has no bf16 on this CPU")
 @pytest.mark.parametrize("name", ["tutorial_cnn", "fastnet"])
 def test_bf16_autocast_predicts_like_fp32(name):
     model = _trained_like(name)
@@ -293,3 +294,15 @@ def test_tta_averages_flipped_and_shifted_views():
     expected = 0.25 * (conv(x) + conv(x.flip(3))) + 0.125 * sum(conv(v) + conv(v.flip(3)) for v in shifted)
     assert torch.allclose(tta_logits(conv, x), expected, atol=1e-5)
     assert not torch.allclose(tta_logits(conv, x), conv(x), atol=1e-3)
+
+
+def test_auto_precision_takes_bf16_only_where_the_cpu_computes_it(monkeypatch):
+    """oneDNN emulates bf16 on a plain AVX512 CPU, 3-4x slower than fp32: `auto` must not choose it there."""
+    from imgclf import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert not runtime.bf16_supported(torch.device("cpu"))
+    assert runtime.resolve_precision("auto", torch.device("cpu")) == torch.float32
+    native = cpu_has_native_bf16()
+    flags = Path("/proc/cpuinfo").read_text()
+    assert native == any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "bf16"))

@@ -48,6 +48,11 @@ def _run(argv: list[str] | None) -> int:
     try:
         for dest, (flag, bounds) in args.limits.items():
             check_number(flag, getattr(args, dest), **bounds)
+        if getattr(args, "model_code", None) or getattr(args, "trust_changed_code", False):  # checked at every load
+            from imgclf.usercode import model_code_scope
+
+            with model_code_scope(args.model_code, args.trust_changed_code):
+                return args.func(args) or EXIT_OK
         return args.func(args) or EXIT_OK
     except UserError as err:
         if args.debug:
@@ -123,6 +128,7 @@ def _add_train(sub, common) -> None:
                    help="default: a recipe that trains well; notes: exactly the notes' SGD 0.01, batch 64, no "
                         "augmentation; fast: the CIFAR speed records' recipe for fastnet")
     p.add_argument("--resume", metavar="RUN", help="continue RUN/checkpoints/last.pt exactly where it stopped")
+    _add_model_code(p)
     add_config_flags(p)
 
 
@@ -190,11 +196,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not last.is_file():
             raise UserError(f"nothing to resume: {last} does not exist")
         from imgclf.checkpoint import load_checkpoint
+        from imgclf.models import checked_model_name
 
-        base = TrainConfig.from_dict(load_checkpoint(last)["config"])
+        ckpt = load_checkpoint(last)
+        base = TrainConfig.from_dict(ckpt["config"])
+        # a network from the user's .py file is rebuilt only from --model-code, checked against its recorded hash
+        name = checked_model_name(ckpt, model_code=args.model_code, trust_changed_code=args.trust_changed_code)
         # --stop-after counts the epochs of one invocation: the resumed one runs to the end unless told again
         run = dataclasses.replace(base.run, out=str(args.resume), stop_after=None)
-        cfg = train_config(args, dataclasses.replace(base, run=run))
+        cfg = train_config(args, dataclasses.replace(base, run=run, model=dataclasses.replace(base.model, name=name)))
     else:
         cfg = train_config(args)
         if (Path(cfg.run.out) / "checkpoints" / "last.pt").exists():
@@ -258,6 +268,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def _add_eval(sub, common) -> None:
     p = _command(sub, common, "eval", cmd_eval, help="loss, accuracy, per-class accuracy, confusion matrix")
     p.add_argument("checkpoint")
+    _add_model_code(p)
     p.add_argument("--data", required=True, help="data set or folder: by default its test split where it has one "
                                                   "beside val/, else its held-out split, and all of a plain folder of "
                                                   "class folders")
@@ -313,6 +324,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _add_predict(sub, common) -> None:
     p = _command(sub, common, "predict", cmd_predict, help="label pictures with a trained model (note 31)")
     p.add_argument("checkpoint")
+    _add_model_code(p)
     p.add_argument("paths", nargs="+", metavar="PATH", help="picture files and folders")
     _number(p, "--topk", int, 1, default=3, help="how many labels per picture (%(default)s)")
     _number(p, "--batch-size", int, 1, MAX_BATCH, default=64, help="pictures per batch (%(default)s)")
@@ -367,14 +379,26 @@ def cmd_samples(args: argparse.Namespace) -> int:
 
 
 def _add_models(sub, common) -> None:
-    _command(sub, common, "models", cmd_models, help="list the model names --model takes")
+    p = _command(sub, common, "models", cmd_models, help="list the model names --model takes")
+    p.add_argument("--search", metavar="TEXT", help="only names containing TEXT (any case), e.g. convnext")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     from imgclf.models import available_models
 
-    print("\n".join(available_models()))
+    names = available_models(search=args.search)
+    if not names:
+        raise UserError(f"no model name contains {args.search!r}; `imgclf models` lists them all")
+    print("\n".join(names))
     return EXIT_OK
+
+
+def _add_model_code(p: argparse.ArgumentParser) -> None:
+    """--model-code / --trust-changed-code: the code of a checkpoint's network from the user's own .py file."""
+    p.add_argument("--model-code", metavar="FILE.py", help="the .py file of a network trained with --model "
+                   "FILE.py:Class (a checkpoint records its SHA-256, never the code; a changed file is refused)")
+    p.add_argument("--trust-changed-code", action="store_true",
+                   help="accept --model-code although its SHA-256 differs from the one recorded")
 
 
 # ---------------------------------------------------------------- inspect, export, serve
@@ -384,6 +408,7 @@ def _add_inspect(sub, common) -> None:
                  description="Print every layer of a model with its output shape, parameters and "
                              "multiply-accumulates for one input, with totals and size.")
     p.add_argument("target", metavar="MODEL|CKPT", help="a model name (`imgclf models`) or a checkpoint file")
+    _add_model_code(p)
     p.add_argument("--input-size", metavar="CxHxW",
                    help="input shape, e.g. 3x32x32 (default: the checkpoint's, or 3x32x32 for a model name)")
     _number(p, "--num-classes", int, 1, 100_000, default=10,
@@ -408,6 +433,7 @@ def _add_export(sub, common) -> None:
                  description="Write a checkpoint in a format usable without imgclf; class names and "
                              "preprocessing are stored inside the file (see README, Export and serve).")
     p.add_argument("checkpoint")
+    _add_model_code(p)
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS, dest="export_format",
                    help="onnx (onnxruntime, any language), torchscript (torch.jit.load, Python or C++), "
                         "safetensors (the weights alone)")
@@ -426,6 +452,7 @@ def _add_serve(sub, common) -> None:
                  description="Serve predictions over HTTP: POST /predict, GET /health, and a page "
                              "at / to try pictures in a browser.")
     p.add_argument("checkpoint")
+    _add_model_code(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s: this machine only)")
     _number(p, "--port", int, 1, 65535, words="between 1 and 65535", default=8000, help="TCP port (%(default)s)")
     _number(p, "--topk", int, 1, default=5, help="labels per answer unless the request asks ?topk=N (%(default)s)")
@@ -486,6 +513,7 @@ def _add_features(sub, common) -> None:
                              "does) and draw what each convolution, activation and pooling layer "
                              "outputs, to PNGs and to TensorBoard.")
     p.add_argument("checkpoint", metavar="CKPT|MODEL", help="a checkpoint, or a model name for random weights")
+    _add_model_code(p)
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--input-size", metavar="CxHxW", default="3x32x32",
                    help="input of a model given by name (%(default)s); a checkpoint knows its own")

@@ -71,8 +71,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = option("tutorial_cnn", "tutorial_cnn, fastnet, or any torchvision classifier (`imgclf models`)",
-                       flag="--model")
+    name: str = option("tutorial_cnn", "tutorial_cnn, fastnet, any torchvision classifier, timm/NAME, or your "
+                                       "own network as FILE.py:ClassName (`imgclf models`)", flag="--model")
     pretrained: str | None = option(None, "backbone weights: a local file, or a weights name such as IMAGENET1K_V1",
                                     metavar="FILE|NAME")
     freeze_backbone: bool = option(False, "train only the new last layer")

@@ -150,6 +150,7 @@ def _quiet_deprecations():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # ViTs' size checks, traced as constants
         yield
 
 

@@ -152,7 +152,8 @@ def model_for(target: str, *, input_shape: tuple[int, int, int], num_classes: in
 
         ckpt = load_checkpoint(path)
         return model_from_checkpoint(ckpt), f"{ckpt['model']['name']} ({path.name})"
-    if target.endswith((".pt", ".pth", ".ckpt")) or "/" in target:
+    if target.endswith((".pt", ".pth", ".ckpt")) or ("/" in target and ".py:" not in target
+                                                     and not target.startswith("timm/")):
         raise UserError(f"no such checkpoint: {target}")
     from imgclf.models import build_model
 

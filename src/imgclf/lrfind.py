@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from imgclf.errors import UserError
+from imgclf.models import training_loss
 
 
 @dataclass
@@ -45,7 +46,7 @@ def range_test(model: torch.nn.Module, batches, *, optimizer: torch.optim.Optimi
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast():
-            loss = loss_fn(model(x).float(), y)
+            _, loss = training_loss(model(x), y, loss_fn)  # auxiliary classifiers included
         value = loss.item()
         if not math.isfinite(value):
             out.diverged = True

@@ -18,7 +18,7 @@ from torch import nn
 
 from imgclf.checkpoint import load_checkpoint
 from imgclf.errors import UserError
-from imgclf.models import model_from_checkpoint
+from imgclf.models import base_fits, model_from_checkpoint
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import list_images
 from imgclf.transforms import BadImage, BatchTransform, load_image
@@ -37,7 +37,9 @@ class Predictor:
 
     def __init__(self, ckpt: dict, *, device: str = "auto", precision: str = "fp32"):
         self.device = resolve_device(device)
-        model = _fold_batchnorm(model_from_checkpoint(ckpt, base=_torchvision_model_alone(ckpt["model"]["name"])))
+        name, size = ckpt["model"]["name"], ckpt["input"]["size"]
+        base = _torchvision_model_alone(name) if base_fits(name, size) else None
+        model = _fold_batchnorm(model_from_checkpoint(ckpt, base=base))
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self.classes: list[str] = ckpt["classes"]
         inp = ckpt["input"]

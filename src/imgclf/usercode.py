@@ -1,11 +1,14 @@
 """The user's own network (notes 15-21): `--model path/to/net.py:ClassName`, built from a Python file.
 
 The file is imported by path when a run is *started* with it, because the user named it. A checkpoint
-records only the file's name, its SHA-256 and the class (`code_identity`), never the code; loading such a
-checkpoint (predict, eval, export, resume) imports nothing by itself: the code must be handed over again
-(`--model-code FILE`), and a file whose hash differs is refused unless the user says they trust it
-(`verified_code_name`). `model_code_scope` hands those two choices to every checkpoint load inside it, so
-that a command line can set them once for all the library calls it makes.
+records only the file's name, its SHA-256, the class and its arguments (`code_identity`), never the code;
+loading such a checkpoint (predict, eval, export, resume) imports nothing by itself: the code must be handed
+over again (`--model-code FILE`), and a file whose hash differs is refused unless the user says they trust
+it (`verify_code`). `model_code_scope` hands those two choices to every checkpoint load inside it, so that
+a command line can set them once for all the library calls it makes.
+
+The hash covers that one file: modules it imports are not checked (and its own folder is not put on
+sys.path), so a network that should be verifiable lives in one file beside installed packages.
 """
 
 from __future__ import annotations

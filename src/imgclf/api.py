@@ -1,0 +1,404 @@
+"""The Python API, the command line's twin (notes 26-31 in a notebook or a script).
+
+    run = imgclf.fit(Tudui(), "cifar10", epochs=2, recipe="notes")    # imgclf train
+    run.metrics, run.best                                              # RUN/metrics.jsonl, best.pt
+    run.evaluate(), run.predict(["cat.jpg"]), run.export("onnx")       # imgclf eval / predict / export
+    run = imgclf.load("runs/run")                                      # a run folder or a checkpoint
+
+One configuration path: `fit`'s keyword options are the flags of `imgclf train` (`--batch-size 64` is
+`batch_size=64`), read from the same declarations (`cli.config_fields`) and turned into a TrainConfig by
+the same `cli.train_config`; an unknown or ill-typed option is one UserError line. Importing this module
+imports neither torch nor anything else heavy; each function imports what it uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import numbers
+import os
+import sys
+import sysconfig
+from collections.abc import Callable
+from pathlib import Path
+
+from imgclf.config import RECIPES, RunConfig, TrainConfig
+from imgclf.errors import EXIT_OK, Stopped, UserError
+
+# The names of options whose flag is not `--` + the field name: the field name -> fit's keyword.
+_KINDS = {"bool": "True or False", "int": "a whole number", "float": "a number", "str": "a string"}
+_TIMING = ("images_per_s", "train_seconds", "epoch_seconds", "time")  # metrics.jsonl fields that vary run to run
+
+
+def fit(model, data, *, recipe: str = "default", resume: bool | str | os.PathLike = False,
+        on_epoch: Callable[[dict], object] | None = None, **options) -> Run:
+    """Train `model` on `data` as `imgclf train` does, writing the run folder `out`; return its Run.
+
+    `model`: a model name (anything `--model` takes: `imgclf models`, `timm/NAME`, `FILE.py:ClassName`) or
+    an nn.Module object, trained in place (for `imgclf train`'s initial weights, build it right after
+    `torch.manual_seed(seed)`). Its class is recorded, never its code: a class defined at the top of a .py
+    file of yours is recorded as that file (name and SHA-256, as `--model FILE.py:Class` is), and `load`
+    rebuilds it from the file (`model_code=`, given for you in the Run returned here); a class defined in a
+    notebook, in the script being run (`__main__`) or in an installed package is recorded as
+    `python:ClassName`, and `load` then needs `model=` that class (or an object of it). If its constructor
+    takes arguments, pass them as `model_args={...}` too, so that it can be rebuilt.
+    `data`: what `--data` takes. `options`: `imgclf train`'s flags by name, without the dashes and with `_`
+    for `-` (`epochs=2, lr=0.01, batch_size=64, out="runs/x", precision="fp32", model_args={...}`); None is
+    the same as leaving an option out. `recipe`: as `--recipe`. `resume`: True continues the run in `out`,
+    a path continues that run folder (as `--resume RUN`); the options given must then agree with the run.
+    `on_epoch(record)`: called after every epoch with its metrics.jsonl record; returning True (or raising
+    imgclf.errors.Stopped) ends the run resumably after that epoch. A run stopped so, or by Ctrl-C
+    (interrupting a notebook's kernel), or by `stop_after`, says so on stderr and is returned with
+    `run.stopped` set; every bad input is one UserError line."""
+    name, network = _network(model)
+    cfg = _train_config(_namespace(name, data, recipe, options), resume, network)
+    if network is not None and (cfg.model.pretrained or cfg.model.freeze_backbone):
+        raise UserError(f"pretrained= and freeze_backbone= are for a model fit builds by name; for your "
+                        f"{type(network).__name__} object load weights and set requires_grad before fit")
+    from imgclf.train import train
+
+    stopped = None
+    try:
+        train(cfg, resume=bool(resume), model=network, on_epoch=_epoch_hook(on_epoch))
+    except Stopped as stop:
+        print(f"imgclf: {stop}", file=sys.stderr, flush=True)
+        stopped = str(stop)
+    code = name.rpartition(":")[0] if network is not None and not name.startswith(_python_prefix()) else None
+    return Run(Path(cfg.run.out), model_code=code, model=network if code is None else None, stopped=stopped)
+
+
+def load(path, *, model_code: str | os.PathLike | None = None, trust_changed_code: bool = False,
+         model=None) -> Run:
+    """Open a run folder (its checkpoints/best.pt, else last.pt) or a checkpoint file as a Run.
+
+    A network from a .py file (`--model FILE.py:Class`) is rebuilt from `model_code`, that file handed over
+    again, and only if its SHA-256 is the recorded one or `trust_changed_code` is set (as `--model-code` and
+    `--trust-changed-code`); a `python:Class` network (a class of a notebook or a script, trained with
+    `fit`) from `model`: that class (built with the run's `model_args` and the data's `num_classes`,
+    `in_channels`, `img_size` where its constructor names them) or an object of it, copied. Code is never
+    imported by itself. A missing, damaged or foreign file is one UserError line."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        folder = path
+        checkpoint = next((folder / "checkpoints" / n for n in ("best.pt", "last.pt")
+                           if (folder / "checkpoints" / n).is_file()), None)
+        if checkpoint is None:
+            raise UserError(f"{path} is not a run folder: it has no checkpoints/best.pt or checkpoints/last.pt")
+    elif path.is_file():
+        checkpoint, folder = path, path.parent.parent if path.parent.name == "checkpoints" else None
+    else:
+        raise UserError(f"no such run folder or checkpoint: {path}")
+    if folder is not None and not (folder / "metrics.jsonl").is_file():
+        folder = None  # a checkpoint that lies in a checkpoints/ folder of no run
+    run = Run(folder, checkpoint=checkpoint, model_code=model_code, trust_changed_code=trust_changed_code)
+    run._set_model(model)  # reads the checkpoint: a bad file or a wrong `model` fails here, in one line
+    return run
+
+
+class Run:
+    """A training run (its folder) or a lone checkpoint, opened for use: `fit` and `load` return one.
+
+    `folder`: the run folder (None for a lone checkpoint); `checkpoint`: the checkpoint this Run uses, its
+    folder's best.pt (else last.pt); `stopped`: why `fit` ended early, else None. The checkpoint is read
+    once, when first needed; `metrics` reads the folder's metrics.jsonl at every access."""
+
+    def __init__(self, folder: Path | None, *, checkpoint: Path | None = None, model_code=None,
+                 trust_changed_code: bool = False, model=None, stopped: str | None = None):
+        self.folder, self._checkpoint, self.stopped = folder, checkpoint, stopped
+        self._code = (os.fspath(model_code) if model_code is not None else None, trust_changed_code)
+        self._object, self._ckpt, self._model, self._predictors = model, None, None, {}
+
+    def __repr__(self) -> str:
+        where = self.folder if self.folder is not None else self.checkpoint
+        return f"Run({str(where)!r})"
+
+    @property
+    def checkpoint(self) -> Path:
+        if self._checkpoint is None:
+            found = [self.folder / "checkpoints" / n for n in ("best.pt", "last.pt")]
+            self._checkpoint = next((p for p in found if p.is_file()), None)
+            if self._checkpoint is None:
+                raise UserError(f"{self.folder} has no checkpoint yet: the run stopped before its first epoch ended")
+        return self._checkpoint
+
+    @property
+    def best(self) -> Path:
+        """The best checkpoint: the run folder's checkpoints/best.pt (for a lone checkpoint, that file)."""
+        return self.checkpoint
+
+    @property
+    def metrics(self) -> list[dict]:
+        """The run's metrics.jsonl records, one per epoch, oldest first ([] for a lone checkpoint)."""
+        path = self.folder / "metrics.jsonl" if self.folder is not None else None
+        if path is None or not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self._checkpoint_dict()["classes"])
+
+    @property
+    def config(self) -> TrainConfig:
+        """The run's configuration, as `imgclf train` resolved it (the checkpoint's copy)."""
+        return TrainConfig.from_dict(self._checkpoint_dict()["config"])
+
+    @property
+    def model(self):
+        """The network with the checkpoint's weights, in eval mode, on the CPU (built once)."""
+        if self._model is None:
+            from imgclf.models import model_from_checkpoint
+
+            with self._scope():
+                self._model = model_from_checkpoint(self._checkpoint_dict())
+        return self._model
+
+    def evaluate(self, data=None, *, split: str | None = None, device: str = "auto") -> dict:
+        """`imgclf eval CHECKPOINT --json` as a dict (split, count, loss, accuracy, per-class and macro
+        figures, confusion matrix as lists). `data`: by default the run's own `--data`, with its
+        `--data-root`, `--val-fraction`, `--labels` and `--cache-dir`; `split` as `--split` (by default the
+        test split where there is one beside val, else the held-out one, and all of a plain folder)."""
+        from imgclf.config import DataConfig
+        from imgclf.evaluate import evaluate_checkpoint
+
+        d = self.config.data
+        cfg = DataConfig(data=d.data if data is None else os.fspath(data), data_root=d.data_root,
+                         val_fraction=d.val_fraction, cache_dir=d.cache_dir, eval_batch_size=d.eval_batch_size,
+                         labels=d.labels if data is None else None)
+        with self._scope():
+            return evaluation_summary(evaluate_checkpoint(self.checkpoint, cfg, split=split, device=device))
+
+    def predict(self, paths, topk: int = 3, *, device: str = "auto", batch_size: int = 64) -> list:
+        """`imgclf predict`: a Prediction(path, labels, probs, error) for each picture of `paths` (a path or
+        a list of picture files and folders), the `topk` most probable classes first; a file that cannot
+        be read has `error` set instead. Probabilities in fp32, as the exported models give them."""
+        from imgclf.config import check_number
+        from imgclf.predict import Predictor
+
+        check_number("topk", topk, 1)
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        if device not in self._predictors:
+            with self._scope():
+                self._predictors[device] = Predictor(self._checkpoint_dict(), device=device)
+        return self._predictors[device].predict([os.fspath(p) for p in paths], topk=topk, batch_size=batch_size)
+
+    def export(self, fmt: str, out=None) -> Path:
+        """`imgclf export --format FMT`: write the checkpoint as onnx, torchscript or safetensors to `out`
+        (default beside the checkpoint, e.g. best.onnx), self-checked; return the file written."""
+        from imgclf.export import export_checkpoint
+
+        with self._scope():
+            return export_checkpoint(self.checkpoint, fmt, out=out).path
+
+    # ------------------------------------------------------------ loading the network
+
+    def _checkpoint_dict(self) -> dict:
+        if self._ckpt is None:
+            from imgclf.checkpoint import load_checkpoint
+
+            self._ckpt = load_checkpoint(self.checkpoint)
+        return self._ckpt
+
+    def _set_model(self, model) -> None:
+        """Check and keep `load`'s `model=`: only for a `python:Class` checkpoint; a class is built here."""
+        ckpt = self._checkpoint_dict()
+        name = ckpt["model"]["name"]
+        if model is None:
+            return
+        if not name.startswith(_python_prefix()):
+            raise UserError(f"model= is for a network of a notebook or script (python:Class); this checkpoint's "
+                            f"is {name}" + (", rebuilt with model_code=" if ckpt["model"].get("code") else ""))
+        self._object = model if not isinstance(model, type) else _instantiate(model, ckpt)
+        from torch import nn
+
+        if not isinstance(self._object, nn.Module):
+            raise UserError(f"model= must be an nn.Module class or object, got {type(model).__name__}")
+
+    def _scope(self):
+        """The code (`model_code`) or the object (`model`) every checkpoint load of this Run builds from."""
+        import contextlib
+
+        from imgclf import usercode
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(usercode.model_code_scope(*self._code))
+        stack.enter_context(usercode.model_object_scope(self._object))
+        return stack
+
+
+def evaluation_summary(result: dict) -> dict:
+    """`evaluate_checkpoint`'s result as `imgclf eval --json` prints it: plain numbers and lists."""
+    from imgclf.metrics import per_class_accuracy, summary
+
+    classes, confusion = result["classes"], result["confusion"]
+    per_class = per_class_accuracy(confusion)
+    return {"split": result["split"], "count": result["count"], "loss": result["loss"], "accuracy": result["acc"],
+            **({"top5": result["top5"]} if "top5" in result else {}), "classes": classes,
+            "per_class_accuracy": dict(zip(classes, per_class, strict=True)), **summary(confusion, classes),
+            "confusion": confusion.tolist()}
+
+
+def same_figures(record: dict) -> dict:
+    """A metrics.jsonl record without its timing fields: what two runs with the same seed share exactly."""
+    return {k: v for k, v in record.items() if k not in _TIMING}
+
+
+# ---------------------------------------------------------------- fit's pieces
+
+def option_names() -> dict[str, tuple[str, dataclasses.Field, str]]:
+    """fit's keyword -> (section, field, flag) for every flag of `imgclf train` that TrainConfig declares."""
+    from imgclf.cli import config_fields
+
+    return {flag[2:].replace("-", "_"): (section, f, flag) for section, f, flag in config_fields()}
+
+
+def _namespace(name: str, data, recipe: str, options: dict) -> argparse.Namespace:
+    """The namespace argparse would make of `imgclf train --model NAME --data DATA --recipe R --flag value...`."""
+    if recipe not in RECIPES:
+        raise UserError(f"unknown recipe {recipe!r}; choose one of {', '.join(sorted(RECIPES))}")
+    known = option_names()
+    args = argparse.Namespace(recipe=recipe, **{f"{s}.{f.name}": None for s, f, _ in known.values()})
+    for key, value in {"model": name, "data": data, **options}.items():
+        if key not in known:
+            raise UserError(_unknown_option(key, known))
+        section, f, flag = known[key]
+        if value is not None:
+            setattr(args, f"{section}.{f.name}", _option_value(key, flag, f, value))
+    return args
+
+
+def _unknown_option(key: str, known: dict) -> str:
+    """One line naming the unknown keyword and the closest valid one."""
+    by_field = {f.name: keyword for keyword, (_, f, _) in known.items() if keyword not in ("model", "data")}
+    close = [by_field[key]] if key in by_field else difflib.get_close_matches(key, [*known, "recipe"], n=1)
+    hint = f"did you mean {close[0]}=?" if close else "the options are imgclf train's flags"
+    return (f"fit() has no option {key!r}: {hint} (options are the flags of `imgclf train --help` without the "
+            f"dashes, - written _)")
+
+
+def _option_value(key: str, flag: str, f: dataclasses.Field, value):
+    """`value` as the flag's argparse type would give it; one UserError line when it is of another kind."""
+    kind = f.type.split(" | ")[0]
+    if kind == "str" and isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if flag == "--model-args" and isinstance(value, dict):
+        try:
+            value = json.dumps(value)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"{key}: the constructor's arguments must be plain JSON values ({err})") from None
+    ok = {"bool": isinstance(value, bool), "str": isinstance(value, str),
+          "int": isinstance(value, numbers.Integral) and not isinstance(value, bool),
+          "float": isinstance(value, numbers.Real) and not isinstance(value, bool)}[kind]
+    if not ok:
+        raise UserError(f"{key}={value!r}: {flag} takes {_KINDS[kind]}")
+    return {"int": int, "float": float}.get(kind, lambda v: v)(value)
+
+
+def _train_config(args: argparse.Namespace, resume, network) -> TrainConfig:
+    """What `imgclf train` makes of the same flags (cli.cmd_train): a new run's configuration, refused when
+    `out` already holds a run; or with `resume`, the run's own configuration with the options given."""
+    from imgclf.cli import train_config
+
+    if not resume:
+        cfg = train_config(args)
+        if (Path(cfg.run.out) / "checkpoints" / "last.pt").exists():
+            raise UserError(f"{cfg.run.out} already holds a run; continue it with resume=True, or choose "
+                            f"another out=")
+        return cfg
+    folder = getattr(args, "run.out") or RunConfig().out if resume is True else os.fspath(resume)
+    last = Path(folder) / "checkpoints" / "last.pt"
+    if not last.is_file():
+        raise UserError(f"nothing to resume: {last} does not exist")
+    from imgclf.checkpoint import load_checkpoint
+
+    base = TrainConfig.from_dict(load_checkpoint(last)["config"])
+    if network is not None:  # the object's class must be the run's; its recorded name is kept
+        recorded, mine = base.model.name.rpartition(":")[2], type(network).__qualname__
+        if recorded != mine:
+            raise UserError(f"{folder} trained {base.model.name}, but model is a {mine}; resume it with an "
+                            f"object of the same class")
+        setattr(args, "model.name", None)
+    # stop_after counts the epochs of one call: the resumed run goes to the end unless told again
+    run = dataclasses.replace(base.run, out=str(folder), stop_after=None)
+    return train_config(args, dataclasses.replace(base, run=run))
+
+
+def _network(model) -> tuple[str, object]:
+    """(cfg.model.name, the nn.Module object or None) for fit's `model`."""
+    if isinstance(model, str):
+        return model, None
+    from torch import nn
+
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        raise UserError(f"model is the class {model.__name__}; pass an object of it: {model.__name__}()")
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model must be a model name (`imgclf models` lists them) or an nn.Module object, "
+                        f"got {type(model).__name__}")
+    return code_name(type(model)), model
+
+
+def code_name(cls: type) -> str:
+    """The model name a run records for an object of `cls`: '/abs/path/file.py:Class' when the class is
+    defined at the top level of a .py file of the user's (rebuilt from that file, checked against its
+    SHA-256, as `--model FILE.py:Class`); 'python:Class' for a class of a notebook, of the script being
+    run (__main__, which must not run again), nested in a function, or of an installed package."""
+    module = sys.modules.get(cls.__module__) if cls.__module__ != "__main__" else None
+    file = getattr(module, "__file__", None)
+    if file and file.endswith(".py") and getattr(module, cls.__qualname__, None) is cls and not _installed(file):
+        return f"{Path(file).resolve()}:{cls.__qualname__}"
+    return _python_prefix() + cls.__qualname__
+
+
+def _installed(file: str) -> bool:
+    """Whether `file` belongs to Python itself or to an installed package (not to the user's own code)."""
+    path = Path(file).resolve()
+    if {"site-packages", "dist-packages"} & set(path.parts):
+        return True
+    roots = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    return any(path.is_relative_to(Path(root).resolve()) for root in roots)
+
+
+def _python_prefix() -> str:
+    from imgclf.usercode import PYTHON_PREFIX
+
+    return PYTHON_PREFIX
+
+
+def _epoch_hook(on_epoch) -> Callable[[dict], None] | None:
+    """train's on_epoch: the user's function, given a copy of each record; True from it stops the run."""
+    if on_epoch is None:
+        return None
+    if not callable(on_epoch):
+        raise UserError(f"on_epoch must be a function of one metrics record, got {type(on_epoch).__name__}")
+
+    def hook(record: dict) -> None:
+        if on_epoch(dict(record)) is True:
+            raise Stopped(f"stopped by on_epoch after epoch {record['epoch']}; continue with "
+                          f"imgclf.fit(..., resume=True)", EXIT_OK)
+
+    return hook
+
+
+def _instantiate(cls: type, ckpt: dict):
+    """An object of `cls` for `ckpt`: built with the run's model_args, plus num_classes / in_channels /
+    img_size where its constructor names them (as a FILE.py:Class network is built); one line on failure."""
+    import inspect
+
+    from imgclf import usercode
+
+    kwargs = usercode.parse_model_args((ckpt.get("config", {}).get("model") or {}).get("args"))
+    inp = ckpt["input"]
+    given = {"num_classes": len(ckpt["classes"]), "in_channels": inp["channels"], "img_size": inp["size"]}
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        params = {}
+    kwargs.update({k: v for k, v in given.items() if k in params and k not in kwargs})
+    try:
+        return cls(**kwargs)
+    except Exception as err:  # noqa: BLE001 - the user's constructor: its error, in one line
+        shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise UserError(f"{cls.__name__}({shown}) failed: {usercode.first_line(err)}; pass an object "
+                        f"(model={cls.__name__}(...)) instead") from None
