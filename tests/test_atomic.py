@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import write_class_folder
 
@@ -36,6 +37,7 @@ PAUSE = "@@test_atomic pause"  # the child's announcement: PAUSE <half|whole> <t
 WATCHED = ("config.json", "metrics.jsonl", "best.pt", "last.pt")  # the run files written atomically
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_instants_never_breaks_the_run(tmp_path):
     data = tmp_path / "data"
     write_class_folder(data / "train", ["a", "b", "c"], 11, seed=1)  # 33 pictures, 2 steps of 16 per epoch

@@ -195,6 +195,7 @@ def test_test_classes_that_differ_from_train(tmp_path, capsys):
 
 # ---------------------------------------------------------------- the ants and bees (real data)
 
+@pytest.mark.slow
 def test_ants_and_bees_train_to_the_end(hymenoptera_dir, tmp_path, capsys):
     """Among the ants sits imageNotFound.gif, a web placeholder: a valid GIF, so it loads like any picture."""
     assert (hymenoptera_dir / "train" / "ants" / "imageNotFound.gif").is_file()
@@ -207,6 +208,7 @@ def test_ants_and_bees_train_to_the_end(hymenoptera_dir, tmp_path, capsys):
     assert str(hymenoptera_dir / "train" / "ants" / "imageNotFound.gif") in data.train.files
 
 
+@pytest.mark.slow
 def test_ants_and_bees_seeded_with_broken_files(hymenoptera_dir, tmp_path):
     """A copy (of links) with broken files added trains to the end in a real process, listing each one."""
     copy = tmp_path / "hymenoptera"

@@ -37,6 +37,9 @@ ACCEPTED = {
     ("train", "--warmup-epochs"): {"0", "huge"}, ("train", "--label-smoothing"): {"0"},
     ("train", "--epochs"): set(), ("train", "--patience"): set(), ("train", "--seed"): {"0"},
     ("train", "--log-every"): {"huge"}, ("train", "--stop-after"): set(),
+    ("train", "--freeze-epochs"): {"0"}, ("train", "--backbone-lr-scale"): set(),
+    ("lr-find", "--freeze-epochs"): {"0"}, ("lr-find", "--backbone-lr-scale"): set(),
+    ("cache", "--older-than"): {"0", "huge"},
     ("eval", "--val-fraction"): set(), ("eval", "--batch-size"): set(),
     ("predict", "--topk"): {"huge"}, ("predict", "--batch-size"): set(),
     ("samples", "--per-class"): {"huge"},
@@ -113,6 +116,7 @@ def base_args(command: str, root: Path, port: int) -> list[str]:
         "serve": [missing, "--port", str(port)],
         "show": [nowhere],
         "features": [missing, str(root / "picture.png")],
+        "cache": ["list", "--cache-dir", str(root / "missing.pt")],
     }[command]
 
 

@@ -33,6 +33,7 @@ def folder(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one(folder, tmp_path):
     common = ["train", "--data", folder, "--epochs", "2", "--batch-size", "16", "--seed", "5", "--device", "cpu",
               "--precision", "fp32"]  # bf16 would round the two processes' partial sums differently

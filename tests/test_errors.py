@@ -145,6 +145,7 @@ def test_non_image_to_predict_is_named_and_the_others_predicted(checkpoint, fold
     assert out.out.startswith(str(good))
 
 
+@pytest.mark.slow
 def test_real_processes_one_line_and_debug_traceback(tmp_path):
     r = run_cli("train", "--data", tmp_path / "nowhere", "--out", tmp_path / "r", env=ENV)
     assert r.returncode == EXIT_USAGE

@@ -140,6 +140,7 @@ def tiny_run(tmp_path_factory) -> tuple[Path, list[Path], list[dict]]:
     return ckpt, images, predict_json(ckpt, images)
 
 
+@pytest.mark.slow
 def test_every_format_runs_without_imgclf_and_agrees_with_predict(tiny_run, tmp_path, capsys):
     ckpt, images, predicted = tiny_run
     models = {}
@@ -156,6 +157,7 @@ def test_every_format_runs_without_imgclf_and_agrees_with_predict(tiny_run, tmp_
         assert_agrees(exported[fmt], predicted)
 
 
+@pytest.mark.slow
 def test_export_command_as_a_user_runs_it(tiny_run):
     """The installed command, in its own process, with the default output path beside the checkpoint."""
     ckpt, _, _ = tiny_run
@@ -203,6 +205,7 @@ def test_missing_packages_name_the_extra(monkeypatch):
     export.check_requirements("torchscript")  # needs nothing beyond torch
 
 
+@pytest.mark.slow
 def test_torchvision_weights_load_into_torchvision_itself(tmp_path):
     """safetensors of a torchvision network load into torchvision's own constructor and agree with predict."""
     write_class_folder(tmp_path / "data", ["a", "b"], 8, size=32, seed=3)
@@ -214,6 +217,7 @@ def test_torchvision_weights_load_into_torchvision_itself(tmp_path):
                   predict_json(ckpt, images))
 
 
+@pytest.mark.slow
 def test_hymenoptera_exports_agree_with_predict(hymenoptera_dir, tmp_path):
     """The ants/bees photos: a quickly trained tutorial_cnn at 64 px, every format, a dozen val photos."""
     ckpt = train(hymenoptera_dir, tmp_path / "run", "--model", "tutorial_cnn", "--img-size", "64", "--epochs", "1")

@@ -25,6 +25,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "guide.md"
 BLOCK = re.compile(r"^```(console|python|text)([^\n]*)\n(.*?)^```\n", re.S | re.M)
@@ -161,6 +163,7 @@ def make_data(root: Path) -> dict[str, str]:
             "PICTURE": str(root / "cifar" / "test" / "cat" / "0000.jpg")}
 
 
+@pytest.mark.slow
 def test_every_command_and_snippet_of_the_guide_runs(tmp_path, monkeypatch):
     text = GUIDE.read_text()
     assert len(blocks(text)) >= 30

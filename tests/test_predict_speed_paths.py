@@ -59,6 +59,7 @@ print(json.dumps(report))
 """
 
 
+@pytest.mark.slow
 def test_lean_import_builds_the_same_network_without_torchvision_init():
     out = subprocess.run([sys.executable, "-c", LEAN_CHILD], capture_output=True, text=True, timeout=300, check=True)
     report = json.loads(out.stdout.splitlines()[-1])
@@ -76,6 +77,7 @@ def test_lean_import_is_skipped_when_torchvision_is_loaded_or_the_name_unknown()
     assert build_model("resnet18", num_classes=2, base=None).fc.out_features == 2
 
 
+@pytest.mark.slow
 def test_predict_command_does_not_import_dynamo(tmp_path):
     resnet_checkpoint(tmp_path / "r18.pt")
     pictures = write_pictures(tmp_path / "pics", 3)

@@ -298,6 +298,7 @@ def classify_in_page(page, url: str, picture: Path, screenshot: Path) -> tuple[s
     return page.inner_text("#top-label"), page.locator("#results .row").count()
 
 
+@pytest.mark.slow
 def test_page_in_chromium_shows_the_label_for_a_picked_and_a_dropped_picture(server, model, browser, tmp_path):
     _, images, predicted = model
     page = browser.new_page()
@@ -326,6 +327,7 @@ def test_page_in_chromium_shows_the_label_for_a_picked_and_a_dropped_picture(ser
     page.close()
 
 
+@pytest.mark.slow
 def test_page_in_chromium_labels_an_ants_photo(hymenoptera_dir, browser, tmp_path):
     """A real photo: tutorial_cnn trained briefly on ants/bees at 64 px; a val photo that `imgclf predict` labels
     correctly is uploaded through the page, which must show that same, true, label."""

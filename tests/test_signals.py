@@ -22,7 +22,8 @@ from imgclf.errors import EXIT_SIGINT, EXIT_SIGTERM
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# real training processes, interrupted: the slow tier
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

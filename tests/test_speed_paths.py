@@ -217,6 +217,7 @@ def test_fast_recipe_is_valid_and_flags_still_override_it():
     assert cfg.data == DataConfig(data="x", batch_size=512, eval_batch_size=1000, augment="flip-crop", crop_pad=2)
 
 
+@pytest.mark.slow
 def test_fast_recipe_trains_end_to_end(tiny_split_folder, tmp_path):
     out = tmp_path / "run"
     r = run_cli("train", "--data", tiny_split_folder, "--recipe", "fast", "--epochs", "2", "--batch-size", "16",

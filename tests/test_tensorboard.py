@@ -19,6 +19,7 @@ from conftest import write_class_folder
 from imgclf.cli import main
 
 CLASSES = ["circle", "square", "triangle"]
+pytestmark = pytest.mark.slow  # a real TensorBoard server, started and asked over HTTP
 
 
 def free_port() -> int:

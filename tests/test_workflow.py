@@ -62,6 +62,7 @@ def test_grayscale_rgba_palette_and_16bit_are_converted(tmp_path):
     assert load_image(tmp_path / "rgba.png", size=24, channels=1).shape == (24, 24, 1)
 
 
+@pytest.mark.slow
 def test_idx_folder_and_builtin_mnist_without_network(tmp_path, fashion_dir):
     data = load_data(DataConfig(data=str(fashion_dir)))
     assert (len(data.train), len(data.val)) == (60000, 10000)
@@ -78,6 +79,7 @@ def test_idx_folder_and_builtin_mnist_without_network(tmp_path, fashion_dir):
     assert read_idx(fashion_dir / "t10k-labels-idx1-ubyte.gz").shape == (10000,)
 
 
+@pytest.mark.slow
 def test_failed_download_is_one_line(tmp_path):
     r = run_cli("train", "--data", "cifar10", "--data-root", tmp_path / "nothing", "--out", tmp_path / "r")
     assert r.returncode == 2
@@ -134,6 +136,7 @@ def test_torchvision_models_get_a_new_head_and_pretrained_backbone(tmp_path):
     assert build_model("resnet18", num_classes=3, in_channels=1)(torch.zeros(2, 1, 32, 32)).shape == (2, 3)
 
 
+@pytest.mark.slow
 def test_freeze_backbone_trains_only_the_head(tiny_split_folder, tmp_path):
     r = run_cli("train", "--data", tiny_split_folder, "--model", "resnet18", "--freeze-backbone", "--epochs", "1",
                 "--batch-size", "16", "--out", tmp_path / "run")
@@ -178,6 +181,7 @@ def trained_run(tmp_path_factory):
     return tmp / "data", run, r
 
 
+@pytest.mark.slow
 def test_run_folder_holds_metrics_tensorboard_and_checkpoints(trained_run):
     data, run, result = trained_run
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -194,6 +198,7 @@ def test_run_folder_holds_metrics_tensorboard_and_checkpoints(trained_run):
     assert json.loads((run / "config.json").read_text())["optim"]["epochs"] == 3
 
 
+@pytest.mark.slow
 def test_checkpoint_is_self_describing_and_safe(trained_run):
     _, run, _ = trained_run
     ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
@@ -203,6 +208,7 @@ def test_checkpoint_is_self_describing_and_safe(trained_run):
     assert {"optimizer", "scheduler", "rng", "metrics", "epoch", "imgclf_version"} <= ckpt.keys()
 
 
+@pytest.mark.slow
 def test_eval_agrees_with_metrics_and_prints_table_and_json(trained_run):
     data, run, _ = trained_run
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
@@ -216,6 +222,7 @@ def test_eval_agrees_with_metrics_and_prints_table_and_json(trained_run):
     assert "confusion matrix" in table and "triangle" in table and f"{last['val_acc']:.2%}" in table
 
 
+@pytest.mark.slow
 def test_predict_table_json_csv_and_bad_files(trained_run, tmp_path):
     data, run, _ = trained_run
     ckpt = run / "checkpoints" / "best.pt"
@@ -236,6 +243,7 @@ def test_predict_table_json_csv_and_bad_files(trained_run, tmp_path):
     assert len(errors) == 2 and "broken.jpg" in errors[0] and "missing.png" in errors[1]
 
 
+@pytest.mark.slow
 def test_seeded_cpu_runs_repeat_and_notes_recipe_is_reachable(tiny_split_folder, tmp_path):
     args = ["train", "--data", tiny_split_folder, "--recipe", "notes", "--epochs", "1", "--seed", "3"]
     for name in ("a", "b"):

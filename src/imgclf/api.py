@@ -24,10 +24,10 @@ import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 
-from imgclf.config import RECIPES, RunConfig, TrainConfig
+from imgclf.config import RECIPES, ModelConfig, RunConfig, TrainConfig
 from imgclf.errors import EXIT_OK, Stopped, UserError
 
-# The names of options whose flag is not `--` + the field name: the field name -> fit's keyword.
+_ARGUMENTS = ("recipe", "resume", "on_epoch")  # fit's keywords besides the training flags
 _KINDS = {"bool": "True or False", "int": "a whole number", "float": "a number", "str": "a string"}
 _TIMING = ("images_per_s", "train_seconds", "epoch_seconds", "time")  # metrics.jsonl fields that vary run to run
 
@@ -54,9 +54,8 @@ def fit(model, data, *, recipe: str = "default", resume: bool | str | os.PathLik
     `run.stopped` set; every bad input is one UserError line."""
     name, network = _network(model)
     cfg = _train_config(_namespace(name, data, recipe, options), resume, network)
-    if network is not None and (cfg.model.pretrained or cfg.model.freeze_backbone):
-        raise UserError(f"pretrained= and freeze_backbone= are for a model fit builds by name; for your "
-                        f"{type(network).__name__} object load weights and set requires_grad before fit")
+    if network is not None:
+        _check_object_options(cfg, network)
     from imgclf.train import train
 
     stopped = None
@@ -65,8 +64,11 @@ def fit(model, data, *, recipe: str = "default", resume: bool | str | os.PathLik
     except Stopped as stop:
         print(f"imgclf: {stop}", file=sys.stderr, flush=True)
         stopped = str(stop)
-    code = name.rpartition(":")[0] if network is not None and not name.startswith(_python_prefix()) else None
-    return Run(Path(cfg.run.out), model_code=code, model=network if code is None else None, stopped=stopped)
+    from imgclf.usercode import parse_code_name
+
+    ref = parse_code_name(cfg.model.name)  # a network from a .py file: the Run rebuilds it from that file
+    return Run(Path(cfg.run.out), model_code=ref and ref.path, model=network if ref is None else None,
+               stopped=stopped)
 
 
 def load(path, *, model_code: str | os.PathLike | None = None, trust_changed_code: bool = False,
@@ -126,7 +128,8 @@ class Run:
     @property
     def best(self) -> Path:
         """The best checkpoint: the run folder's checkpoints/best.pt (for a lone checkpoint, that file)."""
-        return self.checkpoint
+        best = self.folder / "checkpoints" / "best.pt" if self.folder is not None else None
+        return best if best is not None and best.is_file() else self.checkpoint
 
     @property
     def metrics(self) -> list[dict]:
@@ -177,6 +180,8 @@ class Run:
         from imgclf.config import check_number
         from imgclf.predict import Predictor
 
+        if not isinstance(topk, numbers.Integral) or isinstance(topk, bool):
+            raise UserError(f"topk must be a whole number, got {topk!r}")
         check_number("topk", topk, 1)
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         if device not in self._predictors:
@@ -272,7 +277,7 @@ def _namespace(name: str, data, recipe: str, options: dict) -> argparse.Namespac
 def _unknown_option(key: str, known: dict) -> str:
     """One line naming the unknown keyword and the closest valid one."""
     by_field = {f.name: keyword for keyword, (_, f, _) in known.items() if keyword not in ("model", "data")}
-    close = [by_field[key]] if key in by_field else difflib.get_close_matches(key, [*known, "recipe"], n=1)
+    close = [by_field[key]] if key in by_field else difflib.get_close_matches(key, [*known, *_ARGUMENTS], n=1)
     hint = f"did you mean {close[0]}=?" if close else "the options are imgclf train's flags"
     return (f"fit() has no option {key!r}: {hint} (options are the flags of `imgclf train --help` without the "
             f"dashes, - written _)")
@@ -307,7 +312,7 @@ def _train_config(args: argparse.Namespace, resume, network) -> TrainConfig:
             raise UserError(f"{cfg.run.out} already holds a run; continue it with resume=True, or choose "
                             f"another out=")
         return cfg
-    folder = getattr(args, "run.out") or RunConfig().out if resume is True else os.fspath(resume)
+    folder = (getattr(args, "run.out") or RunConfig().out) if resume is True else os.fspath(resume)
     last = Path(folder) / "checkpoints" / "last.pt"
     if not last.is_file():
         raise UserError(f"nothing to resume: {last} does not exist")
@@ -323,6 +328,17 @@ def _train_config(args: argparse.Namespace, resume, network) -> TrainConfig:
     # stop_after counts the epochs of one call: the resumed run goes to the end unless told again
     run = dataclasses.replace(base.run, out=str(folder), stop_after=None)
     return train_config(args, dataclasses.replace(base, run=run))
+
+
+def _check_object_options(cfg: TrainConfig, network) -> None:
+    """Refuse the model options that build or prepare a named model (pretrained, freeze_backbone...) when fit
+    is given an object: they would be ignored. Only model_args (recorded, to rebuild it) goes with an object."""
+    defaults = ModelConfig()
+    for key, (section, f, _) in option_names().items():
+        if section == "model" and key not in ("model", "model_args") and \
+                getattr(cfg.model, f.name) != getattr(defaults, f.name):
+            raise UserError(f"{key}= is for a model that fit builds by name; prepare your "
+                            f"{type(network).__name__} object yourself before fit (weights, requires_grad)")
 
 
 def _network(model) -> tuple[str, object]:

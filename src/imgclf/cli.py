@@ -249,6 +249,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from imgclf.cache import default_cache_dir, list_caches, prune_caches
 
     root = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    if args.cache_dir and not root.is_dir():
+        raise UserError(f"--cache-dir {root} is not a folder")
     caches = list_caches(root) if args.action == "list" else prune_caches(root, older_than_days=args.older_than)
     if args.json:
         for cache in caches:

@@ -76,6 +76,10 @@ class ModelConfig:
     pretrained: str | None = option(None, "backbone weights: a local file, or a weights name such as IMAGENET1K_V1",
                                     metavar="FILE|NAME")
     freeze_backbone: bool = option(False, "train only the new last layer")
+    freeze_epochs: int = option(0, "staged fine-tuning (note 24): the last layer alone for this many epochs, "
+                                   "then the whole network")
+    backbone_lr_scale: float = option(1.0, "staged fine-tuning: the backbone's learning rate as a share of --lr "
+                                           "once it trains (e.g. 0.1)")
     args: str | None = option(None, "keyword arguments for the constructor of a timm/NAME model or of "
                                     "--model FILE.py:ClassName, as a JSON object", flag="--model-args",
                               metavar="JSON")
@@ -153,6 +157,8 @@ class TrainConfig:
         check_number("--mix-switch", d.mix_switch, 0, 1, words="a probability, in [0, 1]")
         check_number("--batch-size", d.batch_size, 1, MAX_BATCH)
         check_number("--eval-batch-size", d.eval_batch_size, 1, MAX_BATCH)
+        check_number("--freeze-epochs", self.model.freeze_epochs, 0, MAX_EPOCHS)
+        check_number("--backbone-lr-scale", self.model.backbone_lr_scale, 0, 1, low_open=True, words="in (0, 1]")
         check_number("--lr", o.lr, 0, low_open=True)
         check_number("--momentum", o.momentum, 0, 1, high_open=True, words="in [0, 1)")
         check_number("--weight-decay", o.weight_decay, 0)

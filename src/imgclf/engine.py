@@ -113,6 +113,16 @@ class TrainState:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
 
 
+def train_mode(model: nn.Module) -> None:
+    """model.train(), except BatchNorm layers whose parameters are all frozen: they keep their running
+    statistics (eval mode), so a frozen backbone stays exactly as it was trained (note 24)."""
+    model.train()
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
+            module.eval()
+
+
 def _cpu(state: dict) -> dict:
     return {k: v.detach().cpu() for k, v in state.items()}
 
@@ -128,7 +138,7 @@ def train_one_epoch(state: TrainState, loader, *, epoch: int, loss_fn, autocast:
     epoch's first steps) the figures cover all of the epoch, exactly as if it had not stopped."""
     hooks, dist = hooks or Hooks(), dist or DistInfo()
     model, optimizer, scaler = state.net, state.optimizer, state.scaler
-    model.train()
+    train_mode(model)
     world, device, steps = getattr(loader, "world", 1), _device(model), len(loader)
     carry = state.partial if state.step else None
     base = carry if carry and dist.is_main else [0.0, 0.0, 0.0]  # counted once

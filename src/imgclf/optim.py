@@ -38,8 +38,24 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+def staged_groups(model: nn.Module, head: list[nn.Parameter], cfg: OptimConfig, backbone_lr_scale: float) -> list[dict]:
+    """Staged fine-tuning: every parameter in the optimizer from the start (frozen ones have no gradient, so
+    no step moves them), the backbone's at `backbone_lr_scale` times the learning rate."""
+    head_ids = {id(p) for p in head}
+    groups = []
+    for params, scale in (([p for p in model.parameters() if id(p) in head_ids], 1.0),
+                          ([p for p in model.parameters() if id(p) not in head_ids], backbone_lr_scale)):
+        for decayed in (True, False):
+            chosen = [p for p in params if (p.ndim > 1) == decayed]
+            if chosen:
+                groups.append({"params": chosen, "lr": cfg.lr * scale,
+                               "weight_decay": cfg.weight_decay if decayed else 0.0})
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, *, groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """SGD (Nesterov momentum when asked), Adam or AdamW over `groups` (default: `param_groups`)."""
+    groups = groups or param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     if cfg.optimizer == "adam":

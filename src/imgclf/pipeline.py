@@ -29,6 +29,7 @@ WHITENING_PICTURES = 5000  # fastnet's first layer is set from the patch statist
 class RunParts:
     data: ImageData
     model: nn.Module  # on the device, in the run's memory format
+    head: list[nn.Parameter]  # what trains while the backbone is frozen (--freeze-backbone, --freeze-epochs)
     transform: BatchTransform
     train: BatchLoader
     val: BatchLoader  # evaluated after every epoch
@@ -43,7 +44,12 @@ def build_run(cfg: TrainConfig, data: ImageData, *, device: torch.device, dist: 
     dist = dist or DistInfo()
     model = model if model is not None else build_model(cfg.model.name, num_classes=len(data.classes), in_channels=data.channels,
                         img_size=data.img_size, pretrained=cfg.model.pretrained if fresh else None,
-                        freeze_backbone=cfg.model.freeze_backbone, model_args=cfg.model.args)
+                        freeze_backbone=cfg.model.freeze_backbone or cfg.model.freeze_epochs > 0,
+                        model_args=cfg.model.args)
+    if cfg.model.freeze_epochs and dist.enabled:
+        raise UserError("--freeze-epochs is not supported with several processes yet (DistributedDataParallel "
+                        "fixes the trainable weights when it starts); train the stages as two runs")
+    head = [p for p in model.parameters() if p.requires_grad]
     transform = build_transform(cfg.data, data)
     if cfg.data.batch_size < dist.world_size:
         raise UserError(f"--batch-size {cfg.data.batch_size} is smaller than the {dist.world_size} processes; "
@@ -63,8 +69,8 @@ def build_run(cfg: TrainConfig, data: ImageData, *, device: torch.device, dist: 
                  for split in (data.val, data.test))
     if fresh and hasattr(model, "init_whitening"):
         model.init_whitening(whitening_batch(data.train, transform, device))
-    return RunParts(data, place_model(model, device, channels_last=cfg.run.channels_last), transform, train, val,
-                    test)
+    return RunParts(data, place_model(model, device, channels_last=cfg.run.channels_last), head, transform, train,
+                    val, test)
 
 
 def augmentation(cfg: DataConfig, data: ImageData) -> str:
@@ -73,6 +79,14 @@ def augmentation(cfg: DataConfig, data: ImageData) -> str:
     if cfg.augment != "auto":
         return cfg.augment
     return "photo" if data.photos else "flip-crop"
+
+
+def set_stage(model: nn.Module, head: list[nn.Parameter], cfg: TrainConfig, epoch: int) -> None:
+    """Staged fine-tuning: from epoch --freeze-epochs on (counted from 0), the whole network trains."""
+    if cfg.model.freeze_epochs and not cfg.model.freeze_backbone:
+        head_ids = {id(p) for p in head}
+        for p in model.parameters():
+            p.requires_grad_(epoch >= cfg.model.freeze_epochs or id(p) in head_ids)
 
 
 def build_transform(cfg: DataConfig, data: ImageData) -> BatchTransform:

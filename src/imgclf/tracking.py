@@ -24,6 +24,7 @@ class Tracker:
         self.run_dir, self.enabled, self.log_every = Path(run_dir), enabled, log_every
         self.steps_per_epoch = steps_per_epoch
         self.stream = stream or sys.stderr
+        self.notebook = stream is None and in_notebook()  # a Jupyter kernel: a progress bar that renders there
         self.records: list[dict] = []
         self.writer = None
         self.bar = None
@@ -43,11 +44,10 @@ class Tracker:
             return
         self.epoch, self.total_epochs, self.epoch_start = epoch, total_epochs, time.perf_counter()
         self.tty = self.stream.isatty()
-        if self.tty:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{total_epochs}",
-                            unit="step", file=self.stream, leave=False, dynamic_ncols=True)
+        if self.tty or self.notebook:
+            self.bar = progress_bar(notebook=self.notebook and not self.tty)(
+                total=self.steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{total_epochs}",
+                unit="step", file=self.stream, leave=False, dynamic_ncols=True)
 
     def step(self, step: int, loss: float, lr: float) -> None:
         if not self.enabled:
@@ -137,3 +137,26 @@ class Tracker:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (its IPython shell runs in an IPKernelApp), where stderr is
+    no terminal but a progress bar still renders."""
+    ipython = sys.modules.get("IPython") if "ipykernel" in sys.modules else None
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
+def progress_bar(*, notebook: bool):
+    """tqdm's bar class: on a terminal the text bar; in a notebook tqdm.auto's widget bar (its text bar, which
+    notebooks also render in place, when ipywidgets is absent: tqdm's warning about that is not shown)."""
+    if not notebook:
+        from tqdm import tqdm
+
+        return tqdm
+    from tqdm import TqdmWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TqdmWarning)
+        from tqdm.auto import tqdm
+    return tqdm

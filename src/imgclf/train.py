@@ -24,8 +24,15 @@ from imgclf.engine import Diverged, Hooks, TrainState, evaluate, train_one_epoch
 from imgclf.errors import EXIT_DISTRIBUTED, EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, Stopped, UserError
 from imgclf.files import atomic_write_text, remove_temporaries
 from imgclf.metrics import summary
-from imgclf.optim import Lookahead, balancing_weights, build_loss, build_optimizer, build_scheduler
-from imgclf.pipeline import RunParts, build_run, load_data_ranked
+from imgclf.optim import (
+    Lookahead,
+    balancing_weights,
+    build_loss,
+    build_optimizer,
+    build_scheduler,
+    staged_groups,
+)
+from imgclf.pipeline import RunParts, build_run, load_data_ranked, set_stage
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import ImageData, imbalance_warning
 from imgclf.tracking import Tracker
@@ -80,6 +87,7 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
     with StopFlag(dist, device) as stop:
         for invocation_epochs, epoch in enumerate(range(state.epoch, epochs), start=1):
             tracker.start_epoch(epoch, epochs, start_step=state.step)
+            set_stage(parts.model, parts.head, cfg, epoch)
             stats = _train_epoch(state, parts, epoch=epoch, loss_fn=loss_fn, autocast=autocast, dist=dist,
                                  hooks=_RunHooks(state, tracker, stop), check_every=check_every, run_dir=run_dir)
             if stats["stopped_at"] is not None:
@@ -124,7 +132,10 @@ def _resume_point(cfg: TrainConfig) -> dict:
 def _train_state(cfg: TrainConfig, parts: RunParts, *, device, precision, dist) -> TrainState:
     """Optimizer, schedule, loss scaling and weight averaging around `parts.model`, as `cfg` asks."""
     model, steps = parts.model, len(parts.train)
-    optimizer = build_optimizer(model, cfg.optim)
+    groups = None
+    if cfg.model.freeze_epochs and not cfg.model.freeze_backbone:
+        groups = staged_groups(model, parts.head, cfg.optim, cfg.model.backbone_lr_scale)
+    optimizer = build_optimizer(model, cfg.optim, groups=groups)
     ema = None
     if cfg.run.ema:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
