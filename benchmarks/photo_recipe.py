@@ -9,6 +9,9 @@ resnet18 from scratch), the same optimiser, schedule, label smoothing, batch siz
              DataLoader with worker processes, RandomResizedCrop, flip, TrivialAugmentWide, RandomErasing,
              MixUp/CutMix (`--ref-mix`), the eval preset Resize + CenterCrop
 
+With `--finetune FOLDER` (default: the ants/bees photos), the photo variant's best.pt then serves as a local
+pretrained file (`--pretrained`) for fine-tuning on that folder, photo recipe against flip-crop, same flags.
+
 Each runs in its own process, one after the other; printed: validation accuracy after the last epoch,
 training pictures per second (the epochs' training time only), wall time, and peak memory of the whole
 process tree (sampled every 0.2 s, workers included). Run it with nothing else running:
@@ -160,6 +163,26 @@ def reference_child(args) -> None:
     print(json.dumps({"acc": accs[-1], "ips": seen / train_seconds, "accs": accs}))
 
 
+def finetune(args, weights: Path, tmp: Path) -> None:
+    """Fine-tune from `weights` on another photo folder: the photo recipe against flip-crop."""
+    folder = Path(args.finetune)
+    if args.finetune == "hymenoptera":
+        folder = Path(subprocess.run([str(SHARED / "get"), "hymenoptera"], capture_output=True, text=True,
+                                     check=True).stdout.strip())
+    print(f"fine-tuning on {folder} from the photo run's best.pt (--pretrained), {args.finetune_flags}")
+    for name, extra in (("photo", ""), ("flip-crop", "--augment flip-crop")):
+        out = tmp / f"finetune-{name}"
+        cmd = [PYTHON, "-m", "imgclf", "train", "--data", str(folder), "--model", "resnet18", "--pretrained",
+               str(weights), "--img-size", str(args.img_size), "--seed", str(args.seed), "--out", str(out),
+               *shlex.split(args.finetune_flags), *shlex.split(extra)]
+        wall, peak, r = run_tree_measured(cmd)
+        if r.returncode != 0:
+            sys.exit(f"fine-tuning {name} failed:\n{r.stderr[-3000:]}")
+        accs = [json.loads(line)["val_acc"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        print(f"{name:<10} val acc {accs[-1]:.2%} (per epoch {' '.join(f'{a:.1%}' for a in accs)})  wall {wall:.0f}s  "
+              f"peak memory {peak:.0f} MB", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="a folder of photos: train/<class>/ + val/ or test/ (pets)")
@@ -171,6 +194,10 @@ def main() -> None:
     parser.add_argument("--ref-mix", type=int, default=1, help="reference: 1 = MixUp/CutMix as the issue asks (1)")
     parser.add_argument("--variants", default="photo,flip-crop,reference")
     parser.add_argument("--extra", default="", help="more imgclf flags for the photo variant")
+    parser.add_argument("--finetune", default="hymenoptera", help="a photo folder to fine-tune on from the photo "
+                        "variant's weights ('hymenoptera': the ants/bees photos; 'none': skip)")
+    parser.add_argument("--finetune-flags", default="--epochs 5 --lr 0.01 --batch-size 32",
+                        help="imgclf flags of the fine-tuning runs")
     parser.add_argument("--reference-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.data is None:
@@ -192,10 +219,12 @@ def main() -> None:
             r = results[name]
             print(f"{name:<10} val acc {r['acc']:.2%} (per epoch {' '.join(f'{a:.1%}' for a in r['accs'])})  "
                   f"train {r['ips']:.0f} img/s  wall {r['wall']:.0f}s  peak memory {r['peak']:.0f} MB", flush=True)
-    if "photo" in results and "reference" in results:
-        p, ref = results["photo"], results["reference"]
-        print(f"photo / reference: accuracy {100 * (p['acc'] - ref['acc']):+.2f} points, training speed "
-              f"{p['ips'] / ref['ips']:.2f}x, peak memory {p['peak'] / ref['peak']:.2f}x")
+        if "photo" in results and "reference" in results:
+            p, ref = results["photo"], results["reference"]
+            print(f"photo / reference: accuracy {100 * (p['acc'] - ref['acc']):+.2f} points, training speed "
+                  f"{p['ips'] / ref['ips']:.2f}x, peak memory {p['peak'] / ref['peak']:.2f}x")
+        if args.finetune != "none" and "photo" in results:
+            finetune(args, Path(tmp) / "photo" / "checkpoints" / "best.pt", Path(tmp))
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return None
 
