@@ -116,7 +116,7 @@ def test_fit_by_name_is_the_same_run_as_the_command_line(data_dir, tmp_path):
     assert run.stopped is None and run.folder == tmp_path / "api"
     assert [same_figures(r) for r in run.metrics] == metrics_file(tmp_path / "cli")
     assert len(run.metrics) == 2 and run.metrics[0]["val_count"] == 20
-    ours, theirs = (load_checkpoint(p / "checkpoints" / "best.pt")["config"] for p in (tmp_path / "api", tmp_path / "cli"))
+    ours, theirs = (load_checkpoint(tmp_path / p / "checkpoints" / "best.pt")["config"] for p in ("api", "cli"))
     assert {**ours, "run": {**ours["run"], "out": None}} == {**theirs, "run": {**theirs["run"], "out": None}}
 
 
@@ -174,6 +174,8 @@ def test_a_notebook_class_is_loaded_with_the_class_handed_over(data_dir, named_r
     assert code == 2 and err.count("\n") == 1 and "model=Tudui" in err
     code, _, err = cli("train", "--resume", run.folder, "--epochs", "2")
     assert code == 2 and err.count("\n") == 1 and "imgclf.fit(Tudui(), DATA, resume=RUN)" in err
+    with pytest.raises(UserError, match="trained python:Tudui, but model is a Sequential; resume it with an object"):
+        imgclf.fit(nn.Sequential(), data_dir, out=run.folder, resume=True, epochs=2)
     with pytest.raises(UserError, match="model= is for a network of a notebook or script"):
         imgclf.load(named_run.folder, model=Notebook)
     with pytest.raises(UserError, match="checkpoint weights do not fit python:Tudui"):
@@ -283,6 +285,25 @@ def test_bad_arguments_to_run_methods_are_one_line(named_run):
         assert "\n" not in str(err.value)
 
 
+# ---------------------------------------------------------------- progress in a notebook
+
+def test_progress_is_a_bar_in_a_notebook_and_plain_lines_in_a_file(tmp_path, monkeypatch, capsys):
+    from imgclf import tracking
+
+    assert not tracking.in_notebook()  # pytest is no Jupyter kernel
+    monkeypatch.setattr(tracking, "in_notebook", lambda: True)
+    shown = tracking.Tracker(tmp_path / "a", steps_per_epoch=8)  # stderr, in a kernel: tqdm.auto's bar
+    written = tracking.Tracker(tmp_path / "b", steps_per_epoch=8, stream=io.StringIO())  # a file: lines
+    for tracker in (shown, written):
+        tracker.start_epoch(0, 1)
+        for step in range(8):
+            tracker.step(step, 1.0, 0.1)
+        tracker.close()
+    err = capsys.readouterr().err
+    assert "0/8 [" in err and "step 2/8" not in err  # the bar (its text form outside a kernel), no step lines
+    assert "epoch 1/1  step 2/8  loss 1.0000" in written.stream.getvalue()
+
+
 # ---------------------------------------------------------------- the package, the README
 
 def test_import_imgclf_is_cheap_and_names_the_api():
@@ -302,7 +323,6 @@ def readme_python_example() -> str:
     return re.search(r"^```python\n(.*?)^```", section.group(1), re.S | re.M).group(1)
 
 
-@pytest.mark.slow
 def test_the_readme_python_example_runs(data_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CIFAR10", str(data_dir))
@@ -314,7 +334,6 @@ def test_the_readme_python_example_runs(data_dir, tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "tudui" / "checkpoints" / "best.onnx").is_file()
 
 
-@pytest.mark.slow
 def test_the_notes_tudui_on_cifar10_folders_from_python_and_the_command_line(cifar10_dir, tmp_path, monkeypatch):
     """The issue's check, on 50 training and 10 test pictures a class of the real CIFAR-10 folders."""
     for split, count in (("train", 50), ("test", 10)):

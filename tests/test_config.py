@@ -38,6 +38,8 @@ RULES = {
     ("optim", "label_smoothing"): ([0.0, 1 - 1e-9], [-1e-9, 1.0]),
     ("optim", "epochs"): ([1, 100_000], [0, 100_001, -1]),
     ("optim", "patience"): ([None, 1, 100_000], [0, 100_001]),
+    ("model", "freeze_epochs"): ([0, 100_000], [-1, 100_001]),
+    ("model", "backbone_lr_scale"): ([1e-9, 1.0], [0.0, 1 + 1e-9]),
     ("run", "seed"): ([0, MAX_SEED], [-1, MAX_SEED + 1, 10**400]),
     ("run", "log_every"): ([1, 10**30], [0, -1]),
     ("run", "stop_after"): ([None, 1, 100_000], [0, 100_001]),

@@ -35,7 +35,8 @@ def test_tutorial_cnn_shapes_are_those_of_note_21_and_macs_match_a_hand_count():
     assert s.size_mb == pytest.approx(145_578 * 4 / 1e6)
 
 
-@pytest.mark.parametrize(("name", "shape"), [("resnet18", (3, 64, 64)), ("vgg16", (3, 32, 32))])
+@pytest.mark.parametrize(("name", "shape"), [("resnet18", (3, 64, 64)),
+                                           pytest.param("vgg16", (3, 32, 32), marks=pytest.mark.slow)])
 def test_torchvision_totals_match_parameters_and_pytorchs_flop_counter(name, shape):
     model = build_model(name, num_classes=10)
     s = summarize(model, shape, name=name)
@@ -96,6 +97,7 @@ def test_table_lists_every_layer_and_totals():
     assert "parameters: 145,578" in text and "MACs:       12,354,176 (12.35 M per picture)" in text
 
 
+@pytest.mark.slow
 def test_cli_json(tmp_path):
     r = run_cli("inspect", "tutorial_cnn", "--input-size", "1x28x28", "--num-classes", "3", "--json")
     assert r.returncode == 0, r.stderr

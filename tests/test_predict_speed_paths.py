@@ -91,6 +91,7 @@ def test_predict_command_does_not_import_dynamo(tmp_path):
     assert lines[-1] == "lean"
 
 
+@pytest.mark.slow
 def test_folded_batchnorm_computes_the_same_function():
     torch.manual_seed(0)
     model = build_model("resnet18", num_classes=3).eval()
@@ -120,6 +121,7 @@ def test_fastnet_norm_is_not_folded():
         torch.testing.assert_close(folded(x), model(x), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_first_batch_is_one_picture_and_answers_keep_their_order(tmp_path, monkeypatch):
     ckpt = resnet_checkpoint(tmp_path / "r18.pt")
     pictures = write_pictures(tmp_path / "pics", 9)

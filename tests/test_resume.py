@@ -99,6 +99,7 @@ def test_stop_after_prints_the_resume_command(folder, tmp_path, capsys):
     assert load(tmp_path / "r")["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_batchnorm_and_dropout_model_resumes_exactly(tmp_path, capsys):
     """mobilenet_v3_small has BatchNorm (down to 1x1 maps, where a batch of one cannot train) and dropout
     (which draws from the global RNG, so the RNG state must travel in the checkpoint)."""
@@ -187,6 +188,7 @@ def test_a_last_train_batch_of_one_is_dropped_and_evaluation_keeps_every_picture
     assert sizes(15, train=False) == [7, 7, 1]  # eval mode uses running statistics: nothing is left out
 
 
+@pytest.mark.slow
 def test_fast_recipe_with_lookahead_resumes_exactly(tmp_path, capsys):
     """fastnet with Lookahead averaging (its average travels in the checkpoint), alternating flips and
     shifts, resumed after epoch 1 of 3 with a step count (7) that is not a multiple of the 5-step average."""

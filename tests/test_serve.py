@@ -95,6 +95,7 @@ def server(model, tmp_path_factory):
     assert "Traceback" not in text, text  # no request, good or bad, crashed a handler
 
 
+@pytest.mark.slow
 def test_health_describes_the_model(server):
     info = httpx.get(f"{server}/health").json()
     assert info["status"] == "ok" and info["model"] == "tutorial_cnn" and info["classes"] == CLASSES
@@ -102,6 +103,7 @@ def test_health_describes_the_model(server):
     assert info["max_upload_bytes"] == int(MAX_UPLOAD_MB * 1e6)
 
 
+@pytest.mark.slow
 def test_raw_and_multipart_uploads_answer_like_predict(server, model):
     _, images, predicted = model
     for path in images[:4]:
@@ -115,6 +117,7 @@ def test_raw_and_multipart_uploads_answer_like_predict(server, model):
                 assert got["probability"] == pytest.approx(want["probability"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_topk_parameter(server, model):
     _, images, _ = model
     body = images[0].read_bytes()
@@ -125,6 +128,7 @@ def test_topk_parameter(server, model):
     assert httpx.post(f"{server}/predict?topk=0", content=body).status_code == 400
 
 
+@pytest.mark.slow
 def test_bad_inputs_get_4xx_with_a_clear_message_and_the_service_goes_on(server, model):
     _, images, predicted = model
     png = images[0].read_bytes()
@@ -154,6 +158,7 @@ def test_bad_inputs_get_4xx_with_a_clear_message_and_the_service_goes_on(server,
     assert good.status_code == 200 and good.json()["top"][0]["label"] == predicted[str(images[0])][0]["label"]
 
 
+@pytest.mark.slow
 def test_fifty_concurrent_requests_are_batched_without_errors(server, model):
     _, images, predicted = model
     before = httpx.get(f"{server}/health").json()
@@ -255,6 +260,7 @@ def test_requests_queued_during_a_forward_pass_share_the_next_one(model, monkeyp
     assert health["largest_batch"] >= 2
 
 
+@pytest.mark.slow
 def test_page_served(server):
     page = httpx.get(f"{server}/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")

@@ -47,7 +47,7 @@ def _trained_like(name: str) -> torch.nn.Module:
 
 # ---------------------------------------------------------------- layouts and precisions
 
-@pytest.mark.parametrize("name", ["tutorial_cnn", "fastnet"])
+@pytest.mark.parametrize("name", ["tutorial_cnn", pytest.param("fastnet", marks=pytest.mark.slow)])
 def test_channels_last_gives_the_same_logits(name):
     model = _trained_like(name)
     loader = BatchLoader(Split(_images(48), torch.zeros(48, dtype=torch.int64)), batch_size=16,
@@ -65,7 +65,7 @@ def test_channels_last_gives_the_same_logits(name):
 
 
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN has no bf16 on this CPU")
-@pytest.mark.parametrize("name", ["tutorial_cnn", "fastnet"])
+@pytest.mark.parametrize("name", ["tutorial_cnn", pytest.param("fastnet", marks=pytest.mark.slow)])
 def test_bf16_autocast_predicts_like_fp32(name):
     model = _trained_like(name)
     x = BatchTransform(MEAN, STD)(_images(256, seed=2), train=False)

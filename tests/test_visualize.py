@@ -237,6 +237,7 @@ def test_range_test_stops_when_the_loss_diverges():
     assert result.losses[-1] > 4 * min(result.losses) or not math.isfinite(result.raw[-1])
 
 
+@pytest.mark.slow
 def test_lr_find_command_writes_a_plot_and_suggests(data_dir, tmp_path, capsys):
     out = tmp_path / "lr.png"
     assert main(["lr-find", "--data", str(data_dir), "--batch-size", "16", "--steps", "40", "--end-lr", "100",

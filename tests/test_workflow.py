@@ -124,6 +124,7 @@ def test_tutorial_cnn_is_the_network_of_note_21():
     assert TutorialCNN(num_classes=10, in_channels=1, img_size=28)(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
+@pytest.mark.slow
 def test_torchvision_models_get_a_new_head_and_pretrained_backbone(tmp_path):
     vgg = build_model("vgg16", num_classes=10)
     assert vgg.classifier[-1].out_features == 10 and vgg.classifier[-1].in_features == 4096
@@ -256,6 +257,7 @@ def test_seeded_cpu_runs_repeat_and_notes_recipe_is_reachable(tiny_split_folder,
             a["config"]["data"]["augment"]) == (0.01, 0.0, "sgd", 64, "none")
 
 
+@pytest.mark.slow
 def test_device_flag_is_checked(tiny_split_folder, tmp_path):
     r = run_cli("train", "--data", tiny_split_folder, "--device", "cuda", "--out", tmp_path / "r")
     if torch.cuda.is_available():

@@ -6,14 +6,13 @@
     run = imgclf.load("runs/run")                                      # a run folder or a checkpoint
 
 One configuration path: `fit`'s keyword options are the flags of `imgclf train` (`--batch-size 64` is
-`batch_size=64`), read from the same declarations (`cli.config_fields`) and turned into a TrainConfig by
-the same `cli.train_config`; an unknown or ill-typed option is one UserError line. Importing this module
-imports neither torch nor anything else heavy; each function imports what it uses.
+`batch_size=64`), read from the same declarations (`config.config_fields`) and turned into a TrainConfig by
+the same `config.resolve_config` as the flags; an unknown or ill-typed option is one UserError line.
+Importing this module imports neither torch nor anything else heavy; each function imports what it uses.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import json
@@ -23,9 +22,15 @@ import sys
 import sysconfig
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from imgclf.config import RECIPES, ModelConfig, RunConfig, TrainConfig
+from imgclf.config import RECIPES, ModelConfig, RunConfig, TrainConfig, config_fields, resolve_config
 from imgclf.errors import EXIT_OK, Stopped, UserError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from imgclf.predict import Prediction
 
 _ARGUMENTS = ("recipe", "resume", "on_epoch")  # fit's keywords besides the training flags
 _KINDS = {"bool": "True or False", "int": "a whole number", "float": "a number", "str": "a string"}
@@ -48,12 +53,12 @@ def fit(model, data, *, recipe: str = "default", resume: bool | str | os.PathLik
     for `-` (`epochs=2, lr=0.01, batch_size=64, out="runs/x", precision="fp32", model_args={...}`); None is
     the same as leaving an option out. `recipe`: as `--recipe`. `resume`: True continues the run in `out`,
     a path continues that run folder (as `--resume RUN`); the options given must then agree with the run.
-    `on_epoch(record)`: called after every epoch with its metrics.jsonl record; returning True (or raising
-    imgclf.errors.Stopped) ends the run resumably after that epoch. A run stopped so, or by Ctrl-C
-    (interrupting a notebook's kernel), or by `stop_after`, says so on stderr and is returned with
-    `run.stopped` set; every bad input is one UserError line."""
+    `on_epoch(record)`: called after every epoch with its metrics.jsonl record; returning True ends the run
+    after that epoch, resumably. A run stopped so, or by `stop_after`, says so on stderr and is returned
+    with `run.stopped` set; a signal (Ctrl-C, interrupting a notebook's kernel, SIGTERM) saves the run as
+    `imgclf train` does and raises imgclf.errors.Stopped. Every bad input is one UserError line."""
     name, network = _network(model)
-    cfg = _train_config(_namespace(name, data, recipe, options), resume, network)
+    cfg = _train_config(_given(name, data, options), recipe, resume, network)
     if network is not None:
         _check_object_options(cfg, network)
     from imgclf.train import train
@@ -62,6 +67,8 @@ def fit(model, data, *, recipe: str = "default", resume: bool | str | os.PathLik
     try:
         train(cfg, resume=bool(resume), model=network, on_epoch=_epoch_hook(on_epoch))
     except Stopped as stop:
+        if stop.code != EXIT_OK:  # a signal: whoever sent it wants the program to stop, not to go on
+            raise
         print(f"imgclf: {stop}", file=sys.stderr, flush=True)
         stopped = str(stop)
     from imgclf.usercode import parse_code_name
@@ -149,7 +156,7 @@ class Run:
         return TrainConfig.from_dict(self._checkpoint_dict()["config"])
 
     @property
-    def model(self):
+    def model(self) -> nn.Module:
         """The network with the checkpoint's weights, in eval mode, on the CPU (built once)."""
         if self._model is None:
             from imgclf.models import model_from_checkpoint
@@ -173,7 +180,7 @@ class Run:
         with self._scope():
             return evaluation_summary(evaluate_checkpoint(self.checkpoint, cfg, split=split, device=device))
 
-    def predict(self, paths, topk: int = 3, *, device: str = "auto", batch_size: int = 64) -> list:
+    def predict(self, paths, topk: int = 3, *, device: str = "auto", batch_size: int = 64) -> list[Prediction]:
         """`imgclf predict`: a Prediction(path, labels, probs, error) for each picture of `paths` (a path or
         a list of picture files and folders), the `topk` most probable classes first; a file that cannot
         be read has `error` set instead. Probabilities in fp32, as the exported models give them."""
@@ -215,11 +222,13 @@ class Run:
         if not name.startswith(_python_prefix()):
             raise UserError(f"model= is for a network of a notebook or script (python:Class); this checkpoint's "
                             f"is {name}" + (", rebuilt with model_code=" if ckpt["model"].get("code") else ""))
-        self._object = model if not isinstance(model, type) else _instantiate(model, ckpt)
         from torch import nn
 
-        if not isinstance(self._object, nn.Module):
+        if isinstance(model, type) and issubclass(model, nn.Module):
+            model = _instantiate(model, ckpt)
+        elif not isinstance(model, nn.Module):
             raise UserError(f"model= must be an nn.Module class or object, got {type(model).__name__}")
+        self._object = model
 
     def _scope(self):
         """The code (`model_code`) or the object (`model`) every checkpoint load of this Run builds from."""
@@ -229,7 +238,8 @@ class Run:
 
         stack = contextlib.ExitStack()
         stack.enter_context(usercode.model_code_scope(*self._code))
-        stack.enter_context(usercode.model_object_scope(self._object))
+        if self._object is not None:
+            stack.enter_context(usercode.model_object_scope(self._object))
         return stack
 
 
@@ -254,24 +264,18 @@ def same_figures(record: dict) -> dict:
 
 def option_names() -> dict[str, tuple[str, dataclasses.Field, str]]:
     """fit's keyword -> (section, field, flag) for every flag of `imgclf train` that TrainConfig declares."""
-    from imgclf.cli import config_fields
-
     return {flag[2:].replace("-", "_"): (section, f, flag) for section, f, flag in config_fields()}
 
 
-def _namespace(name: str, data, recipe: str, options: dict) -> argparse.Namespace:
-    """The namespace argparse would make of `imgclf train --model NAME --data DATA --recipe R --flag value...`."""
-    if recipe not in RECIPES:
-        raise UserError(f"unknown recipe {recipe!r}; choose one of {', '.join(sorted(RECIPES))}")
-    known = option_names()
-    args = argparse.Namespace(recipe=recipe, **{f"{s}.{f.name}": None for s, f, _ in known.values()})
+def _given(name: str, data, options: dict) -> dict[tuple[str, str], object]:
+    """(section, field) -> value of what `imgclf train --model NAME --data DATA --flag value...` sets."""
+    known, given = option_names(), {}
     for key, value in {"model": name, "data": data, **options}.items():
         if key not in known:
             raise UserError(_unknown_option(key, known))
         section, f, flag = known[key]
-        if value is not None:
-            setattr(args, f"{section}.{f.name}", _option_value(key, flag, f, value))
-    return args
+        given[section, f.name] = None if value is None else _option_value(key, flag, f, value)
+    return given
 
 
 def _unknown_option(key: str, known: dict) -> str:
@@ -284,7 +288,7 @@ def _unknown_option(key: str, known: dict) -> str:
 
 
 def _option_value(key: str, flag: str, f: dataclasses.Field, value):
-    """`value` as the flag's argparse type would give it; one UserError line when it is of another kind."""
+    """`value` as the flag's type would read it from the command line; one UserError line for another kind."""
     kind = f.type.split(" | ")[0]
     if kind == "str" and isinstance(value, os.PathLike):
         value = os.fspath(value)
@@ -301,18 +305,18 @@ def _option_value(key: str, flag: str, f: dataclasses.Field, value):
     return {"int": int, "float": float}.get(kind, lambda v: v)(value)
 
 
-def _train_config(args: argparse.Namespace, resume, network) -> TrainConfig:
+def _train_config(given: dict, recipe: str, resume, network) -> TrainConfig:
     """What `imgclf train` makes of the same flags (cli.cmd_train): a new run's configuration, refused when
     `out` already holds a run; or with `resume`, the run's own configuration with the options given."""
-    from imgclf.cli import train_config
-
+    if recipe not in RECIPES:
+        raise UserError(f"unknown recipe {recipe!r}; choose one of {', '.join(sorted(RECIPES))}")
     if not resume:
-        cfg = train_config(args)
+        cfg = resolve_config(given, recipe=recipe)
         if (Path(cfg.run.out) / "checkpoints" / "last.pt").exists():
             raise UserError(f"{cfg.run.out} already holds a run; continue it with resume=True, or choose "
                             f"another out=")
         return cfg
-    folder = (getattr(args, "run.out") or RunConfig().out) if resume is True else os.fspath(resume)
+    folder = (given.get(("run", "out")) or RunConfig().out) if resume is True else os.fspath(resume)
     last = Path(folder) / "checkpoints" / "last.pt"
     if not last.is_file():
         raise UserError(f"nothing to resume: {last} does not exist")
@@ -324,10 +328,10 @@ def _train_config(args: argparse.Namespace, resume, network) -> TrainConfig:
         if recorded != mine:
             raise UserError(f"{folder} trained {base.model.name}, but model is a {mine}; resume it with an "
                             f"object of the same class")
-        setattr(args, "model.name", None)
+        given["model", "name"] = None
     # stop_after counts the epochs of one call: the resumed run goes to the end unless told again
     run = dataclasses.replace(base.run, out=str(folder), stop_after=None)
-    return train_config(args, dataclasses.replace(base, run=run))
+    return resolve_config(given, base=dataclasses.replace(base, run=run))
 
 
 def _check_object_options(cfg: TrainConfig, network) -> None:

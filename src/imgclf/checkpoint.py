@@ -7,6 +7,7 @@ A checkpoint is a plain dict of tensors and plain values; it is always read with
 from __future__ import annotations
 
 import pickle
+import struct
 import re
 import warnings
 import zipfile
@@ -67,8 +68,11 @@ def safe_load(path) -> object:
         cause = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
         detail = cause.group(1).strip()[:200] if cause else type(err).__name__
         raise UserError(f"cannot read {path}: not a PyTorch weights file, or damaged ({detail})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError, struct.error) as err:  # what torch's unpickler raises on bytes that are not a pickle
+        first = str(err).splitlines()[0][:200] if str(err).strip() else ""
+        detail = first if isinstance(err, RuntimeError | OSError | ValueError) and first else \
+            f"{type(err).__name__}{': ' + first if first else ''}"
         raise UserError(f"cannot read {path}: not a PyTorch weights file, or truncated ({detail})") from None
 
 

@@ -25,8 +25,9 @@ from imgclf.config import (
     DataConfig,
     TrainConfig,
     check_number,
-    flag_of,
+    config_fields,
     parse_size,
+    resolve_config,
 )
 from imgclf.errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_USAGE, Stopped, UserError
 
@@ -135,13 +136,6 @@ def _add_train(sub, common) -> None:
 SECTION_TITLES = {"data": "data", "model": "model", "optim": "optimisation", "run": "run"}
 
 
-def config_fields(sections=TrainConfig.SECTIONS):
-    """(section, field, flag) of every TrainConfig field, in declaration order."""
-    for section in sections:
-        for f in dataclasses.fields(TrainConfig.__dataclass_fields__[section].default_factory):
-            yield section, f, flag_of(f)
-
-
 def shown_default(f: dataclasses.Field) -> str:
     """A field's default as its flag's help shows it: on/off for switches, the declared words for None."""
     if f.default is None:
@@ -173,21 +167,10 @@ def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] =
 
 
 def train_config(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
-    """Flags -> TrainConfig: `base` (a resumed run's) or the recipe's defaults, then every flag given."""
-    given = {(section, f.name, flag, f.metadata["resumable"]): getattr(args, f"{section}.{f.name}")
-             for section, f, flag in config_fields() if getattr(args, f"{section}.{f.name}", None) is not None}
-    if base is None:
-        sections = {name: dict(values) for name, values in RECIPES[args.recipe].items()}
-    else:
-        sections = base.to_dict()
-        for (section, name, flag, resumable), value in given.items():
-            used = getattr(getattr(base, section), name)
-            if not resumable and used != value:
-                raise UserError(f"{flag} {value} contradicts the run being resumed (it used {used}); drop the "
-                                f"flag, or start a new run with --out")
-    for (section, name, _, _), value in given.items():
-        sections.setdefault(section, {})[name] = value
-    return TrainConfig.from_dict(sections)
+    """Flags -> TrainConfig (config.resolve_config): `base` (a resumed run's) or the recipe's defaults, then
+    every flag given."""
+    given = {(section, f.name): getattr(args, f"{section}.{f.name}", None) for section, f, _ in config_fields()}
+    return resolve_config(given, recipe=args.recipe, base=base)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

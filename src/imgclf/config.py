@@ -178,6 +178,35 @@ class TrainConfig:
         return self
 
 
+def config_fields(sections=TrainConfig.SECTIONS):
+    """(section, field, flag) of every TrainConfig field, in declaration order: `imgclf train`'s flags and
+    `imgclf.fit`'s options."""
+    for section in sections:
+        for f in dataclasses.fields(TrainConfig.__dataclass_fields__[section].default_factory):
+            yield section, f, flag_of(f)
+
+
+def resolve_config(given: dict[tuple[str, str], object], *, recipe: str = "default",
+                   base: TrainConfig | None = None) -> TrainConfig:
+    """The one way from what a user set (`imgclf train`'s flags, `imgclf.fit`'s options) to a TrainConfig:
+    `base` (a resumed run's) or the recipe's defaults, then every value of `given`, (section, field) ->
+    value, None meaning not given. A value that differs from `base`'s where the field is not resumable is one
+    UserError line."""
+    given = {key: value for key, value in given.items() if value is not None}
+    if base is None:
+        sections = {name: dict(values) for name, values in RECIPES[recipe].items()}
+    else:
+        sections = base.to_dict()
+        for section, f, flag in config_fields():
+            value, used = given.get((section, f.name)), getattr(getattr(base, section), f.name)
+            if value is not None and not f.metadata["resumable"] and used != value:
+                raise UserError(f"{flag} {value} contradicts the run being resumed (it used {used}); drop the "
+                                f"flag, or start a new run with --out")
+    for (section, name), value in given.items():
+        sections.setdefault(section, {})[name] = value
+    return TrainConfig.from_dict(sections)
+
+
 def check_number(flag: str, value, low=None, high=None, *, low_open: bool = False, high_open: bool = False,
                  words: str | None = None) -> None:
     """Raise UserError, one line naming `flag` and what it accepts, unless `value` is None or a finite number

@@ -184,6 +184,9 @@ def build_model(name: str, *, num_classes: int, in_channels: int = 3, img_size: 
     instead of building one (predict's lean start-up, `imgclf.predict`). Every bad input is one UserError line.
     """
     ref = usercode.parse_code_name(name)
+    if name.startswith(usercode.PYTHON_PREFIX):
+        raise UserError(f"{name} is a class of a notebook or script, trained with imgclf.fit; continue it there: "
+                        f"imgclf.fit({name[len(usercode.PYTHON_PREFIX):]}(), DATA, resume=RUN)")
     if ref is not None:
         model = usercode.build_user_model(ref, model_args, num_classes=num_classes, in_channels=in_channels,
                                           img_size=img_size)
@@ -551,6 +554,8 @@ def model_from_checkpoint(ckpt: dict, *, base: nn.Module | None = None, model_co
     if spec.get("code"):
         ref, digest = usercode.verify_code(spec["code"], model_code, trust_changed_code)
         model = usercode.build_user_model(ref, spec["code"].get("args"), expected_sha256=digest, **dims)
+    elif spec["name"].startswith(usercode.PYTHON_PREFIX):  # a class trained from Python: the object handed over
+        model = usercode.python_model(spec["name"])
     else:
         model = build_model(_built_in_name(spec), base=base, model_args=_config_args(ckpt), **dims)
     state = ckpt.get("ema_state_dict") or ckpt["state_dict"]  # the averaged weights are the evaluated ones

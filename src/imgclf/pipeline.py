@@ -21,6 +21,7 @@ from imgclf.models import build_model
 from imgclf.optim import balancing_weights
 from imgclf.sources import ImageData, load_data
 from imgclf.transforms import BatchTransform, Mixer, PhotoAugment
+from imgclf.usercode import check_output
 
 WHITENING_PICTURES = 5000  # fastnet's first layer is set from the patch statistics of this many pictures
 
@@ -42,6 +43,9 @@ def build_run(cfg: TrainConfig, data: ImageData, *, device: torch.device, dist: 
     fastnet's whitening) as a new run does; a resumed run takes them from its checkpoint instead.
     `model`: a network object to use instead of building `cfg.model.name` (the Python API)."""
     dist = dist or DistInfo()
+    if model is not None:  # the Python API's object: one line now, rather than a traceback in the first step
+        check_output(model, type(model).__name__, num_classes=len(data.classes), in_channels=data.channels,
+                     img_size=data.img_size)
     model = model if model is not None else build_model(cfg.model.name, num_classes=len(data.classes), in_channels=data.channels,
                         img_size=data.img_size, pretrained=cfg.model.pretrained if fresh else None,
                         freeze_backbone=cfg.model.freeze_backbone or cfg.model.freeze_epochs > 0,

@@ -102,9 +102,9 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
                            dist=dist, tta=cfg.run.tta and final, keep_probs=final and not dist.enabled)
             record = epoch_record(epoch, stats, val, lr=state.optimizer.param_groups[0]["lr"], data=data)
             tracker.end_epoch(record)
-            if on_epoch is not None and dist.is_main:
-                on_epoch(record)
             _save(cfg, parts, state, dist=dist, best=state.end_epoch(record, cfg.optim.monitor))
+            if on_epoch is not None and dist.is_main:  # after the save: a Stopped raised here keeps this epoch
+                on_epoch(record)
             if _patience_spent(cfg, state, tracker):
                 break
             _stop_between_epochs(cfg, stop, invocation_epochs, epoch=epoch, run_dir=run_dir)

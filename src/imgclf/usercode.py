@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import hashlib
 import importlib.util
 import inspect
@@ -30,6 +31,9 @@ from torch import nn
 
 from imgclf.errors import UserError
 
+# The model name of a network class that no .py file of the user's holds (a notebook's, a script's __main__'s),
+# trained with imgclf.fit: 'python:ClassName'. Its checkpoints are loaded in Python, with the class handed over.
+PYTHON_PREFIX = "python:"
 # Constructor parameters that imgclf fills from the data when the class declares them (and --model-args does not).
 DATA_PARAMETERS = ("num_classes", "in_channels", "img_size")
 
@@ -239,3 +243,29 @@ def verify_code(code: dict, model_code: str | None = None,
                         f"{code['file']} the checkpoint was trained with ({code['sha256'][:12]}...); pass "
                         f"--trust-changed-code if you changed it and trust it")
     return CodeRef(path, code["class"]), digest
+
+
+_OBJECT: contextvars.ContextVar[nn.Module | None] = contextvars.ContextVar("imgclf_model_object", default=None)
+
+
+@contextlib.contextmanager
+def model_object_scope(model: nn.Module | None) -> Iterator[None]:
+    """Within the block, loads of a checkpoint whose network is `python:Class` build it as a copy of `model`,
+    the network object handed over in Python (`imgclf.load(..., model=...)`, the Run that `imgclf.fit` returns)."""
+    token = _OBJECT.set(model)
+    try:
+        yield
+    finally:
+        _OBJECT.reset(token)
+
+
+def python_model(name: str) -> nn.Module:
+    """A copy, on the CPU, of the object of the enclosing `model_object_scope`, for the checkpoint weights of
+    the network `name` ('python:Class'); one UserError line when there is none: no file holds such a class."""
+    model = _OBJECT.get()
+    if model is None:
+        short = name[len(PYTHON_PREFIX):].rpartition(".")[2]
+        raise UserError(f"this checkpoint's network is class {name[len(PYTHON_PREFIX):]} of a notebook or script, "
+                        f"which no .py file holds; load it in Python with the class: imgclf.load(CHECKPOINT, "
+                        f"model={short})")
+    return copy.deepcopy(model).cpu()
