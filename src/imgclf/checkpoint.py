@@ -7,8 +7,8 @@ A checkpoint is a plain dict of tensors and plain values; it is always read with
 from __future__ import annotations
 
 import pickle
-import struct
 import re
+import struct
 import warnings
 import zipfile
 from pathlib import Path
