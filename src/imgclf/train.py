@@ -65,10 +65,7 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
     run_dir, epochs = Path(cfg.run.out), cfg.optim.epochs
     ckpt = _resume_point(cfg) if resume else None
     torch.manual_seed(cfg.run.seed)
-    data = load_data_ranked(cfg.data, dist)
-    if ckpt and ckpt["classes"] != data.classes:
-        raise UserError(f"{run_dir} was trained on classes {ckpt['classes']}, but {cfg.data.data} has "
-                        f"{data.classes}; start a new run with --out")
+    data = _data(cfg, dist, ckpt)
     if device.type == "cuda":  # every batch has the same shape: let cuDNN time its algorithms once and keep the best
         torch.backends.cudnn.benchmark = True
     precision = resolve_precision(cfg.run.precision, device)
@@ -81,8 +78,7 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
     if dist.is_main:
         _start_run_folder(cfg, parts, tracker, device=device, precision=precision, world=dist.world_size,
                           fresh=ckpt is None)
-    weights = balancing_weights(data.train.labels, len(data.classes)).to(device) if cfg.data.balance == "loss" else None
-    loss_fn, autocast = build_loss(cfg.optim, weights), autocast_factory(device, precision)
+    loss_fn, autocast = _loss(cfg, data, device), autocast_factory(device, precision)
     check_every = 1 if device.type == "cpu" else 32  # reading a loss makes the host wait for the GPU
     with StopFlag(dist, device) as stop:
         for invocation_epochs, epoch in enumerate(range(state.epoch, epochs), start=1):
@@ -91,10 +87,7 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
             stats = _train_epoch(state, parts, epoch=epoch, loss_fn=loss_fn, autocast=autocast, dist=dist,
                                  hooks=_RunHooks(state, tracker, stop), check_every=check_every, run_dir=run_dir)
             if stats["stopped_at"] is not None:
-                state.step, state.partial = stats["stopped_at"], stats["sums"]
-                _save(cfg, parts, state, dist=dist, best=False)
-                raise Stopped(f"stopped by {stop.name} at epoch {epoch + 1}, step {state.step}; resume with: "
-                              f"imgclf train --resume {run_dir}", _exit_code(stop.name))
+                _stop_mid_epoch(cfg, parts, state, stats, stop=stop, dist=dist, epoch=epoch)
             final = epoch + 1 == epochs
             # test-time augmentation costs 6 passes: only the final figure (and `imgclf eval`) pays for it;
             # the final probabilities are kept for the run's pictures (one process holds them all)
@@ -111,13 +104,43 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
     if parts.test is not None:
         record = tracker.amend_last(_final_test(cfg, parts, state, autocast=autocast, dist=dist))
     if dist.is_main:  # curves.png, confusion.png, mistakes.png and TensorBoard pictures; never fails the run
-        from imgclf.report import report_after_training
-
-        report_after_training(run_dir, cfg=cfg, data=data, model=state.eval_model, transform=parts.transform,
-                              device=device, autocast=autocast, records=tracker.records, writer=tracker.writer,
-                              result=val)
+        _report(cfg, parts, state, tracker, device=device, autocast=autocast, result=val)
     tracker.close()
     return record
+
+
+def _data(cfg: TrainConfig, dist, ckpt: dict | None) -> ImageData:
+    data = load_data_ranked(cfg.data, dist)
+    if ckpt and ckpt["classes"] != data.classes:
+        raise UserError(f"{cfg.run.out} was trained on classes {ckpt['classes']}, but {cfg.data.data} has "
+                        f"{data.classes}; start a new run with --out")
+    return data
+
+
+def _loss(cfg: TrainConfig, data: ImageData, device: torch.device):
+    """The loss, with per-class weights under --balance loss."""
+    weights = None
+    if cfg.data.balance == "loss":
+        weights = balancing_weights(data.train.labels, len(data.classes)).to(device)
+    return build_loss(cfg.optim, weights)
+
+
+def _stop_mid_epoch(cfg: TrainConfig, parts: RunParts, state: TrainState, stats: dict, *, stop, dist,
+                    epoch: int) -> None:
+    """A signal arrived during the epoch: save where it stopped (with the partial sums), then raise Stopped."""
+    state.step, state.partial = stats["stopped_at"], stats["sums"]
+    _save(cfg, parts, state, dist=dist, best=False)
+    raise Stopped(f"stopped by {stop.name} at epoch {epoch + 1}, step {state.step}; resume with: "
+                  f"imgclf train --resume {cfg.run.out}", _exit_code(stop.name))
+
+
+def _report(cfg: TrainConfig, parts: RunParts, state: TrainState, tracker: Tracker, *, device, autocast,
+            result: dict) -> None:
+    from imgclf.report import report_after_training
+
+    report_after_training(Path(cfg.run.out), cfg=cfg, data=parts.data, model=state.eval_model,
+                          transform=parts.transform, device=device, autocast=autocast, records=tracker.records,
+                          writer=tracker.writer, result=result)
 
 
 def _resume_point(cfg: TrainConfig) -> dict:
