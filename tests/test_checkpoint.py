@@ -147,10 +147,6 @@ def test_a_pickle_calling_os_system_is_refused_and_nothing_runs(tmp_path, writer
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="torch words the refusal of a blocked module's function (os.system) "
-                                       "'unsupported GLOBAL posix.system whose module posix is blocked', which "
-                                       "safe_load's pattern misses: the user reads 'not a PyTorch weights file, "
-                                       "or damaged (UnpicklingError)' instead of what was refused")
 def test_the_refusal_names_the_function_it_would_have_called(tmp_path):
     path = tmp_path / "hostile.pt"
     torch.save({**checkpoint(), "note": RunsShell("true")}, path)
@@ -205,9 +201,6 @@ def damaged_files() -> list[bytes]:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="safe_load lets an AssertionError of torch's legacy loader escape as a "
-                                       "traceback (\"storage key '...' not found in deserialized_objects\": a "
-                                       "legacy-format file whose storage key was damaged) instead of one UserError")
 def test_any_damaged_bytes_are_one_clear_error(tmp_path):
     path = tmp_path / "damaged.pt"
     escaped = {}

@@ -86,13 +86,8 @@ def assert_same(a, b, where: str = "state") -> None:
 # ---------------------------------------------------------------- TrainState
 
 
-EMA_COUNT_LOST = ("TrainState.state_dict saves ema.module's weights but not AveragedModel.n_averaged: restored, "
-                  "the count is 0, so the first EMA update after resuming copies the weights instead of averaging "
-                  "(a resumed --ema run differs from one never stopped)")
 
-
-@pytest.mark.parametrize("averaging", ["lookahead", pytest.param("ema", marks=pytest.mark.xfail(
-    strict=True, reason=EMA_COUNT_LOST))])
+@pytest.mark.parametrize("averaging", ["lookahead", "ema"])
 def test_state_dict_round_trip_restores_everything_and_continues_bit_for_bit(averaging):
     """Weights, optimizer, scheduler, RNG, and the Lookahead or EMA average: a copy restored from the state
     continues exactly as the original does."""

@@ -60,7 +60,8 @@ def safe_load(path) -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's message suggests turning weights_only off; we never do, so only its cause is kept
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        # torch words it "Unsupported global: GLOBAL x.y", or for a blocked module "unsupported GLOBAL x.y whose ..."
+        found = re.search(r"(?i)unsupported (?:global: )?GLOBAL ([\w.]+)", str(err))
         if found:
             raise UserError(f"refused to load {path}: unpickling it would call {found.group(1)}, and a checkpoint "
                             f"holds only tensors and plain values (a hostile file, or one saved from Python objects: "
@@ -69,7 +70,7 @@ def safe_load(path) -> object:
         detail = cause.group(1).strip()[:200] if cause else type(err).__name__
         raise UserError(f"cannot read {path}: not a PyTorch weights file, or damaged ({detail})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError, TypeError,
-            AttributeError, struct.error) as err:  # what torch's unpickler raises on bytes that are not a pickle
+            AttributeError, AssertionError, struct.error) as err:  # what torch's unpickler raises on bytes that are not a pickle
         first = str(err).splitlines()[0][:200] if str(err).strip() else ""
         detail = first if isinstance(err, RuntimeError | OSError | ValueError) and first else \
             f"{type(err).__name__}{': ' + first if first else ''}"

@@ -93,6 +93,7 @@ class TrainState:
             state["lookahead"] = self.lookahead.state_dict()
         if self.ema is not None:
             state["ema_state_dict"] = _cpu(self.ema.module.state_dict())
+            state["ema_count"] = int(self.ema.n_averaged)  # how many averages were taken: the next one depends on it
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -106,6 +107,7 @@ class TrainState:
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema_state_dict"):
             self.ema.module.load_state_dict(state["ema_state_dict"])
+            self.ema.n_averaged.fill_(state.get("ema_count", 1))
         if self.lookahead is not None and state.get("lookahead"):
             self.lookahead.load_state_dict(state["lookahead"])
         torch.set_rng_state(state["rng"]["torch"])
