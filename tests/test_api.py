@@ -323,6 +323,7 @@ def readme_python_example() -> str:
     return re.search(r"^```python\n(.*?)^```", section.group(1), re.S | re.M).group(1)
 
 
+@pytest.mark.slow
 def test_the_readme_python_example_runs(data_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CIFAR10", str(data_dir))
@@ -334,6 +335,7 @@ def test_the_readme_python_example_runs(data_dir, tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "tudui" / "checkpoints" / "best.onnx").is_file()
 
 
+@pytest.mark.slow
 def test_the_notes_tudui_on_cifar10_folders_from_python_and_the_command_line(cifar10_dir, tmp_path, monkeypatch):
     """The issue's check, on 50 training and 10 test pictures a class of the real CIFAR-10 folders."""
     for split, count in (("train", 50), ("test", 10)):

@@ -45,6 +45,7 @@ def test_frozen_backbone_keeps_weights_and_batchnorm_statistics(setup, tmp_path,
     assert not torch.equal(trained["fc.weight"], trained["fc.weight"] * 0)  # the head trained (and exists)
 
 
+@pytest.mark.slow
 def test_staged_fine_tuning_frees_the_backbone_after_the_head_epochs(setup, tmp_path, capsys):
     data, weights = setup
     flags = ("--freeze-epochs", 1, "--backbone-lr-scale", 0.1, "--epochs", 2)

@@ -113,6 +113,49 @@ async def read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def describe(predictor, queue) -> dict:
+    """What /health says of the model and of the batching so far."""
+    return {"classes": predictor.classes, "input": {"size": predictor.size, "channels": predictor.channels},
+            "batches": queue.stats.batches, "images": queue.stats.images, "largest_batch": queue.stats.largest_batch}
+
+
+def requested_topk(query, default: int) -> int:
+    """The `?topk=N` of a request (else `default`); ValueError with the message when it is not a count."""
+    try:
+        k = int(query.get("topk", default))
+    except ValueError:
+        raise ValueError(f"topk must be a whole number, got {query['topk']!r}") from None
+    if k < 1:
+        raise ValueError(f"topk must be at least 1, got {k}")
+    return k
+
+
+async def upload_bytes(request, max_upload_bytes: int) -> tuple[bytes, str | None]:
+    """The picture's bytes and file name (None for a raw body); raises ValueError with the message, or
+    UploadTooLarge."""
+    from starlette.requests import Request
+
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return await read_body(request, max_upload_bytes), None
+    body = await read_body(request, max_upload_bytes + MULTIPART_SLACK)
+
+    async def replay() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=16)
+    except Exception as err:  # noqa: BLE001 - python-multipart and Starlette raise several kinds
+        raise ValueError(f"malformed multipart upload ({getattr(err, 'detail', err)})") from None
+    files = [v for v in form.values() if hasattr(v, "read") and hasattr(v, "filename")]
+    if not files:
+        raise ValueError("the multipart upload holds no file; send the picture in a file field named 'file'")
+    data = await files[0].read()
+    await form.close()
+    if len(data) > max_upload_bytes:
+        raise UploadTooLarge
+    return data, files[0].filename
+
+
 def create_app(predictor, *, model_name: str, max_upload_bytes: int = 10_000_000, topk: int = 5,
                max_batch: int = 32):
     """The Starlette application serving `predictor` (an imgclf.predict.Predictor)."""
@@ -130,37 +173,10 @@ def create_app(predictor, *, model_name: str, max_upload_bytes: int = 10_000_000
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
 
-    async def upload_bytes(request: Request) -> tuple[bytes, str | None]:
-        """The picture's bytes and file name (None for a raw body); raises ValueError with the message."""
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            return await read_body(request, max_upload_bytes), None
-        body = await read_body(request, max_upload_bytes + MULTIPART_SLACK)
-
-        async def replay() -> dict:
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        try:
-            form = await Request(request.scope, replay).form(max_files=1, max_fields=16)
-        except Exception as err:  # noqa: BLE001 - python-multipart and Starlette raise several kinds
-            raise ValueError(f"malformed multipart upload ({getattr(err, 'detail', err)})") from None
-        files = [v for v in form.values() if hasattr(v, "read") and hasattr(v, "filename")]
-        if not files:
-            raise ValueError("the multipart upload holds no file; send the picture in a file field named 'file'")
-        data = await files[0].read()
-        await form.close()
-        if len(data) > max_upload_bytes:
-            raise UploadTooLarge
-        return data, files[0].filename
-
     async def predict(request: Request) -> JSONResponse:
         try:
-            k = int(request.query_params.get("topk", topk))
-        except ValueError:
-            return error(400, f"topk must be a whole number, got {request.query_params['topk']!r}")
-        if k < 1:
-            return error(400, f"topk must be at least 1, got {k}")
-        try:
-            data, filename = await upload_bytes(request)
+            k = requested_topk(request.query_params, topk)
+            data, filename = await upload_bytes(request, max_upload_bytes)
         except UploadTooLarge:
             return error(413, f"upload is over the {limit_text} limit (imgclf serve --max-upload-mb)")
         except ValueError as err:
@@ -179,13 +195,8 @@ def create_app(predictor, *, model_name: str, max_upload_bytes: int = 10_000_000
         return JSONResponse({"top": top} if filename is None else {"top": top, "filename": filename})
 
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse({
-            "status": "ok", "model": model_name, "classes": predictor.classes,
-            "input": {"size": predictor.size, "channels": predictor.channels}, "topk": topk,
-            "max_upload_bytes": max_upload_bytes, "max_batch": max_batch,
-            "batches": queue.stats.batches, "images": queue.stats.images,
-            "largest_batch": queue.stats.largest_batch,
-        })
+        return JSONResponse({"status": "ok", "model": model_name, **describe(predictor, queue), "topk": topk,
+                             "max_upload_bytes": max_upload_bytes, "max_batch": max_batch})
 
     async def index(request: Request) -> HTMLResponse:
         return HTMLResponse(page)
