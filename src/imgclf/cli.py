@@ -252,7 +252,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def _add_eval(sub, common) -> None:
     p = _command(sub, common, "eval", cmd_eval, help="loss, accuracy, per-class accuracy, confusion matrix")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="an imgclf checkpoint, or a model it exported (.onnx, TorchScript)")
     _add_model_code(p)
     p.add_argument("--data", required=True, help="data set or folder: by default its test split where it has one "
                                                   "beside val/, else its held-out split, and all of a plain folder of "
@@ -308,9 +308,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _add_predict(sub, common) -> None:
     p = _command(sub, common, "predict", cmd_predict, help="label pictures with a trained model (note 31)")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="an imgclf checkpoint, or a model it exported (.onnx, TorchScript)")
     _add_model_code(p)
-    p.add_argument("paths", nargs="+", metavar="PATH", help="picture files and folders")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="picture files and folders, http(s):// URLs, or - for a picture on standard input")
     _number(p, "--topk", int, 1, default=3, help="how many labels per picture (%(default)s)")
     _number(p, "--batch-size", int, 1, MAX_BATCH, default=64, help="pictures per batch (%(default)s)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -324,7 +325,7 @@ def _add_predict(sub, common) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from imgclf.predict import Predictor
 
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision)
+    predictor = Predictor.from_path(args.checkpoint, device=args.device, precision=args.precision)
     writer = csv.writer(sys.stdout) if args.csv else None
     if writer:
         writer.writerow(["path", "rank", "label", "probability"])

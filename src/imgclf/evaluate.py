@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
+
+import numpy as np
+import torch
 
 from imgclf.checkpoint import load_checkpoint
 from imgclf.config import DataConfig
 from imgclf.engine import evaluate
 from imgclf.errors import UserError
+from imgclf.metrics import accuracy, confusion_matrix
 from imgclf.models import model_from_checkpoint
 from imgclf.pipeline import eval_batch_size, eval_loader, place_model
+from imgclf.predict import ExportedPredictor, exported_kind
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import load_data
 from imgclf.transforms import BatchTransform
@@ -25,6 +31,9 @@ def evaluate_checkpoint(path, data_cfg: DataConfig, *, split: str | None = None,
     `split`: train, val or test; by default the test split where the data set has one beside its validation
     split, else the held-out one (a test folder serving as validation), and all of a plain folder of class
     folders. The result is `engine.evaluate`'s with `classes`, `split` (its name) and `data` added."""
+    kind = exported_kind(path)
+    if kind is not None:
+        return _evaluate_exported(ExportedPredictor(path, kind), data_cfg, split=split, where=path)
     ckpt = load_checkpoint(path)
     inp = ckpt["input"]
     # augment "none": every split decoded at the model's size (training's larger photo store is not needed)
@@ -45,6 +54,32 @@ def evaluate_checkpoint(path, data_cfg: DataConfig, *, split: str | None = None,
     result = evaluate(model, loader, num_classes=len(data.classes), autocast=autocast, tta=run.get("tta", False),
                       keep_probs=True)
     result.update(classes=data.classes, split=name, data=data, split_data=chosen)
+    return result
+
+
+def _evaluate_exported(predictor: ExportedPredictor, data_cfg: DataConfig, *, split: str | None, where) -> dict:
+    """As `evaluate_checkpoint`, for a model exported by `imgclf export`: uint8 pictures into its graph."""
+    start = time.perf_counter()
+    data = load_data(replace(data_cfg, img_size=predictor.size, augment="none"), img_size=predictor.size,
+                     channels=predictor.channels, whole=split is None)
+    if data.classes != predictor.classes:
+        raise UserError(f"{where} was exported for {len(predictor.classes)} classes ({preview(predictor.classes)}), "
+                        f"but {data_cfg.data} has {len(data.classes)} ({preview(data.classes)})")
+    name, chosen = _choose(data, split, data_cfg.data)
+    k, batch = len(data.classes), eval_batch_size(data_cfg, chosen)
+    confusion, loss_sum, top5 = torch.zeros(k, k, dtype=torch.int64), 0.0, 0
+    for i in range(0, len(chosen), batch):
+        probs = predictor.probabilities(torch.as_tensor(np.asarray(chosen.images[i : i + batch])))
+        y = chosen.labels[i : i + batch]
+        loss_sum += float(torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum"))
+        confusion += confusion_matrix(probs.argmax(1), y, k)
+        top5 += int((probs.topk(min(5, k), dim=1).indices == y.view(-1, 1)).any(1).sum())
+    count = int(confusion.sum())
+    result = {"loss": loss_sum / max(count, 1), "acc": accuracy(confusion), "count": count, "confusion": confusion,
+              "seconds": time.perf_counter() - start, "classes": data.classes, "split": name, "data": data,
+              "split_data": chosen}
+    if k > 5:
+        result["top5"] = top5 / max(count, 1)
     return result
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import io
+import json
 import os
 import sys
+import warnings
+import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -51,6 +56,12 @@ class Predictor:
     def from_checkpoint(cls, path, **kwargs) -> Predictor:
         return cls(load_checkpoint(path), **kwargs)
 
+    @classmethod
+    def from_path(cls, path, **kwargs) -> Predictor:
+        """A checkpoint, or a model exported by `imgclf export` (.onnx, run by onnxruntime; TorchScript)."""
+        kind = exported_kind(path)
+        return cls.from_checkpoint(path, **kwargs) if kind is None else ExportedPredictor(path, kind)
+
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, size, size) -> class probabilities (N, classes)."""
@@ -89,12 +100,99 @@ class Predictor:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _decode(self, path: str) -> np.ndarray | str:
-        if not Path(path).is_file():
-            return "no such file"
         try:
-            return load_image(path, size=self.size, channels=self.channels).transpose(2, 0, 1)
+            source = fetch(path)
+        except BadImage as err:
+            return str(err)
+        try:
+            return load_image(source, size=self.size, channels=self.channels).transpose(2, 0, 1)
         except BadImage as err:
             return f"not a readable picture ({err})"
+
+
+class ExportedPredictor(Predictor):
+    """A model exported by `imgclf export` (ONNX or TorchScript): preprocessing and class names are inside it
+    (its `imgclf` metadata), so it needs neither the checkpoint nor the network's code. ONNX files run in
+    onnxruntime; TorchScript archives in torch (a TorchScript archive is a program: load only your own)."""
+
+    def __init__(self, path, kind: str):
+        path = Path(path)
+        if kind == "onnx":
+            self._session, meta = _onnx_session(path)
+        else:
+            files = {"imgclf.json": ""}
+            with warnings.catch_warnings():  # torch.jit is deprecated for torch.export, but this is its format
+                warnings.simplefilter("ignore", FutureWarning)
+                self._module = torch.jit.load(str(path), map_location="cpu", _extra_files=files).eval()
+            meta = json.loads(files["imgclf.json"] or "{}")
+        if meta.get("format") != "imgclf-export":
+            raise UserError(f"{path} is not a model exported by imgclf (it has no imgclf metadata)")
+        self.kind, self.classes = kind, meta["classes"]
+        self.size, self.channels = meta["input"]["size"], meta["input"]["channels"]
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, size, size) -> class probabilities (N, classes), computed by the exported graph."""
+        if self.kind == "onnx":
+            return torch.from_numpy(self._session.run(None, {"images": images.numpy()})[0])
+        with torch.inference_mode():
+            return self._module(images).float()
+
+
+def exported_kind(path) -> str | None:
+    """"onnx" or "torchscript" for a file `imgclf export` wrote, else None (a checkpoint, or not a model)."""
+    path = Path(path).expanduser()
+    if path.suffix == ".onnx":
+        return "onnx"
+    if path.is_file() and zipfile.is_zipfile(path):
+        with contextlib.suppress(zipfile.BadZipFile, OSError), zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            if any(n.endswith("/extra/imgclf.json") for n in names) and any(n.endswith("/code/") or "/code/" in n
+                                                                              for n in names):
+                return "torchscript"
+    return None
+
+
+def _onnx_session(path: Path):
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise UserError(f"{path} is an ONNX model; running it needs onnxruntime: pip install 'imgclf[export]'")
+    import onnxruntime
+
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own kinds for every bad file
+        raise UserError(f"cannot read {path}: not an ONNX model, or damaged ({str(err).splitlines()[0][:160]})") from None
+    meta = session.get_modelmeta().custom_metadata_map.get("imgclf", "{}")
+    try:
+        return session, json.loads(meta)
+    except ValueError:
+        return session, {}
+
+
+MAX_DOWNLOAD = 50 << 20  # bytes of one picture fetched from a URL
+DOWNLOAD_TIMEOUT = 20.0  # seconds
+
+
+def fetch(path: str):
+    """What `load_image` reads for one input: a file's path, the bytes of an http(s) URL (at most
+    MAX_DOWNLOAD, DOWNLOAD_TIMEOUT seconds), or standard input for "-". BadImage says why it cannot."""
+    if path == "-":
+        return io.BytesIO(sys.stdin.buffer.read(MAX_DOWNLOAD + 1)[: MAX_DOWNLOAD + 1])
+    if path.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(path, timeout=DOWNLOAD_TIMEOUT) as response:  # noqa: S310 - user's URL
+                data = response.read(MAX_DOWNLOAD + 1)
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            reason = getattr(err, "reason", None) or err
+            raise BadImage(f"could not fetch it ({str(reason).splitlines()[0][:160]})") from None
+        if len(data) > MAX_DOWNLOAD:
+            raise BadImage(f"over the {MAX_DOWNLOAD >> 20} MB limit for a picture fetched from a URL")
+        return io.BytesIO(data)
+    if not Path(path).is_file():
+        raise BadImage("no such file")
+    return path
 
 
 def _fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
@@ -111,9 +209,12 @@ def _fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def expand_paths(paths: list[str]) -> list[str]:
-    """Files as given; folders replaced by the pictures under them, in sorted order."""
+    """Files, URLs and "-" (standard input) as given; folders replaced by the pictures under them, sorted."""
     out = []
     for text in paths:
+        if text == "-" or text.startswith(("http://", "https://")):
+            out.append(text)
+            continue
         path = Path(text).expanduser()
         if path.is_dir():
             found = list_images(path)
