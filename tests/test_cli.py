@@ -38,6 +38,7 @@ ACCEPTED = {
     ("train", "--epochs"): set(), ("train", "--patience"): set(), ("train", "--seed"): {"0"},
     ("train", "--log-every"): {"huge"}, ("train", "--stop-after"): set(),
     ("train", "--freeze-epochs"): {"0"}, ("train", "--backbone-lr-scale"): set(),
+    ("train", "--ema-decay"): {"0"},
     ("lr-find", "--freeze-epochs"): {"0"}, ("lr-find", "--backbone-lr-scale"): set(),
     ("cache", "--older-than"): {"0", "huge"},
     ("eval", "--val-fraction"): set(), ("eval", "--batch-size"): set(),

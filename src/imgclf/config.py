@@ -118,6 +118,8 @@ class RunConfig:
     stop_after: int | None = option(None, "stop resumably after this many epochs of this invocation",
                                     none="never", resumable=True)
     ema: bool = option(False, "evaluate and keep an exponential moving average of the weights")
+    ema_decay: float = option(0.99, "--ema: how much of the average each update (every 5 steps) keeps, once warmed "
+                                    "up; early updates keep less, (1 + n) / (10 + n) after n updates")
     tta: bool = option(False, "the last epoch's evaluation averages flipped and 1-pixel-shifted views "
                               "(6 passes; engine.tta_logits)")
 
@@ -169,6 +171,7 @@ class TrainConfig:
         check_number("--seed", r.seed, 0, MAX_SEED)
         check_number("--log-every", r.log_every, 1)
         check_number("--stop-after", r.stop_after, 1, MAX_EPOCHS)
+        check_number("--ema-decay", r.ema_decay, 0, 1, high_open=True, words="in [0, 1)")
         for section in self.SECTIONS:  # fields with a fixed set of values (also a recipe's or a checkpoint's)
             part = getattr(self, section)
             for f in dataclasses.fields(part):

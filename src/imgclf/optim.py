@@ -82,6 +82,21 @@ def balancing_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return (len(labels) / (num_classes * counts)).float()
 
 
+def ema_decay(decay: float, updates: int) -> float:
+    """The decay of EMA update number `updates` + 1: warmed up as timm and the speed records do, so that a
+    short run's average is not mostly its random initialisation: (1 + n) / (10 + n), at most `decay`."""
+    return min(decay, (1 + updates) / (10 + updates))
+
+
+def ema_update(decay: float):
+    """AveragedModel's multi_avg_fn for an exponential moving average with `ema_decay`'s warm-up."""
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
+        d = ema_decay(decay, int(num_averaged))
+        torch._foreach_lerp_(averaged, current, 1.0 - d)
+
+    return update
+
+
 def lookahead_decay(step: int, total_steps: int) -> float:
     """How much of its average the Lookahead keeps at `step` (1-based count of steps done): 0 at the start
     (no averaging while the weights move fast), rising as (step/total)^3 to 0.95**5 (a 0.95-per-step EMA

@@ -30,6 +30,7 @@ from imgclf.optim import (
     build_loss,
     build_optimizer,
     build_scheduler,
+    ema_update,
     staged_groups,
 )
 from imgclf.pipeline import RunParts, build_run, load_data_ranked, set_stage
@@ -161,9 +162,9 @@ def _train_state(cfg: TrainConfig, parts: RunParts, *, device, precision, dist) 
     optimizer = build_optimizer(model, cfg.optim, groups=groups)
     ema = None
     if cfg.run.ema:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        from torch.optim.swa_utils import AveragedModel
 
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.99), use_buffers=True)
+        ema = AveragedModel(model, multi_avg_fn=ema_update(cfg.run.ema_decay), use_buffers=True)
     return TrainState(model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg.optim, steps),
                       total_steps=cfg.optim.epochs * steps, ema=ema, net=_wrap(model, cfg, dist, device),
                       scaler=torch.amp.GradScaler(device.type) if precision == torch.float16 else None,
