@@ -533,7 +533,7 @@ def _add_lr_find(sub, common) -> None:
     _number(p, "--steps", int, 10, default=100, help="training steps of the sweep (%(default)s)")
     p.add_argument("--out", dest="plot", default="lr_find.png", help="PNG to write (%(default)s)")
     add_config_flags(p, skip=("--out", "--lr", "--epochs", "--patience", "--monitor", "--stop-after", "--log-every",
-                              "--ema", "--tta"), required=("--data",))
+                              "--ema", "--ema-decay", "--tta"), required=("--data",))
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:

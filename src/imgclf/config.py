@@ -12,6 +12,9 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "onecycle")
 AUGMENTS = ("auto", "none", "flip", "flip-crop", "flip-crop-cutout", "photo")
 AUTO_AUGMENTS = ("none", "trivialaugment", "randaugment")
+# The photo recipe's strong augmentations (auto-augment, erasing, small crops) pay off on long runs and cost
+# accuracy on short ones (measured: benchmarks/RESULTS.md, pets at 3 epochs); from this many epochs on they are on.
+LONG_RUN = 10
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BALANCES = ("none", "sampler", "loss")
 MONITORS = ("val_acc", "val_loss", "val_macro_f1")  # imgclf.metrics.MONITORS says which way is better
@@ -51,10 +54,13 @@ class DataConfig:
                                   "pictures such as CIFAR's", choices=AUGMENTS)
     store_size: int | None = option(None, "side at which training pictures are kept decoded, for random-resized "
                                           "crops (photo)", none="8/7 of --img-size for photos, else --img-size")
-    crop_scale: float = option(0.25, "smallest area of a random-resized crop, as a share of the picture (photo)")
-    auto_augment: str = option("trivialaugment", "auto-augment policy of each training picture (photo)",
+    crop_scale: float | None = option(None, "smallest area of a random-resized crop, as a share of the picture "
+                                            "(photo)", none=f"0.25 from {LONG_RUN} epochs on, 0.35 below")
+    auto_augment: str | None = option(None, "auto-augment policy of each training picture (photo)",
+                                      none=f"trivialaugment from {LONG_RUN} epochs on, none below",
                                choices=AUTO_AUGMENTS)
-    random_erasing: float = option(0.25, "probability of erasing a rectangle of each training picture (photo)")
+    random_erasing: float | None = option(None, "probability of erasing a rectangle of each training picture "
+                                                "(photo)", none=f"0.25 from {LONG_RUN} epochs on, 0 below")
     mixup: float = option(0.0, "mixup's Beta alpha; 0: no mixup")
     cutmix: float = option(0.0, "CutMix's Beta alpha; 0: no CutMix")
     mix_switch: float = option(0.5, "with both mixup and CutMix, the probability of CutMix for a batch")
@@ -176,7 +182,7 @@ class TrainConfig:
             part = getattr(self, section)
             for f in dataclasses.fields(part):
                 choices, value = f.metadata["choices"], getattr(part, f.name)
-                _check(not choices or value in choices,
+                _check(not choices or value is None or value in choices,
                        f"unknown {flag_of(f)} {value!r}; choose one of {', '.join(choices or ())}")
         return self
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from imgclf import distributed
 from imgclf.cache import Split
-from imgclf.config import DataConfig, TrainConfig
+from imgclf.config import LONG_RUN, DataConfig, TrainConfig
 from imgclf.distributed import DistInfo
 from imgclf.errors import UserError
 from imgclf.loader import BatchLoader
@@ -54,7 +54,7 @@ def build_run(cfg: TrainConfig, data: ImageData, *, device: torch.device, dist: 
         raise UserError("--freeze-epochs is not supported with several processes yet (DistributedDataParallel "
                         "fixes the trainable weights when it starts); train the stages as two runs")
     head = [p for p in model.parameters() if p.requires_grad]
-    transform = build_transform(cfg.data, data)
+    transform = build_transform(cfg.data, data, epochs=cfg.optim.epochs)
     if cfg.data.batch_size < dist.world_size:
         raise UserError(f"--batch-size {cfg.data.batch_size} is smaller than the {dist.world_size} processes; "
                         f"it is the global batch size, split across them")
@@ -93,16 +93,24 @@ def set_stage(model: nn.Module, head: list[nn.Parameter], cfg: TrainConfig, epoc
             p.requires_grad_(epoch >= cfg.model.freeze_epochs or id(p) in head_ids)
 
 
-def build_transform(cfg: DataConfig, data: ImageData) -> BatchTransform:
-    """The train/eval preset for `data`: its statistics and the augmentation `cfg` asks for."""
+def build_transform(cfg: DataConfig, data: ImageData, *, epochs: int = LONG_RUN) -> BatchTransform:
+    """The train/eval preset for `data`: its statistics and the augmentation `cfg` asks for (the photo recipe's
+    strength by the run's length, `epochs`, where `cfg` leaves it open)."""
     pad = max(1, data.img_size // 8) if cfg.crop_pad is None else cfg.crop_pad
     if pad >= data.img_size:
         raise UserError(f"--crop-pad {pad} must be smaller than the picture side ({data.img_size})")
     kind, photo = augmentation(cfg, data), None
     if kind == "photo":
-        photo = PhotoAugment(size=data.img_size, scale=(cfg.crop_scale, 1.0), policy=cfg.auto_augment,
-                             erasing=cfg.random_erasing, fill=tuple(round(255 * m) for m in data.mean))
+        long = epochs >= LONG_RUN
+        photo = PhotoAugment(size=data.img_size, scale=(_given(cfg.crop_scale, 0.25 if long else 0.35), 1.0),
+                             policy=_given(cfg.auto_augment, "trivialaugment" if long else "none"),
+                             erasing=_given(cfg.random_erasing, 0.25 if long else 0.0),
+                             fill=tuple(round(255 * m) for m in data.mean))
     return BatchTransform(data.mean, data.std, kind, pad=pad, size=data.img_size, photo=photo)
+
+
+def _given(value, default):
+    return default if value is None else value
 
 
 def eval_batch_size(cfg: DataConfig, split: Split) -> int:
