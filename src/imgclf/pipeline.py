@@ -77,12 +77,14 @@ def build_run(cfg: TrainConfig, data: ImageData, *, device: torch.device, dist: 
                     val, test)
 
 
-def augmentation(cfg: DataConfig, data: ImageData) -> str:
-    """The augmentation `cfg` asks for, with "auto" resolved by the kind of data: the photo recipe for
-    photos, flip-crop for small square pictures (CIFAR's measured recipe)."""
+def augmentation(cfg: DataConfig, data: ImageData, *, epochs: int = LONG_RUN) -> str:
+    """The augmentation `cfg` asks for, with "auto" resolved by the kind of data and the run's length: the
+    photo recipe for photos on runs of LONG_RUN epochs or more; flip-crop for small square pictures (CIFAR's
+    measured recipe) and for short runs, where it measured best on photos too (benchmarks/RESULTS.md: pets,
+    3 epochs). On photos, flip-crop then takes its random windows from the larger training store."""
     if cfg.augment != "auto":
         return cfg.augment
-    return "photo" if data.photos else "flip-crop"
+    return "photo" if data.photos and epochs >= LONG_RUN else "flip-crop"
 
 
 def set_stage(model: nn.Module, head: list[nn.Parameter], cfg: TrainConfig, epoch: int) -> None:
@@ -99,7 +101,7 @@ def build_transform(cfg: DataConfig, data: ImageData, *, epochs: int = LONG_RUN)
     pad = max(1, data.img_size // 8) if cfg.crop_pad is None else cfg.crop_pad
     if pad >= data.img_size:
         raise UserError(f"--crop-pad {pad} must be smaller than the picture side ({data.img_size})")
-    kind, photo = augmentation(cfg, data), None
+    kind, photo = augmentation(cfg, data, epochs=epochs), None
     if kind == "photo":
         long = epochs >= LONG_RUN
         photo = PhotoAugment(size=data.img_size, scale=(_given(cfg.crop_scale, 0.25 if long else 0.35), 1.0),
