@@ -29,7 +29,21 @@ from imgclf.config import (
     parse_size,
     resolve_config,
 )
-from imgclf.errors import EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_USAGE, Stopped, UserError
+from imgclf.errors import EXIT_DISTRIBUTED, EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_USAGE, Stopped, UserError
+
+
+def entry() -> None:
+    """The `imgclf` program (console script and `python -m imgclf`): `main`, then exit with its status.
+
+    After a distributed job's peer died, the process group's C++ threads can abort the interpreter while it
+    shuts down ("terminate called without an active exception", status -6) although imgclf already said
+    what happened: that status is left unsaid by ending the process at once, output flushed."""
+    code = main()
+    if code == EXIT_DISTRIBUTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
