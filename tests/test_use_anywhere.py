@@ -20,6 +20,7 @@ from imgclf.config import TrainConfig
 from imgclf.models import TutorialCNN
 
 pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.slow  # two exports and a subprocess: about 11 s
 
 
 @pytest.fixture(scope="module")
