@@ -98,20 +98,22 @@ def _build(folder: Path, files: list[Path], labels: list[int], *, size: int, cha
             return
         state = _progress(work, len(files))
         shape = (len(files), channels, size, size)
-        images = np.lib.format.open_memmap(work / "images.npy", mode="r+" if state["done"] else "w+",
-                                           dtype=np.uint8, shape=shape)
+        if not state["done"]:
+            np.lib.format.open_memmap(work / "images.npy", mode="w+", dtype=np.uint8, shape=shape).flush()
         meter = _Meter(len(files), state["done"], enabled=progress and len(files) > 1000)
         for start in range(state["done"], len(files), BUILD_CHUNK):
             chunk = files[start : start + BUILD_CHUNK]
             arrays, bad = _decode_many(chunk, size=size, channels=channels, progress=False)
+            # mapped for this chunk only: the pages written leave this process's resident memory with it
+            images = np.lib.format.open_memmap(work / "images.npy", mode="r+")
             images[state["kept"] : state["kept"] + len(arrays)] = arrays
             images.flush()
+            del images
             bad_set = {f for f, _ in bad}
             state["kept_index"] += [start + i for i, f in enumerate(chunk) if str(f) not in bad_set]
             state.update(done=start + len(chunk), kept=state["kept"] + len(arrays), bad=state["bad"] + bad)
             atomic_write_text(work / "progress.json", json.dumps(state))
             meter.update(state["done"])
-        del images
         meta = {"count": state["kept"], "labels": [labels[i] for i in state["kept_index"]],
                 "files": [str(files[i]) for i in state["kept_index"]], "bad": [list(b) for b in state["bad"]],
                 "source": str(Path(os.path.commonpath([str(f) for f in files])) if files else ""),
