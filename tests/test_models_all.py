@@ -279,7 +279,7 @@ def test_timm_models_train_on_ants_and_bees_with_a_local_pretrained_file(timm, h
     save_file(source.state_dict(), str(tmp_path / f"{arch}.safetensors"))
     run = tmp_path / "run"
     r = run_cli("train", "--data", hymenoptera_dir, "--model", f"timm/{arch}", "--pretrained",
-                tmp_path / f"{arch}.safetensors", "--img-size", "96", "--epochs", "1", "--batch-size", "32",
+                tmp_path / f"{arch}.safetensors", "--img-size", "64", "--epochs", "1", "--batch-size", "32",
                 "--out", run)
     assert r.returncode == 0, r.stderr
     ev = json.loads(run_cli("eval", run / "checkpoints" / "last.pt", "--data", hymenoptera_dir, "--json").stdout)
