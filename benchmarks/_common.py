@@ -62,3 +62,23 @@ def check(m: Measured, what: str) -> Measured:
     if m.returncode != 0:
         sys.exit(f"{what} failed ({m.returncode}):\n{m.stderr[-3000:]}")
     return m
+
+
+def tree_memory_mb(pid: int) -> tuple[float, float]:
+    """(RssAnon, VmRSS) of `pid` and all its descendants, in MB (Linux /proc): anonymous memory (what the
+    processes hold themselves) and all resident memory (also page cache of mapped files)."""
+    anon = rss = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    anon += int(line.split()[1])
+                elif line.startswith("VmRSS:"):
+                    rss += int(line.split()[1])
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return anon / 1024, rss / 1024

@@ -27,26 +27,7 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
-from _common import PYTHON, ROOT, machine
-
-
-def tree_memory_mb(pid: int) -> tuple[float, float]:
-    """(RssAnon, VmRSS) of `pid` and its descendants, in MB."""
-    anon = rss = 0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    anon += int(line.split()[1])
-                elif line.startswith("VmRSS:"):
-                    rss += int(line.split()[1])
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except (OSError, ValueError):
-            continue
-    return anon / 1024, rss / 1024
+from _common import PYTHON, ROOT, machine, tree_memory_mb
 
 
 def run_measured(args: list[str]):

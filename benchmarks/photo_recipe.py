@@ -32,27 +32,11 @@ import threading
 import time
 from pathlib import Path
 
-from _common import PYTHON, ROOT, machine
+from _common import PYTHON, ROOT, machine, tree_memory_mb
 
 SHARED = ROOT.parent / "shared" / "data"
 COMMON = "--model resnet18 --optimizer sgd --lr 0.05 --momentum 0.9 --weight-decay 5e-4 --label-smoothing 0.1 " \
          "--schedule onecycle --warmup-epochs 1"
-
-
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of `pid` and all its descendants, in MB (Linux /proc)."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except (OSError, ValueError):
-            continue
-    return total / 1024
 
 
 def run_tree_measured(args: list[str]) -> tuple[float, float, subprocess.CompletedProcess]:
@@ -65,7 +49,7 @@ def run_tree_measured(args: list[str]) -> tuple[float, float, subprocess.Complet
         def sample():
             nonlocal peak
             while not done.is_set():
-                peak = max(peak, tree_rss_mb(proc.pid))
+                peak = max(peak, tree_memory_mb(proc.pid)[1])
                 done.wait(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)

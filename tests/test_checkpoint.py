@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_same
 
 from imgclf import __version__
 from imgclf.checkpoint import (
@@ -36,17 +37,6 @@ def checkpoint(**state) -> dict:
     return build_checkpoint(model_name="tutorial_cnn", classes=["cat", "dog"], channels=3, size=32,
                             mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), config={"optim": {"lr": 0.1}},
                             state={"state_dict": weights(), "epoch": 2, **state})
-
-
-def assert_same(a, b, where: str = "checkpoint") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), (where, set(a) ^ set(b))
-        for key in a:
-            assert_same(a[key], b[key], f"{where}.{key}")
-    else:
-        assert type(a) is type(b) and a == b, (where, a, b)
 
 
 # ---------------------------------------------------------------- contents
