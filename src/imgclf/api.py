@@ -316,22 +316,17 @@ def _train_config(given: dict, recipe: str, resume, network) -> TrainConfig:
             raise UserError(f"{cfg.run.out} already holds a run; continue it with resume=True, or choose "
                             f"another out=")
         return cfg
-    folder = (given.get(("run", "out")) or RunConfig().out) if resume is True else os.fspath(resume)
-    last = Path(folder) / "checkpoints" / "last.pt"
-    if not last.is_file():
-        raise UserError(f"nothing to resume: {last} does not exist")
-    from imgclf.checkpoint import load_checkpoint
+    from imgclf.train import resumed_config
 
-    base = TrainConfig.from_dict(load_checkpoint(last)["config"])
+    folder = (given.get(("run", "out")) or RunConfig().out) if resume is True else os.fspath(resume)
+    base = resumed_config(folder, check_code=False)
     if network is not None:  # the object's class must be the run's; its recorded name is kept
         recorded, mine = base.model.name.rpartition(":")[2], type(network).__qualname__
         if recorded != mine:
             raise UserError(f"{folder} trained {base.model.name}, but model is a {mine}; resume it with an "
                             f"object of the same class")
         given["model", "name"] = None
-    # stop_after counts the epochs of one call: the resumed run goes to the end unless told again
-    run = dataclasses.replace(base.run, out=str(folder), stop_after=None)
-    return resolve_config(given, base=dataclasses.replace(base, run=run))
+    return resolve_config(given, base=base)
 
 
 def _check_object_options(cfg: TrainConfig, network) -> None:

@@ -189,19 +189,11 @@ def train_config(args: argparse.Namespace, base: TrainConfig | None = None) -> T
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
-        last = Path(args.resume) / "checkpoints" / "last.pt"
-        if not last.is_file():
-            raise UserError(f"nothing to resume: {last} does not exist")
-        from imgclf.checkpoint import load_checkpoint
-        from imgclf.models import checked_model_name
+        from imgclf.train import resumed_config
 
-        ckpt = load_checkpoint(last)
-        base = TrainConfig.from_dict(ckpt["config"])
         # a network from the user's .py file is rebuilt only from --model-code, checked against its recorded hash
-        name = checked_model_name(ckpt, model_code=args.model_code, trust_changed_code=args.trust_changed_code)
-        # --stop-after counts the epochs of one invocation: the resumed one runs to the end unless told again
-        run = dataclasses.replace(base.run, out=str(args.resume), stop_after=None)
-        cfg = train_config(args, dataclasses.replace(base, run=run, model=dataclasses.replace(base.model, name=name)))
+        cfg = train_config(args, resumed_config(args.resume, model_code=args.model_code,
+                                                trust_changed_code=args.trust_changed_code))
     else:
         cfg = train_config(args)
         if (Path(cfg.run.out) / "checkpoints" / "last.pt").exists():

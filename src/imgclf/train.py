@@ -8,6 +8,7 @@ checkpoint saves and what resuming restores.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import signal
 import sys
@@ -24,6 +25,7 @@ from imgclf.engine import Diverged, Hooks, TrainState, evaluate, train_one_epoch
 from imgclf.errors import EXIT_DISTRIBUTED, EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, Stopped, UserError
 from imgclf.files import atomic_write_text, remove_temporaries
 from imgclf.metrics import summary
+from imgclf.models import checked_model_name
 from imgclf.optim import (
     Lookahead,
     balancing_weights,
@@ -142,6 +144,23 @@ def _report(cfg: TrainConfig, parts: RunParts, state: TrainState, tracker: Track
     report_after_training(Path(cfg.run.out), cfg=cfg, data=parts.data, model=state.eval_model,
                           transform=parts.transform, device=device, autocast=autocast, records=tracker.records,
                           writer=tracker.writer, result=result)
+
+
+def resumed_config(folder, *, check_code: bool = True, model_code: str | None = None,
+                   trust_changed_code: bool = False) -> TrainConfig:
+    """The configuration to continue the run in `folder` with: its own, `out` set to `folder`, `stop_after`
+    cleared (it counts the epochs of one call), and with `check_code`, a network from the user's .py file
+    named by `model_code`, checked against its recorded hash. One UserError line when there is nothing to resume."""
+    last = Path(folder) / "checkpoints" / "last.pt"
+    if not last.is_file():
+        raise UserError(f"nothing to resume: {last} does not exist")
+    ckpt = load_checkpoint(last)
+    base = TrainConfig.from_dict(ckpt["config"])
+    model = base.model
+    if check_code:
+        name = checked_model_name(ckpt, model_code=model_code, trust_changed_code=trust_changed_code)
+        model = dataclasses.replace(model, name=name)
+    return dataclasses.replace(base, run=dataclasses.replace(base.run, out=str(folder), stop_after=None), model=model)
 
 
 def _resume_point(cfg: TrainConfig) -> dict:
