@@ -6,7 +6,7 @@ triangular schedule, Lookahead averaging from epoch 3, alternating flips, 2-pixe
 test-time augmentation, 9.9 epochs). It answers one question: how much of the gap between imgclf's
 accuracy on the JPEG copy and airbench94's published 94.01% (original CIFAR-10) comes from the data?
 
-    python benchmarks/reference_airbench.py CIFAR10_FOLDER [EPOCHS] [SEEDS]
+    python benchmarks/reference_airbench.py CIFAR10_FOLDER [EPOCHS] [SEEDS] [FIRST_SEED]
 """
 
 from __future__ import annotations
@@ -160,11 +160,12 @@ def main() -> None:
     root = sys.argv[1]
     epochs = float(sys.argv[2]) if len(sys.argv) > 2 else 9.9
     seeds = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    first = int(sys.argv[4]) if len(sys.argv) > 4 else 0
     torch.backends.cudnn.benchmark = True
     classes = sorted(os.listdir(f"{root}/train"))
     data = load_split(root, "train", classes), load_split(root, "test", classes)
     print(torch.cuda.get_device_name(0), flush=True)
-    for seed in range(seeds):
+    for seed in range(first, first + seeds):
         print(train_and_test(data, epochs, seed), flush=True)
 
 
