@@ -30,7 +30,7 @@ VALUES = ("0", "-1", "nan", "inf", "-inf", "huge")
 # Every other boundary value must be refused in one line naming the flag.
 ACCEPTED = {
     ("train", "--img-size"): set(), ("train", "--val-fraction"): set(), ("train", "--crop-pad"): {"0"},
-    ("train", "--store-size"): set(), ("train", "--crop-scale"): set(), ("train", "--random-erasing"): {"0"},
+    ("train", "--store-size"): set(), ("train", "--progressive-resize"): set(), ("train", "--crop-scale"): set(), ("train", "--random-erasing"): {"0"},
     ("train", "--mixup"): {"0", "huge"}, ("train", "--cutmix"): {"0", "huge"}, ("train", "--mix-switch"): {"0"},
     ("train", "--batch-size"): set(), ("train", "--eval-batch-size"): set(), ("train", "--lr"): {"huge"},
     ("train", "--momentum"): {"0"}, ("train", "--weight-decay"): {"0", "huge"},
@@ -52,7 +52,7 @@ ACCEPTED = {
     ("features", "--seed"): {"0"}, ("features", "--max-channels"): {"huge"},
     ("lr-find", "--start-lr"): set(), ("lr-find", "--end-lr"): {"huge"}, ("lr-find", "--steps"): {"huge"},
     ("lr-find", "--img-size"): set(), ("lr-find", "--val-fraction"): set(), ("lr-find", "--crop-pad"): {"0"},
-    ("lr-find", "--store-size"): set(), ("lr-find", "--crop-scale"): set(), ("lr-find", "--random-erasing"): {"0"},
+    ("lr-find", "--store-size"): set(), ("lr-find", "--progressive-resize"): set(), ("lr-find", "--crop-scale"): set(), ("lr-find", "--random-erasing"): {"0"},
     ("lr-find", "--mixup"): {"0", "huge"}, ("lr-find", "--cutmix"): {"0", "huge"}, ("lr-find", "--mix-switch"): {"0"},
     ("lr-find", "--batch-size"): set(), ("lr-find", "--eval-batch-size"): set(), ("lr-find", "--momentum"): {"0"},
     ("lr-find", "--weight-decay"): {"0", "huge"}, ("lr-find", "--warmup-epochs"): {"0", "huge"},

@@ -24,6 +24,7 @@ RULES = {
     ("data", "val_fraction"): ([1e-9, 0.5, 1 - 1e-9], [0.0, 1.0, -0.1]),
     ("data", "crop_pad"): ([None, 0, 4096], [-1, 4097]),
     ("data", "store_size"): ([None, 8, 4096], [7, 4097]),
+    ("data", "progressive_resize"): ([None, 8, 4096], [7, 4097, 0]),
     ("data", "crop_scale"): ([1e-9, 1.0], [0.0, 1 + 1e-9]),
     ("data", "random_erasing"): ([0.0, 1.0], [-1e-9, 1 + 1e-9]),
     ("data", "mixup"): ([0.0, 1e300], [-1e-9]),

@@ -8,6 +8,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import write_class_folder
 
 import imgclf.lrfind
 import imgclf.train
@@ -115,3 +116,38 @@ def test_build_run_is_repeatable_and_honours_the_flags(tiny_split_folder):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     for key, value in a.model.state_dict().items():
         assert torch.equal(value, b.model.state_dict()[key]), key
+
+
+def test_progressive_side_grows_to_full_size_by_three_quarters_of_the_run():
+    from imgclf.transforms import progressive_side
+
+    sides = [progressive_side(e, epochs=5, start=20, full=32) for e in range(5)]
+    assert sides == [20, 24, 28, 32, 32]
+    assert [progressive_side(e, epochs=8, start=16, full=32) for e in range(8)] == [16, 19, 21, 24, 27, 29, 32, 32]
+    assert progressive_side(0, epochs=1, start=16, full=32) == 32  # a one-epoch run trains at full size
+    assert progressive_side(0, epochs=5, start=None, full=32) == 32
+
+
+def test_progressive_resize_trains_small_then_full_and_evaluates_full(tmp_path):
+    write_class_folder(tmp_path / "d" / "train", ["a", "b"], 12, size=32, seed=1)
+    write_class_folder(tmp_path / "d" / "test", ["a", "b"], 4, size=32, seed=2)
+    args = ["train", "--data", str(tmp_path / "d"), "--model", "fastnet", "--progressive-resize", "16",
+            "--epochs", "4", "--batch-size", "8", "--device", "cpu"]
+    cfg = train_config(build_parser().parse_args(args))
+    parts = build_run(cfg, load_data(cfg.data), device=torch.device("cpu"))
+    sides = [{x.shape[-1] for x, _, _ in parts.train.epoch(e)} for e in range(4)]
+    assert sides == [{16}, {21}, {27}, {32}]
+    assert {x.shape[-1] for x, _, _ in parts.val.epoch(0)} == {32}
+    x16, _, _ = next(iter(parts.train.epoch(0)))  # the resized batch is the full batch, averaged down
+    assert x16.abs().mean() > 0.1 and torch.isfinite(x16).all()
+
+
+def test_progressive_resize_refuses_a_model_that_cannot_take_the_small_side(tiny_split_folder, capsys):
+    code = main(["train", "--data", str(tiny_split_folder), "--model", "tutorial_cnn", "--progressive-resize", "8",
+                 "--epochs", "4", "--device", "cpu", "--out", str(tiny_split_folder / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--progressive-resize 8: tutorial_cnn cannot take 8x8 pictures" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    code = main(["train", "--data", str(tiny_split_folder), "--progressive-resize", "16", "--epochs", "2",
+                 "--device", "cpu", "--out", str(tiny_split_folder / "run2")])
+    assert code == 2 and "must be smaller than the picture side (16)" in capsys.readouterr().err

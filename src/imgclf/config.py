@@ -65,6 +65,10 @@ class DataConfig:
     cutmix: float = option(0.0, "CutMix's Beta alpha; 0: no CutMix")
     mix_switch: float = option(0.5, "with both mixup and CutMix, the probability of CutMix for a batch")
     crop_pad: int | None = option(None, "largest shift of flip-crop, in pixels", none="an eighth of the side")
+    progressive_resize: int | None = option(None, "progressive resizing: train the first epoch at this side, growing "
+                                                  "to --img-size by three quarters of the run (cheaper early "
+                                                  "epochs); evaluation stays at full size", none="off",
+                                            metavar="PIXELS")
     batch_size: int = option(128, "global batch size, split across processes")
     balance: str = option("none", "unbalanced classes: sampler draws pictures inversely to their class's size; "
                                   "loss weights the loss so", choices=BALANCES)
@@ -157,6 +161,7 @@ class TrainConfig:
         check_number("--img-size", d.img_size, 8, MAX_SIDE, words=f"8..{MAX_SIDE}")
         check_number("--val-fraction", d.val_fraction, 0, 1, low_open=True, high_open=True, words="between 0 and 1")
         check_number("--crop-pad", d.crop_pad, 0, MAX_SIDE)
+        check_number("--progressive-resize", d.progressive_resize, 8, MAX_SIDE, words=f"8..{MAX_SIDE}")
         check_number("--store-size", d.store_size, 8, MAX_SIDE, words=f"8..{MAX_SIDE}")
         check_number("--crop-scale", d.crop_scale, 0, 1, low_open=True, words="in (0, 1]")
         check_number("--random-erasing", d.random_erasing, 0, 1, words="a probability, in [0, 1]")

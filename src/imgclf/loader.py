@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
 from imgclf.cache import Split
+from imgclf.transforms import resized
 
 
 class BatchLoader:
@@ -21,12 +22,14 @@ class BatchLoader:
 
     def __init__(self, split: Split, *, batch_size: int, transform, train: bool, device: torch.device,
                  seed: int = 0, rank: int = 0, world: int = 1, dtype: torch.dtype = torch.float32,
-                 channels_last: bool = False, sample_weights: torch.Tensor | None = None, mixer=None):
+                 channels_last: bool = False, sample_weights: torch.Tensor | None = None, mixer=None,
+                 sides: Callable[[int], int] | None = None):
         self.split, self.batch_size, self.transform, self.train = split, batch_size, transform, train
         self.device, self.seed, self.rank, self.world = device, seed, rank, world
         self.dtype, self.channels_last = dtype, channels_last
         self.sample_weights = sample_weights  # train: draw pictures with these odds (with replacement)
         self.mixer = mixer  # train: transforms.Mixer (mixup / cutmix), or None
+        self.sides = sides  # train: epoch -> the side its batches are resized to (progressive resizing), or None
         self.images = split.images
         if device.type == "cuda" and isinstance(self.images, torch.Tensor):
             free, _ = torch.cuda.mem_get_info(device)
@@ -82,6 +85,8 @@ class BatchLoader:
         y = labels.to(self.device, non_blocking=True)
         if self.train and self.world > 1:  # this rank's share of the global batch
             x, y = x[self.rank :: self.world], y[self.rank :: self.world]
+        if self.train and self.sides is not None:
+            x = resized(x, self.sides(epoch))
         if self.train and self.mixer is not None:  # soft labels (N, classes) from here on
             x, y = self.mixer(x, y, _mix(self.seed, epoch, step + 1, -self.rank - 1))
         if self.channels_last:
@@ -98,8 +103,12 @@ class BatchLoader:
         x = self.transform(self._rows(own), train=True, dtype=self.dtype, memory_format=fmt,
                            seeds=[_mix(self.seed, epoch, step + 1, place) for place in places])
         y = self.labels[own].to(self.device, non_blocking=True)
+        if self.sides is not None:
+            x = resized(x, self.sides(epoch))
         if self.mixer is not None:  # soft labels (N, classes) from here on
             x, y = self.mixer(x, y, _mix(self.seed, epoch, step + 1, -self.rank - 1))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return x, y, len(idx)
 
 

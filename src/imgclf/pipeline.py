@@ -6,6 +6,7 @@ they see for the same flags cannot drift apart.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from imgclf.loader import BatchLoader
 from imgclf.models import build_model
 from imgclf.optim import balancing_weights
 from imgclf.sources import ImageData, load_data
-from imgclf.transforms import BatchTransform, Mixer, PhotoAugment
+from imgclf.transforms import BatchTransform, Mixer, PhotoAugment, progressive_side
 from imgclf.usercode import check_output
 
 WHITENING_PICTURES = 5000  # fastnet's first layer is set from the patch statistics of this many pictures
@@ -67,7 +68,7 @@ def build_run(cfg: TrainConfig, data: ImageData, *, device: torch.device, dist: 
     if cfg.data.mixup > 0 or cfg.data.cutmix > 0:
         mixer = Mixer(len(data.classes), mixup=cfg.data.mixup, cutmix=cfg.data.cutmix, switch=cfg.data.mix_switch)
     train = BatchLoader(data.train, batch_size=cfg.data.batch_size, train=True, seed=cfg.run.seed,
-                        sample_weights=odds, mixer=mixer, **common)
+                        sample_weights=odds, mixer=mixer, sides=_sides(cfg, data, model), **common)
     batch = eval_batch_size(cfg.data, data.val)
     val, test = (None if split is None else BatchLoader(split, batch_size=batch, train=False, **common)
                  for split in (data.val, data.test))
@@ -75,6 +76,27 @@ def build_run(cfg: TrainConfig, data: ImageData, *, device: torch.device, dist: 
         model.init_whitening(whitening_batch(data.train, transform, device))
     return RunParts(data, place_model(model, device, channels_last=cfg.run.channels_last), head, transform, train,
                     val, test)
+
+
+def _sides(cfg: TrainConfig, data: ImageData, model: nn.Module):
+    """Progressive resizing's epoch -> training side, once the model is known to take the smallest side; None
+    without --progressive-resize."""
+    start = cfg.data.progressive_resize
+    if start is None:
+        return None
+    if start >= data.img_size:
+        raise UserError(f"--progressive-resize {start} must be smaller than the picture side ({data.img_size})")
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, data.channels, start, start))
+    except (RuntimeError, ValueError) as err:
+        raise UserError(f"--progressive-resize {start}: {cfg.model.name} cannot take {start}x{start} pictures "
+                        f"({str(err).splitlines()[0][:120]}); give a larger side, or use a model that pools "
+                        f"globally (fastnet, torchvision, timm)") from None
+    finally:
+        model.train(training)
+    return functools.partial(progressive_side, epochs=cfg.optim.epochs, start=start, full=data.img_size)
 
 
 def augmentation(cfg: DataConfig, data: ImageData, *, epochs: int = LONG_RUN) -> str:

@@ -255,6 +255,25 @@ class BatchTransform:
         return x.to(dtype, memory_format=memory_format, copy=True).mul_(scale).add_(shift)  # never the caller's
 
 
+def progressive_side(epoch: int, *, epochs: int, start: int | None, full: int) -> int:
+    """The training side of epoch `epoch` (counted from 0) under progressive resizing: `start` in the first
+    epoch, growing linearly to `full`, which is reached at three quarters of the run and kept to its end (the
+    last epochs at full size settle BatchNorm's statistics for evaluation). `full` throughout when `start` is
+    None or not smaller. Pure: a resumed run trains each epoch at the same side."""
+    ramp = (3 * epochs) // 4  # 0 for a one-epoch run: it trains at full size
+    if start is None or start >= full or epoch >= ramp:
+        return full
+    return round(start + (full - start) * epoch / ramp)
+
+
+def resized(x: torch.Tensor, side: int) -> torch.Tensor:
+    """A normalised float batch (N, C, H, W) resized to side x side (antialiased bilinear); `x` if it has it."""
+    if x.shape[-2:] == (side, side):
+        return x
+    return torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True,
+                                           align_corners=False)
+
+
 def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     """The centre size x size of (N, C, H, W) pictures (a view)."""
     top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
