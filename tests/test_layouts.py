@@ -56,10 +56,36 @@ def test_single_folder_holds_out_a_fraction_and_whole_takes_all(tmp_path):
     assert len(whole.val) == 20 and whole.val_name == "all"
 
 
-def test_class_folders_beside_val_without_train_is_one_clear_error(tmp_path):
-    layout(tmp_path, here=3, val=2)
-    with pytest.raises(UserError, match="has val/ but no train/ folder"):
+@pytest.mark.parametrize("val_name", ["val", "Val", "VALIDATION", "test"])
+def test_class_folders_beside_val_without_train_is_one_clear_error(tmp_path, val_name):
+    """val/ (in any case) beside class folders is never read as one more class: the layout is ambiguous."""
+    layout(tmp_path, here=3, **{val_name: 2})
+    with pytest.raises(UserError, match=f"ambiguous layout: .* has {val_name}/ beside the class folders cat, dog "
+                                        f"but no train/ folder.* move the training class folders into"):
         load_data(DataConfig(data=str(tmp_path)))
+
+
+def test_split_folders_are_known_in_any_case(tmp_path):
+    data = load_data(DataConfig(data=str(layout(tmp_path, Train=5, Val=2))), progress=False)
+    assert counts(data) == {"train": 10, "val": 4} and data.val_name == "Val"
+
+
+def test_folders_beside_train_are_named_as_not_read(tmp_path, capsys):
+    layout(tmp_path, train=5, val=2)
+    write_class_folder(tmp_path, ["extra"], 2)
+    data = load_data(DataConfig(data=str(tmp_path)))
+    assert counts(data) == {"train": 10, "val": 4}
+    assert "imgclf: warning: not reading extra in " in capsys.readouterr().err
+
+
+def test_a_single_class_is_one_clear_error(tmp_path):
+    write_class_folder(tmp_path / "data", ["cat"], 4)
+    with pytest.raises(UserError, match=r"has a single class \(cat\); a classifier needs at least two"):
+        load_data(DataConfig(data=str(tmp_path / "data")))
+    write_class_folder(tmp_path / "split" / "train", ["cat"], 4)
+    write_class_folder(tmp_path / "split" / "val", ["cat"], 2)
+    with pytest.raises(UserError, match="has a single class"):
+        load_data(DataConfig(data=str(tmp_path / "split")))
 
 
 def test_labels_from_a_csv_file(tmp_path):

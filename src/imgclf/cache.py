@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from imgclf.errors import UserError
-from imgclf.files import atomic_write_text
+from imgclf.files import atomic_write_text, not_regular
 from imgclf.transforms import BadImage, compute_mean_std, load_image
 
 CACHE_FORMAT = 3
@@ -52,7 +52,7 @@ def _fingerprint(files: list[Path], labels: list[int], size: int, channels: int)
     h = hashlib.sha256(f"{CACHE_FORMAT}:{size}:{channels}".encode())
     for path, label in zip(files, labels, strict=True):
         st = path.stat()
-        h.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
+        h.update(os.fsencode(path.resolve()) + f"\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
     return h.hexdigest()[:24]
 
 
@@ -176,6 +176,9 @@ def cached_stats(split: Split, cache_root: Path, files: list[Path], size: int, c
 
 def _decode_one(job: tuple[str, int, int]):
     path, size, channels = job
+    problem = not_regular(path)  # a FIFO named x.jpg would block the build forever; a device never ends
+    if problem is not None:
+        return None, problem
     try:
         return load_image(path, size=size, channels=channels), None
     except BadImage as err:

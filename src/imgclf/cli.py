@@ -29,7 +29,16 @@ from imgclf.config import (
     parse_size,
     resolve_config,
 )
-from imgclf.errors import EXIT_DISTRIBUTED, EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_USAGE, Stopped, UserError
+from imgclf.errors import (
+    EXIT_DISTRIBUTED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_SIGINT,
+    EXIT_USAGE,
+    Stopped,
+    UserError,
+    shown,
+)
 
 
 def entry() -> None:
@@ -339,16 +348,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for r in predictor.iter_predict(args.paths, topk=args.topk, batch_size=args.batch_size):
         failed = failed or bool(r.error)
         if r.error:
-            print(f"imgclf: {r.path}: {r.error}", file=sys.stderr)
+            print(f"imgclf: {shown(r.path)}: {r.error}", file=sys.stderr)
         elif args.json:
             print(json.dumps({"path": r.path, "top": [{"label": lab, "probability": round(p, 6)}
                                                       for lab, p in zip(r.labels, r.probs, strict=True)]}))
         elif writer:
             for rank, (lab, p) in enumerate(zip(r.labels, r.probs, strict=True), start=1):
-                writer.writerow([r.path, rank, lab, f"{p:.6f}"])
+                writer.writerow([shown(r.path), rank, lab, f"{p:.6f}"])
         else:
             tops = "  ".join(f"{lab} {p:.1%}" for lab, p in zip(r.labels, r.probs, strict=True))
-            print(f"{r.path}  {tops}")
+            print(f"{shown(r.path)}  {tops}")  # one line, whatever bytes the file name holds
         sys.stdout.flush()  # each answer as soon as it is known, also into a pipe
     return EXIT_PARTIAL if failed else EXIT_OK
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import csv
 import gzip
 import os
+import stat
 import struct
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,8 @@ from PIL import Image
 
 from imgclf.cache import Split, cached_split, cached_stats, check_all, default_cache_dir
 from imgclf.config import DataConfig
-from imgclf.errors import UserError
+from imgclf.errors import UserError, shown
+from imgclf.files import special_kind
 from imgclf.transforms import IMAGE_EXTENSIONS, NORMALIZATION, compute_mean_std, resize_batch
 
 BUILTINS = ("cifar10", "cifar100", "mnist", "fashion-mnist")
@@ -205,29 +208,149 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def _reason(err: OSError) -> str:
+    """An OSError's reason as a user reads it: "permission denied", "no such file or directory"."""
+    return (err.strerror or str(err)).lower()
+
+
+def _read_folder(folder: Path) -> list[os.DirEntry]:
+    """The entries of `folder`, sorted by name; UserError "cannot read FOLDER: permission denied" (not
+    "holds no pictures") when it cannot be listed."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda e: e.name)
+    except OSError as err:
+        raise UserError(f"cannot read {shown(folder)}: {_reason(err)}; check its permissions") from None
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """Sub-folders of `folder` (symlinks to folders included), sorted, hidden ones (.git, __MACOSX) left out."""
+    return [Path(e.path) for e in _read_folder(folder) if not e.name.startswith((".", "__")) and _is_dir(e)]
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def find_classes(folder: Path) -> list[str]:
     """Class names: the sub-folders of `folder`, sorted, hidden ones (.ipynb_checkpoints ...) ignored."""
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
+    return [p.name for p in _subfolders(folder)]
+
+
+@dataclass
+class PictureWalk:
+    """Walks folders of pictures, following symbolic links but reading each folder and each file once,
+    known by its identity (st_dev, st_ino). A link is not followed when it leads back up to a folder being
+    walked (`ln -s . x`, `ln -s .. up`: a loop, not more pictures) or into one of the `fences` (the data
+    folder, its split and class folders, as real paths) other than the one being walked: a picture of
+    another class or split is not read twice under two labels, nor a validation picture into training.
+    Links elsewhere (a pool of pictures beside the splits, another disk) are followed. Anything that is not
+    a regular file (a FIFO named x.jpg, a device, a socket) is never opened: it goes to `skipped` with the
+    reason, as do sub-folders that cannot be read."""
+
+    fences: tuple[str, ...] = ()
+    folders: set = field(default_factory=set)  # (st_dev, st_ino) of the folders read
+    files: set = field(default_factory=set)  # (st_dev, st_ino) of the pictures found
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    not_followed: list[tuple[str, str]] = field(default_factory=list)  # (link, why)
+    repeated_files: int = 0  # pictures met a second time (hard links, links inside one folder), used once
+
+    def pictures(self, folder: Path) -> list[Path]:
+        """Picture files under `folder`, recursively, depth first in name order, hidden entries left out."""
+        found, stack, start = [], [Path(folder)], os.path.realpath(folder)
+        while stack:
+            here = stack.pop()
+            try:
+                st = os.stat(here)
+                if (st.st_dev, st.st_ino) in self.folders:  # met again (a bind mount, say): read once
+                    continue
+                with os.scandir(here) as listing:
+                    entries = sorted(listing, key=lambda e: e.name)
+            except OSError as err:
+                if here == Path(folder):  # a class folder (or predict's folder) itself: nothing to use
+                    raise UserError(f"cannot read {shown(here)}: {_reason(err)}; check its permissions") from None
+                self.skipped.append((str(here), f"cannot read this folder: {_reason(err)}"))
+                continue
+            self.folders.add((st.st_dev, st.st_ino))
+            stack.extend(reversed(self._visit(entries, st.st_dev, start, found)))
+        return found
+
+    def _visit(self, entries: list[os.DirEntry], dev: int, start: str, found: list[Path]) -> list[Path]:
+        """Add the pictures among `entries` to `found`; return the sub-folders to walk."""
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith(".") or not (_is_dir(entry) or is_image_file(Path(entry.name))):
+                continue
+            why = self._fenced(os.path.realpath(entry.path), start) if entry.is_symlink() else None
+            if why is not None:
+                self.not_followed.append((entry.path, why))
+            elif _is_dir(entry):
+                subfolders.append(Path(entry.path))
+            else:
+                self._add_file(entry, dev, found)
+        return subfolders
+
+    def _fenced(self, target: str, start: str) -> str | None:
+        """Why a link to `target` met while walking `start` is not followed, or None."""
+        def inside(path: str, folder: str) -> bool:
+            return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+        if inside(start, target):
+            return f"it leads back up to {shown(target)} (a loop)"
+        if inside(target, start):
+            return None
+        fence = next((f for f in self.fences if inside(target, f) or inside(f, target)), None)
+        return None if fence is None else f"it leads to {shown(target)}, which is read as a class or split of its own"
+
+    def _add_file(self, entry: os.DirEntry, dev: int, found: list[Path]) -> None:
+        try:  # a plain entry's d_type and inode need no system call; a link's target needs a stat
+            st = entry.stat() if entry.is_symlink() else None
+            mode = st.st_mode if st else (stat.S_IFREG if entry.is_file(follow_symlinks=False) else
+                                          entry.stat(follow_symlinks=False).st_mode)
+            key = (st.st_dev, st.st_ino) if st else (dev, entry.inode())
+        except OSError as err:  # a dangling link
+            self.skipped.append((entry.path, f"cannot read it: {_reason(err)}"))
+            return
+        kind = special_kind(mode)
+        if kind is not None:
+            self.skipped.append((entry.path, f"not a regular file ({kind}); never opened"))
+        elif key in self.files:
+            self.repeated_files += 1
+        else:
+            self.files.add(key)
+            found.append(Path(entry.path))
+
+    def report(self) -> None:
+        """One line per skipped entry and per link not followed, one for all pictures met twice."""
+        for path, reason in self.skipped:
+            print(f"imgclf: skipping {shown(path)}: {reason}", file=sys.stderr)
+        for link, why in self.not_followed:
+            print(f"imgclf: not following the link {shown(link)}: {why}", file=sys.stderr)
+        if self.repeated_files:
+            print(f"imgclf: {self.repeated_files} picture(s) met a second time (through links) were used once",
+                  file=sys.stderr)
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Picture files under `folder`, recursively and in a stable order, skipping hidden entries."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(Path(f)))
-    return found
+    """Picture files under `folder`, recursively and in a stable order, skipping hidden entries, each file
+    once however many links lead to it, and anything not a regular file (see PictureWalk)."""
+    return PictureWalk().pictures(folder)
 
 
-def _scan(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[Path], list[int]]:
+def _scan(folder: Path, classes: list[str] | None = None,
+          walk: PictureWalk | None = None) -> tuple[list[str], list[Path], list[int]]:
     names = find_classes(folder)
     if not names:
         raise UserError(f"{folder} has no class folders; expected {folder}/<class>/<picture> (see README)")
     if classes is not None and names != classes:
         raise UserError(f"the classes in {folder} ({', '.join(names)}) differ from train's ({', '.join(classes)})")
+    walk = walk or PictureWalk()
     files, labels = [], []
     for label, name in enumerate(names):
-        found = list_images(folder / name)
+        found = walk.pictures(folder / name)
         if not found:
             raise UserError(f"class folder {folder / name} holds no pictures; add some or remove the folder")
         files += found
@@ -238,25 +361,32 @@ def _scan(folder: Path, classes: list[str] | None = None) -> tuple[list[str], li
 @dataclass(frozen=True)
 class FolderLayout:
     """Where the splits of a folder of pictures are: `train` holds the class folders; `val` and `test` are
-    folders beside it (None when absent)."""
+    folders beside it (None when absent); `ignored`: other folders beside train/, which are not read."""
 
     train: Path
     val: Path | None = None
     test: Path | None = None
+    ignored: tuple[str, ...] = ()
 
 
 def folder_layout(root: Path) -> FolderLayout:
     """Read the layout of `root`: `train/` with `val/` (or `valid/`, `validation/`) and/or `test/` beside it,
-    or a single folder of class folders. Split folders beside class folders without `train/` are ambiguous."""
-    subdirs = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith((".", "__"))}
+    or a single folder of class folders. Split folders are known whatever their case (Val/, TEST/). Split
+    folders beside class folders without `train/` are ambiguous (is val/ a class or the held-out split?)."""
+    subdirs = {p.name.lower(): p for p in reversed(_subfolders(root))}  # the first in name order wins a tie
     val = next((subdirs[n] for n in VAL_NAMES if n in subdirs), None)
     test = subdirs.get("test")
     if "train" in subdirs:
-        return FolderLayout(subdirs["train"], val, test)
+        splits = {subdirs["train"], val, test}
+        return FolderLayout(subdirs["train"], val, test, tuple(p.name for p in _subfolders(root) if p not in splits))
     held_out = [p.name for p in (val, test) if p is not None]
     if held_out:
-        raise UserError(f"{root} has {held_out[0]}/ but no train/ folder beside it; put the training class folders "
-                        f"in {root / 'train'}/, or point --data at a folder of class folders alone")
+        others = [p.name for p in _subfolders(root) if p.name not in held_out]
+        beside = f" beside the class folders {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}" \
+            if others else ""
+        raise UserError(f"ambiguous layout: {root} has {held_out[0]}/{beside} but no train/ folder, so "
+                        f"{held_out[0]}/ could be a class or the held-out split; move the training class folders "
+                        f"into {root / 'train'}/ (or rename {held_out[0]}/ if it is a class)")
     return FolderLayout(root)
 
 
@@ -266,18 +396,14 @@ def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int
     test folder, `cfg.val_fraction` of each class is held out, or with `whole` nothing: every picture is then
     the `val` split, named "all" (what `imgclf eval` measures on a plain folder of class folders)."""
     layout = folder_layout(root)
-    classes, *train = _labelled_files(root, layout.train, cfg)
-    lists, val_name = {"train": train}, "val"
-    held_out = layout.val or layout.test
-    if held_out is not None:
-        lists["val"], val_name = _scan(held_out, classes)[1:], held_out.name
-        if layout.val is not None and layout.test is not None:
-            lists["test"] = _scan(layout.test, classes)[1:]
-    elif whole:
-        lists["val"], val_name = train, "all"
-    else:
-        files, labels, val_files, val_labels = stratified_split(*train, fraction=cfg.val_fraction, seed=0)
-        lists["train"], lists["val"] = [files, labels], [val_files, val_labels]
+    if layout.ignored and progress:
+        print(f"imgclf: warning: not reading {', '.join(layout.ignored)} in {shown(root)}: only train/, "
+              f"val/ and test/ are read beside train/", file=sys.stderr)
+    lists, walk = _file_lists(root, layout, cfg, whole=whole)
+    if progress:
+        walk.report()
+    classes, held_out = lists.pop("classes"), layout.val or layout.test
+    val_name = held_out.name if held_out is not None else ("all" if whole else "val")
     photos = _are_photos(lists["train"][0])
     size = size or (224 if photos else _native_side(lists["train"][0]))
     channels = channels or _default_channels(lists["train"][0])
@@ -285,7 +411,7 @@ def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int
     if cfg.strict:
         check_all([f for files, _ in lists.values() for f in files], size=size, channels=channels)
     cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    splits, skipped = {}, []
+    splits, skipped = {}, list(walk.skipped)
     for role, (files, labels) in lists.items():
         side = store if role == "train" else size
         splits[role], bad = cached_split(files, labels, size=side, channels=channels, cache_root=cache_root,
@@ -301,17 +427,39 @@ def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int
                      photos)
 
 
+def _file_lists(root: Path, layout: FolderLayout, cfg: DataConfig, *, whole: bool) -> tuple[dict, PictureWalk]:
+    """{"classes": names, role: [files, labels], ...} for the roles train, val (and test), and the walk
+    that found them. Held-out folders are walked first: a picture that a link makes reachable from both a
+    held-out folder and train/ is held out, never trained on."""
+    csv_rows = read_labels_csv(Path(cfg.labels).expanduser(), root) if cfg.labels else None
+    classes = csv_rows[0] if csv_rows else find_classes(layout.train)
+    splits = [p for p in (root, layout.train, layout.val, layout.test) if p is not None]
+    fences = {os.path.realpath(p) for split in splits for p in (split, *(split / c for c in classes))}
+    walk = PictureWalk(tuple(sorted(fences)))
+    held_out, lists = layout.val or layout.test, {}
+    if held_out is not None:
+        lists["val"] = _scan(held_out, classes, walk)[1:]
+        if layout.val is not None and layout.test is not None:
+            lists["test"] = _scan(layout.test, classes, walk)[1:]
+    train = list(csv_rows[1:] if csv_rows else _scan(layout.train, None, walk)[1:])
+    if len(classes) == 1 and not whole:
+        where = f"--labels {cfg.labels}" if cfg.labels else str(layout.train)
+        raise UserError(f"{shown(where)} has a single class ({shown(classes[0])}); a classifier needs at least "
+                        f"two: add a folder of pictures for each other class")
+    if held_out is None and whole:
+        lists["val"] = train
+    elif held_out is None:
+        files, labels, val_files, val_labels = stratified_split(*train, fraction=cfg.val_fraction, seed=0)
+        train, lists["val"] = [files, labels], [val_files, val_labels]
+    return {"classes": classes, "train": train, **lists}, walk
+
+
 def store_size(cfg: DataConfig, size: int, photos: bool) -> int:
     """Side at which training pictures are cached: above `size` for the photo recipe's random-resized crops
     (8/7 of it, as ImageNet's 256 for 224, unless --store-size says), else `size` itself."""
     if cfg.augment != "photo" and not (cfg.augment == "auto" and photos):
         return size
     return max(size, cfg.store_size or round(size * 8 / 7))
-
-
-def _labelled_files(root: Path, folder: Path, cfg: DataConfig) -> tuple[list[str], list[Path], list[int]]:
-    """(classes, files, labels) of the training pictures: class folders, or `cfg.labels`' CSV."""
-    return read_labels_csv(Path(cfg.labels).expanduser(), root) if cfg.labels else _scan(folder)
 
 
 def read_labels_csv(path: Path, root: Path) -> tuple[list[str], list[Path], list[int]]:
@@ -333,7 +481,7 @@ def read_labels_csv(path: Path, root: Path) -> tuple[list[str], list[Path], list
     classes = sorted({r[1].strip() for r in rows})
     index = {name: i for i, name in enumerate(classes)}
     files = [root / r[0].strip() for r in rows]
-    missing = next((f for f in files if not f.is_file()), None)
+    missing = next((f for f in files if not f.exists()), None)  # a FIFO, say, is skipped later with a reason
     if missing is not None:
         raise UserError(f"--labels {path} names {missing}, which does not exist (file names are relative to {root})")
     return classes, files, [index[r[1].strip()] for r in rows]
