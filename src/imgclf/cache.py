@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgclf.errors import UserError
+from imgclf.errors import UserError, shown
 from imgclf.files import atomic_write_text, not_regular
 from imgclf.transforms import BadImage, compute_mean_std, load_image
 
@@ -75,7 +75,7 @@ def cached_split(files: list[Path], labels: list[int], *, size: int, channels: i
     if images.nbytes <= MMAP_BYTES:
         images = torch.from_numpy(np.array(images))  # read whole, writable
     for path, reason in meta["bad"] if progress else ():  # reported by the main process only
-        print(f"imgclf: skipping {path}: {reason}", file=sys.stderr)
+        print(f"imgclf: skipping {shown(path)}: {shown(reason)}", file=sys.stderr)
     split = Split(images, torch.tensor(meta["labels"], dtype=torch.int64), meta["files"])
     return split, [tuple(b) for b in meta["bad"]]
 

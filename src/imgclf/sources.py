@@ -83,11 +83,16 @@ def load_data(cfg: DataConfig, *, img_size: int | None = None, channels: int | N
     if cfg.data in BUILTINS:
         return _load_builtin(cfg, size=size, channels=channels)
     root = Path(cfg.data).expanduser()
-    if not root.exists():
+    try:
+        mode = root.stat().st_mode
+    except FileNotFoundError:
         names = ", ".join(BUILTINS)
-        raise UserError(f"--data {cfg.data!r} is neither a built-in data set ({names}) nor an existing folder")
-    if not root.is_dir():
+        raise UserError(f"--data {cfg.data!r} is neither a built-in data set ({names}) nor an existing folder") from None
+    except OSError as err:
+        raise UserError(f"cannot read --data {shown(root)}: {_reason(err)}; check its permissions") from None
+    if not stat.S_ISDIR(mode):
         raise UserError(f"--data {cfg.data!r} is a file; give a folder of class folders or a built-in name")
+    _read_folder(root)  # "cannot read ROOT: permission denied" before anything else looks inside
     if _idx_files(root):
         return _finish(_load_idx(root), size=size, channels=channels, name=root.name.lower())
     return _load_folder(root, cfg, size=size, channels=channels, progress=progress, whole=whole)
@@ -244,9 +249,9 @@ def find_classes(folder: Path) -> list[str]:
 class PictureWalk:
     """Walks folders of pictures, following symbolic links but reading each folder and each file once,
     known by its identity (st_dev, st_ino). A link is not followed when it leads back up to a folder being
-    walked (`ln -s . x`, `ln -s .. up`: a loop, not more pictures) or into one of the `fences` (the data
-    folder, its split and class folders, as real paths) other than the one being walked: a picture of
-    another class or split is not read twice under two labels, nor a validation picture into training.
+    walked (`ln -s . x`, `ln -s .. up`: a loop, not more pictures) or to one of the `fences` (the class
+    folders of every split, as real paths) or a folder holding one, other than the one being walked: a picture of
+    another class or split is not read twice under two labels, nor a validation picture in training.
     Links elsewhere (a pool of pictures beside the splits, another disk) are followed. Anything that is not
     a regular file (a FIFO named x.jpg, a device, a socket) is never opened: it goes to `skipped` with the
     reason, as do sub-folders that cannot be read."""
@@ -433,8 +438,9 @@ def _file_lists(root: Path, layout: FolderLayout, cfg: DataConfig, *, whole: boo
     held-out folder and train/ is held out, never trained on."""
     csv_rows = read_labels_csv(Path(cfg.labels).expanduser(), root) if cfg.labels else None
     classes = csv_rows[0] if csv_rows else find_classes(layout.train)
-    splits = [p for p in (root, layout.train, layout.val, layout.test) if p is not None]
-    fences = {os.path.realpath(p) for split in splits for p in (split, *(split / c for c in classes))}
+    splits = [p for p in (layout.train, layout.val, layout.test) if p is not None]
+    fences = {os.path.realpath(split / c) for split in splits for c in classes}  # (links to a split or the
+    # data folder itself lead up to a class folder being walked, or down into the others: fenced either way)
     walk = PictureWalk(tuple(sorted(fences)))
     held_out, lists = layout.val or layout.test, {}
     if held_out is not None:
