@@ -13,6 +13,7 @@ import stat
 import struct
 import sys
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,19 +177,29 @@ def _idx_files(root: Path) -> dict[str, Path] | None:
     return found
 
 
+MAX_IDX_BYTES = 1 << 34  # 16 GiB: an IDX header announcing more is damaged (or a decompression bomb)
+
+
 def read_idx(path: Path) -> np.ndarray:
-    """Read one IDX file (the MNIST format: magic, dims, big-endian sizes, then unsigned bytes)."""
+    """Read one IDX file (the MNIST format: magic, dims, big-endian sizes, then unsigned bytes). Only the
+    bytes the header announces are read (a gzip bomb is not unpacked whole); UserError names the file."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
-        zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
-        if zero != 0 or dtype != 0x08 or not 1 <= ndim <= 4:
-            raise ValueError("not an unsigned-byte IDX file")
-        dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-    except (OSError, EOFError, ValueError, struct.error) as err:
-        raise UserError(f"cannot read IDX file {path}: {err}") from None
+            zero, dtype, ndim = struct.unpack(">HBB", f.read(4))
+            if zero != 0 or dtype != 0x08 or not 1 <= ndim <= 4:
+                raise ValueError("not an unsigned-byte IDX file (its first bytes are not an IDX header)")
+            dims = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+            expected = int(np.prod(dims, dtype=np.float64))
+            if expected > MAX_IDX_BYTES:
+                raise ValueError(f"its header announces {'x'.join(map(str, dims))} bytes, more than any data set")
+            raw = f.read(expected + 1)
+        if len(raw) != expected:
+            raise ValueError(f"it holds {len(raw):,}{'+' if len(raw) > expected else ''} bytes of data where its "
+                             f"header announces {'x'.join(map(str, dims))} = {expected:,} (truncated or damaged)")
+        return np.frombuffer(raw, dtype=np.uint8).reshape(dims)
+    except (OSError, EOFError, ValueError, struct.error, zlib.error) as err:
+        raise UserError(f"cannot read IDX file {shown(path)}: {err}") from None
 
 
 def _load_idx(root: Path) -> ImageData:
@@ -196,15 +207,44 @@ def _load_idx(root: Path) -> ImageData:
     assert files is not None
     splits = []
     for split in ("train", "t10k"):
-        images = torch.from_numpy(read_idx(files[f"{split}-images-idx3"]).copy()).unsqueeze(1)
-        labels = torch.from_numpy(read_idx(files[f"{split}-labels-idx1"]).astype(np.int64))
-        if images.shape[0] != labels.shape[0]:
-            raise UserError(f"{root}: {split} has {images.shape[0]} images but {labels.shape[0]} labels")
-        splits.append(Split(images, labels))
-    n_classes = int(max(splits[0].labels.max(), splits[1].labels.max())) + 1
+        image_file, label_file = files[f"{split}-images-idx3"], files[f"{split}-labels-idx1"]
+        raw_images, raw_labels = read_idx(image_file), read_idx(label_file)
+        if raw_images.ndim != 3 or 0 in raw_images.shape:
+            raise UserError(f"IDX file {image_file} holds an array of shape {raw_images.shape}, not pictures "
+                            f"(count, height, width); replace it with the data set's own file")
+        if raw_labels.ndim != 1:
+            raise UserError(f"IDX file {label_file} holds an array of shape {raw_labels.shape}, not one label "
+                            f"per picture; replace it with the data set's own file")
+        if raw_images.shape[0] != raw_labels.shape[0]:
+            raise UserError(f"{root}: {split} has {raw_images.shape[0]} images ({image_file.name}) but "
+                            f"{raw_labels.shape[0]} labels ({label_file.name})")
+        splits.append(Split(torch.from_numpy(raw_images.copy()).unsqueeze(1),
+                            torch.from_numpy(raw_labels.astype(np.int64))))
+    if splits[0].images.shape[2:] != splits[1].images.shape[2:]:
+        raise UserError(f"{root}: the train pictures are {tuple(splits[0].images.shape[2:])} pixels but the "
+                        f"t10k ones {tuple(splits[1].images.shape[2:])}; both IDX image files must match")
+    n_classes = _idx_classes(splits, files)
     fashion = "fashion" in str(root).lower() and n_classes == 10
     classes = FASHION_CLASSES if fashion else [str(i) for i in range(n_classes)]
     return ImageData(splits[0], splits[1], classes, (), (), "test")
+
+
+def _idx_classes(splits: list[Split], files: dict[str, Path]) -> int:
+    """The number of classes of IDX labels, which must be 0..N-1 with N >= 2 and no value unused: a stray
+    255 would otherwise make 256 classes, most of them empty. UserError naming the file and the values."""
+    present = sorted(set(splits[0].labels.unique().tolist()) | set(splits[1].labels.unique().tolist()))
+    if len(present) < 2:
+        raise UserError(f"IDX file {files['train-labels-idx1']} has a single class ({present[0]}); a classifier "
+                        f"needs at least two")
+    gap = next((i for i, v in enumerate(present) if v != i), None)
+    if gap is None:
+        return len(present)
+    odd = present[gap:]
+    where = next(files[f"{s}-labels-idx1"] for s, split in zip(("train", "t10k"), splits, strict=True)
+                 if bool(torch.isin(split.labels, torch.tensor(odd)).any()))
+    shown_odd = ", ".join(map(str, odd[:5])) + (", ..." if len(odd) > 5 else "")
+    raise UserError(f"IDX file {where} has label value(s) {shown_odd} beyond a gap: labels must be 0..N-1 with "
+                    f"none unused (labels 0..{gap - 1} are, {gap} is not); fix or remove the stray labels")
 
 
 # ---------------------------------------------------------------- folders of pictures (note 06)
