@@ -460,6 +460,9 @@ def _add_serve(sub, common) -> None:
     _number(p, "--max-upload-mb", float, 0, low_open=True, default=10.0,
             help="largest accepted upload, in MB (%(default)g)")
     _number(p, "--max-batch", int, 1, MAX_BATCH, default=32, help="most pictures per forward pass (%(default)s)")
+    _number(p, "--max-megapixels", float, 0, 1000, low_open=True, default=40.0,
+            help="largest picture decoded, in million pixels (a JPEG counts at its reduced decoding scale); "
+                 "larger ones are refused from their header with 413 (%(default)g)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
@@ -467,7 +470,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from imgclf.serve import serve_checkpoint
 
     serve_checkpoint(args.checkpoint, host=args.host, port=args.port, topk=args.topk,
-                     max_upload_mb=args.max_upload_mb, max_batch=args.max_batch, device=args.device)
+                     max_upload_mb=args.max_upload_mb, max_batch=args.max_batch, device=args.device,
+                     max_megapixels=args.max_megapixels)
     return EXIT_OK
 
 
