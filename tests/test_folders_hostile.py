@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 
 import pytest
-from conftest import write_class_folder
+from conftest import run_cli, write_class_folder
 
 from imgclf.cli import main
 from imgclf.config import DataConfig
@@ -118,7 +118,7 @@ def test_fifo_device_and_socket_named_like_pictures_are_skipped_never_opened(tmp
 
 
 def test_file_names_that_are_not_utf8_or_hold_a_newline(tmp_path, capsys):
-    root = write_class_folder(tmp_path / "data", ["a", "b"], 6)
+    root = write_class_folder(tmp_path / "data", ["a", "b", os.fsdecode(b"caf\xe9")], 6)
     odd = [os.fsdecode(bytes(root / "a") + b"/caf\xe9-latin1.png"), str(root / "b" / "new\nline.png")]
     for name, source in zip(odd, (root / "a" / "0000.png", root / "b" / "0000.png"), strict=True):
         Path(name).write_bytes(source.read_bytes())
@@ -134,12 +134,17 @@ def test_file_names_that_are_not_utf8_or_hold_a_newline(tmp_path, capsys):
     with contextlib.redirect_stdout(io.StringIO()) as out:
         main(["predict", str(run / "checkpoints" / "best.pt"), str(root), "--device", "cpu"])
     lines = out.getvalue().splitlines()
-    assert len(lines) == 14 and any(line.startswith(f"{root / 'a'}/caf\\xe9-latin1.png  ") for line in lines)
+    assert len(lines) == 20 and any(line.startswith(f"{root / 'a'}/caf\\xe9-latin1.png  ") for line in lines)
     assert any(line.startswith(f"{root / 'b'}/new\\nline.png  ") for line in lines)
     with contextlib.redirect_stdout(io.StringIO()) as out:
         main(["predict", str(run / "checkpoints" / "best.pt"), str(root), "--device", "cpu", "--json"])
     paths = [json.loads(line)["path"] for line in out.getvalue().splitlines()]
     assert set(odd) <= set(paths)  # JSON keeps the exact name (os.fsencode gives the bytes back)
+    assert data.classes == ["a", "b", "caf\\xe9"]  # a class name is printable text, in any locale
+    r = run_cli("predict", run / "checkpoints" / "best.pt", root, "--device", "cpu", "--topk", "3",
+                env={"PYTHONIOENCODING": "utf-8:strict", "OMP_NUM_THREADS": "1"})  # as in a UTF-8 locale
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr  # 1: broken\n.png
+    assert len(r.stdout.splitlines()) == 20 and "caf\\xe9" in r.stdout
 
 
 def as_other_user(fn, *args):

@@ -281,8 +281,10 @@ def _is_dir(entry: os.DirEntry) -> bool:
 
 
 def find_classes(folder: Path) -> list[str]:
-    """Class names: the sub-folders of `folder`, sorted, hidden ones (.ipynb_checkpoints ...) ignored."""
-    return [p.name for p in _subfolders(folder)]
+    """Class names: the sub-folders of `folder`, sorted, hidden ones (.ipynb_checkpoints ...) ignored. A
+    name that is not UTF-8 (or holds a newline) is shown escaped (caf\\xe9), so that it can be printed,
+    written to JSON and stored in a checkpoint like any other."""
+    return [shown(p.name) for p in _subfolders(folder)]
 
 
 @dataclass
@@ -394,10 +396,10 @@ def _scan(folder: Path, classes: list[str] | None = None,
         raise UserError(f"the classes in {folder} ({', '.join(names)}) differ from train's ({', '.join(classes)})")
     walk = walk or PictureWalk()
     files, labels = [], []
-    for label, name in enumerate(names):
-        found = walk.pictures(folder / name)
+    for label, path in enumerate(_subfolders(folder)):
+        found = walk.pictures(path)
         if not found:
-            raise UserError(f"class folder {folder / name} holds no pictures; add some or remove the folder")
+            raise UserError(f"class folder {shown(path)} holds no pictures; add some or remove the folder")
         files += found
         labels += [label] * len(found)
     return names, files, labels
@@ -466,7 +468,8 @@ def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int
             raise UserError(f"no readable pictures in the {val_name if role == 'val' else role} split of {root}")
     unreadable = [c for i, c in enumerate(classes) if not bool((splits["train"].labels == i).any())]
     if unreadable and not whole:  # every picture of the class was skipped: as good as an empty class folder
-        raise UserError(f"class folder {layout.train / unreadable[0]} holds no readable pictures; fix or remove them")
+        raise UserError(f"class folder {shown(layout.train)}/{unreadable[0]} holds no readable pictures; fix or "
+                        f"remove them")
     mean, std = cached_stats(splits["train"], cache_root, lists["train"][0], store, channels)
     return ImageData(splits["train"], splits["val"], classes, mean, std, val_name, skipped, splits.get("test"),
                      photos)
@@ -479,7 +482,7 @@ def _file_lists(root: Path, layout: FolderLayout, cfg: DataConfig, *, whole: boo
     csv_rows = read_labels_csv(Path(cfg.labels).expanduser(), root) if cfg.labels else None
     classes = csv_rows[0] if csv_rows else find_classes(layout.train)
     splits = [p for p in (layout.train, layout.val, layout.test) if p is not None]
-    fences = {os.path.realpath(split / c) for split in splits for c in classes}  # (links to a split or the
+    fences = {os.path.realpath(p) for split in splits for p in _subfolders(split)}  # (links to a split or the
     # data folder itself lead up to a class folder being walked, or down into the others: fenced either way)
     walk = PictureWalk(tuple(sorted(fences)))
     held_out, lists = layout.val or layout.test, {}
