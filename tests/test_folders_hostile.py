@@ -233,3 +233,21 @@ def test_a_picture_unreadable_once_is_used_once_readable(shared_tmp):
     locked.chmod(0o644)  # fixed: the same files, sizes and times, so the same cache key
     second = json.loads(as_other_user(_load, root, shared_tmp / "cache"))
     assert second["train"] + second["val"] == 12 and second["skipped"] == []
+
+
+def test_a_fixed_picture_is_found_among_many_skipped(shared_tmp):
+    """Every skipped picture whose status changed (a chmod changes its ctime) is tried again, not only the
+    first 64 of the skip list."""
+    root = shared_tmp / "data"
+    write_class_folder(root / "train", ["a", "b"], 40, size=8)
+    write_class_folder(root / "val", ["a", "b"], 2, size=8)
+    _open_all(shared_tmp)
+    locked = [root / "train" / c / f"{i:04d}.png" for c in ("a", "b") for i in range(35)]
+    for path in locked:
+        path.chmod(0o000)
+    first = json.loads(as_other_user(_load, root, shared_tmp / "cache"))
+    assert first["train"] == 10 and len(first["skipped"]) == 70
+    assert first["skipped"][-1][0] == str(locked[-1])  # the last in the skip list
+    locked[-1].chmod(0o644)
+    second = json.loads(as_other_user(_load, root, shared_tmp / "cache"))
+    assert second["train"] == 11 and len(second["skipped"]) == 69

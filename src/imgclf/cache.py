@@ -108,7 +108,8 @@ def _open(folder: Path, size: int, channels: int) -> tuple[dict, np.ndarray]:
         meta = json.loads(path.read_text())
         count = meta["count"]
         if not (isinstance(count, int) and count >= 0 and len(meta["labels"]) == len(meta["files"]) == count
-                and all(isinstance(b, list) and len(b) == 2 for b in meta["bad"])):
+                and all(isinstance(b, list) and len(b) == 2 for b in meta["bad"])
+                and len(meta.get("bad_ctime") or meta["bad"]) == len(meta["bad"])):
             raise ValueError("its counts do not agree")
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DamagedCache(path, str(err).splitlines()[0][:160] if str(err) else type(err).__name__) from None
@@ -125,7 +126,21 @@ def _open(folder: Path, size: int, channels: int) -> tuple[dict, np.ndarray]:
 
 
 def _skipped_now_readable(meta: dict, size: int, channels: int) -> bool:
-    return any(_decode_one((path, size, channels))[0] is not None for path, _ in meta["bad"][:64])
+    """Whether a picture the build skipped decodes now. Tried again: every skipped file whose status changed
+    since the build (its ctime: a chmod, say, which leaves the cache key alone), and the first 64 in any
+    case (for what changed elsewhere: a folder's permissions, a codec installed)."""
+    stamps = meta.get("bad_ctime") or [None] * len(meta["bad"])
+    changed = [path for (path, _), was in zip(meta["bad"], stamps, strict=False) if _ctime(path) != was]
+    candidates = dict.fromkeys([*changed, *(path for path, _ in meta["bad"][:64])])
+    return any(_decode_one((path, size, channels))[0] is not None for path in candidates)
+
+
+def _ctime(path: str) -> int | None:
+    """When the status of `path` last changed (permissions, contents), None when it cannot be read."""
+    try:
+        return os.stat(path).st_ctime_ns
+    except OSError:
+        return None
 
 
 def _build(folder: Path, files: list[Path], labels: list[int], *, size: int, channels: int, progress: bool) -> None:
@@ -179,12 +194,13 @@ def _build_in(folder: Path, files: list[Path], labels: list[int], *, size: int, 
             del images
             bad_set = {f for f, _ in bad}
             state["kept_index"] += [start + i for i, f in enumerate(chunk) if str(f) not in bad_set]
-            state.update(done=start + len(chunk), kept=state["kept"] + len(arrays), bad=state["bad"] + bad)
+            state.update(done=start + len(chunk), kept=state["kept"] + len(arrays), bad=state["bad"] + bad,
+                         bad_ctime=state["bad_ctime"] + [_ctime(f) for f, _ in bad])
             atomic_write_text(work / "progress.json", json.dumps(state))
             meter.update(state["done"])
         meta = {"count": state["kept"], "labels": [labels[i] for i in state["kept_index"]],
                 "files": [str(files[i]) for i in state["kept_index"]], "bad": [list(b) for b in state["bad"]],
-                "source": state["source"], "size": size, "channels": channels}
+                "bad_ctime": state["bad_ctime"], "source": state["source"], "size": size, "channels": channels}
         _fsync(work / "images.npy")
         atomic_write_text(work / "meta.json", json.dumps(meta))
         (work / "progress.json").unlink()
@@ -247,11 +263,15 @@ def _remove_stale_partials(folder: Path, source: str, size: int, channels: int, 
 
 def _progress(work: Path, total: int) -> dict:
     """How far an earlier, killed build of this cache got (nothing, when it left no readable record)."""
-    fresh = {"done": 0, "kept": 0, "kept_index": [], "bad": []}
+    fresh = {"done": 0, "kept": 0, "kept_index": [], "bad": [], "bad_ctime": []}
     try:
         state = json.loads((work / "progress.json").read_text())
-        return state if 0 <= state["done"] <= total and (work / "images.npy").is_file() else fresh
-    except (OSError, ValueError, KeyError, TypeError):
+        done, kept, kept_index, bad = state["done"], state["kept"], state["kept_index"], state["bad"]
+        fits = all(isinstance(v, int) for v in (done, kept)) and isinstance(kept_index, list) and \
+            isinstance(bad, list) and len(kept_index) == kept <= done <= total and \
+            len(state.setdefault("bad_ctime", [None] * len(bad))) == len(bad)
+        return state if fits and (work / "images.npy").is_file() else fresh
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return fresh
 
 
@@ -361,9 +381,10 @@ def list_caches(cache_root: Path) -> list[dict]:
         partial = folder.name.startswith(".partial-")
         if not partial and not (folder / "meta.json").is_file():
             continue
-        meta = {}
+        meta, record = {}, folder / ("progress.json" if partial else "meta.json")
         with contextlib.suppress(OSError, ValueError):
-            meta = json.loads((folder / ("progress.json" if partial else "meta.json")).read_text())
+            meta = json.loads(record.read_text()) if record.is_file() else {}  # (a FIFO would never end)
+        meta = meta if isinstance(meta, dict) else {}
         stamp = max((p.stat().st_mtime for p in folder.iterdir()), default=folder.stat().st_mtime)
         found.append({"key": folder.name.removeprefix(".partial-"), "path": str(folder), "partial": partial,
                       "source": meta.get("source", "?"), "pictures": meta.get("count", meta.get("done", 0)),

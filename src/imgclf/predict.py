@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import os
+import stat
 import sys
 import warnings
 import zipfile
@@ -219,8 +220,11 @@ def expand_paths(paths: list[str]) -> list[str]:
         if text == "-" or text.startswith(("http://", "https://")):
             out.append(text)
             continue
+        is_dir = False
         path = Path(text).expanduser()
-        if path.is_dir():
+        with contextlib.suppress(OSError):  # not there, or unreadable: fetch() says which, for this input alone
+            is_dir = stat.S_ISDIR(path.stat().st_mode)
+        if is_dir:
             skipped = len(walk.skipped)
             found = walk.pictures(path)
             if not found and len(walk.skipped) == skipped:

@@ -24,7 +24,7 @@ from PIL import Image
 from imgclf.cache import Split, cached_split, cached_stats, check_all, default_cache_dir
 from imgclf.config import DataConfig
 from imgclf.errors import UserError, shown
-from imgclf.files import special_kind
+from imgclf.files import not_regular, special_kind
 from imgclf.transforms import IMAGE_EXTENSIONS, NORMALIZATION, compute_mean_std, resize_batch
 
 BUILTINS = ("cifar10", "cifar100", "mnist", "fashion-mnist")
@@ -514,8 +514,9 @@ def store_size(cfg: DataConfig, size: int, photos: bool) -> int:
 def read_labels_csv(path: Path, root: Path) -> tuple[list[str], list[Path], list[int]]:
     """A CSV of `filename,label` rows (a header row is recognised and skipped; Kaggle's layout): files are
     relative to `root` (or absolute). Classes are the sorted distinct labels."""
-    if not path.is_file():
-        raise UserError(f"--labels {path}: no such file; give a CSV of filename,label rows")
+    problem = not_regular(path)
+    if problem is not None:
+        raise UserError(f"--labels {shown(path)}: {problem}; give a CSV file of filename,label rows")
     try:
         rows = [r for r in csv.reader(path.read_text(encoding="utf-8-sig").splitlines()) if r and any(r)]
     except (UnicodeDecodeError, csv.Error) as err:
@@ -552,6 +553,8 @@ def stratified_split(files: list, labels: list[int], *, fraction: float, seed: i
 
 def _peek(path: Path) -> tuple[tuple[int, int], str] | None:
     """(size, mode) from a picture's header; None when unreadable or over the pixel limit (reported later)."""
+    if not_regular(path) is not None:  # a FIFO named in a --labels file, say: never opened
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
