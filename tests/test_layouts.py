@@ -4,6 +4,7 @@ after every epoch (and choose best.pt and early stopping), which are the test sp
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,17 @@ def test_labels_from_a_csv_file(tmp_path):
     (tmp_path / "kaggle" / "bad.csv").write_text("filename,label\nimages/none.png,cat\n")
     with pytest.raises(UserError, match="does not exist"):
         load_data(DataConfig(data=cfg.data, labels=str(tmp_path / "kaggle" / "bad.csv")))
+    (tmp_path / "kaggle" / "one.csv").write_text("\n".join(r.replace(",dog", ",cat") for r in rows) + "\n")
+    with pytest.raises(UserError, match=r"one.csv has a single class \(cat\); a classifier needs at least two"):
+        load_data(DataConfig(data=cfg.data, labels=str(tmp_path / "kaggle" / "one.csv")))
+    os.mkfifo(tmp_path / "kaggle" / "fifo.csv")  # never opened: reading it would wait for ever
+    with pytest.raises(UserError, match=r"fifo.csv: not a regular file \(a FIFO\); give a CSV file"):
+        load_data(DataConfig(data=cfg.data, labels=str(tmp_path / "kaggle" / "fifo.csv")))
+    os.mkfifo(folder / "fifo.png")  # a FIFO named in the CSV: skipped, never opened
+    (tmp_path / "kaggle" / "with-fifo.csv").write_text("\n".join([*rows, "images/fifo.png,cat"]) + "\n")
+    data = load_data(DataConfig(data=cfg.data, labels=str(tmp_path / "kaggle" / "with-fifo.csv")), progress=False)
+    assert len(data.train) + len(data.val) == 12  # every picture but the FIFO
+    assert (str(folder / "fifo.png"), "not a regular file (a FIFO)") in data.skipped
 
 
 def run_train(*args) -> int:
