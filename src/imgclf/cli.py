@@ -258,7 +258,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         age = (time.time() - c["last_used"]) / 86400
         state = "unfinished build, " if c["partial"] else ""
         print(f"{c['key']}  {c['bytes'] / 2**20:>8.1f} MB  {c['pictures']:>7} pictures  "
-              f"{state}used {age:.1f} days ago  {c['source']}")
+              f"{state}used {age:.1f} days ago  {shown(c['source'])}")
     total = sum(c["bytes"] for c in caches) / 2**20
     verb = "in" if args.action == "list" else "deleted from"
     print(f"{len(caches)} caches, {total:.1f} MB {verb} {root}", file=sys.stderr)

@@ -98,6 +98,9 @@ def decoded_pixels(data: bytes, *, size: int, channels: int, max_pixels: int) ->
                 full = img.size
                 img.draft("RGB" if channels == 3 else "L", (size, size))  # JPEG only; no pixels decoded here
                 width, height = img.size
+    except Image.DecompressionBombError as err:  # over twice Pillow's own limit: refused as too large
+        raise TooManyPixels(f"the picture is over the {max_pixels / 1e6:g} million pixel limit (imgclf serve "
+                            f"--max-megapixels): {str(err).splitlines()[0]}") from None
     except Exception as err:  # noqa: BLE001 - Pillow raises many kinds for bytes that are no picture
         reason = str(err).splitlines()[0].replace(" " + repr(buffer), "") if str(err) else type(err).__name__
         raise BadImage(reason) from None  # Pillow names the file object; the user knows it as the upload

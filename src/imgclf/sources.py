@@ -391,9 +391,9 @@ def _scan(folder: Path, classes: list[str] | None = None,
           walk: PictureWalk | None = None) -> tuple[list[str], list[Path], list[int]]:
     names = find_classes(folder)
     if not names:
-        raise UserError(f"{folder} has no class folders; expected {folder}/<class>/<picture> (see README)")
+        raise UserError(f"{shown(folder)} has no class folders; expected {shown(folder)}/<class>/<picture> (see README)")
     if classes is not None and names != classes:
-        raise UserError(f"the classes in {folder} ({', '.join(names)}) differ from train's ({', '.join(classes)})")
+        raise UserError(f"the classes in {shown(folder)} ({', '.join(names)}) differ from train's ({', '.join(classes)})")
     walk = walk or PictureWalk()
     files, labels = [], []
     for label, path in enumerate(_subfolders(folder)):
@@ -425,15 +425,16 @@ def folder_layout(root: Path) -> FolderLayout:
     test = subdirs.get("test")
     if "train" in subdirs:
         splits = {subdirs["train"], val, test}
-        return FolderLayout(subdirs["train"], val, test, tuple(p.name for p in _subfolders(root) if p not in splits))
+        return FolderLayout(subdirs["train"], val, test,
+                            tuple(shown(p.name) for p in _subfolders(root) if p not in splits))
     held_out = [p.name for p in (val, test) if p is not None]
     if held_out:
-        others = [p.name for p in _subfolders(root) if p.name not in held_out]
+        others = [shown(p.name) for p in _subfolders(root) if p.name not in held_out]
         beside = f" beside the class folders {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}" \
             if others else ""
-        raise UserError(f"ambiguous layout: {root} has {held_out[0]}/{beside} but no train/ folder, so "
+        raise UserError(f"ambiguous layout: {shown(root)} has {held_out[0]}/{beside} but no train/ folder, so "
                         f"{held_out[0]}/ could be a class or the held-out split; move the training class folders "
-                        f"into {root / 'train'}/ (or rename {held_out[0]}/ if it is a class)")
+                        f"into {shown(root / 'train')}/ (or rename {held_out[0]}/ if it is a class)")
     return FolderLayout(root)
 
 
@@ -465,7 +466,7 @@ def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int
                                          progress=progress)
         skipped += bad
         if len(splits[role]) == 0:
-            raise UserError(f"no readable pictures in the {val_name if role == 'val' else role} split of {root}")
+            raise UserError(f"no readable pictures in the {val_name if role == 'val' else role} split of {shown(root)}")
     unreadable = [c for i, c in enumerate(classes) if not bool((splits["train"].labels == i).any())]
     if unreadable and not whole:  # every picture of the class was skipped: as good as an empty class folder
         raise UserError(f"class folder {shown(layout.train)}/{unreadable[0]} holds no readable pictures; fix or "
