@@ -80,6 +80,14 @@ def test_links_into_validation_or_another_class_are_not_followed(tmp_path, capsy
     assert "1 picture(s) met a second time (through links) were used once" in err
 
 
+def test_a_class_folder_linking_to_the_data_folder_is_one_clear_error(tmp_path):
+    root = write_class_folder(tmp_path / "data", ["a", "b"], 3)
+    (root / "c").symlink_to(root)
+    with within(60), pytest.raises(UserError, match=f"the class folder {root} holds another class folder, "
+                                                    f"{root / 'a'} \\(a link to the data folder\\?\\)"):
+        load_data(DataConfig(data=str(root)))
+
+
 def special_files(folder: Path) -> list[Path]:
     """A FIFO, a character device and a socket, each named like a picture, in `folder`."""
     os.mkfifo(folder / "fifo.jpg")

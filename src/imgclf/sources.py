@@ -485,6 +485,11 @@ def _file_lists(root: Path, layout: FolderLayout, cfg: DataConfig, *, whole: boo
     splits = [p for p in (layout.train, layout.val, layout.test) if p is not None]
     fences = {os.path.realpath(p) for split in splits for p in _subfolders(split)}  # (links to a split or the
     # data folder itself lead up to a class folder being walked, or down into the others: fenced either way)
+    for outer in sorted(fences):  # a class folder that is a link to the data folder, say: no walk can sort it out
+        inner = next((f for f in sorted(fences) if f.startswith(outer.rstrip(os.sep) + os.sep)), None)
+        if inner is not None:
+            raise UserError(f"the class folder {shown(outer)} holds another class folder, {shown(inner)} (a link "
+                            f"to the data folder?); remove the link, or move the class folders apart")
     walk = PictureWalk(tuple(sorted(fences)))
     held_out, lists = layout.val or layout.test, {}
     if held_out is not None:
