@@ -92,7 +92,8 @@ def load_data(cfg: DataConfig, *, img_size: int | None = None, channels: int | N
     except OSError as err:
         raise UserError(f"cannot read --data {shown(root)}: {_reason(err)}; check its permissions") from None
     if not stat.S_ISDIR(mode):
-        raise UserError(f"--data {cfg.data!r} is a file; give a folder of class folders or a built-in name")
+        kind = special_kind(mode) or "a file"
+        raise UserError(f"--data {cfg.data!r} is {kind}; give a folder of class folders or a built-in name")
     _read_folder(root)  # "cannot read ROOT: permission denied" before anything else looks inside
     if _idx_files(root):
         return _finish(_load_idx(root), size=size, channels=channels, name=root.name.lower())
