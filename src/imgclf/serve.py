@@ -291,6 +291,7 @@ def create_app(predictor, *, model_name: str, max_upload_bytes: int = 10_000_000
             yield
         finally:
             await queue.stop()
+            gate.threads.shutdown(wait=False, cancel_futures=True)
 
     return Starlette(routes=[Route("/", index), Route("/health", health), Route("/predict", predict, methods=["POST"])],
                      lifespan=lifespan)
