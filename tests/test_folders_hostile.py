@@ -227,6 +227,17 @@ def test_unreadable_folders_are_named_not_called_empty(shared_tmp):
     result = json.loads(as_other_user(_load, root, shared_tmp / "cache"))
     assert result["train"] + result["val"] == 12
     assert result["skipped"] == [[str(root / "a" / "more"), "cannot read this folder: permission denied"]]
+    result = json.loads(as_other_user(_expand, root))  # predict's folder walk says the same
+    assert result == {"paths": 12, "err": f"imgclf: skipping {root / 'a' / 'more'}: cannot read this folder: "
+                                          f"permission denied\n"}
+
+
+def _expand(folder: Path) -> str:
+    from imgclf.predict import expand_paths
+
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        paths = expand_paths([str(folder)])
+    return json.dumps({"paths": len(paths), "err": err.getvalue()})
 
 
 def test_a_picture_unreadable_once_is_used_once_readable(shared_tmp):

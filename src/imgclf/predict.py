@@ -225,12 +225,15 @@ def expand_paths(paths: list[str]) -> list[str]:
         with contextlib.suppress(OSError):  # not there, or unreadable: fetch() says which, for this input alone
             is_dir = stat.S_ISDIR(path.stat().st_mode)
         if is_dir:
-            skipped = len(walk.skipped)
-            found = walk.pictures(path)
-            if not found and len(walk.skipped) == skipped:
+            before, skipped = len(out), len(walk.skipped)
+            out.extend(map(str, walk.pictures(path)))
+            for entry, reason in walk.skipped[skipped:]:  # pictures are answered as errors; folders said here
+                if is_image_file(Path(entry)):
+                    out.append(entry)
+                else:
+                    print(f"imgclf: skipping {shown(entry)}: {reason}", file=sys.stderr)
+            if len(out) == before:
                 raise UserError(f"{shown(path)} holds no pictures (.jpg, .png, ...)")
-            out.extend(map(str, found))
-            out.extend(p for p, _ in walk.skipped[skipped:] if is_image_file(Path(p)))
         else:
             out.append(str(path))
     return out
