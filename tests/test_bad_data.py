@@ -281,6 +281,7 @@ def test_idx_labels_with_gaps_or_one_class_are_named(tmp_path, capsys, labels, m
     ("empty", "cannot read IDX file"),
     ("not gzip", "cannot read IDX file"),
     ("bomb header", "more than any data set"),
+    ("sparse, uncompressed", "is 1,073,741,824 bytes long where its header announces 4x8x8 = 256 bytes"),
     ("labels of two dimensions", "holds an array of shape (4, 1), not one label per picture"),
     ("images of one dimension", "holds an array of shape (4,), not pictures (count, height, width)"),
     ("sizes differ", "the train pictures are (8, 8) pixels but the t10k ones (6, 6)"),
@@ -301,6 +302,11 @@ def test_malformed_idx_folders_are_one_line(tmp_path, capsys, damage, message):
         images.write_bytes(b"\x00\x00\x08\x03garbage")
     elif damage == "bomb header":
         images.write_bytes(gzip.compress(idx_bytes(np.zeros((0, 0, 0)))[:4] + b"\xff\xff\xff\xff" * 3))
+    elif damage == "sparse, uncompressed":  # 1 GB on paper, never read
+        images.unlink()
+        images = folder / "t10k-images-idx3-ubyte"
+        images.write_bytes(idx_bytes(np.zeros((4, 8, 8))))
+        os.truncate(images, 1 << 30)
     elif damage == "labels of two dimensions":
         labels.write_bytes(gzip.compress(idx_bytes(np.array([[0], [1], [0], [1]]))))
     elif damage == "images of one dimension":

@@ -178,7 +178,7 @@ def _idx_files(root: Path) -> dict[str, Path] | None:
     return found
 
 
-MAX_IDX_BYTES = 1 << 34  # 16 GiB: an IDX header announcing more is damaged (or a decompression bomb)
+MAX_IDX_BYTES = 1 << 33  # 8 GiB: an IDX header announcing more is damaged (or a decompression bomb)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -194,6 +194,9 @@ def read_idx(path: Path) -> np.ndarray:
             expected = int(np.prod(dims, dtype=np.float64))
             if expected > MAX_IDX_BYTES:
                 raise ValueError(f"its header announces {'x'.join(map(str, dims))} bytes, more than any data set")
+            if opener is open and os.fstat(f.fileno()).st_size != 4 + 4 * ndim + expected:  # before reading it
+                raise ValueError(f"it is {os.fstat(f.fileno()).st_size:,} bytes long where its header announces "
+                                 f"{'x'.join(map(str, dims))} = {expected:,} bytes of data (truncated or damaged)")
             raw = f.read(expected + 1)
         if len(raw) != expected:
             raise ValueError(f"it holds {len(raw):,}{'+' if len(raw) > expected else ''} bytes of data where its "
