@@ -230,3 +230,91 @@ def test_ants_and_bees_seeded_with_broken_files(hymenoptera_dir, tmp_path):
     assert "245 train / 153 val" in r.stderr
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
     assert os.path.islink(copy / "train" / "ants" / "imageNotFound.gif")
+
+
+# ---------------------------------------------------------------- IDX folders (issue 14.5, 14.7)
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    import struct
+
+    return struct.pack(f">HBB{array.ndim}I", 0, 8, array.ndim, *array.shape) + array.astype(np.uint8).tobytes()
+
+
+def write_idx(folder: Path, labels: dict[str, list[int]], *, side: int = 8, gz: bool = True) -> Path:
+    """An IDX folder (MNIST's four files) with pictures of `side` pixels and the labels given per split."""
+    import gzip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, values in labels.items():
+        for kind, array in (("images-idx3", rng.integers(0, 255, (len(values), side, side))),
+                            ("labels-idx1", np.array(values))):
+            data = idx_bytes(array)
+            name = f"{split}-{kind}-ubyte"
+            if gz:
+                (folder / f"{name}.gz").write_bytes(gzip.compress(data))
+            else:
+                (folder / name).write_bytes(data)
+    return folder
+
+
+def test_an_idx_folder_loads(tmp_path):
+    data = load_data(DataConfig(data=str(write_idx(tmp_path / "idx", {"train": [0, 1, 2] * 4, "t10k": [0, 1, 2]}))))
+    assert len(data.train) == 12 and data.classes == ["0", "1", "2"] and data.channels == 1
+
+
+@pytest.mark.parametrize("labels, message", [
+    ({"train": [0, 1, 2, 255] * 3, "t10k": [0, 1, 2]}, "train-labels-idx1-ubyte.gz has label value(s) 255 beyond a gap"),
+    ({"train": [0, 1, 2] * 3, "t10k": [0, 1, 7]}, "t10k-labels-idx1-ubyte.gz has label value(s) 7 beyond a gap"),
+    ({"train": [1, 2] * 3, "t10k": [1, 2]}, "has label value(s) 1, 2 beyond a gap: labels must be 0..N-1"),
+    ({"train": [0] * 6, "t10k": [0]}, "train-labels-idx1-ubyte.gz has a single class (0); a classifier needs"),
+])
+def test_idx_labels_with_gaps_or_one_class_are_named(tmp_path, capsys, labels, message):
+    write_idx(tmp_path / "data", labels)
+    err = folder_error(tmp_path, capsys)
+    assert message in err, err
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", "bytes of data where its header announces 4x8x8 = 256 (truncated or damaged)"),
+    ("text", "not an unsigned-byte IDX file"),
+    ("empty", "cannot read IDX file"),
+    ("not gzip", "cannot read IDX file"),
+    ("bomb header", "more than any data set"),
+    ("sparse, uncompressed", "is 1,073,741,824 bytes long where its header announces 4x8x8 = 256 bytes"),
+    ("labels of two dimensions", "holds an array of shape (4, 1), not one label per picture"),
+    ("images of one dimension", "holds an array of shape (4,), not pictures (count, height, width)"),
+    ("sizes differ", "the train pictures are (8, 8) pixels but the t10k ones (6, 6)"),
+    ("counts differ", "t10k has 4 images (t10k-images-idx3-ubyte.gz) but 3 labels"),
+])
+def test_malformed_idx_folders_are_one_line(tmp_path, capsys, damage, message):
+    import gzip
+
+    folder = write_idx(tmp_path / "data", {"train": [0, 1, 0, 1], "t10k": [0, 1, 0, 1]})
+    images, labels = folder / "t10k-images-idx3-ubyte.gz", folder / "t10k-labels-idx1-ubyte.gz"
+    if damage == "truncated":
+        images.write_bytes(gzip.compress(gzip.decompress(images.read_bytes())[:100]))
+    elif damage == "text":
+        images.write_bytes(gzip.compress(b"hello, this is not IDX"))
+    elif damage == "empty":
+        images.write_bytes(b"")
+    elif damage == "not gzip":
+        images.write_bytes(b"\x00\x00\x08\x03garbage")
+    elif damage == "bomb header":
+        images.write_bytes(gzip.compress(idx_bytes(np.zeros((0, 0, 0)))[:4] + b"\xff\xff\xff\xff" * 3))
+    elif damage == "sparse, uncompressed":  # 1 GB on paper, never read
+        images.unlink()
+        images = folder / "t10k-images-idx3-ubyte"
+        images.write_bytes(idx_bytes(np.zeros((4, 8, 8))))
+        os.truncate(images, 1 << 30)
+    elif damage == "labels of two dimensions":
+        labels.write_bytes(gzip.compress(idx_bytes(np.array([[0], [1], [0], [1]]))))
+    elif damage == "images of one dimension":
+        images.write_bytes(gzip.compress(idx_bytes(np.array([0, 1, 2, 3]))))
+    elif damage == "sizes differ":
+        images.write_bytes(gzip.compress(idx_bytes(np.zeros((4, 6, 6)))))
+    else:
+        labels.write_bytes(gzip.compress(idx_bytes(np.array([0, 1, 0]))))
+    err = folder_error(tmp_path, capsys)
+    assert message in err, err
+    assert str(folder) in err

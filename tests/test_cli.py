@@ -46,7 +46,7 @@ ACCEPTED = {
     ("samples", "--per-class"): {"huge"},
     ("inspect", "--num-classes"): set(),
     ("serve", "--port"): set(), ("serve", "--topk"): {"huge"}, ("serve", "--max-upload-mb"): {"huge"},
-    ("serve", "--max-batch"): set(),
+    ("serve", "--max-batch"): set(), ("serve", "--max-megapixels"): set(),
     ("show", "--per-class"): set(), ("show", "--random"): set(), ("show", "--seed"): {"0"},
     ("show", "--img-size"): set(), ("show", "--val-fraction"): set(),
     ("features", "--seed"): {"0"}, ("features", "--max-channels"): {"huge"},

@@ -4,6 +4,7 @@ after every epoch (and choose best.pt and early stopping), which are the test sp
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -56,10 +57,36 @@ def test_single_folder_holds_out_a_fraction_and_whole_takes_all(tmp_path):
     assert len(whole.val) == 20 and whole.val_name == "all"
 
 
-def test_class_folders_beside_val_without_train_is_one_clear_error(tmp_path):
-    layout(tmp_path, here=3, val=2)
-    with pytest.raises(UserError, match="has val/ but no train/ folder"):
+@pytest.mark.parametrize("val_name", ["val", "Val", "VALIDATION", "test"])
+def test_class_folders_beside_val_without_train_is_one_clear_error(tmp_path, val_name):
+    """val/ (in any case) beside class folders is never read as one more class: the layout is ambiguous."""
+    layout(tmp_path, here=3, **{val_name: 2})
+    with pytest.raises(UserError, match=f"ambiguous layout: .* has {val_name}/ beside the class folders cat, dog "
+                                        f"but no train/ folder.* move the training class folders into"):
         load_data(DataConfig(data=str(tmp_path)))
+
+
+def test_split_folders_are_known_in_any_case(tmp_path):
+    data = load_data(DataConfig(data=str(layout(tmp_path, Train=5, Val=2))), progress=False)
+    assert counts(data) == {"train": 10, "val": 4} and data.val_name == "Val"
+
+
+def test_folders_beside_train_are_named_as_not_read(tmp_path, capsys):
+    layout(tmp_path, train=5, val=2)
+    write_class_folder(tmp_path, ["extra"], 2)
+    data = load_data(DataConfig(data=str(tmp_path)))
+    assert counts(data) == {"train": 10, "val": 4}
+    assert "imgclf: warning: not reading extra in " in capsys.readouterr().err
+
+
+def test_a_single_class_is_one_clear_error(tmp_path):
+    write_class_folder(tmp_path / "data", ["cat"], 4)
+    with pytest.raises(UserError, match=r"has a single class \(cat\); a classifier needs at least two"):
+        load_data(DataConfig(data=str(tmp_path / "data")))
+    write_class_folder(tmp_path / "split" / "train", ["cat"], 4)
+    write_class_folder(tmp_path / "split" / "val", ["cat"], 2)
+    with pytest.raises(UserError, match="has a single class"):
+        load_data(DataConfig(data=str(tmp_path / "split")))
 
 
 def test_labels_from_a_csv_file(tmp_path):
@@ -78,6 +105,17 @@ def test_labels_from_a_csv_file(tmp_path):
     (tmp_path / "kaggle" / "bad.csv").write_text("filename,label\nimages/none.png,cat\n")
     with pytest.raises(UserError, match="does not exist"):
         load_data(DataConfig(data=cfg.data, labels=str(tmp_path / "kaggle" / "bad.csv")))
+    (tmp_path / "kaggle" / "one.csv").write_text("\n".join(r.replace(",dog", ",cat") for r in rows) + "\n")
+    with pytest.raises(UserError, match=r"one.csv has a single class \(cat\); a classifier needs at least two"):
+        load_data(DataConfig(data=cfg.data, labels=str(tmp_path / "kaggle" / "one.csv")))
+    os.mkfifo(tmp_path / "kaggle" / "fifo.csv")  # never opened: reading it would wait for ever
+    with pytest.raises(UserError, match=r"fifo.csv: not a regular file \(a FIFO\); give a CSV file"):
+        load_data(DataConfig(data=cfg.data, labels=str(tmp_path / "kaggle" / "fifo.csv")))
+    os.mkfifo(folder / "fifo.png")  # a FIFO named in the CSV: skipped, never opened
+    (tmp_path / "kaggle" / "with-fifo.csv").write_text("\n".join([*rows, "images/fifo.png,cat"]) + "\n")
+    data = load_data(DataConfig(data=cfg.data, labels=str(tmp_path / "kaggle" / "with-fifo.csv")), progress=False)
+    assert len(data.train) + len(data.val) == 12  # every picture but the FIFO
+    assert (str(folder / "fifo.png"), "not a regular file (a FIFO)") in data.skipped
 
 
 def run_train(*args) -> int:

@@ -48,6 +48,13 @@ def predict_top(ckpt: Path, images: list[Path]) -> dict[str, list[dict]]:
 @contextlib.contextmanager
 def serving(ckpt: Path, log: Path, *extra: str):
     """Run `imgclf serve` in a subprocess on a free loopback port until the block ends; yields the base URL."""
+    with serving_process(ckpt, log, *extra) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def serving_process(ckpt: Path, log: Path, *extra: str):
+    """As `serving`, yielding (base URL, the server's Popen)."""
     port = free_port()
     with open(log, "w") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "imgclf", "serve", str(ckpt), "--port", str(port),
@@ -62,7 +69,7 @@ def serving(ckpt: Path, log: Path, *extra: str):
                     break
             assert time.monotonic() < deadline, f"imgclf serve did not answer:\n{log.read_text()}"
             time.sleep(0.2)
-        yield url
+        yield url, proc
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -281,6 +288,82 @@ def test_serve_refuses_a_taken_port_and_missing_packages(model, capsys, monkeypa
     assert main(["serve", str(ckpt)]) == 2
     assert capsys.readouterr().err == ("imgclf: error: imgclf serve needs the package(s) starlette, uvicorn, "
                                        "python-multipart: pip install 'imgclf[serve]'\n")
+
+
+# ---------------------------------------------------------------- hostile uploads (issue 14.4, 14.5)
+
+def png_of(mode: str, side: int) -> bytes:
+    """A PNG of side x side pixels of one colour: a few hundred KB at most that decode into gigabytes."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new(mode, (side, side), 7 if mode in ("L", "P") else (10, 20, 30, 40)[: len(mode)]).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def status_kb(pid: int, field: str) -> int:
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+@pytest.mark.slow
+def test_concurrent_large_pixel_uploads_keep_the_server_under_a_memory_bound(model, tmp_path):
+    """12 concurrent 88-Mpixel PNGs of ~280 KB (6 GB of decoding before) are refused from their header; 12
+    concurrent pictures just under the pixel limit are decoded a few at a time: the server's peak resident
+    memory (VmHWM) rises by at most what two of the largest decodes take, not by twelve."""
+    ckpt, _, _ = model
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux /proc")
+    bomb, large = png_of("RGB", 9400), png_of("P", 4400)  # 88.4 and 19.4 million pixels
+    assert len(bomb) < 300_000
+    with serving_process(ckpt, tmp_path / "serve.log", "--max-upload-mb", "1", "--max-megapixels", "20") \
+            as (url, proc):
+        httpx.post(f"{url}/predict", content=png_of("RGB", 64), timeout=60)  # warm: the model has run once
+        idle = status_kb(proc.pid, "VmRSS")
+
+        def send(body: bytes) -> httpx.Response:
+            return httpx.post(f"{url}/predict", content=body, timeout=300)
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
+            refused = list(pool.map(send, [bomb] * 12))
+            after_bombs = status_kb(proc.pid, "VmHWM")
+            answered = list(pool.map(send, [large] * 12))
+        peak = status_kb(proc.pid, "VmHWM")
+        health = httpx.get(f"{url}/health").json()
+    for response in refused:
+        assert response.status_code == 413, response.text
+        assert response.json()["error"] == ("the picture is 9400x9400 pixels (88.4 million to decode), over the 20 "
+                                            "million limit (imgclf serve --max-megapixels)")
+    assert all(r.status_code == 200 and r.json()["top"] for r in answered)
+    assert (after_bombs - idle) / 1024 < 100, (idle, after_bombs)  # refused unread: nothing decoded
+    per_pixel = 17  # bytes a palette PNG's decode takes at its peak (RGBA, composite, RGB), measured ~16
+    bound_mb = 2 * health["max_pixels"] * per_pixel / 2**20 + 150
+    print(f"peak rose by {(peak - idle) / 1024:.0f} MB (bound {bound_mb:.0f} MB)")
+    assert (peak - idle) / 1024 < bound_mb, f"peak rose by {(peak - idle) / 1024:.0f} MB, bound {bound_mb:.0f} MB"
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_client_gone_mid_upload_is_one_line_in_the_log(model, tmp_path):
+    ckpt, images, _ = model
+    log = tmp_path / "serve.log"
+    with serving(ckpt, log) as url:
+        port = int(url.rsplit(":", 1)[1])
+        for body in (b"", b"--xyz\r\n"):  # a raw upload, and a multipart one, cut short
+            kind = b"multipart/form-data; boundary=xyz" if body else b"image/png"
+            with socket.create_connection(("127.0.0.1", port)) as client:
+                client.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: " + kind +
+                               b"\r\nContent-Length: 100000\r\n\r\n" + body + images[0].read_bytes()[:500])
+                time.sleep(0.5)
+        deadline = time.monotonic() + 30  # the server notices the closed connections: a readiness wait
+        while log.read_text().count("disconnected during its upload") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert httpx.post(f"{url}/predict", content=images[0].read_bytes()).status_code == 200  # it goes on
+    text = log.read_text()
+    lines = [line for line in text.splitlines() if "disconnected" in line]
+    assert len(lines) == 2 and all(line.startswith("imgclf: 127.0.0.1:") and
+                                   line.endswith(" disconnected during its upload; nothing answered") for line in lines)
+    assert "Traceback" not in text and "Exception" not in text, text
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ memory. The unit of data everywhere is a `Split`: uint8 images (N, C, H, W) with
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -23,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgclf.errors import UserError
-from imgclf.files import atomic_write_text
+from imgclf.errors import UserError, shown
+from imgclf.files import atomic_write_text, not_regular
 from imgclf.transforms import BadImage, compute_mean_std, load_image
 
 CACHE_FORMAT = 3
@@ -52,7 +53,7 @@ def _fingerprint(files: list[Path], labels: list[int], size: int, channels: int)
     h = hashlib.sha256(f"{CACHE_FORMAT}:{size}:{channels}".encode())
     for path, label in zip(files, labels, strict=True):
         st = path.stat()
-        h.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
+        h.update(os.fsencode(path.resolve()) + f"\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
     return h.hexdigest()[:24]
 
 
@@ -61,35 +62,115 @@ def cached_split(files: list[Path], labels: list[int], *, size: int, channels: i
     """Decode `files` once into `cache_root/<fingerprint>/`; later calls read (or memory-map) the result.
 
     Pictures skipped as unreadable are tried again when the cache is reused (a file unreadable once, for
-    lack of permission say, may be fixed since); if one now decodes, the cache is built anew."""
+    lack of permission say, may be fixed since); if one now decodes, the cache is built anew. A damaged
+    cache (a torn meta.json, a truncated images.npy) is named in one line and built anew by itself."""
     key = _fingerprint(files, labels, size, channels)
     folder = cache_root / key
-    if (folder / "meta.json").is_file() and _skipped_now_readable(folder, size, channels):
+    for retry in (False, True):
+        if not (folder / "meta.json").is_file():
+            _build(folder, files, labels, size=size, channels=channels, progress=progress)
+        try:
+            meta, images = _open(folder, size, channels)
+        except DamagedCache as err:
+            if retry:  # built just now and unreadable already: the disk itself is at fault
+                raise UserError(f"the cache just built in {folder} cannot be read back ({err}); check the disk, "
+                                f"or give another --cache-dir") from None
+            if progress:
+                print(f"imgclf: the cache file {shown(err.path)} is damaged ({err}); building the cache again",
+                      file=sys.stderr)
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        if retry or not _skipped_now_readable(meta, size, channels):
+            break
         shutil.rmtree(folder, ignore_errors=True)
-    if not (folder / "meta.json").is_file():
-        _build(folder, files, labels, size=size, channels=channels, progress=progress)
     with contextlib.suppress(OSError):
         os.utime(folder / "meta.json")  # when it was last used, for `imgclf cache prune`
-    meta = json.loads((folder / "meta.json").read_text())
-    images = np.load(folder / "images.npy", mmap_mode="r")[: meta["count"]]
     if images.nbytes <= MMAP_BYTES:
         images = torch.from_numpy(np.array(images))  # read whole, writable
     for path, reason in meta["bad"] if progress else ():  # reported by the main process only
-        print(f"imgclf: skipping {path}: {reason}", file=sys.stderr)
+        print(f"imgclf: skipping {shown(path)}: {shown(reason)}", file=sys.stderr)
     split = Split(images, torch.tensor(meta["labels"], dtype=torch.int64), meta["files"])
     return split, [tuple(b) for b in meta["bad"]]
 
 
-def _skipped_now_readable(folder: Path, size: int, channels: int) -> bool:
-    bad = json.loads((folder / "meta.json").read_text()).get("bad", [])
-    return any(_decode_one((path, size, channels))[0] is not None for path, _ in bad[:64])
+class DamagedCache(Exception):
+    """A cache file that cannot be what `_build` wrote; `path` names it, the message says why."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(reason)
+        self.path = path
+
+
+def _open(folder: Path, size: int, channels: int) -> tuple[dict, np.ndarray]:
+    """(meta, images) of a finished cache, checked against each other; DamagedCache when they do not fit."""
+    path = folder / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+        count = meta["count"]
+        if not (isinstance(count, int) and count >= 0 and len(meta["labels"]) == len(meta["files"]) == count
+                and all(isinstance(b, list) and len(b) == 2 for b in meta["bad"])
+                and len(meta.get("bad_ctime") or meta["bad"]) == len(meta["bad"])):
+            raise ValueError("its counts do not agree")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DamagedCache(path, str(err).splitlines()[0][:160] if str(err) else type(err).__name__) from None
+    path = folder / "images.npy"
+    try:
+        images = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise DamagedCache(path, str(err).splitlines()[0][:160] if str(err) else type(err).__name__) from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] < count or \
+            images.shape[1:] != (channels, size, size):
+        raise DamagedCache(path, f"it holds {images.dtype} {tuple(images.shape)}, not {count} pictures of "
+                                 f"{channels}x{size}x{size}")
+    return meta, images[:count]
+
+
+def _skipped_now_readable(meta: dict, size: int, channels: int) -> bool:
+    """Whether a picture the build skipped decodes now. Tried again: every skipped file whose status changed
+    since the build (its ctime: a chmod, say, which leaves the cache key alone), and the first 64 in any
+    case (for what changed elsewhere: a folder's permissions, a codec installed)."""
+    stamps = meta.get("bad_ctime") or [None] * len(meta["bad"])
+    changed = [path for (path, _), was in zip(meta["bad"], stamps, strict=False) if _ctime(path) != was]
+    candidates = dict.fromkeys([*changed, *(path for path, _ in meta["bad"][:64])])
+    return any(_decode_one((path, size, channels))[0] is not None for path in candidates)
+
+
+def _ctime(path: str) -> int | None:
+    """When the status of `path` last changed (permissions, contents), None when it cannot be read."""
+    try:
+        return os.stat(path).st_ctime_ns
+    except OSError:
+        return None
 
 
 def _build(folder: Path, files: list[Path], labels: list[int], *, size: int, channels: int, progress: bool) -> None:
+    """`_build_in` with a full disk, or a cache folder that cannot be written, said in one line."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(folder, source_of(files), size, channels, progress=progress)
+        _build_in(folder, files, labels, size=size, channels=channels, progress=progress)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            shutil.rmtree(folder.parent / f".partial-{folder.name}", ignore_errors=True)  # give the space back
+            raise UserError(f"no space left on device while building the cache in {shown(folder.parent)}; free "
+                            f"some space, or give a folder on a larger disk with --cache-dir") from None
+        raise UserError(f"cannot write the cache in {shown(folder.parent)}: {(err.strerror or str(err)).lower()}"
+                        f"; give a writable folder with --cache-dir") from None
+
+
+def source_of(files: list[Path]) -> str:
+    """The folder common to `files`, which a cache build records (for `imgclf cache list`)."""
+    return str(Path(os.path.commonpath([str(f) for f in files]))) if files else ""
+
+
+def _build_in(folder: Path, files: list[Path], labels: list[int], *, size: int, channels: int,
+              progress: bool) -> None:
     """Decode `files` chunk by chunk straight into a memory-mapped file in `.partial-<key>/` beside `folder`
     (memory stays flat however many pictures there are), recording after each chunk how far it got, so that
     a build killed half-way is continued, not restarted, by the next run; then rename it to `folder`.
-    A lock on the partial folder makes a second process wait instead of writing into the same files."""
+    A lock on the partial folder makes a second process wait instead of writing into the same files.
+    The pictures' file is given all its disk space first (a full disk is an error now, not a crash when a
+    mapped page cannot be written), and everything is fsynced before the rename."""
     work = folder.parent / f".partial-{folder.name}"
     work.mkdir(parents=True, exist_ok=True)
     with open(work / "lock", "w") as lock:
@@ -97,9 +178,11 @@ def _build(folder: Path, files: list[Path], labels: list[int], *, size: int, cha
         if (folder / "meta.json").is_file():  # another process finished it while this one waited
             return
         state = _progress(work, len(files))
+        state.update(source=source_of(files), size=size, channels=channels)
         shape = (len(files), channels, size, size)
         if not state["done"]:
             np.lib.format.open_memmap(work / "images.npy", mode="w+", dtype=np.uint8, shape=shape).flush()
+            _reserve(work / "images.npy")
         meter = _Meter(len(files), state["done"], enabled=progress and len(files) > 1000)
         for start in range(state["done"], len(files), BUILD_CHUNK):
             chunk = files[start : start + BUILD_CHUNK]
@@ -111,26 +194,84 @@ def _build(folder: Path, files: list[Path], labels: list[int], *, size: int, cha
             del images
             bad_set = {f for f, _ in bad}
             state["kept_index"] += [start + i for i, f in enumerate(chunk) if str(f) not in bad_set]
-            state.update(done=start + len(chunk), kept=state["kept"] + len(arrays), bad=state["bad"] + bad)
+            state.update(done=start + len(chunk), kept=state["kept"] + len(arrays), bad=state["bad"] + bad,
+                         bad_ctime=state["bad_ctime"] + [_ctime(f) for f, _ in bad])
             atomic_write_text(work / "progress.json", json.dumps(state))
             meter.update(state["done"])
         meta = {"count": state["kept"], "labels": [labels[i] for i in state["kept_index"]],
                 "files": [str(files[i]) for i in state["kept_index"]], "bad": [list(b) for b in state["bad"]],
-                "source": str(Path(os.path.commonpath([str(f) for f in files])) if files else ""),
-                "size": size, "channels": channels}
+                "bad_ctime": state["bad_ctime"], "source": state["source"], "size": size, "channels": channels}
+        _fsync(work / "images.npy")
         atomic_write_text(work / "meta.json", json.dumps(meta))
         (work / "progress.json").unlink()
+        _fsync(work)
         os.replace(work, folder)
+        _fsync(folder.parent)
         meter.close()
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the whole of `path` on disk now (ENOSPC here, not a SIGBUS when a mapped page is written)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate: written as used
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+STALE_PARTIAL_S = 7 * 86400  # an interrupted build no process has touched for this long is removed
+
+
+def _remove_stale_partials(folder: Path, source: str, size: int, channels: int, *, progress: bool) -> None:
+    """Remove interrupted builds (`.partial-*` beside `folder`) that no process is working on and that this
+    build replaces (the same source folder, side and channels, but other files: the data changed since)
+    or that nobody has continued for STALE_PARTIAL_S; a killed build is never left for ever."""
+    for work in folder.parent.glob(".partial-*"):
+        if work.name == f".partial-{folder.name}" or not work.is_dir():
+            continue
+        state = {}
+        with contextlib.suppress(OSError, ValueError):
+            state = json.loads((work / "progress.json").read_text())
+        same = isinstance(state, dict) and (state.get("source"), state.get("size"), state.get("channels")) == \
+            (source, size, channels)
+        with contextlib.suppress(OSError):
+            if not same and time.time() - max(p.stat().st_mtime for p in (work, *work.iterdir())) < STALE_PARTIAL_S:
+                continue
+            with open(work / "lock", "a") as lock:
+                try:  # a build in progress holds this lock: leave it alone
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                mb = sum(p.stat().st_size for p in work.iterdir()) / 2**20
+                shutil.rmtree(work, ignore_errors=True)
+            if progress:
+                why = "the data changed since" if same else "not continued for a week"
+                print(f"imgclf: removed an interrupted cache build ({mb:.0f} MB) of {shown(state.get('source', '?'))}"
+                      f": {why}", file=sys.stderr)
 
 
 def _progress(work: Path, total: int) -> dict:
     """How far an earlier, killed build of this cache got (nothing, when it left no readable record)."""
-    fresh = {"done": 0, "kept": 0, "kept_index": [], "bad": []}
+    fresh = {"done": 0, "kept": 0, "kept_index": [], "bad": [], "bad_ctime": []}
     try:
         state = json.loads((work / "progress.json").read_text())
-        return state if 0 <= state["done"] <= total and (work / "images.npy").is_file() else fresh
-    except (OSError, ValueError, KeyError, TypeError):
+        done, kept, kept_index, bad = state["done"], state["kept"], state["kept_index"], state["bad"]
+        fits = all(isinstance(v, int) for v in (done, kept)) and isinstance(kept_index, list) and \
+            isinstance(bad, list) and len(kept_index) == kept <= done <= total and \
+            len(state.setdefault("bad_ctime", [None] * len(bad))) == len(bad)
+        return state if fits and (work / "images.npy").is_file() else fresh
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return fresh
 
 
@@ -164,18 +305,28 @@ class _Meter:
 
 def cached_stats(split: Split, cache_root: Path, files: list[Path], size: int, channels: int):
     path = cache_root / f"stats-{_fingerprint(files, [0] * len(files), size, channels)}.json"
-    if path.is_file():
+    try:
         stats = json.loads(path.read_text())
-        return tuple(stats["mean"]), tuple(stats["std"])
+        mean, std = tuple(map(float, stats["mean"])), tuple(map(float, stats["std"]))
+        if len(mean) == len(std) == channels:
+            return mean, std
+        raise ValueError(f"{len(mean)} channels, not {channels}")
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(f"imgclf: the cache file {shown(path)} is damaged ({shown(str(err))}); computing it again",
+              file=sys.stderr)
     mean, std = compute_mean_std(split.images)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"mean": mean, "std": std}))
-    os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # a cache that cannot be written costs time, not the run
+        atomic_write_text(path, json.dumps({"mean": mean, "std": std}))
     return mean, std
 
 
 def _decode_one(job: tuple[str, int, int]):
     path, size, channels = job
+    problem = not_regular(path)  # a FIFO named x.jpg would block the build forever; a device never ends
+    if problem is not None:
+        return None, problem
     try:
         return load_image(path, size=size, channels=channels), None
     except BadImage as err:
@@ -230,9 +381,10 @@ def list_caches(cache_root: Path) -> list[dict]:
         partial = folder.name.startswith(".partial-")
         if not partial and not (folder / "meta.json").is_file():
             continue
-        meta = {}
+        meta, record = {}, folder / ("progress.json" if partial else "meta.json")
         with contextlib.suppress(OSError, ValueError):
-            meta = json.loads((folder / ("progress.json" if partial else "meta.json")).read_text())
+            meta = json.loads(record.read_text()) if record.is_file() else {}  # (a FIFO would never end)
+        meta = meta if isinstance(meta, dict) else {}
         stamp = max((p.stat().st_mtime for p in folder.iterdir()), default=folder.stat().st_mtime)
         found.append({"key": folder.name.removeprefix(".partial-"), "path": str(folder), "partial": partial,
                       "source": meta.get("source", "?"), "pictures": meta.get("count", meta.get("done", 0)),

@@ -29,7 +29,16 @@ from imgclf.config import (
     parse_size,
     resolve_config,
 )
-from imgclf.errors import EXIT_DISTRIBUTED, EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_USAGE, Stopped, UserError
+from imgclf.errors import (
+    EXIT_DISTRIBUTED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_SIGINT,
+    EXIT_USAGE,
+    Stopped,
+    UserError,
+    shown,
+)
 
 
 def entry() -> None:
@@ -249,7 +258,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         age = (time.time() - c["last_used"]) / 86400
         state = "unfinished build, " if c["partial"] else ""
         print(f"{c['key']}  {c['bytes'] / 2**20:>8.1f} MB  {c['pictures']:>7} pictures  "
-              f"{state}used {age:.1f} days ago  {c['source']}")
+              f"{state}used {age:.1f} days ago  {shown(c['source'])}")
     total = sum(c["bytes"] for c in caches) / 2**20
     verb = "in" if args.action == "list" else "deleted from"
     print(f"{len(caches)} caches, {total:.1f} MB {verb} {root}", file=sys.stderr)
@@ -339,16 +348,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for r in predictor.iter_predict(args.paths, topk=args.topk, batch_size=args.batch_size):
         failed = failed or bool(r.error)
         if r.error:
-            print(f"imgclf: {r.path}: {r.error}", file=sys.stderr)
+            print(f"imgclf: {shown(r.path)}: {r.error}", file=sys.stderr)
         elif args.json:
             print(json.dumps({"path": r.path, "top": [{"label": lab, "probability": round(p, 6)}
                                                       for lab, p in zip(r.labels, r.probs, strict=True)]}))
         elif writer:
             for rank, (lab, p) in enumerate(zip(r.labels, r.probs, strict=True), start=1):
-                writer.writerow([r.path, rank, lab, f"{p:.6f}"])
+                writer.writerow([shown(r.path), rank, lab, f"{p:.6f}"])
         else:
             tops = "  ".join(f"{lab} {p:.1%}" for lab, p in zip(r.labels, r.probs, strict=True))
-            print(f"{r.path}  {tops}")
+            print(f"{shown(r.path)}  {tops}")  # one line, whatever bytes the file name holds
         sys.stdout.flush()  # each answer as soon as it is known, also into a pipe
     return EXIT_PARTIAL if failed else EXIT_OK
 
@@ -451,6 +460,9 @@ def _add_serve(sub, common) -> None:
     _number(p, "--max-upload-mb", float, 0, low_open=True, default=10.0,
             help="largest accepted upload, in MB (%(default)g)")
     _number(p, "--max-batch", int, 1, MAX_BATCH, default=32, help="most pictures per forward pass (%(default)s)")
+    _number(p, "--max-megapixels", float, 0, 1000, low_open=True, default=40.0,
+            help="largest picture decoded, in million pixels (a JPEG counts at its reduced decoding scale); "
+                 "larger ones are refused from their header with 413 (%(default)g)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
@@ -458,7 +470,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from imgclf.serve import serve_checkpoint
 
     serve_checkpoint(args.checkpoint, host=args.host, port=args.port, topk=args.topk,
-                     max_upload_mb=args.max_upload_mb, max_batch=args.max_batch, device=args.device)
+                     max_upload_mb=args.max_upload_mb, max_batch=args.max_batch, device=args.device,
+                     max_megapixels=args.max_megapixels)
     return EXIT_OK
 
 

@@ -1,5 +1,7 @@
 """The exceptions that end a command with one line for the user (UserError, Stopped), and the exit codes."""
 
+import os
+
 EXIT_OK = 0
 EXIT_PARTIAL = 1  # some inputs failed (predict), the others were handled
 EXIT_USAGE = 2  # bad input: a flag, a path, a file, a data set
@@ -23,3 +25,10 @@ class Stopped(Exception):
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code
+
+
+def shown(path) -> str:
+    """`path` (str, bytes or Path) as one printable line: bytes that are not UTF-8 as \\xNN, newlines and other
+    control characters escaped, so that a hostile file name can neither break a message nor its encoding."""
+    text = os.fsdecode(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode() for c in text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -40,3 +41,27 @@ def remove_temporaries(run_dir: Path) -> None:
     for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
         for path in folder.glob(".*.tmp"):
             path.unlink(missing_ok=True)
+
+
+def special_kind(mode: int) -> str | None:
+    """What a file of this st_mode is when it is not a regular file ("a FIFO", "a device", ...), else None.
+    Such a file is never opened as a picture: reading a FIFO waits forever, a device may never end."""
+    if stat.S_ISREG(mode):
+        return None
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def not_regular(path) -> str | None:
+    """Why `path` cannot be read as a picture without opening it ("not a regular file (a FIFO)", "no such
+    file"), or None for a regular file."""
+    try:
+        kind = special_kind(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as err:
+        return f"cannot read it: {(err.strerror or str(err)).lower()}"
+    return None if kind is None else f"not a regular file ({kind})"

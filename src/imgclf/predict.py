@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import os
+import stat
 import sys
 import warnings
 import zipfile
@@ -22,10 +23,11 @@ import torch
 from torch import nn
 
 from imgclf.checkpoint import load_checkpoint
-from imgclf.errors import UserError
+from imgclf.errors import UserError, shown
+from imgclf.files import not_regular
 from imgclf.models import base_fits, model_from_checkpoint
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
-from imgclf.sources import list_images
+from imgclf.sources import PictureWalk, is_image_file
 from imgclf.transforms import BadImage, BatchTransform, load_image
 
 
@@ -190,8 +192,9 @@ def fetch(path: str):
         if len(data) > MAX_DOWNLOAD:
             raise BadImage(f"over the {MAX_DOWNLOAD >> 20} MB limit for a picture fetched from a URL")
         return io.BytesIO(data)
-    if not Path(path).is_file():
-        raise BadImage("no such file")
+    problem = not_regular(path)  # a FIFO or a device is never opened: reading one may never end
+    if problem is not None:
+        raise BadImage(problem)
     return path
 
 
@@ -209,18 +212,28 @@ def _fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def expand_paths(paths: list[str]) -> list[str]:
-    """Files, URLs and "-" (standard input) as given; folders replaced by the pictures under them, sorted."""
-    out = []
+    """Files, URLs and "-" (standard input) as given; folders replaced by the pictures under them, sorted,
+    each once however many links lead to it (see sources.PictureWalk). Picture-named entries of a folder
+    that are not regular files (a FIFO, a device) come last, to be answered as errors, never opened."""
+    out, walk = [], PictureWalk()
     for text in paths:
         if text == "-" or text.startswith(("http://", "https://")):
             out.append(text)
             continue
+        is_dir = False
         path = Path(text).expanduser()
-        if path.is_dir():
-            found = list_images(path)
-            if not found:
-                raise UserError(f"{path} holds no pictures (.jpg, .png, ...)")
-            out.extend(map(str, found))
+        with contextlib.suppress(OSError):  # not there, or unreadable: fetch() says which, for this input alone
+            is_dir = stat.S_ISDIR(path.stat().st_mode)
+        if is_dir:
+            before, skipped = len(out), len(walk.skipped)
+            out.extend(map(str, walk.pictures(path)))
+            for entry, reason in walk.skipped[skipped:]:  # pictures are answered as errors; folders said here
+                if is_image_file(Path(entry)):
+                    out.append(entry)
+                else:
+                    print(f"imgclf: skipping {shown(entry)}: {reason}", file=sys.stderr)
+            if len(out) == before:
+                raise UserError(f"{shown(path)} holds no pictures (.jpg, .png, ...)")
         else:
             out.append(str(path))
     return out

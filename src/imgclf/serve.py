@@ -4,7 +4,8 @@ Endpoints:
 - `POST /predict`: one picture, as the raw request body (any Content-Type but multipart) or as a multipart
   upload (the first file field); `?topk=N` optional. Answers `{"top": [{"label", "probability"}, ...]}`, most
   probable first, or a 4xx with `{"error": "<one line>"}`: 400 empty or malformed body or bad topk, 413 over
-  the upload limit, 415 not a readable picture.
+  the upload limit or over the pixel limit (read from the picture's header, before decoding), 415 not a
+  readable picture. Decodes run a few at a time (`DecodeGate`), so concurrent uploads cannot take the memory.
 - `GET /health`: `{"status": "ok", ...}` with the model, classes, input and limits, and batching counters.
 - `GET /`: a page where a person picks or drops a picture and sees the top-k with bars.
 
@@ -19,10 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.util
 import io
+import os
 import socket
 import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 
@@ -33,10 +38,76 @@ from imgclf.errors import UserError
 
 REQUIRES = {"starlette": "starlette", "uvicorn": "uvicorn", "python_multipart": "python-multipart"}
 MULTIPART_SLACK = 64 * 1024  # room for multipart boundaries and part headers around a file at the limit
+MAX_PIXELS = 40_000_000  # largest picture decoded by default (pixels as decoded: a JPEG's reduced scale counts)
 
 
 class UploadTooLarge(Exception):
     pass
+
+
+class TooManyPixels(ValueError):
+    """A picture whose header announces more pixels than the service decodes; the message says how many."""
+
+
+class DecodeGate:
+    """Bounds the decodes running at once, so that concurrent uploads cannot take the memory: at most
+    `slots` (the CPU count: more would only queue for the cores) and at most `budget` pixels together (a
+    decode takes up to ~16 bytes per pixel: RGBA, composited on white, converted). A picture is admitted
+    when both fit, or alone when nothing else is decoding."""
+
+    def __init__(self, slots: int, budget: int):
+        self.slots, self.budget = slots, budget
+        self.running, self.pixels = 0, 0
+        self._changed = asyncio.Condition()
+        # decodes run on these threads alone: few threads, few malloc arenas holding freed memory
+        self.threads = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="imgclf-decode")
+
+    async def run(self, pixels: int, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)` on a decode thread once `pixels` more fit (see the class)."""
+        async with self.admit(pixels):
+            call = functools.partial(fn, *args, **kwargs)
+            return await asyncio.get_running_loop().run_in_executor(self.threads, call)
+
+    @contextlib.asynccontextmanager
+    async def admit(self, pixels: int):
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.running == 0 or (
+                self.running < self.slots and self.pixels + pixels <= self.budget))
+            self.running, self.pixels = self.running + 1, self.pixels + pixels
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.running, self.pixels = self.running - 1, self.pixels - pixels
+                self._changed.notify_all()
+
+
+def decoded_pixels(data: bytes, *, size: int, channels: int, max_pixels: int) -> int:
+    """Pixels that decoding `data` for a model input of `size` will produce, read from the header alone (a
+    JPEG decodes at a reduced scale: its draft size counts). TooManyPixels above `max_pixels`; BadImage
+    when there is no header Pillow knows."""
+    from PIL import Image
+
+    from imgclf.transforms import BadImage
+
+    buffer = io.BytesIO(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's own decompression-bomb warning: the limit is checked here
+            with Image.open(buffer) as img:
+                full = img.size
+                img.draft("RGB" if channels == 3 else "L", (size, size))  # JPEG only; no pixels decoded here
+                width, height = img.size
+    except Image.DecompressionBombError as err:  # over twice Pillow's own limit: refused as too large
+        raise TooManyPixels(f"the picture is over the {max_pixels / 1e6:g} million pixel limit (imgclf serve "
+                            f"--max-megapixels): {str(err).splitlines()[0]}") from None
+    except Exception as err:  # noqa: BLE001 - Pillow raises many kinds for bytes that are no picture
+        reason = str(err).splitlines()[0].replace(" " + repr(buffer), "") if str(err) else type(err).__name__
+        raise BadImage(reason) from None  # Pillow names the file object; the user knows it as the upload
+    if width * height > max_pixels:
+        raise TooManyPixels(f"the picture is {full[0]}x{full[1]} pixels ({width * height / 1e6:.1f} million to "
+                            f"decode), over the {max_pixels / 1e6:g} million limit (imgclf serve --max-megapixels)")
+    return width * height
 
 
 @dataclass
@@ -157,23 +228,26 @@ async def upload_bytes(request, max_upload_bytes: int) -> tuple[bytes, str | Non
 
 
 def create_app(predictor, *, model_name: str, max_upload_bytes: int = 10_000_000, topk: int = 5,
-               max_batch: int = 32):
-    """The Starlette application serving `predictor` (an imgclf.predict.Predictor)."""
+               max_batch: int = 32, max_pixels: int = MAX_PIXELS, decode_slots: int | None = None):
+    """The Starlette application serving `predictor` (an imgclf.predict.Predictor). Pictures over
+    `max_pixels` are refused from their header; decodes run `decode_slots` (the CPU count) at a time and
+    at most two of the largest pictures' pixels together (see DecodeGate)."""
     from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import HTMLResponse, JSONResponse
+    from starlette.requests import ClientDisconnect, Request
+    from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
     from imgclf.transforms import BadImage, load_image
 
     queue = BatchQueue(predictor, max_batch=max_batch)
+    gate = DecodeGate(decode_slots or len(os.sched_getaffinity(0)), 2 * max_pixels)
     page = (resources.files("imgclf") / "static" / "index.html").read_text(encoding="utf-8")
     limit_text = f"{max_upload_bytes / 1e6:g} MB"
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
 
-    async def predict(request: Request) -> JSONResponse:
+    async def predict(request: Request) -> Response:
         try:
             k = requested_topk(request.query_params, topk)
             data, filename = await upload_bytes(request, max_upload_bytes)
@@ -181,11 +255,19 @@ def create_app(predictor, *, model_name: str, max_upload_bytes: int = 10_000_000
             return error(413, f"upload is over the {limit_text} limit (imgclf serve --max-upload-mb)")
         except ValueError as err:
             return error(400, str(err))
+        except ClientDisconnect:  # nobody is left to answer: one line in the log, not a traceback
+            client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+            print(f"imgclf: {client} disconnected during its upload; nothing answered", file=sys.stderr, flush=True)
+            return Response(status_code=400)
         if not data:
             return error(400, "empty upload: send a picture (JPEG, PNG, ...) as the body or as a file field")
         buffer = io.BytesIO(data)
+        shape = {"size": predictor.size, "channels": predictor.channels}
         try:
-            image = await asyncio.to_thread(load_image, buffer, size=predictor.size, channels=predictor.channels)
+            pixels = await asyncio.to_thread(decoded_pixels, data, **shape, max_pixels=max_pixels)
+            image = await gate.run(pixels, load_image, buffer, **shape)
+        except TooManyPixels as err:
+            return error(413, str(err))
         except BadImage as err:  # Pillow names the file object in its message; the user knows it as the upload
             return error(415, f"not a readable picture: {str(err).replace(' ' + repr(buffer), '')}")
         probs = await queue.probabilities(image.transpose(2, 0, 1))
@@ -196,7 +278,8 @@ def create_app(predictor, *, model_name: str, max_upload_bytes: int = 10_000_000
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "model": model_name, **describe(predictor, queue), "topk": topk,
-                             "max_upload_bytes": max_upload_bytes, "max_batch": max_batch})
+                             "max_upload_bytes": max_upload_bytes, "max_batch": max_batch, "max_pixels": max_pixels,
+                             "decode_slots": gate.slots})
 
     async def index(request: Request) -> HTMLResponse:
         return HTMLResponse(page)
@@ -208,6 +291,7 @@ def create_app(predictor, *, model_name: str, max_upload_bytes: int = 10_000_000
             yield
         finally:
             await queue.stop()
+            gate.threads.shutdown(wait=False, cancel_futures=True)
 
     return Starlette(routes=[Route("/", index), Route("/health", health), Route("/predict", predict, methods=["POST"])],
                      lifespan=lifespan)
@@ -239,7 +323,8 @@ def check_requirements() -> None:
 
 
 def serve_checkpoint(checkpoint, *, host: str = "127.0.0.1", port: int = 8000, topk: int = 5,
-                     max_upload_mb: float = 10.0, max_batch: int = 32, device: str = "auto") -> None:
+                     max_upload_mb: float = 10.0, max_batch: int = 32, device: str = "auto",
+                     max_megapixels: float = MAX_PIXELS / 1e6) -> None:
     """Serve `checkpoint` on host:port until stopped (Ctrl+C, SIGTERM): `imgclf serve`. The port is bound
     before the checkpoint loads, so that a taken port is one clear error at once."""
     check_requirements()
@@ -252,7 +337,7 @@ def serve_checkpoint(checkpoint, *, host: str = "127.0.0.1", port: int = 8000, t
     ckpt = load_checkpoint(checkpoint)
     predictor = Predictor(ckpt, device=device)
     app = create_app(predictor, model_name=ckpt["model"]["name"], max_upload_bytes=int(max_upload_mb * 1e6),
-                     topk=topk, max_batch=max_batch)
+                     topk=topk, max_batch=max_batch, max_pixels=int(max_megapixels * 1e6))
     shown = f"[{host}]" if ":" in host else host
     print(f"imgclf: serving {ckpt['model']['name']} ({len(predictor.classes)} classes) on "
           f"http://{shown}:{port}/ (Ctrl+C stops)", file=sys.stderr, flush=True)

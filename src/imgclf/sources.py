@@ -9,8 +9,11 @@ from __future__ import annotations
 import csv
 import gzip
 import os
+import stat
 import struct
+import sys
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +23,8 @@ from PIL import Image
 
 from imgclf.cache import Split, cached_split, cached_stats, check_all, default_cache_dir
 from imgclf.config import DataConfig
-from imgclf.errors import UserError
+from imgclf.errors import UserError, shown
+from imgclf.files import not_regular, special_kind
 from imgclf.transforms import IMAGE_EXTENSIONS, NORMALIZATION, compute_mean_std, resize_batch
 
 BUILTINS = ("cifar10", "cifar100", "mnist", "fashion-mnist")
@@ -80,11 +84,17 @@ def load_data(cfg: DataConfig, *, img_size: int | None = None, channels: int | N
     if cfg.data in BUILTINS:
         return _load_builtin(cfg, size=size, channels=channels)
     root = Path(cfg.data).expanduser()
-    if not root.exists():
+    try:
+        mode = root.stat().st_mode
+    except FileNotFoundError:
         names = ", ".join(BUILTINS)
-        raise UserError(f"--data {cfg.data!r} is neither a built-in data set ({names}) nor an existing folder")
-    if not root.is_dir():
-        raise UserError(f"--data {cfg.data!r} is a file; give a folder of class folders or a built-in name")
+        raise UserError(f"--data {cfg.data!r} is neither a built-in data set ({names}) nor an existing folder") from None
+    except OSError as err:
+        raise UserError(f"cannot read --data {shown(root)}: {_reason(err)}; check its permissions") from None
+    if not stat.S_ISDIR(mode):
+        kind = special_kind(mode) or "a file"
+        raise UserError(f"--data {cfg.data!r} is {kind}; give a folder of class folders or a built-in name")
+    _read_folder(root)  # "cannot read ROOT: permission denied" before anything else looks inside
     if _idx_files(root):
         return _finish(_load_idx(root), size=size, channels=channels, name=root.name.lower())
     return _load_folder(root, cfg, size=size, channels=channels, progress=progress, whole=whole)
@@ -168,19 +178,32 @@ def _idx_files(root: Path) -> dict[str, Path] | None:
     return found
 
 
+MAX_IDX_BYTES = 1 << 33  # 8 GiB: an IDX header announcing more is damaged (or a decompression bomb)
+
+
 def read_idx(path: Path) -> np.ndarray:
-    """Read one IDX file (the MNIST format: magic, dims, big-endian sizes, then unsigned bytes)."""
+    """Read one IDX file (the MNIST format: magic, dims, big-endian sizes, then unsigned bytes). Only the
+    bytes the header announces are read (a gzip bomb is not unpacked whole); UserError names the file."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
-        zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
-        if zero != 0 or dtype != 0x08 or not 1 <= ndim <= 4:
-            raise ValueError("not an unsigned-byte IDX file")
-        dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-    except (OSError, EOFError, ValueError, struct.error) as err:
-        raise UserError(f"cannot read IDX file {path}: {err}") from None
+            zero, dtype, ndim = struct.unpack(">HBB", f.read(4))
+            if zero != 0 or dtype != 0x08 or not 1 <= ndim <= 4:
+                raise ValueError("not an unsigned-byte IDX file (its first bytes are not an IDX header)")
+            dims = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+            expected = int(np.prod(dims, dtype=np.float64))
+            if expected > MAX_IDX_BYTES:
+                raise ValueError(f"its header announces {'x'.join(map(str, dims))} bytes, more than any data set")
+            if opener is open and os.fstat(f.fileno()).st_size != 4 + 4 * ndim + expected:  # before reading it
+                raise ValueError(f"it is {os.fstat(f.fileno()).st_size:,} bytes long where its header announces "
+                                 f"{'x'.join(map(str, dims))} = {expected:,} bytes of data (truncated or damaged)")
+            raw = f.read(expected + 1)
+        if len(raw) != expected:
+            raise ValueError(f"it holds {len(raw):,}{'+' if len(raw) > expected else ''} bytes of data where its "
+                             f"header announces {'x'.join(map(str, dims))} = {expected:,} (truncated or damaged)")
+        return np.frombuffer(raw, dtype=np.uint8).reshape(dims)
+    except (OSError, EOFError, ValueError, struct.error, zlib.error) as err:
+        raise UserError(f"cannot read IDX file {shown(path)}: {err}") from None
 
 
 def _load_idx(root: Path) -> ImageData:
@@ -188,15 +211,44 @@ def _load_idx(root: Path) -> ImageData:
     assert files is not None
     splits = []
     for split in ("train", "t10k"):
-        images = torch.from_numpy(read_idx(files[f"{split}-images-idx3"]).copy()).unsqueeze(1)
-        labels = torch.from_numpy(read_idx(files[f"{split}-labels-idx1"]).astype(np.int64))
-        if images.shape[0] != labels.shape[0]:
-            raise UserError(f"{root}: {split} has {images.shape[0]} images but {labels.shape[0]} labels")
-        splits.append(Split(images, labels))
-    n_classes = int(max(splits[0].labels.max(), splits[1].labels.max())) + 1
+        image_file, label_file = files[f"{split}-images-idx3"], files[f"{split}-labels-idx1"]
+        raw_images, raw_labels = read_idx(image_file), read_idx(label_file)
+        if raw_images.ndim != 3 or 0 in raw_images.shape:
+            raise UserError(f"IDX file {image_file} holds an array of shape {raw_images.shape}, not pictures "
+                            f"(count, height, width); replace it with the data set's own file")
+        if raw_labels.ndim != 1:
+            raise UserError(f"IDX file {label_file} holds an array of shape {raw_labels.shape}, not one label "
+                            f"per picture; replace it with the data set's own file")
+        if raw_images.shape[0] != raw_labels.shape[0]:
+            raise UserError(f"{root}: {split} has {raw_images.shape[0]} images ({image_file.name}) but "
+                            f"{raw_labels.shape[0]} labels ({label_file.name})")
+        splits.append(Split(torch.from_numpy(raw_images.copy()).unsqueeze(1),
+                            torch.from_numpy(raw_labels.astype(np.int64))))
+    if splits[0].images.shape[2:] != splits[1].images.shape[2:]:
+        raise UserError(f"{root}: the train pictures are {tuple(splits[0].images.shape[2:])} pixels but the "
+                        f"t10k ones {tuple(splits[1].images.shape[2:])}; both IDX image files must match")
+    n_classes = _idx_classes(splits, files)
     fashion = "fashion" in str(root).lower() and n_classes == 10
     classes = FASHION_CLASSES if fashion else [str(i) for i in range(n_classes)]
     return ImageData(splits[0], splits[1], classes, (), (), "test")
+
+
+def _idx_classes(splits: list[Split], files: dict[str, Path]) -> int:
+    """The number of classes of IDX labels, which must be 0..N-1 with N >= 2 and no value unused: a stray
+    255 would otherwise make 256 classes, most of them empty. UserError naming the file and the values."""
+    present = sorted(set(splits[0].labels.unique().tolist()) | set(splits[1].labels.unique().tolist()))
+    if len(present) < 2:
+        raise UserError(f"IDX file {files['train-labels-idx1']} has a single class ({present[0]}); a classifier "
+                        f"needs at least two")
+    gap = next((i for i, v in enumerate(present) if v != i), None)
+    if gap is None:
+        return len(present)
+    odd = present[gap:]
+    where = next(files[f"{s}-labels-idx1"] for s, split in zip(("train", "t10k"), splits, strict=True)
+                 if bool(torch.isin(split.labels, torch.tensor(odd)).any()))
+    shown_odd = ", ".join(map(str, odd[:5])) + (", ..." if len(odd) > 5 else "")
+    raise UserError(f"IDX file {where} has label value(s) {shown_odd} beyond a gap: labels must be 0..N-1 with "
+                    f"none unused (labels 0..{gap - 1} are, {gap} is not); fix or remove the stray labels")
 
 
 # ---------------------------------------------------------------- folders of pictures (note 06)
@@ -205,31 +257,153 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def _reason(err: OSError) -> str:
+    """An OSError's reason as a user reads it: "permission denied", "no such file or directory"."""
+    return (err.strerror or str(err)).lower()
+
+
+def _read_folder(folder: Path) -> list[os.DirEntry]:
+    """The entries of `folder`, sorted by name; UserError "cannot read FOLDER: permission denied" (not
+    "holds no pictures") when it cannot be listed."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda e: e.name)
+    except OSError as err:
+        raise UserError(f"cannot read {shown(folder)}: {_reason(err)}; check its permissions") from None
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """Sub-folders of `folder` (symlinks to folders included), sorted, hidden ones (.git, __MACOSX) left out."""
+    return [Path(e.path) for e in _read_folder(folder) if not e.name.startswith((".", "__")) and _is_dir(e)]
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def find_classes(folder: Path) -> list[str]:
-    """Class names: the sub-folders of `folder`, sorted, hidden ones (.ipynb_checkpoints ...) ignored."""
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
+    """Class names: the sub-folders of `folder`, sorted, hidden ones (.ipynb_checkpoints ...) ignored. A
+    name that is not UTF-8 (or holds a newline) is shown escaped (caf\\xe9), so that it can be printed,
+    written to JSON and stored in a checkpoint like any other."""
+    return [shown(p.name) for p in _subfolders(folder)]
+
+
+@dataclass
+class PictureWalk:
+    """Walks folders of pictures, following symbolic links but reading each folder and each file once,
+    known by its identity (st_dev, st_ino). A link is not followed when it leads back up to a folder being
+    walked (`ln -s . x`, `ln -s .. up`: a loop, not more pictures) or to one of the `fences` (the class
+    folders of every split, as real paths) or a folder holding one, other than the one being walked: a picture of
+    another class or split is not read twice under two labels, nor a validation picture in training.
+    Links elsewhere (a pool of pictures beside the splits, another disk) are followed. Anything that is not
+    a regular file (a FIFO named x.jpg, a device, a socket) is never opened: it goes to `skipped` with the
+    reason, as do sub-folders that cannot be read."""
+
+    fences: tuple[str, ...] = ()
+    folders: set = field(default_factory=set)  # (st_dev, st_ino) of the folders read
+    files: set = field(default_factory=set)  # (st_dev, st_ino) of the pictures found
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    not_followed: list[tuple[str, str]] = field(default_factory=list)  # (link, why)
+    repeated_files: int = 0  # pictures met a second time (hard links, links inside one folder), used once
+
+    def pictures(self, folder: Path) -> list[Path]:
+        """Picture files under `folder`, recursively, depth first in name order, hidden entries left out."""
+        found, stack, start = [], [Path(folder)], os.path.realpath(folder)
+        while stack:
+            here = stack.pop()
+            try:
+                st = os.stat(here)
+                if (st.st_dev, st.st_ino) in self.folders:  # met again (a bind mount, say): read once
+                    continue
+                with os.scandir(here) as listing:
+                    entries = sorted(listing, key=lambda e: e.name)
+            except OSError as err:
+                if here == Path(folder):  # a class folder (or predict's folder) itself: nothing to use
+                    raise UserError(f"cannot read {shown(here)}: {_reason(err)}; check its permissions") from None
+                self.skipped.append((str(here), f"cannot read this folder: {_reason(err)}"))
+                continue
+            self.folders.add((st.st_dev, st.st_ino))
+            stack.extend(reversed(self._visit(entries, st.st_dev, start, found)))
+        return found
+
+    def _visit(self, entries: list[os.DirEntry], dev: int, start: str, found: list[Path]) -> list[Path]:
+        """Add the pictures among `entries` to `found`; return the sub-folders to walk."""
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith(".") or not (_is_dir(entry) or is_image_file(Path(entry.name))):
+                continue
+            why = self._fenced(os.path.realpath(entry.path), start) if entry.is_symlink() else None
+            if why is not None:
+                self.not_followed.append((entry.path, why))
+            elif _is_dir(entry):
+                subfolders.append(Path(entry.path))
+            else:
+                self._add_file(entry, dev, found)
+        return subfolders
+
+    def _fenced(self, target: str, start: str) -> str | None:
+        """Why a link to `target` met while walking `start` is not followed, or None."""
+        def inside(path: str, folder: str) -> bool:
+            return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+        if inside(start, target):
+            return f"it leads back up to {shown(target)} (a loop)"
+        if inside(target, start):
+            return None
+        fence = next((f for f in self.fences if inside(target, f) or inside(f, target)), None)
+        return None if fence is None else f"it leads to {shown(target)}, which is read as a class or split of its own"
+
+    def _add_file(self, entry: os.DirEntry, dev: int, found: list[Path]) -> None:
+        try:  # a plain entry's d_type and inode need no system call; a link's target needs a stat
+            st = entry.stat() if entry.is_symlink() else None
+            mode = st.st_mode if st else (stat.S_IFREG if entry.is_file(follow_symlinks=False) else
+                                          entry.stat(follow_symlinks=False).st_mode)
+            key = (st.st_dev, st.st_ino) if st else (dev, entry.inode())
+        except OSError as err:  # a dangling link
+            self.skipped.append((entry.path, f"cannot read it: {_reason(err)}"))
+            return
+        kind = special_kind(mode)
+        if kind is not None:
+            self.skipped.append((entry.path, f"not a regular file ({kind}); never opened"))
+        elif key in self.files:
+            self.repeated_files += 1
+        else:
+            self.files.add(key)
+            found.append(Path(entry.path))
+
+    def report(self) -> None:
+        """One line per skipped entry and per link not followed, one for all pictures met twice."""
+        for path, reason in self.skipped:
+            print(f"imgclf: skipping {shown(path)}: {reason}", file=sys.stderr)
+        for link, why in self.not_followed:
+            print(f"imgclf: not following the link {shown(link)}: {why}", file=sys.stderr)
+        if self.repeated_files:
+            print(f"imgclf: {self.repeated_files} picture(s) met a second time (through links) were used once",
+                  file=sys.stderr)
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Picture files under `folder`, recursively and in a stable order, skipping hidden entries."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(Path(f)))
-    return found
+    """Picture files under `folder`, recursively and in a stable order, skipping hidden entries, each file
+    once however many links lead to it, and anything not a regular file (see PictureWalk)."""
+    return PictureWalk().pictures(folder)
 
 
-def _scan(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[Path], list[int]]:
+def _scan(folder: Path, classes: list[str] | None = None,
+          walk: PictureWalk | None = None) -> tuple[list[str], list[Path], list[int]]:
     names = find_classes(folder)
     if not names:
-        raise UserError(f"{folder} has no class folders; expected {folder}/<class>/<picture> (see README)")
+        raise UserError(f"{shown(folder)} has no class folders; expected {shown(folder)}/<class>/<picture> (see README)")
     if classes is not None and names != classes:
-        raise UserError(f"the classes in {folder} ({', '.join(names)}) differ from train's ({', '.join(classes)})")
+        raise UserError(f"the classes in {shown(folder)} ({', '.join(names)}) differ from train's ({', '.join(classes)})")
+    walk = walk or PictureWalk()
     files, labels = [], []
-    for label, name in enumerate(names):
-        found = list_images(folder / name)
+    for label, path in enumerate(_subfolders(folder)):
+        found = walk.pictures(path)
         if not found:
-            raise UserError(f"class folder {folder / name} holds no pictures; add some or remove the folder")
+            raise UserError(f"class folder {shown(path)} holds no pictures; add some or remove the folder")
         files += found
         labels += [label] * len(found)
     return names, files, labels
@@ -238,25 +412,33 @@ def _scan(folder: Path, classes: list[str] | None = None) -> tuple[list[str], li
 @dataclass(frozen=True)
 class FolderLayout:
     """Where the splits of a folder of pictures are: `train` holds the class folders; `val` and `test` are
-    folders beside it (None when absent)."""
+    folders beside it (None when absent); `ignored`: other folders beside train/, which are not read."""
 
     train: Path
     val: Path | None = None
     test: Path | None = None
+    ignored: tuple[str, ...] = ()
 
 
 def folder_layout(root: Path) -> FolderLayout:
     """Read the layout of `root`: `train/` with `val/` (or `valid/`, `validation/`) and/or `test/` beside it,
-    or a single folder of class folders. Split folders beside class folders without `train/` are ambiguous."""
-    subdirs = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith((".", "__"))}
+    or a single folder of class folders. Split folders are known whatever their case (Val/, TEST/). Split
+    folders beside class folders without `train/` are ambiguous (is val/ a class or the held-out split?)."""
+    subdirs = {p.name.lower(): p for p in reversed(_subfolders(root))}  # the first in name order wins a tie
     val = next((subdirs[n] for n in VAL_NAMES if n in subdirs), None)
     test = subdirs.get("test")
     if "train" in subdirs:
-        return FolderLayout(subdirs["train"], val, test)
+        splits = {subdirs["train"], val, test}
+        return FolderLayout(subdirs["train"], val, test,
+                            tuple(shown(p.name) for p in _subfolders(root) if p not in splits))
     held_out = [p.name for p in (val, test) if p is not None]
     if held_out:
-        raise UserError(f"{root} has {held_out[0]}/ but no train/ folder beside it; put the training class folders "
-                        f"in {root / 'train'}/, or point --data at a folder of class folders alone")
+        others = [shown(p.name) for p in _subfolders(root) if p.name not in held_out]
+        beside = f" beside the class folders {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}" \
+            if others else ""
+        raise UserError(f"ambiguous layout: {shown(root)} has {held_out[0]}/{beside} but no train/ folder, so "
+                        f"{held_out[0]}/ could be a class or the held-out split; move the training class folders "
+                        f"into {shown(root / 'train')}/ (or rename {held_out[0]}/ if it is a class)")
     return FolderLayout(root)
 
 
@@ -266,18 +448,14 @@ def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int
     test folder, `cfg.val_fraction` of each class is held out, or with `whole` nothing: every picture is then
     the `val` split, named "all" (what `imgclf eval` measures on a plain folder of class folders)."""
     layout = folder_layout(root)
-    classes, *train = _labelled_files(root, layout.train, cfg)
-    lists, val_name = {"train": train}, "val"
-    held_out = layout.val or layout.test
-    if held_out is not None:
-        lists["val"], val_name = _scan(held_out, classes)[1:], held_out.name
-        if layout.val is not None and layout.test is not None:
-            lists["test"] = _scan(layout.test, classes)[1:]
-    elif whole:
-        lists["val"], val_name = train, "all"
-    else:
-        files, labels, val_files, val_labels = stratified_split(*train, fraction=cfg.val_fraction, seed=0)
-        lists["train"], lists["val"] = [files, labels], [val_files, val_labels]
+    if layout.ignored and progress:
+        print(f"imgclf: warning: not reading {', '.join(layout.ignored)} in {shown(root)}: only train/, "
+              f"val/ and test/ are read beside train/", file=sys.stderr)
+    lists, walk = _file_lists(root, layout, cfg, whole=whole)
+    if progress:
+        walk.report()
+    classes, held_out = lists.pop("classes"), layout.val or layout.test
+    val_name = held_out.name if held_out is not None else ("all" if whole else "val")
     photos = _are_photos(lists["train"][0])
     size = size or (224 if photos else _native_side(lists["train"][0]))
     channels = channels or _default_channels(lists["train"][0])
@@ -285,20 +463,54 @@ def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int
     if cfg.strict:
         check_all([f for files, _ in lists.values() for f in files], size=size, channels=channels)
     cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    splits, skipped = {}, []
+    splits, skipped = {}, list(walk.skipped)
     for role, (files, labels) in lists.items():
         side = store if role == "train" else size
         splits[role], bad = cached_split(files, labels, size=side, channels=channels, cache_root=cache_root,
                                          progress=progress)
         skipped += bad
         if len(splits[role]) == 0:
-            raise UserError(f"no readable pictures in the {val_name if role == 'val' else role} split of {root}")
+            raise UserError(f"no readable pictures in the {val_name if role == 'val' else role} split of {shown(root)}")
     unreadable = [c for i, c in enumerate(classes) if not bool((splits["train"].labels == i).any())]
     if unreadable and not whole:  # every picture of the class was skipped: as good as an empty class folder
-        raise UserError(f"class folder {layout.train / unreadable[0]} holds no readable pictures; fix or remove them")
+        raise UserError(f"class folder {shown(layout.train)}/{unreadable[0]} holds no readable pictures; fix or "
+                        f"remove them")
     mean, std = cached_stats(splits["train"], cache_root, lists["train"][0], store, channels)
     return ImageData(splits["train"], splits["val"], classes, mean, std, val_name, skipped, splits.get("test"),
                      photos)
+
+
+def _file_lists(root: Path, layout: FolderLayout, cfg: DataConfig, *, whole: bool) -> tuple[dict, PictureWalk]:
+    """{"classes": names, role: [files, labels], ...} for the roles train, val (and test), and the walk
+    that found them. Held-out folders are walked first: a picture that a link makes reachable from both a
+    held-out folder and train/ is held out, never trained on."""
+    csv_rows = read_labels_csv(Path(cfg.labels).expanduser(), root) if cfg.labels else None
+    classes = csv_rows[0] if csv_rows else find_classes(layout.train)
+    splits = [p for p in (layout.train, layout.val, layout.test) if p is not None]
+    fences = {os.path.realpath(p) for split in splits for p in _subfolders(split)}  # (links to a split or the
+    # data folder itself lead up to a class folder being walked, or down into the others: fenced either way)
+    for outer in sorted(fences):  # a class folder that is a link to the data folder, say: no walk can sort it out
+        inner = next((f for f in sorted(fences) if f.startswith(outer.rstrip(os.sep) + os.sep)), None)
+        if inner is not None:
+            raise UserError(f"the class folder {shown(outer)} holds another class folder, {shown(inner)} (a link "
+                            f"to the data folder?); remove the link, or move the class folders apart")
+    walk = PictureWalk(tuple(sorted(fences)))
+    held_out, lists = layout.val or layout.test, {}
+    if held_out is not None:
+        lists["val"] = _scan(held_out, classes, walk)[1:]
+        if layout.val is not None and layout.test is not None:
+            lists["test"] = _scan(layout.test, classes, walk)[1:]
+    train = list(csv_rows[1:] if csv_rows else _scan(layout.train, None, walk)[1:])
+    if len(classes) == 1 and not whole:
+        where = f"--labels {cfg.labels}" if cfg.labels else str(layout.train)
+        raise UserError(f"{shown(where)} has a single class ({shown(classes[0])}); a classifier needs at least "
+                        f"two: add a folder of pictures for each other class")
+    if held_out is None and whole:
+        lists["val"] = train
+    elif held_out is None:
+        files, labels, val_files, val_labels = stratified_split(*train, fraction=cfg.val_fraction, seed=0)
+        train, lists["val"] = [files, labels], [val_files, val_labels]
+    return {"classes": classes, "train": train, **lists}, walk
 
 
 def store_size(cfg: DataConfig, size: int, photos: bool) -> int:
@@ -309,16 +521,12 @@ def store_size(cfg: DataConfig, size: int, photos: bool) -> int:
     return max(size, cfg.store_size or round(size * 8 / 7))
 
 
-def _labelled_files(root: Path, folder: Path, cfg: DataConfig) -> tuple[list[str], list[Path], list[int]]:
-    """(classes, files, labels) of the training pictures: class folders, or `cfg.labels`' CSV."""
-    return read_labels_csv(Path(cfg.labels).expanduser(), root) if cfg.labels else _scan(folder)
-
-
 def read_labels_csv(path: Path, root: Path) -> tuple[list[str], list[Path], list[int]]:
     """A CSV of `filename,label` rows (a header row is recognised and skipped; Kaggle's layout): files are
     relative to `root` (or absolute). Classes are the sorted distinct labels."""
-    if not path.is_file():
-        raise UserError(f"--labels {path}: no such file; give a CSV of filename,label rows")
+    problem = not_regular(path)
+    if problem is not None:
+        raise UserError(f"--labels {shown(path)}: {problem}; give a CSV file of filename,label rows")
     try:
         rows = [r for r in csv.reader(path.read_text(encoding="utf-8-sig").splitlines()) if r and any(r)]
     except (UnicodeDecodeError, csv.Error) as err:
@@ -333,7 +541,7 @@ def read_labels_csv(path: Path, root: Path) -> tuple[list[str], list[Path], list
     classes = sorted({r[1].strip() for r in rows})
     index = {name: i for i, name in enumerate(classes)}
     files = [root / r[0].strip() for r in rows]
-    missing = next((f for f in files if not f.is_file()), None)
+    missing = next((f for f in files if not f.exists()), None)  # a FIFO, say, is skipped later with a reason
     if missing is not None:
         raise UserError(f"--labels {path} names {missing}, which does not exist (file names are relative to {root})")
     return classes, files, [index[r[1].strip()] for r in rows]
@@ -355,6 +563,8 @@ def stratified_split(files: list, labels: list[int], *, fraction: float, seed: i
 
 def _peek(path: Path) -> tuple[tuple[int, int], str] | None:
     """(size, mode) from a picture's header; None when unreadable or over the pixel limit (reported later)."""
+    if not_regular(path) is not None:  # a FIFO named in a --labels file, say: never opened
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
