@@ -30,6 +30,7 @@ from imgclf.config import (
     resolve_config,
 )
 from imgclf.errors import EXIT_DISTRIBUTED, EXIT_OK, EXIT_PARTIAL, EXIT_SIGINT, EXIT_USAGE, Stopped, UserError
+from imgclf.files import refuse_if_in_use
 
 
 def entry() -> None:
@@ -196,6 +197,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                 trust_changed_code=args.trust_changed_code))
     else:
         cfg = train_config(args)
+        refuse_if_in_use(cfg.run.out)  # a run that is training says so, rather than "already holds a run"
         if (Path(cfg.run.out) / "checkpoints" / "last.pt").exists():
             raise UserError(f"{cfg.run.out} already holds a run; resume it with --resume {cfg.run.out}, "
                             f"or choose another --out")

@@ -23,7 +23,7 @@ from imgclf.checkpoint import build_checkpoint, load_checkpoint, save_checkpoint
 from imgclf.config import TrainConfig
 from imgclf.engine import Diverged, Hooks, TrainState, evaluate, train_one_epoch
 from imgclf.errors import EXIT_DISTRIBUTED, EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, Stopped, UserError
-from imgclf.files import atomic_write_text, remove_temporaries
+from imgclf.files import atomic_write_text, claim_run_folder, remove_temporaries
 from imgclf.metrics import summary
 from imgclf.models import checked_model_name
 from imgclf.optim import (
@@ -47,12 +47,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, model: torch.nn.Module | No
 
     `model`: a network object to train instead of building `cfg.model.name` (the Python API; its output must
     have one logit per class). `on_epoch(record)` is called after every epoch with its metrics.jsonl record
-    (main process only); raising `imgclf.errors.Stopped` there ends the run resumably."""
+    (main process only); raising `imgclf.errors.Stopped` there ends the run resumably.
+
+    The main process holds `cfg.run.out` (files.claim_run_folder) for the whole run: a second run into the
+    same folder, or into a folder of files imgclf did not write, is one UserError line."""
     dist = distributed.from_environment()
     device = resolve_device(cfg.run.device, dist)
     distributed.init(dist, device)
     try:
-        record = _train(cfg, resume=resume, dist=dist, device=device, model=model, on_epoch=on_epoch)
+        with claim_run_folder(cfg.run.out) if dist.is_main else contextlib.nullcontext():
+            record = _train(cfg, resume=resume, dist=dist, device=device, model=model, on_epoch=on_epoch)
         distributed.barrier(dist)  # leave together: tearing down a group that a peer still uses can abort it
         return record
     except RuntimeError as err:
