@@ -165,8 +165,13 @@ def test_a_truncated_file_is_one_clear_error(tmp_path, keep):
 def test_not_a_file_at_all(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         safe_load(tmp_path / "missing.pt")
-    with pytest.raises(UserError, match="no such file"):
-        safe_load(tmp_path)  # a folder
+    with pytest.raises(UserError, match=f"^{tmp_path} is a folder, not a checkpoint file; give the path of a .pt"):
+        safe_load(tmp_path)
+    os.mkfifo(tmp_path / "pipe.pt")  # opened for reading, a FIFO would wait for a writer forever
+    with pytest.raises(UserError, match=r"pipe\.pt is a named pipe \(FIFO\), not a checkpoint file"):
+        safe_load(tmp_path / "pipe.pt")
+    with pytest.raises(UserError, match="^/dev/null is a device, not a checkpoint file"):
+        safe_load("/dev/null")
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     with pytest.raises(UserError, match="cannot read"):
         safe_load(tmp_path / "notes.pt")

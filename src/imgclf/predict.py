@@ -23,7 +23,7 @@ from torch import nn
 
 from imgclf.checkpoint import load_checkpoint
 from imgclf.errors import UserError
-from imgclf.models import base_fits, model_from_checkpoint
+from imgclf.models import base_fits, check_fits, model_from_checkpoint, on_meta
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import list_images
 from imgclf.transforms import BadImage, BatchTransform, load_image
@@ -43,6 +43,8 @@ class Predictor:
     def __init__(self, ckpt: dict, *, device: str = "auto", precision: str = "fp32"):
         self.device = resolve_device(device)
         name, size = ckpt["model"]["name"], ckpt["input"]["size"]
+        with on_meta():  # the weights are checked against the network before it takes memory
+            check_fits(ckpt, base=_torchvision_model_alone(name) if base_fits(name, size) else None)
         base = _torchvision_model_alone(name) if base_fits(name, size) else None
         model = _fold_batchnorm(model_from_checkpoint(ckpt, base=base))
         self.model = model.to(self.device, memory_format=torch.channels_last)

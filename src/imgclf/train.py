@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import signal
 import sys
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from imgclf import __version__, distributed
-from imgclf.checkpoint import build_checkpoint, load_checkpoint, save_checkpoint
+from imgclf.checkpoint import build_checkpoint, load_checkpoint, non_finite, save_checkpoint
 from imgclf.config import TrainConfig
 from imgclf.engine import Diverged, Hooks, TrainState, evaluate, train_one_epoch
 from imgclf.errors import EXIT_DISTRIBUTED, EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, Stopped, UserError
@@ -100,6 +101,7 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
             # the final probabilities are kept for the run's pictures (one process holds them all)
             val = evaluate(state.eval_model, parts.val, num_classes=len(data.classes), autocast=autocast,
                            dist=dist, tta=cfg.run.tta and final, keep_probs=final and not dist.enabled)
+            _refuse_non_finite(state, val, epoch=epoch, run_dir=run_dir)  # never saved, never "best"
             record = epoch_record(epoch, stats, val, lr=state.optimizer.param_groups[0]["lr"], data=data)
             tracker.end_epoch(record)
             _save(cfg, parts, state, dist=dist, best=state.end_epoch(record, cfg.optim.monitor))
@@ -199,9 +201,24 @@ def _train_epoch(state: TrainState, parts: RunParts, *, run_dir: Path, **kwargs)
     try:
         return train_one_epoch(state, parts.train, **kwargs)
     except Diverged as err:
-        last = run_dir / "checkpoints" / "last.pt"
-        kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
-        raise UserError(f"training diverged: {err}; {kept}; try a lower --lr", EXIT_DIVERGED) from None
+        raise _diverged(str(err), run_dir) from None
+
+
+def _refuse_non_finite(state: TrainState, val: dict, *, epoch: int, run_dir: Path) -> None:
+    """Stop the run (one line, EXIT_DIVERGED) when the epoch's validation loss or the weights it would save
+    are NaN or infinite: such a model must never become last.pt or best.pt."""
+    if not math.isfinite(val["loss"]):
+        raise _diverged(f"the validation loss became {val['loss']} after epoch {epoch + 1}", run_dir)
+    for weights in (state.model.state_dict(), state.eval_model.state_dict()):
+        key = non_finite(weights)
+        if key is not None:
+            raise _diverged(f"the weights {key} became NaN or infinite in epoch {epoch + 1}", run_dir)
+
+
+def _diverged(what: str, run_dir: Path) -> UserError:
+    last = run_dir / "checkpoints" / "last.pt"
+    kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
+    return UserError(f"training diverged: {what}; {kept}; try a lower --lr", EXIT_DIVERGED)
 
 
 class _RunHooks(Hooks):
