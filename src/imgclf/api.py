@@ -145,7 +145,9 @@ class Run:
         path = self.folder / "metrics.jsonl" if self.folder is not None else None
         if path is None or not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        from imgclf.tracking import read_records
+
+        return read_records(path)
 
     @property
     def classes(self) -> list[str]:

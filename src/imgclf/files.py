@@ -80,6 +80,11 @@ def quoted(path) -> str:
     return text if text.isprintable() else repr(text)
 
 
+def one_line(message) -> str:
+    """`message` (an exception, or text) on one line: line breaks written as \\n, as in a Python string."""
+    return str(message).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def is_run_folder(folder: Path) -> bool:
     """True when imgclf made `folder` for a run: it holds RUN_MARK, or (a run of an imgclf before the mark)
     a config.json of imgclf's four sections."""
