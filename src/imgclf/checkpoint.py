@@ -30,7 +30,7 @@ PREFIXES = ("_orig_mod.", "module.")  # left by torch.compile and DistributedDat
 MAX_PICKLE_BYTES = 256 << 20  # a checkpoint's pickle (its tensors are stored beside it): names and numbers
 MAX_CLASSES = 100_000
 MAX_NAME = 1_000  # characters of a class or model name
-MAX_VALUES = 2_000_000  # values in a checkpoint, each counted every time it is reached (shared references too)
+MAX_VALUES = 1_000_000  # values in a checkpoint, each counted every time it is reached (shared references too)
 MAX_DEPTH = 64  # nesting of lists and dicts
 
 
@@ -132,7 +132,7 @@ def _refuse_allocating_calls(path: Path) -> None:
             for stream in streams:
                 for opcode, arg, _ in pickletools.genops(stream):
                     if opcode.name in ("GLOBAL", "INST") and _ALLOCATING.match(str(arg)):
-                        raise _refused(path, str(arg).replace(" ", "."))
+                        raise _refused(path, str(arg).replace("__builtin__ ", "builtins ").replace(" ", "."))
     except UserError:
         raise
     except Exception:  # noqa: BLE001 - not a pickle, or a damaged one: torch.load says so in its turn
@@ -168,7 +168,7 @@ def load_checkpoint(path) -> dict:
     if version > FORMAT_VERSION:
         raise UserError(f"{name} was written by a newer imgclf ({str(ckpt.get('imgclf_version'))[:40]}); upgrade "
                         f"imgclf")
-    problem = _walk_problem(ckpt) or _schema_problem(ckpt)
+    problem = _schema_problem(ckpt) or _walk_problem(ckpt)
     if problem:
         raise UserError(f"{name} is a damaged or hand-made imgclf checkpoint: {problem}; use another checkpoint "
                         f"of the run, or train again")
