@@ -221,6 +221,11 @@ def _schema_problem(ckpt: dict) -> str | None:
     model, classes, inp = ckpt.get("model"), ckpt.get("classes"), ckpt.get("input")
     if not isinstance(model, dict) or not _short_text(model.get("name")):
         return f"model is {_kind(model)}, not a description with a name of at most {MAX_NAME} characters"
+    code = model.get("code")
+    if code is not None and not (isinstance(code, dict) and all(_short_text(code.get(k)) for k in ("file", "class"))
+                                 and re.fullmatch(r"[0-9a-f]{64}", str(code.get("sha256")))
+                                 and isinstance(code.get("args"), dict | None)):
+        return f"model code is {_kind(code)}, not the record of a .py file (file, sha256, class, args)"
     if not isinstance(classes, list) or not 0 < len(classes) <= MAX_CLASSES or \
             not all(_short_text(c) for c in classes):
         return (f"classes is {_kind(classes)}, not a list of 1 to {MAX_CLASSES:,} names of at most {MAX_NAME} "
@@ -237,7 +242,7 @@ def _schema_problem(ckpt: dict) -> str | None:
                 _real(v) and math.isfinite(v) and (part == "mean" or v > 0) for v in values):
             return f"input {part} is {_kind(values)}, not {channels} finite numbers"
     for key, value in (("num_classes", len(classes)), ("in_channels", channels)):
-        if key in model and model[key] != value:
+        if key in model and (type(model[key]) is not int or model[key] != value):
             return f"model {key} {_kind(model[key])} disagrees with the {value} of its classes and input"
     for part in ("state_dict", "ema_state_dict"):
         weights = ckpt.get(part)
