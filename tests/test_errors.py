@@ -191,3 +191,119 @@ def test_divergence_keeps_the_last_good_checkpoint(folder, tmp_path, capsys, mon
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- never a broken model saved as good (issue 14, point 2)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--lr", "inf"], ["--lr", "nan"], ["--lr", "0"], ["--momentum", "nan"], ["--momentum", "-5"], ["--momentum", "1"],
+    ["--weight-decay", "inf"], ["--weight-decay", "-1"], ["--warmup-epochs", "-1"], ["--warmup-epochs", "nan"],
+    ["--warmup-epochs", "inf"], ["--label-smoothing", "inf"], ["--ema-decay", "nan"], ["--mixup", "inf"],
+    ["--cutmix", "-1"], ["--backbone-lr-scale", "nan"], ["--eval-batch-size", "0"], ["--log-every", "0"],
+    ["--seed", str(10**30)], ["--seed", "-1"], ["--epochs", "0"], ["--batch-size", "-1"], ["--img-size", "99999"],
+    ["--val-fraction", "nan"], ["--crop-scale", "0"], ["--random-erasing", "inf"], ["--patience", "0"],
+    ["--stop-after", "-1"], ["--freeze-epochs", "-1"], ["--crop-pad", "-1"], ["--mix-switch", "nan"],
+], ids=lambda flags: " ".join(flags))
+def test_boundary_values_of_training_flags_are_one_line_naming_the_flag(folder, tmp_path, capsys, flags):
+    code = train("--data", folder, "--out", tmp_path / "r", *flags)
+    line = one_line(capsys, code)
+    assert line.startswith(f"imgclf: error: {flags[0]} must be "), line
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_infinite_figure_never_improves():
+    from imgclf.metrics import improved
+
+    assert not improved(float("inf"), None, "val_loss") and not improved(float("nan"), None, "val_acc")
+    assert not improved(float("-inf"), 0.5, "val_loss") and improved(0.4, 0.5, "val_loss")
+
+
+@pytest.mark.parametrize("poison", ["val-loss", "weights"])
+def test_a_non_finite_model_never_becomes_last_or_best(folder, tmp_path, capsys, monkeypatch, poison):
+    """Epoch 2's validation loss is NaN, or its weights hold an infinity while the loss stays finite: the run
+    stops with exit 3 saying so, and last.pt and best.pt stay those of epoch 1, finite."""
+    real = imgclf.train.evaluate
+    calls = {"n": 0}
+
+    def poisoned(model, *args, **kwargs):
+        calls["n"] += 1
+        result = real(model, *args, **kwargs)
+        if calls["n"] == 2 and poison == "val-loss":
+            result["loss"] = float("nan")
+        elif calls["n"] == 2:
+            with torch.no_grad():
+                next(model.parameters())[0, 0, 0, 0] = float("inf")  # (channels last: no flat view)
+        return result
+
+    monkeypatch.setattr(imgclf.train, "evaluate", poisoned)
+    run = tmp_path / "r"
+    code = train("--data", folder, "--epochs", 3, "--batch-size", 6, "--lr", 0.01, "--out", run)
+    err = capsys.readouterr().err
+    assert code == EXIT_DIVERGED and "Traceback" not in err, err
+    what = ("the validation loss became nan after epoch 2" if poison == "val-loss" else
+            "the weights features.0.weight became NaN or infinite in epoch 2")
+    assert err.strip().splitlines()[-1] == (f"imgclf: error: training diverged: {what}; the last good checkpoint "
+                                            f"{run / 'checkpoints' / 'last.pt'} is kept; try a lower --lr")
+    for name in ("last.pt", "best.pt"):
+        ckpt = load_checkpoint(run / "checkpoints" / name)
+        assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+@pytest.fixture
+def non_finite_checkpoint(checkpoint, tmp_path) -> Path:
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["state_dict"]["classifier.2.bias"][1] = float("nan")
+    path = tmp_path / "nan.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+NOT_FINITE = ("holds weights that are not finite (state_dict classifier.2.bias has NaN or infinite values): the run "
+              "that saved it diverged; use an earlier checkpoint, or train again with a lower --lr")
+
+
+@pytest.mark.parametrize("command", ["predict", "predict --json", "eval", "export", "resume"])
+def test_a_checkpoint_with_non_finite_weights_is_refused_everywhere(folder, non_finite_checkpoint, tmp_path, capsys,
+                                                                     command):
+    path = non_finite_checkpoint
+    if command == "resume":
+        (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+        path = path.rename(tmp_path / "run" / "checkpoints" / "last.pt")
+    argv = {"predict": ["predict", str(path), str(folder / "test"), "--device", "cpu"],
+            "predict --json": ["predict", str(path), str(folder / "test"), "--device", "cpu", "--json"],
+            "eval": ["eval", str(path), "--data", str(folder), "--device", "cpu"],
+            "export": ["export", str(path), "--format", "onnx", "--out", str(tmp_path / "m.onnx")],
+            "resume": ["train", "--resume", str(tmp_path / "run"), "--epochs", "2"]}[command]
+    code = main(argv)
+    out = capsys.readouterr()
+    assert code == EXIT_USAGE and out.out == "", out
+    assert out.err.splitlines() == [f"imgclf: error: {path} {NOT_FINITE}"]
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_serve_refuses_non_finite_weights_before_serving(non_finite_checkpoint, capsys, monkeypatch):
+    pytest.importorskip("uvicorn")
+    import socket
+
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda *a, **k: pytest.fail("it served"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = main(["serve", str(non_finite_checkpoint), "--port", str(port), "--device", "cpu"])
+    assert one_line(capsys, code) == f"imgclf: error: {non_finite_checkpoint} {NOT_FINITE}"
+
+
+def test_predict_json_never_prints_nan(checkpoint, folder, capsys, monkeypatch):
+    """Finite weights whose output still is not (an overflow): that picture is an error line, never NaN."""
+    from imgclf.predict import Predictor
+
+    monkeypatch.setattr(Predictor, "probabilities", lambda self, images: torch.full((len(images), 3), float("nan")))
+    code = main(["predict", str(checkpoint), str(folder / "test" / "a"), "--device", "cpu", "--json"])
+    out = capsys.readouterr()
+    assert code == EXIT_PARTIAL and out.out == ""
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 2 and all(line.endswith(": the model's output is not a number (NaN or infinite)")
+                                   for line in lines)
