@@ -307,3 +307,140 @@ def test_predict_json_never_prints_nan(checkpoint, folder, capsys, monkeypatch):
     lines = out.err.strip().splitlines()
     assert len(lines) == 2 and all(line.endswith(": the model's output is not a number (NaN or infinite)")
                                    for line in lines)
+
+
+# ---------------------------------------------------------------- one line for every bad input (issue 14, point 5)
+
+
+def test_files_that_look_like_pickles_or_are_no_files(tmp_path, capsys):
+    """Text whose first byte is a pickle opcode, a WebP picture, a folder, a FIFO and a device as a checkpoint."""
+    (tmp_path / "notes.pt").write_text("(this is my list of things to do)\n")
+    (tmp_path / "photo.pt").write_bytes(b"RIFF\x24\x00\x00\x00WEBPVP8 \x18\x00\x00\x00" + bytes(24))
+    (tmp_path / "folder.pt").mkdir()
+    os.mkfifo(tmp_path / "pipe.pt")
+    expected = {"notes.pt": "cannot read", "photo.pt": "cannot read", "folder.pt": "is a folder, not a checkpoint",
+                "pipe.pt": "is a named pipe (FIFO), not a checkpoint"}
+    for name, words in expected.items():
+        for argv in (["predict", str(tmp_path / name), str(tmp_path)],
+                     ["export", str(tmp_path / name), "--format", "onnx"]):
+            line = one_line(capsys, main(argv))
+            assert f"{tmp_path / name}" in line and words in line, line
+    line = one_line(capsys, main(["eval", "/dev/null", "--data", str(tmp_path)]))
+    assert "/dev/null is a device, not a checkpoint file" in line
+
+
+def test_weights_that_do_not_fit_name_the_tensor_and_shapes(checkpoint, folder, tmp_path, capsys):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["state_dict"]["classifier.2.weight"] = torch.zeros(3, 32)
+    torch.save(ckpt, tmp_path / "bad.pt")
+    del ckpt["state_dict"]["classifier.2.weight"]
+    torch.save(ckpt, tmp_path / "missing.pt")
+    line = one_line(capsys, main(["predict", str(tmp_path / "bad.pt"), str(folder / "test")]))
+    assert line == ("imgclf: error: checkpoint weights do not fit tutorial_cnn: classifier.2.weight is [3, 32] in "
+                    "the checkpoint but [3, 64] in the network (a checkpoint of another network, or damaged)")
+    line = one_line(capsys, main(["eval", str(tmp_path / "missing.pt"), "--data", str(folder)]))
+    assert "the network's classifier.2.weight is missing from the checkpoint" in line
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda c: c.pop("optimizer"), "it has no optimizer state"),
+    (lambda c: c.update(epoch="3"), "its epoch is '3', not a count"),
+    (lambda c: c.update(config=[1, 2]), "config is a list of 2, not a dict"),
+    (lambda c: c["config"]["optim"].update(lr="fast"), "its configuration is missing or damaged"),
+    (lambda c: c["optimizer"].update(param_groups=[]), "its saved state does not fit this run"),
+    (lambda c: c.update(classes="ab"), "classes is 'ab', not a list of 1 to 100,000 names"),
+    (lambda c: c["input"].update(size=2.5), "input channels 3 and size 2.5 are not numbers"),
+], ids=["no-optimizer", "epoch-text", "config-list", "lr-text", "optimizer-groups", "classes-text", "size-float"])
+def test_resuming_a_damaged_checkpoint_is_one_line(checkpoint, tmp_path, capsys, damage, words):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = torch.load(checkpoint, weights_only=True)
+    damage(ckpt)
+    torch.save(ckpt, run / "checkpoints" / "last.pt")
+    line = one_line(capsys, train("--resume", run, "--epochs", 3))
+    assert words in line and str(run / "checkpoints" / "last.pt") in line, line
+
+
+def test_resuming_with_data_of_other_channels_or_size(folder, checkpoint, tmp_path, capsys):
+    run = checkpoint.parent.parent
+    other = tmp_path / "other"
+    for split in ("train", "test"):
+        write_class_folder(other / split, ["a", "b", "c"], 2, size=24)
+    line = one_line(capsys, train("--resume", run, "--epochs", 3, "--data", other))
+    assert line == (f"imgclf: error: {run} was trained on 3x16x16 pictures, but {other} gives 3x24x24; resume "
+                    f"with the run's data, or start a new run with --out")
+
+
+def test_a_torn_metrics_file_is_named(folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train("--data", folder, "--epochs", 1, "--batch-size", 6, "--out", run) == 0
+    capsys.readouterr()
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text()[:-40])  # cut short, as a copy or an editor could leave it
+    line = one_line(capsys, train("--resume", run, "--epochs", 2))
+    assert line == (f"imgclf: error: {metrics} line 1 is not a record of an epoch (the file is torn or was edited); "
+                    f"repair or delete that line, then resume again")
+
+
+def test_batch_norm_on_batches_of_one(folder, tmp_path, capsys):
+    code = train("--data", folder, "--model", "resnet18", "--batch-size", 1, "--epochs", 1, "--out", tmp_path / "r")
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE and "Traceback" not in err
+    line = err.strip().splitlines()[-1]  # after the run's first line, which says what trains
+    assert "batch normalisation needs more than one value per channel, and a batch of 1 gives it one" in line
+    assert line.endswith("use a larger --batch-size (2 or more) or --img-size")
+
+
+def test_a_file_name_with_a_line_break_stays_on_one_line(checkpoint, tmp_path, capsys):
+    odd = tmp_path / "two\nlines.jpg"
+    odd.write_text("not a picture")
+    code = main(["predict", str(checkpoint), str(odd), "--device", "cpu"])
+    line = one_line(capsys, code, EXIT_PARTIAL)
+    assert line.startswith(f"imgclf: {str(odd)!r}: not a readable picture")
+    missing = tmp_path / "no\nsuch.pt"
+    line = one_line(capsys, main(["predict", str(missing), str(odd)]))
+    assert line == f"imgclf: error: no such file: {str(missing)!r}"
+
+
+def test_ctrl_c_during_start_up_is_one_line(monkeypatch, capsys):
+    """Ctrl-C inside an import can leave a half-imported module that fails with another error: still the one
+    line of an interruption, exit 130."""
+    import signal
+
+    import imgclf.cli
+
+    def interrupted_import(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            import time
+
+            time.sleep(5)  # the signal arrives here
+        except KeyboardInterrupt:
+            pass  # as an import machinery can swallow it
+        raise AttributeError("module 'numpy' has no attribute 'intp'")
+
+    monkeypatch.setattr(imgclf.cli, "cmd_models", interrupted_import)
+    code = main(["models"])
+    assert one_line(capsys, code, 130) == "imgclf: interrupted"
+
+
+def test_a_full_disk_while_saving_names_the_path(tmp_path, monkeypatch):
+    from imgclf import files
+    from imgclf.checkpoint import save_checkpoint
+    from imgclf.errors import UserError
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    target = tmp_path / "run" / "checkpoints" / "last.pt"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"the previous checkpoint")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(UserError) as err:
+        save_checkpoint(target, {"a": 1})
+    assert str(err.value) == (f"no space left on device while writing {target}; free some space (the previous "
+                              f"version of the file, if any, is kept) and try again")
+    assert target.read_bytes() == b"the previous checkpoint" and os.listdir(target.parent) == ["last.pt"]
+    monkeypatch.setattr(files.os, "replace", full)
+    with pytest.raises(UserError, match="no space left on device while writing"):
+        files.atomic_write_text(tmp_path / "config.json", "{}")

@@ -87,9 +87,9 @@ def one_line(message) -> str:
 
 def is_run_folder(folder: Path) -> bool:
     """True when imgclf made `folder` for a run: it holds RUN_MARK, or (a run of an imgclf before the mark)
-    a config.json of imgclf's four sections."""
+    checkpoints/last.pt or a config.json of imgclf's four sections."""
     folder = Path(folder)
-    if (folder / RUN_MARK).is_file():
+    if (folder / RUN_MARK).is_file() or (folder / "checkpoints" / "last.pt").is_file():
         return True
     try:
         config = json.loads((folder / "config.json").read_text())
