@@ -413,7 +413,7 @@ def test_damaged_checkpoints_through_predict_eval_and_resume(small_run, tmp_path
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     path = run / "checkpoints" / "last.pt"
-    for i, (kind, blob) in enumerate(damaged_checkpoints(original, 210, seed=15)):
+    for i, (kind, blob) in enumerate(damaged_checkpoints(original, 420, seed=15)):
         path.write_bytes(blob)
         argv = [["predict", str(path), str(data / "test"), "--model-code", net],
                 ["eval", str(path), "--data", str(data), "--model-code", net],

@@ -146,7 +146,9 @@ def exported_kind(path) -> str | None:
     if path.suffix == ".onnx":
         return "onnx"
     if path.is_file() and zipfile.is_zipfile(path):
-        with contextlib.suppress(zipfile.BadZipFile, OSError), zipfile.ZipFile(path) as archive:
+        # a damaged zip can fail in many ways (names that are not UTF-8...): then it is not an export
+        with contextlib.suppress(zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError), \
+                zipfile.ZipFile(path) as archive:
             names = archive.namelist()
             if any(n.endswith("/extra/imgclf.json") for n in names) and any(n.endswith("/code/") or "/code/" in n
                                                                               for n in names):
