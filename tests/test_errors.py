@@ -444,3 +444,27 @@ def test_a_full_disk_while_saving_names_the_path(tmp_path, monkeypatch):
     monkeypatch.setattr(files.os, "replace", full)
     with pytest.raises(UserError, match="no space left on device while writing"):
         files.atomic_write_text(tmp_path / "config.json", "{}")
+
+
+def test_a_full_disk_while_training_on_a_small_tmpfs(folder, tmp_path, capsys):
+    """A real full disk: a 400 KB tmpfs, where the run's first checkpoint does not fit (mounting needs root:
+    skipped elsewhere)."""
+    import shutil
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not shutil.which("mount") or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)],
+                                                   capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        code = train("--data", folder, "--epochs", 2, "--batch-size", 6, "--out", disk / "run")
+        err = capsys.readouterr().err
+        assert code == EXIT_USAGE and "Traceback" not in err
+        best = disk / "run" / "checkpoints" / "best.pt"
+        assert err.strip().splitlines()[-1] == (f"imgclf: error: no space left on device while writing {best}; free "
+                                                f"some space (the previous version of the file, if any, is kept) and "
+                                                f"try again")
+        assert list((disk / "run" / "checkpoints").iterdir()) == []  # no half-written temporary file left
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
