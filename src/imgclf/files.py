@@ -105,7 +105,8 @@ def claim_run_folder(folder: Path):
     process's PID. One UserError line when `folder` holds files imgclf did not write, or another process
     holds it. The lock ends with the block, or with the process however it ends."""
     folder = Path(folder)
-    if folder.is_dir() and any(folder.iterdir()) and not is_run_folder(folder):
+    existed = folder.is_dir()
+    if existed and any(folder.iterdir()) and not is_run_folder(folder):
         raise UserError(f"--out {quoted(folder)} is a folder of files that imgclf did not write; imgclf writes "
                         f"a run only into a new or empty folder, or its own: choose another --out")
     folder.mkdir(parents=True, exist_ok=True)
@@ -116,6 +117,12 @@ def claim_run_folder(folder: Path):
         os.write(fd, f"{os.getpid()}\n".encode())
         yield folder
     finally:
+        # a run that wrote nothing (bad data, say) leaves the folder as it found it: empty, or not there
+        with contextlib.suppress(OSError):
+            if [p.name for p in folder.iterdir()] == [RUN_MARK]:
+                (folder / RUN_MARK).unlink()
+                if not existed:
+                    folder.rmdir()
         os.close(fd)  # closing the file releases the lock
 
 
