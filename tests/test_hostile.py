@@ -4,8 +4,10 @@ Checkpoints of torch.compile'd and DDP models (`_orig_mod.`, `module.` prefixes)
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
+import struct
 from pathlib import Path
 
 import pytest
@@ -178,13 +180,19 @@ def memory_bombs(trained: dict, folder: Path) -> dict[str, tuple[Path, str]]:
             lambda c: (c["model"].update(name="vit_h_14"), c["input"].update(size=224)))
     variant("huge-input", "classifier.1.weight is [64, 256] in the checkpoint but [64, 16777216] in the network",
             lambda c: c["input"].update(size=4096))
+    # the legacy format: a storage of 4 floats that claims 2**31 (allocated before its bytes are read)
+    buffer = io.BytesIO()
+    torch.save({"w": torch.zeros(4)}, buffer, _use_new_zipfile_serialization=False)
+    raw = buffer.getvalue()
+    assert raw.count(b"K\x04Nt") == 1
+    (folder / "legacy-storage.pt").write_bytes(raw.replace(b"K\x04Nt", b"J" + struct.pack("<i", 2**31 - 1) + b"Nt"))
+    bombs["legacy-storage"] = (folder / "legacy-storage.pt", "cannot read")
     return bombs
 
 
 def memory_bounded_child() -> None:
     """argv: DATA FOLDER FILES... In a process whose address space may grow by 1.5 GiB at most, run predict,
     eval and export on each file; print one JSON line of what each run ended with."""
-    import io
     import json
     import resource
     import sys
