@@ -109,6 +109,35 @@ def _check_regular_file(path: Path) -> None:
             raise UserError(f"{quoted(path)} is {kind}, not a checkpoint file; give the path of a .pt file")
 
 
+def _scan_pickle(path: Path, stream) -> None:
+    """Refuse the pickle in `stream` if it calls an allocating callable (GLOBAL), or by the STACK_GLOBAL of
+    protocols 4 and 5 (which torch.save never writes, and torch's loader does not read) anything but torch's
+    own: Python's pickles of objects, such as the classic os.system one, are refused by name; a Python pickle
+    of tensors is one line saying so. Strings pushed and memoized are followed loosely, to name the callables."""
+    pushed, memo, stacked = [], {}, []  # what the last opcodes pushed (strings, else None); the memo's strings
+    for opcode, arg, _ in pickletools.genops(stream):
+        name = opcode.name
+        if name in ("GLOBAL", "INST") and _ALLOCATING.match(str(arg)):
+            raise _refused(path, str(arg).replace("__builtin__ ", "builtins ").replace(" ", "."))
+        if name == "STACK_GLOBAL":
+            stacked.append(".".join(str(part or "?") for part in pushed[-2:]))
+            if not _BENIGN.match(stacked[-1]):
+                raise _refused(path, stacked[-1])
+        if name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+            memo[len(memo) if name == "MEMOIZE" else arg] = pushed[-1] if pushed else None
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            pushed.append(memo.get(arg))
+        elif name not in ("PROTO", "FRAME", "STOP"):
+            pushed.append(arg if isinstance(arg, str) and ("UNICODE" in name or "STRING" in name) else None)
+        del pushed[:-2]
+    if stacked:
+        raise UserError(f"cannot read {quoted(path)}: it was written by Python's pickle, not by torch.save; save "
+                        f"the checkpoint with torch.save")
+
+
+_BENIGN = re.compile(r"^torch(\.\w+)*$|^collections\.(OrderedDict|Counter)$|^builtins\.(set|complex)$|"
+                     r"^_codecs\.encode$")  # what torch's loader allows by default (it checks GLOBALs itself)
+
 # What a weights-only pickle may name but an imgclf checkpoint never calls: each makes memory from a number
 # written in the file (bytearray(N) zero-fills N bytes; the legacy tensor classes allocate N elements).
 _ALLOCATING = re.compile(r"^(builtins|__builtin__) bytearray$|^torch(\.cuda)? \w*Tensor$")
@@ -130,9 +159,7 @@ def _refuse_allocating_calls(path: Path) -> None:
                 f.seek(0)
                 streams = [f] * 5  # legacy: magic number, protocol, system information, the object, storage keys
             for stream in streams:
-                for opcode, arg, _ in pickletools.genops(stream):
-                    if opcode.name in ("GLOBAL", "INST") and _ALLOCATING.match(str(arg)):
-                        raise _refused(path, str(arg).replace("__builtin__ ", "builtins ").replace(" ", "."))
+                _scan_pickle(path, stream)
     except UserError:
         raise
     except Exception:  # noqa: BLE001 - not a pickle, or a damaged one: torch.load says so in its turn
