@@ -350,7 +350,10 @@ def test_weights_that_do_not_fit_name_the_tensor_and_shapes(checkpoint, folder, 
     (lambda c: c["optimizer"].update(param_groups=[]), "its saved state does not fit this run"),
     (lambda c: c.update(classes="ab"), "classes is 'ab', not a list of 1 to 100,000 names"),
     (lambda c: c["input"].update(size=2.5), "input channels 3 and size 2.5 are not numbers"),
-], ids=["no-optimizer", "epoch-text", "config-list", "lr-text", "optimizer-groups", "classes-text", "size-float"])
+    (lambda c: c["state_dict"].update({"classifier.2.weight": torch.zeros(3, 32)}),
+     "checkpoint weights do not fit tutorial_cnn: classifier.2.weight is [3, 32] in the checkpoint but [3, 64]"),
+], ids=["no-optimizer", "epoch-text", "config-list", "lr-text", "optimizer-groups", "classes-text", "size-float",
+        "weight-shape"])
 def test_resuming_a_damaged_checkpoint_is_one_line(checkpoint, tmp_path, capsys, damage, words):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)

@@ -567,7 +567,7 @@ def model_from_checkpoint(ckpt: dict, *, base: nn.Module | None = None, model_co
             check_fits(ckpt)
         model = build_model(_built_in_name(spec), base=base, model_args=_config_args(ckpt), **dims)
     state = strip_prefixes(ckpt.get("ema_state_dict") or ckpt["state_dict"])  # the averaged weights are evaluated
-    _refuse_misfit(spec["name"], {key: value.shape for key, value in model.state_dict().items()}, state)
+    refuse_misfit(spec["name"], {key: value.shape for key, value in model.state_dict().items()}, state)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -592,7 +592,7 @@ def check_fits(ckpt: dict, *, base: nn.Module | None = None) -> None:
         raise
     except Exception:  # noqa: BLE001 - built as usual instead, and checked before its weights are loaded
         return
-    _refuse_misfit(name, expected, strip_prefixes(ckpt.get("ema_state_dict") or ckpt["state_dict"]))
+    refuse_misfit(name, expected, strip_prefixes(ckpt.get("ema_state_dict") or ckpt["state_dict"]))
 
 
 @contextlib.contextmanager
@@ -615,7 +615,7 @@ class _SkipInit(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _refuse_misfit(name: str, expected: dict, state: dict) -> None:
+def refuse_misfit(name: str, expected: dict, state: dict) -> None:
     """One UserError line naming the first weight of `state` that is missing, extra or of another shape than
     in `expected`, the network's weights' shapes by name."""
     missing = [k for k in expected if k not in state]

@@ -26,7 +26,7 @@ from imgclf.engine import Diverged, Hooks, TrainState, evaluate, train_one_epoch
 from imgclf.errors import EXIT_DISTRIBUTED, EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, Stopped, UserError
 from imgclf.files import atomic_write_text, claim_run_folder, quoted, remove_temporaries
 from imgclf.metrics import summary
-from imgclf.models import checked_model_name
+from imgclf.models import checked_model_name, refuse_misfit
 from imgclf.optim import (
     Lookahead,
     balancing_weights,
@@ -207,7 +207,13 @@ def _resume_problem(ckpt: dict) -> str | None:
 
 
 def _restore(state: TrainState, ckpt: dict, path: Path) -> None:
-    """`state.load_state_dict(ckpt)`, with anything that does not fit this run told in one line."""
+    """`state.load_state_dict(ckpt)`, with anything that does not fit this run told in one line (weights of
+    another shape: which, and their shapes)."""
+    try:
+        refuse_misfit(ckpt["model"]["name"], {k: v.shape for k, v in state.model.state_dict().items()},
+                      ckpt["state_dict"])
+    except UserError as err:
+        raise UserError(f"cannot resume from {path}: {err}") from None
     try:
         state.load_state_dict(ckpt)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as err:
