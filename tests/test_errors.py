@@ -471,3 +471,27 @@ def test_a_full_disk_while_training_on_a_small_tmpfs(folder, tmp_path, capsys):
         assert list((disk / "run" / "checkpoints").iterdir()) == []  # no half-written temporary file left
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda c: c.pop("input"), "input is None, not a description of the input"),
+    (lambda c: c.pop("state_dict"), "state_dict is None, not a dict of named tensors"),
+    (lambda c: c["model"].pop("name"), "model is a dict of 3, not a description with a name of at most 1000"),
+    (lambda c: c.update(classes=[1, 2, 3]), "classes is a list of 3, not a list of 1 to 100,000 names"),
+    (lambda c: c["input"].update(mean=[0.5]), "input mean is a list of 1, not 3 finite numbers"),
+    (lambda c: c["input"].update(channels=1000), "input channels 1000 and size 16 are not numbers of 1 to 64"),
+    (lambda c: c["state_dict"].update({"classifier.2.bias": [0.0, 0.0, 0.0]}),
+     "state_dict is a dict of 10, not a dict of named tensors"),
+], ids=["no-input", "no-state-dict", "no-model-name", "classes-numbers", "short-mean", "channels-huge", "list-weight"])
+@pytest.mark.parametrize("command", ["predict", "eval", "export"])
+def test_checkpoints_with_missing_or_mistyped_keys_are_one_line(checkpoint, folder, tmp_path, capsys, damage, words,
+                                                                 command):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    damage(ckpt)
+    path = tmp_path / "odd.pt"
+    torch.save(ckpt, path)
+    argv = {"predict": ["predict", str(path), str(folder / "test")], "eval": ["eval", str(path), "--data", str(folder)],
+            "export": ["export", str(path), "--format", "onnx"]}[command]
+    line = one_line(capsys, main(argv))
+    assert line.startswith(f"imgclf: error: {path} is a damaged or hand-made imgclf checkpoint: ") and words in line
+    assert line.endswith("; use another checkpoint of the run, or train again")
