@@ -29,6 +29,8 @@ import pytest
 import torch
 from conftest import write_class_folder
 
+from imgclf.files import TMP_SUFFIX
+
 HERE = Path(__file__).resolve().parent
 KILLS = 20
 EPOCHS = 24  # only the `epochs` kills let the run advance, by 2 epochs at most: it never ends before them
@@ -259,7 +261,7 @@ def _pausing(gate: int) -> None:
 def _temporaries(run: Path) -> list[str]:
     """Names of the temporary files of atomic writes in the run folder and its checkpoints folder."""
     return sorted(p.name for d in (run, run / "checkpoints") if d.is_dir() for p in d.iterdir()
-                  if p.name.endswith(".tmp"))
+                  if p.name.endswith(TMP_SUFFIX))
 
 
 def _fork_cli(argv: list[str], *, watched: bool = False) -> tuple[int, int | None, int | None]:

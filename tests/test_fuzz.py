@@ -197,3 +197,231 @@ def test_predict_answers_every_file_and_names_the_rejected(predictor, blobs):
                 assert r.error is None and len(r.labels) == 2 and all(0.0 <= p <= 1.0 for p in r.probs), r
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- damaged and foreign checkpoints (issue 14, point 5)
+
+CKPT_FILES = int(os.environ.get("IMGCLF_FUZZ_CHECKPOINTS", "1000"))
+TINY_NET = '''
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self, num_classes, in_channels=3, img_size=8):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+
+    def forward(self, x):
+        return self.body(x)
+'''
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> dict:
+    """A real checkpoint of a small run (a 4-filter network of the user's, 8x8 pictures): a few kilobytes."""
+    from conftest import write_class_folder
+
+    from imgclf.cli import main
+
+    root = tmp_path_factory.mktemp("fuzz-ckpt")
+    write_class_folder(root / "data" / "train", ["a", "b"], 4, size=8, seed=1)
+    write_class_folder(root / "data" / "test", ["a", "b"], 2, size=8, seed=2)
+    (root / "net.py").write_text(TINY_NET)
+    assert main(["train", "--data", str(root / "data"), "--model", f"{root / 'net.py'}:Net", "--epochs", "1",
+                 "--batch-size", "4", "--device", "cpu", "--out", str(root / "run")]) == 0
+    return {"root": root, "ckpt": root / "run" / "checkpoints" / "last.pt", "net": str(root / "net.py")}
+
+
+def _rezip(original: bytes, pickle_bytes: bytes) -> bytes:
+    """`original` (a zip-format checkpoint) with its data.pkl replaced."""
+    import zipfile
+
+    source, out = zipfile.ZipFile(io.BytesIO(original)), io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, pickle_bytes if info.filename.endswith("/data.pkl") else source.read(info))
+    return out.getvalue()
+
+
+def _pickle_of(original: bytes) -> tuple[bytes, int]:
+    """The data.pkl of a zip-format checkpoint, and where its bytes start in the file."""
+    import zipfile
+
+    archive = zipfile.ZipFile(io.BytesIO(original))
+    info = next(i for i in archive.infolist() if i.filename.endswith("/data.pkl"))
+    data = archive.read(info)
+    return data, original.index(data, info.header_offset)
+
+
+FOREIGN_VALUES = [None, 0, -1, 2**70, 1.5, float("nan"), float("inf"), "", "x" * 2000, "a\nb", [], {}, [1, 2],
+                  {"a": 1}, b"bytes", (1,), {1, 2}, True, torch.zeros(3), torch.zeros(2, 2, dtype=torch.int64),
+                  torch.tensor(float("nan")), torch.zeros(0), torch.ones(5, 4), ["a"] * 3, [["a"]], [1.0, float("nan")]]
+
+
+def _damage_structure(ckpt: dict, rng) -> dict:
+    """A key somewhere in `ckpt` (up to three levels down) deleted or given a value of another kind."""
+    import copy
+
+    ckpt = copy.copy(ckpt)
+    parent = ckpt
+    for _ in range(rng.randrange(1, 4)):
+        keys = list(parent)
+        if not keys:
+            break
+        key = rng.choice(keys)
+        if isinstance(parent[key], dict) and parent[key] and rng.random() < 0.6:
+            parent[key] = copy.copy(parent[key])
+            parent = parent[key]
+            continue
+        break
+    else:
+        key = rng.choice(list(parent)) if parent else None
+    if key is None:
+        return ckpt
+    if rng.random() < 0.3:
+        del parent[key]
+    else:
+        parent[key] = rng.choice(FOREIGN_VALUES)
+    return ckpt
+
+
+def _foreign(rng) -> bytes:
+    """A file that is no checkpoint: text, picture headers, random bytes, pickles of plain values, other zips."""
+    import pickle
+    import zipfile
+
+    kind = rng.randrange(7)
+    if kind == 0:
+        return rng.choice([b"these are my notes\n", b"", b"(t", b"\x80\x02", b"}q\x00.", b"c__builtin__\neval\n"])
+    if kind == 1:
+        heads = [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"RIFF\x00\x00\x00\x00WEBPVP8 ", b"GIF89a", b"PK\x03\x04",
+                 b"\x93NUMPY\x01\x00"]
+        return rng.choice(heads) + rng.randbytes(rng.randrange(0, 200))
+    if kind == 2:
+        return rng.randbytes(rng.randrange(1, 300))
+    if kind == 3:
+        value = rng.choice(FOREIGN_VALUES[:18] + [{"format": "imgclf-checkpoint"}, {"format": "imgclf-checkpoint",
+                                                                                      "format_version": "1"}])
+        return pickle.dumps(value, protocol=rng.randrange(0, 6))
+    if kind == 4:
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as archive:
+            archive.writestr(rng.choice(["a/data.pkl", "data.pkl", "notes.txt", "a/data/0"]), rng.randbytes(50))
+        return out.getvalue()
+    if kind == 5:
+        buffer = io.BytesIO()
+        torch.save(rng.choice(FOREIGN_VALUES), buffer)
+        return buffer.getvalue()
+    return pickle.dumps({"format": "imgclf-checkpoint", "classes": ["a"]}, protocol=2)[: rng.randrange(1, 40)]
+
+
+def damaged_checkpoints(original: bytes, count: int, seed: int = 14):
+    """`count` damaged or foreign files (name of the damage, bytes), from the checkpoint `original`."""
+    import random
+
+    rng = random.Random(seed)
+    ckpt = torch.load(io.BytesIO(original), weights_only=True)
+    legacy = io.BytesIO()
+    torch.save(ckpt, legacy, _use_new_zipfile_serialization=False)
+    legacy = legacy.getvalue()
+    pkl, at = _pickle_of(original)
+    for i in range(count):
+        kind = ["truncated", "flipped", "flipped-pickle", "mutated-pickle", "structure", "legacy", "foreign"][i % 7]
+        if kind == "truncated":
+            yield kind, original[: rng.randrange(len(original))]
+        elif kind in ("flipped", "flipped-pickle", "legacy"):
+            data = bytearray(legacy if kind == "legacy" else original)
+            low, high = (at, at + len(pkl)) if kind == "flipped-pickle" else (0, len(data))
+            for _ in range(rng.randrange(1, 9)):
+                data[rng.randrange(low, high)] = rng.randrange(256)
+            yield kind, bytes(data[: rng.randrange(len(data)) if kind == "legacy" and rng.random() < 0.3 else None])
+        elif kind == "mutated-pickle":
+            data = bytearray(pkl)
+            for _ in range(rng.randrange(1, 5)):
+                pos = rng.randrange(len(data))
+                op = rng.randrange(3)
+                if op == 0:
+                    data[pos] = rng.randrange(256)
+                elif op == 1:
+                    data[pos:pos] = rng.randbytes(rng.randrange(1, 6))
+                else:
+                    del data[pos : pos + rng.randrange(1, 6)]
+            yield kind, _rezip(original, bytes(data))
+        elif kind == "structure":
+            buffer = io.BytesIO()
+            torch.save(_damage_structure(ckpt, rng), buffer)
+            yield kind, buffer.getvalue()
+        else:
+            yield kind, _foreign(rng)
+
+
+def test_damaged_and_foreign_checkpoints_are_one_line_each(small_run, tmp_path):
+    """1,000 damaged or foreign files given as a checkpoint (IMGCLF_FUZZ_CHECKPOINTS more; the slow tier
+    tries 10,000): each is one UserError line, or loads."""
+    fuzz_checkpoints(small_run, tmp_path, CKPT_FILES)
+
+
+@pytest.mark.slow
+def test_ten_thousand_damaged_and_foreign_checkpoints(small_run, tmp_path):
+    fuzz_checkpoints(small_run, tmp_path, max(CKPT_FILES, 10_000), seed=1014)
+
+
+def fuzz_checkpoints(small_run: dict, folder: Path, count: int, seed: int = 14) -> None:
+    """`count` damaged or foreign files given as a checkpoint: each is an imgclf checkpoint that loads (and
+    builds its network or says in one line why not), or one UserError line naming the file. Nothing else
+    escapes."""
+    from imgclf.checkpoint import load_checkpoint
+    from imgclf.errors import UserError
+    from imgclf.models import model_from_checkpoint
+
+    original = small_run["ckpt"].read_bytes()
+    assert len(original) < 40_000
+    shm = Path("/dev/shm")  # thousands of small writes: in memory where there is such a folder
+    path = Path(tempfile.mkdtemp(dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else folder)) / "damaged.pt"
+    escaped, outcomes, kinds = {}, {}, set()
+    with watchdog():
+        for kind, data in damaged_checkpoints(original, count, seed):
+            kinds.add(kind)
+            path.write_bytes(data)
+            try:
+                ckpt = load_checkpoint(path)
+                model_from_checkpoint(ckpt, model_code=small_run["net"])
+                outcome = "loaded"
+            except UserError as err:
+                assert "\n" not in str(err), str(err)
+                outcome = "refused" if str(path) in str(err) else "does not fit"
+            except Exception as err:  # noqa: BLE001 - what escapes is the finding
+                escaped.setdefault(f"{kind} {type(err).__name__}: {str(err)[:100]}", data[:40])
+                continue
+            outcomes[kind, outcome] = outcomes.get((kind, outcome), 0) + 1
+    shutil.rmtree(path.parent)
+    assert escaped == {}, "\n".join(escaped)
+    assert sum(outcomes.values()) == count and len(kinds) == 7
+    # the damage reached every stage: the reader, the checks of structure and weights, the network's build
+    assert outcomes.get(("structure", "refused"), 0) > count // 30, outcomes
+    assert outcomes.get(("structure", "loaded"), 0) > 0 and outcomes.get(("flipped", "loaded"), 0) > 0, outcomes
+    assert outcomes.get(("mutated-pickle", "refused"), 0) > count // 30, outcomes
+
+
+@pytest.mark.slow
+def test_damaged_checkpoints_through_predict_eval_and_resume(small_run, tmp_path, capsys):
+    """A sample of the damaged files through the commands: exit 0 with answers, or 2 with one line."""
+    from imgclf.cli import main
+
+    original = small_run["ckpt"].read_bytes()
+    data, net = small_run["root"] / "data", small_run["net"]
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    path = run / "checkpoints" / "last.pt"
+    for i, (kind, blob) in enumerate(damaged_checkpoints(original, 420, seed=15)):
+        path.write_bytes(blob)
+        argv = [["predict", str(path), str(data / "test"), "--model-code", net],
+                ["eval", str(path), "--data", str(data), "--model-code", net],
+                ["train", "--resume", str(run), "--epochs", "2", "--model-code", net]][i % 3]
+        code = main([*argv, "--device", "cpu"] if argv[0] != "train" else argv)
+        err = capsys.readouterr().err
+        if code != 0:
+            assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (kind, argv, err)
+        for leftover in run.iterdir():  # a resumed run that worked: back to one checkpoint for the next
+            if leftover.name != "checkpoints":
+                leftover.unlink() if leftover.is_file() else None

@@ -142,12 +142,12 @@ def test_progressive_resize_trains_small_then_full_and_evaluates_full(tmp_path):
     assert x16.abs().mean() > 0.1 and torch.isfinite(x16).all()
 
 
-def test_progressive_resize_refuses_a_model_that_cannot_take_the_small_side(tiny_split_folder, capsys):
+def test_progressive_resize_refuses_a_model_that_cannot_take_the_small_side(tiny_split_folder, tmp_path, capsys):
     code = main(["train", "--data", str(tiny_split_folder), "--model", "tutorial_cnn", "--progressive-resize", "8",
-                 "--epochs", "4", "--device", "cpu", "--out", str(tiny_split_folder / "run")])
+                 "--epochs", "4", "--device", "cpu", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and "--progressive-resize 8: tutorial_cnn cannot take 8x8 pictures" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     code = main(["train", "--data", str(tiny_split_folder), "--progressive-resize", "16", "--epochs", "2",
-                 "--device", "cpu", "--out", str(tiny_split_folder / "run2")])
+                 "--device", "cpu", "--out", str(tmp_path / "run2")])
     assert code == 2 and "must be smaller than the picture side (16)" in capsys.readouterr().err

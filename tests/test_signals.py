@@ -18,6 +18,7 @@ from conftest import write_class_folder
 from imgclf.checkpoint import load_checkpoint
 from imgclf.cli import main
 from imgclf.errors import EXIT_SIGINT, EXIT_SIGTERM
+from imgclf.files import TMP_SUFFIX
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -118,4 +119,4 @@ def test_second_ctrl_c_abandons_at_once(folder, tmp_path):
     assert "imgclf: interrupted" in err or "resume with:" in err
     if last.exists():
         load_checkpoint(last)
-    assert not list(run.glob("**/.*.tmp"))
+    assert not list(run.glob(f"**/.*{TMP_SUFFIX}"))

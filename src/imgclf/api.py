@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from imgclf.config import RECIPES, ModelConfig, RunConfig, TrainConfig, config_fields, resolve_config
 from imgclf.errors import EXIT_OK, Stopped, UserError
+from imgclf.files import refuse_if_in_use
 
 if TYPE_CHECKING:
     from torch import nn
@@ -144,7 +145,9 @@ class Run:
         path = self.folder / "metrics.jsonl" if self.folder is not None else None
         if path is None or not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        from imgclf.tracking import read_records
+
+        return read_records(path)
 
     @property
     def classes(self) -> list[str]:
@@ -312,6 +315,7 @@ def _train_config(given: dict, recipe: str, resume, network) -> TrainConfig:
         raise UserError(f"unknown recipe {recipe!r}; choose one of {', '.join(sorted(RECIPES))}")
     if not resume:
         cfg = resolve_config(given, recipe=recipe)
+        refuse_if_in_use(cfg.run.out)  # a run that is training says so, rather than "already holds a run"
         if (Path(cfg.run.out) / "checkpoints" / "last.pt").exists():
             raise UserError(f"{cfg.run.out} already holds a run; continue it with resume=True, or choose "
                             f"another out=")

@@ -11,7 +11,9 @@ import argparse
 import csv
 import dataclasses
 import json
+import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -39,6 +41,7 @@ from imgclf.errors import (
     UserError,
     shown,
 )
+from imgclf.files import one_line, refuse_if_in_use
 
 
 def entry() -> None:
@@ -56,11 +59,34 @@ def entry() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command of `argv` (default: sys.argv[1:]); return its exit status.
+
+    Ctrl-C is one line and status 130 wherever it lands, also during start-up: a KeyboardInterrupt inside an
+    import (torch's of numpy) can leave a half-imported module that then fails with another exception, which
+    is reported as the interruption it comes from (unless --debug)."""
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: Python's own handling stays
+        previous = None
     try:
         return _run(argv)
     except BrokenPipeError:  # whoever read stdout stopped (`imgclf predict ... | head`): a normal end
         _stdout_to_devnull()
         return EXIT_OK
+    except Exception:
+        if not interrupted or "--debug" in (sys.argv[1:] if argv is None else argv):
+            raise
+        print("imgclf: interrupted", file=sys.stderr)
+        return EXIT_SIGINT
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _run(argv: list[str] | None) -> int:
@@ -81,14 +107,14 @@ def _run(argv: list[str] | None) -> int:
     except UserError as err:
         if args.debug:
             raise
-        print(f"imgclf: error: {err}", file=sys.stderr)
+        print(f"imgclf: error: {one_line(err)}", file=sys.stderr)
         return err.code
     except BrokenPipeError:  # not an error to report: main ends quietly
         raise
     except OSError as err:  # a folder that cannot be written, a full disk: the system's own one line
         if args.debug:
             raise
-        print(f"imgclf: error: {err}", file=sys.stderr)
+        print(f"imgclf: error: {one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         if args.debug:
@@ -205,6 +231,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                 trust_changed_code=args.trust_changed_code))
     else:
         cfg = train_config(args)
+        refuse_if_in_use(cfg.run.out)  # a run that is training says so, rather than "already holds a run"
         if (Path(cfg.run.out) / "checkpoints" / "last.pt").exists():
             raise UserError(f"{cfg.run.out} already holds a run; resume it with --resume {cfg.run.out}, "
                             f"or choose another --out")
@@ -213,7 +240,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         record = train(cfg, resume=bool(args.resume))
     except Stopped as stop:
-        print(f"imgclf: {stop}", file=sys.stderr)
+        print(f"imgclf: {one_line(stop)}", file=sys.stderr)
         return stop.code
     if record and os.environ.get("RANK", "0") == "0":  # under torchrun, once for the job
         test = f", test accuracy {record['test_acc']:.2%}" if "test_acc" in record else ""
@@ -346,9 +373,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         writer.writerow(["path", "rank", "label", "probability"])
     failed = False
     for r in predictor.iter_predict(args.paths, topk=args.topk, batch_size=args.batch_size):
+        if not r.error and not all(math.isfinite(p) for p in r.probs):  # never a NaN, nor invalid JSON
+            r.error, r.labels, r.probs = "the model's output is not a number (NaN or infinite)", [], []
         failed = failed or bool(r.error)
         if r.error:
-            print(f"imgclf: {shown(r.path)}: {r.error}", file=sys.stderr)
+            print(f"imgclf: {shown(r.path)}: {one_line(r.error)}", file=sys.stderr)
         elif args.json:
             print(json.dumps({"path": r.path, "top": [{"label": lab, "probability": round(p, 6)}
                                                       for lab, p in zip(r.labels, r.probs, strict=True)]}))

@@ -13,7 +13,7 @@ from imgclf.config import DataConfig
 from imgclf.engine import evaluate
 from imgclf.errors import UserError
 from imgclf.metrics import accuracy, confusion_matrix
-from imgclf.models import model_from_checkpoint
+from imgclf.models import check_fits, model_from_checkpoint
 from imgclf.pipeline import eval_batch_size, eval_loader, place_model
 from imgclf.predict import ExportedPredictor, exported_kind
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
@@ -35,6 +35,7 @@ def evaluate_checkpoint(path, data_cfg: DataConfig, *, split: str | None = None,
     if kind is not None:
         return _evaluate_exported(ExportedPredictor(path, kind), data_cfg, split=split, where=path)
     ckpt = load_checkpoint(path)
+    check_fits(ckpt)  # before the pictures are decoded at the checkpoint's size
     inp = ckpt["input"]
     # augment "none": every split decoded at the model's size (training's larger photo store is not needed)
     data = load_data(replace(data_cfg, img_size=inp["size"], augment="none"), img_size=inp["size"],

@@ -1,18 +1,30 @@
-"""Atomic file writes: a reader (or a process killed mid-write) sees the old file or the new, never half."""
+"""Files a run writes: atomic writes (a reader, or a process killed mid-write, sees the old file or the new,
+never half), and the run folder's claim (one training process per folder, and never a folder imgclf did not
+make)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import os
 import stat
 import tempfile
+import time
 from pathlib import Path
+
+from imgclf.errors import UserError, shown
+
+TMP_SUFFIX = ".imgclf-tmp"  # the temporary files of `atomic_write`: .NAME.XXXXXXXX.imgclf-tmp
+RUN_MARK = ".imgclf-run"  # in every run folder: imgclf made it; its training process locks it and writes its PID
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)`, fsync, then rename over `path`: readers see the old file or the new, never half."""
+    """Call `write(tmp_path)`, fsync, then rename over `path`: readers see the old file or the new, never half.
+    A full disk is one UserError line naming `path` (nothing of the old file is lost)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     umask = os.umask(0)  # mkstemp makes owner-only files; give the result the permissions open() would
     os.umask(umask)
@@ -22,8 +34,12 @@ def atomic_write(path: Path, write) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        full = _disk_full(err, path.parent)
         Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise UserError(f"no space left on device while writing {shown(path)}; free some space (the "
+                            f"previous version of the file, if any, is kept) and try again") from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -32,14 +48,29 @@ def atomic_write(path: Path, write) -> None:
         os.close(dir_fd)
 
 
+def _disk_full(err: BaseException, folder: Path) -> bool:
+    """ENOSPC or EDQUOT; or a write error without its errno (torch.save's C++ writer says "unexpected pos")
+    while the disk of `folder` has no room left (asked before the temporary file is removed)."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not isinstance(err, RuntimeError | OSError):
+        return False
+    try:
+        disk = os.statvfs(folder)
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return False
+    return disk.f_bavail * disk.f_frsize < 1 << 20
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def remove_temporaries(run_dir: Path) -> None:
-    """Delete the temporary files `atomic_write` leaves in a run folder when its process is killed mid-write."""
+    """Delete the temporary files `atomic_write` leaves in a run folder when its process is killed mid-write
+    (its own names only: .NAME.XXXXXXXX.imgclf-tmp)."""
     for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
-        for path in folder.glob(".*.tmp"):
+        for path in folder.glob(f".*{TMP_SUFFIX}"):
             path.unlink(missing_ok=True)
 
 
@@ -65,3 +96,82 @@ def not_regular(path) -> str | None:
     except OSError as err:
         return f"cannot read it: {(err.strerror or str(err)).lower()}"
     return None if kind is None else f"not a regular file ({kind})"
+
+
+def one_line(message) -> str:
+    """`message` (an exception, or text) on one line: line breaks written as \\n, as in a Python string."""
+    return str(message).replace("\r", "\\r").replace("\n", "\\n")
+
+
+def is_run_folder(folder: Path) -> bool:
+    """True when imgclf made `folder` for a run: it holds RUN_MARK, or (a run of an imgclf before the mark)
+    checkpoints/last.pt or a config.json of imgclf's four sections."""
+    folder = Path(folder)
+    if (folder / RUN_MARK).is_file() or (folder / "checkpoints" / "last.pt").is_file():
+        return True
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"data", "model", "optim", "run"} <= config.keys()
+
+
+@contextlib.contextmanager
+def claim_run_folder(folder: Path):
+    """Hold the run folder `folder` for this process while the `with` block runs: make it (an empty or new
+    folder) or check that imgclf made it, and take an exclusive lock on its RUN_MARK, which records this
+    process's PID. One UserError line when `folder` holds files imgclf did not write, or another process
+    holds it. The lock ends with the block, or with the process however it ends."""
+    folder = Path(folder)
+    existed = folder.is_dir()
+    if existed and any(folder.iterdir()) and not is_run_folder(folder):
+        raise UserError(f"--out {shown(folder)} is a folder of files that imgclf did not write; imgclf writes "
+                        f"a run only into a new or empty folder, or its own: choose another --out")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / RUN_MARK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        _lock(fd, folder)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield folder
+    finally:
+        # a run that wrote nothing (bad data, say) leaves the folder as it found it: empty, or not there
+        with contextlib.suppress(OSError):
+            if [p.name for p in folder.iterdir()] == [RUN_MARK]:
+                (folder / RUN_MARK).unlink()
+                if not existed:
+                    folder.rmdir()
+        os.close(fd)  # closing the file releases the lock
+
+
+def refuse_if_in_use(folder: Path) -> None:
+    """One UserError line when another process holds the run folder `folder` (`claim_run_folder`)."""
+    mark = Path(folder) / RUN_MARK
+    if not mark.is_file():
+        return
+    fd = os.open(mark, os.O_RDONLY)
+    try:
+        _lock(fd, Path(folder))
+    finally:
+        os.close(fd)
+
+
+def _lock(fd: int, folder: Path) -> None:
+    try:
+        import fcntl
+    except ImportError:  # no flock on this system (Windows): the folder is not locked
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(f"{shown(folder)} is in use by another imgclf training process ({_holder(folder)}); "
+                        f"wait for it to end, or choose another --out") from None
+
+
+def _holder(folder: Path) -> str:
+    """'PID n' of the process holding `folder`, as its RUN_MARK says (it writes it just after locking)."""
+    for _ in range(20):
+        with contextlib.suppress(OSError, ValueError):
+            return f"PID {int((folder / RUN_MARK).read_text().split()[0])}"
+        time.sleep(0.05)
+    return "PID unknown"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -48,8 +50,8 @@ MONITORS = {"val_acc": True, "val_loss": False, "val_macro_f1": True}
 
 
 def improved(value: float, best: float | None, monitor: str) -> bool:
-    """Whether `value` of metric `monitor` beats `best` (None: nothing yet). A NaN never improves."""
-    if value != value:  # NaN
+    """Whether `value` of metric `monitor` beats `best` (None: nothing yet). A NaN or infinity never improves."""
+    if not math.isfinite(value):
         return False
     if best is None:
         return True

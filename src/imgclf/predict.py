@@ -25,7 +25,7 @@ from torch import nn
 from imgclf.checkpoint import load_checkpoint
 from imgclf.errors import UserError, shown
 from imgclf.files import not_regular
-from imgclf.models import base_fits, model_from_checkpoint
+from imgclf.models import base_fits, check_fits, model_from_checkpoint, on_meta
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import PictureWalk, is_image_file
 from imgclf.transforms import BadImage, BatchTransform, load_image
@@ -45,6 +45,8 @@ class Predictor:
     def __init__(self, ckpt: dict, *, device: str = "auto", precision: str = "fp32"):
         self.device = resolve_device(device)
         name, size = ckpt["model"]["name"], ckpt["input"]["size"]
+        with on_meta():  # the weights are checked against the network before it takes memory
+            check_fits(ckpt, base=_torchvision_model_alone(name) if base_fits(name, size) else None)
         base = _torchvision_model_alone(name) if base_fits(name, size) else None
         model = _fold_batchnorm(model_from_checkpoint(ckpt, base=base))
         self.model = model.to(self.device, memory_format=torch.channels_last)
@@ -146,7 +148,9 @@ def exported_kind(path) -> str | None:
     if path.suffix == ".onnx":
         return "onnx"
     if path.is_file() and zipfile.is_zipfile(path):
-        with contextlib.suppress(zipfile.BadZipFile, OSError), zipfile.ZipFile(path) as archive:
+        # a damaged zip can fail in many ways (names that are not UTF-8...): then it is not an export
+        with contextlib.suppress(zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError), \
+                zipfile.ZipFile(path) as archive:
             names = archive.namelist()
             if any(n.endswith("/extra/imgclf.json") for n in names) and any(n.endswith("/code/") or "/code/" in n
                                                                               for n in names):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from imgclf.errors import UserError, shown
 from imgclf.files import atomic_write_text
 
 
@@ -32,8 +33,7 @@ class Tracker:
             return
         path = self.run_dir / "metrics.jsonl"
         if resume_epoch and path.is_file():  # keep what was recorded up to the checkpoint, drop anything later
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            self.records = [r for r in lines if r["epoch"] <= resume_epoch]
+            self.records = [r for r in read_records(path) if r["epoch"] <= resume_epoch]
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step hides events a killed run wrote after the checkpoint we resume from
@@ -160,3 +160,21 @@ def progress_bar(*, notebook: bool):
         warnings.simplefilter("ignore", TqdmWarning)
         from tqdm.auto import tqdm
     return tqdm
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; one UserError line naming the file and line when one is not a record
+    (a file torn or edited by hand: imgclf writes it whole, atomically)."""
+    records = []
+    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or type(record.get("epoch")) is not int:
+            raise UserError(f"{shown(path)} line {number} is not a record of an epoch (the file is torn or was "
+                            f"edited); repair or delete that line, then resume again")
+        records.append(record)
+    return records

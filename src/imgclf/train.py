@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import signal
 import sys
 import time
@@ -19,13 +20,21 @@ from pathlib import Path
 import torch
 
 from imgclf import __version__, distributed
-from imgclf.checkpoint import build_checkpoint, load_checkpoint, save_checkpoint
+from imgclf.checkpoint import build_checkpoint, load_checkpoint, non_finite, save_checkpoint
 from imgclf.config import TrainConfig
 from imgclf.engine import Diverged, Hooks, TrainState, evaluate, train_one_epoch
-from imgclf.errors import EXIT_DISTRIBUTED, EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, Stopped, UserError
-from imgclf.files import atomic_write_text, remove_temporaries
+from imgclf.errors import (
+    EXIT_DISTRIBUTED,
+    EXIT_DIVERGED,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    Stopped,
+    UserError,
+    shown,
+)
+from imgclf.files import atomic_write_text, claim_run_folder, remove_temporaries
 from imgclf.metrics import summary
-from imgclf.models import checked_model_name
+from imgclf.models import checked_model_name, refuse_misfit
 from imgclf.optim import (
     Lookahead,
     balancing_weights,
@@ -47,12 +56,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, model: torch.nn.Module | No
 
     `model`: a network object to train instead of building `cfg.model.name` (the Python API; its output must
     have one logit per class). `on_epoch(record)` is called after every epoch with its metrics.jsonl record
-    (main process only); raising `imgclf.errors.Stopped` there ends the run resumably."""
+    (main process only); raising `imgclf.errors.Stopped` there ends the run resumably.
+
+    The main process holds `cfg.run.out` (files.claim_run_folder) for the whole run: a second run into the
+    same folder, or into a folder of files imgclf did not write, is one UserError line."""
     dist = distributed.from_environment()
     device = resolve_device(cfg.run.device, dist)
     distributed.init(dist, device)
     try:
-        record = _train(cfg, resume=resume, dist=dist, device=device, model=model, on_epoch=on_epoch)
+        with claim_run_folder(cfg.run.out) if dist.is_main else contextlib.nullcontext():
+            record = _train(cfg, resume=resume, dist=dist, device=device, model=model, on_epoch=on_epoch)
         distributed.barrier(dist)  # leave together: tearing down a group that a peer still uses can abort it
         return record
     except RuntimeError as err:
@@ -75,7 +88,7 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
     parts = build_run(cfg, data, device=device, dist=dist, fresh=ckpt is None, model=model)
     state = _train_state(cfg, parts, device=device, precision=precision, dist=dist)
     if ckpt:
-        state.load_state_dict(ckpt)
+        _restore(state, ckpt, run_dir / "checkpoints" / "last.pt")
     tracker = Tracker(run_dir, enabled=dist.is_main, resume_epoch=state.epoch, steps_per_epoch=len(parts.train),
                       log_every=cfg.run.log_every)
     if dist.is_main:
@@ -96,6 +109,7 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
             # the final probabilities are kept for the run's pictures (one process holds them all)
             val = evaluate(state.eval_model, parts.val, num_classes=len(data.classes), autocast=autocast,
                            dist=dist, tta=cfg.run.tta and final, keep_probs=final and not dist.enabled)
+            _refuse_non_finite(state, val, epoch=epoch, run_dir=run_dir)  # never saved, never "best"
             record = epoch_record(epoch, stats, val, lr=state.optimizer.param_groups[0]["lr"], data=data)
             tracker.end_epoch(record)
             _save(cfg, parts, state, dist=dist, best=state.end_epoch(record, cfg.optim.monitor))
@@ -117,6 +131,10 @@ def _data(cfg: TrainConfig, dist, ckpt: dict | None) -> ImageData:
     if ckpt and ckpt["classes"] != data.classes:
         raise UserError(f"{cfg.run.out} was trained on classes {ckpt['classes']}, but {cfg.data.data} has "
                         f"{data.classes}; start a new run with --out")
+    if ckpt and (ckpt["input"]["channels"], ckpt["input"]["size"]) != (data.channels, data.img_size):
+        was, now = (ckpt["input"]["channels"], ckpt["input"]["size"]), (data.channels, data.img_size)
+        raise UserError(f"{cfg.run.out} was trained on {was[0]}x{was[1]}x{was[1]} pictures, but {cfg.data.data} "
+                        f"gives {now[0]}x{now[1]}x{now[1]}; resume with the run's data, or start a new run with --out")
     return data
 
 
@@ -155,7 +173,11 @@ def resumed_config(folder, *, check_code: bool = True, model_code: str | None = 
     if not last.is_file():
         raise UserError(f"nothing to resume: {last} does not exist")
     ckpt = load_checkpoint(last)
-    base = TrainConfig.from_dict(ckpt["config"])
+    try:
+        base = TrainConfig.from_dict(ckpt["config"])
+    except (KeyError, TypeError, AttributeError, ValueError, UserError) as err:
+        raise UserError(f"cannot resume from {last}: its configuration is missing or damaged ({_first_line(err)}); "
+                        f"start a new run with --out") from None
     model = base.model
     if check_code:
         name = checked_model_name(ckpt, model_code=model_code, trust_changed_code=trust_changed_code)
@@ -165,11 +187,51 @@ def resumed_config(folder, *, check_code: bool = True, model_code: str | None = 
 
 def _resume_point(cfg: TrainConfig) -> dict:
     run_dir = Path(cfg.run.out)
-    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    last = run_dir / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(last)
+    problem = _resume_problem(ckpt)
+    if problem:
+        raise UserError(f"cannot resume from {last}: {problem} (a damaged or hand-made checkpoint); start a new "
+                        f"run with --out")
     if ckpt["epoch"] >= cfg.optim.epochs:
         raise UserError(f"{run_dir} already finished {ckpt['epoch']}/{cfg.optim.epochs} epochs; "
                         f"pass a larger --epochs to train further, or start a new run with --out")
     return ckpt
+
+
+def _resume_problem(ckpt: dict) -> str | None:
+    """What a checkpoint lacks to be resumed from (beyond what load_checkpoint checks), or None."""
+    for key in ("epoch", "step", "best_epoch"):
+        if type(ckpt.get(key)) is not int or ckpt[key] < 0:
+            return f"its {key} is {ckpt.get(key)!r:.40}, not a count"
+    if ckpt.get("best_score") is not None and not isinstance(ckpt["best_score"], float | int):
+        return "its best_score is not a number"
+    for key in ("optimizer", "scheduler", "rng"):
+        if not isinstance(ckpt.get(key), dict):
+            return f"it has no {key} state"
+    if not isinstance(ckpt["rng"].get("torch"), torch.Tensor):
+        return "it has no random number generator state"
+    return None
+
+
+def _restore(state: TrainState, ckpt: dict, path: Path) -> None:
+    """`state.load_state_dict(ckpt)`, with anything that does not fit this run told in one line (weights of
+    another shape: which, and their shapes)."""
+    try:
+        refuse_misfit(ckpt["model"]["name"], {k: v.shape for k, v in state.model.state_dict().items()},
+                      ckpt["state_dict"])
+    except UserError as err:
+        raise UserError(f"cannot resume from {path}: {err}") from None
+    try:
+        state.load_state_dict(ckpt)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as err:
+        raise UserError(f"cannot resume from {path}: its saved state does not fit this run "
+                        f"({_first_line(err)}); start a new run with --out") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return shown(text[0][:200]) if text else type(err).__name__
 
 
 def _train_state(cfg: TrainConfig, parts: RunParts, *, device, precision, dist) -> TrainState:
@@ -195,9 +257,30 @@ def _train_epoch(state: TrainState, parts: RunParts, *, run_dir: Path, **kwargs)
     try:
         return train_one_epoch(state, parts.train, **kwargs)
     except Diverged as err:
-        last = run_dir / "checkpoints" / "last.pt"
-        kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
-        raise UserError(f"training diverged: {err}; {kept}; try a lower --lr", EXIT_DIVERGED) from None
+        raise _diverged(str(err), run_dir) from None
+    except ValueError as err:
+        if "Expected more than 1 value per channel when training" not in str(err):
+            raise
+        raise UserError(f"the network's batch normalisation needs more than one value per channel, and a batch of "
+                        f"{parts.train.batch_size} gives it one ({_first_line(err)}); use a larger --batch-size "
+                        f"(2 or more) or --img-size") from None
+
+
+def _refuse_non_finite(state: TrainState, val: dict, *, epoch: int, run_dir: Path) -> None:
+    """Stop the run (one line, EXIT_DIVERGED) when the epoch's validation loss or the weights it would save
+    are NaN or infinite: such a model must never become last.pt or best.pt."""
+    if not math.isfinite(val["loss"]):
+        raise _diverged(f"the validation loss became {val['loss']} after epoch {epoch + 1}", run_dir)
+    for weights in (state.model.state_dict(), state.eval_model.state_dict()):
+        key = non_finite(weights)
+        if key is not None:
+            raise _diverged(f"the weights {key} became NaN or infinite in epoch {epoch + 1}", run_dir)
+
+
+def _diverged(what: str, run_dir: Path) -> UserError:
+    last = run_dir / "checkpoints" / "last.pt"
+    kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
+    return UserError(f"training diverged: {what}; {kept}; try a lower --lr", EXIT_DIVERGED)
 
 
 class _RunHooks(Hooks):
