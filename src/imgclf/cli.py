@@ -143,8 +143,17 @@ def _add_train(sub, common) -> None:
                    help="default: a recipe that trains well; notes: exactly the notes' SGD 0.01, batch 64, no "
                         "augmentation; fast: the CIFAR speed records' recipe for fastnet")
     p.add_argument("--resume", metavar="RUN", help="continue RUN/checkpoints/last.pt exactly where it stopped")
+    _add_config_file(p)
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration as YAML (for --config) and train nothing")
     _add_model_code(p)
     add_config_flags(p)
+
+
+def _add_config_file(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help="options from a YAML file (keys: these flags without the dashes, e.g. `lr: 0.01`); "
+                        "applied over --recipe, and flags given here win (README: Configuration files)")
 
 
 SECTION_TITLES = {"data": "data", "model": "model", "optim": "optimisation", "run": "run"}
@@ -182,8 +191,12 @@ def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] =
 
 def train_config(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
     """Flags -> TrainConfig (config.resolve_config): `base` (a resumed run's) or the recipe's defaults, then
-    every flag given."""
+    the --config file's values, then every flag given."""
     given = {(section, f.name): getattr(args, f"{section}.{f.name}", None) for section, f, _ in config_fields()}
+    if getattr(args, "config", None):
+        from imgclf.configfile import read_config
+
+        given = {**read_config(args.config), **{key: value for key, value in given.items() if value is not None}}
     return resolve_config(given, recipe=args.recipe, base=base)
 
 
@@ -196,9 +209,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                 trust_changed_code=args.trust_changed_code))
     else:
         cfg = train_config(args)
-        if (Path(cfg.run.out) / "checkpoints" / "last.pt").exists():
-            raise UserError(f"{cfg.run.out} already holds a run; resume it with --resume {cfg.run.out}, "
-                            f"or choose another --out")
+    if args.print_config:
+        from imgclf.configfile import config_yaml
+
+        print(config_yaml(cfg), end="")
+        return EXIT_OK
+    if not args.resume and (Path(cfg.run.out) / "checkpoints" / "last.pt").exists():
+        raise UserError(f"{cfg.run.out} already holds a run; resume it with --resume {cfg.run.out}, "
+                        f"or choose another --out")
     from imgclf.train import train  # torch and the rest, once the flags are known to be good
 
     try:

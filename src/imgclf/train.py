@@ -21,6 +21,7 @@ import torch
 from imgclf import __version__, distributed
 from imgclf.checkpoint import build_checkpoint, load_checkpoint, save_checkpoint
 from imgclf.config import TrainConfig
+from imgclf.configfile import RUN_HEADER, config_yaml
 from imgclf.engine import Diverged, Hooks, TrainState, evaluate, train_one_epoch
 from imgclf.errors import EXIT_DISTRIBUTED, EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, Stopped, UserError
 from imgclf.files import atomic_write_text, remove_temporaries
@@ -276,6 +277,7 @@ def _start_run_folder(cfg: TrainConfig, parts: RunParts, tracker: Tracker, *, de
     run_dir, data = Path(cfg.run.out), parts.data
     remove_temporaries(run_dir)
     atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    atomic_write_text(run_dir / "config.yaml", config_yaml(cfg, RUN_HEADER))  # the same, for `train --config`
     tracker.message(f"imgclf {__version__}: {cfg.model.name} on {cfg.data.data} ({data.describe()}, "
                     f"{len(data.classes)} classes, "
                     f"{data.channels}x{data.img_size}x{data.img_size}) on {device}, {str(precision)[6:]}, "
