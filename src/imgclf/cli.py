@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for add in (_add_train, _add_eval, _add_predict, _add_samples, _add_models, _add_inspect, _add_export,
-                _add_serve, _add_show, _add_features, _add_lr_find, _add_env, _add_cache):
+                _add_serve, _add_show, _add_features, _add_lr_find, _add_env, _add_cache, _add_runs):
         add(sub, common)
     parser.set_defaults(debug=False)
     return parser
@@ -180,6 +180,8 @@ def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] =
         meta, kind = f.metadata, f.type.split(" | ")[0]
         kwargs = {"dest": f"{section}.{f.name}", "default": None, "required": flag in required,
                   "help": f"{meta['help']} (default: {shown_default(f)})"}
+        if meta.get("const") is not None:  # the flag alone means this value
+            kwargs.update(nargs="?", const=meta["const"])
         if kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -587,4 +589,36 @@ def cmd_env(args: argparse.Namespace) -> int:
 
     env = environment()
     print(json.dumps(env) if args.json else format_environment(env))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- runs
+
+RUN_COLUMNS = ("name", "model", "data", "epochs", "best", "time", "status")  # imgclf.runs.COLUMNS
+
+
+def _add_runs(sub, common) -> None:
+    p = _command(sub, common, "runs", cmd_runs, help="a table of the runs under a folder",
+                 description="List the runs under a folder (each folder holding a config.json, at any depth): "
+                             "model, data, epochs done/planned, best figure of --monitor, training time and "
+                             "status (running, finished, stopped: resumable, crashed).")
+    p.add_argument("folder", nargs="?", default="runs", help="where to look (%(default)s)")
+    p.add_argument("--sort", choices=RUN_COLUMNS, default="name",
+                   help="order of the rows (%(default)s; best: the best figure first; time: the longest first)")
+    p.add_argument("--json", action="store_true", help="one JSON object per run")
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from imgclf.runs import format_table, list_runs
+
+    if not Path(args.folder).is_dir():
+        raise UserError(f"no such folder: {args.folder}")
+    rows = list_runs(Path(args.folder), sort=args.sort)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return EXIT_OK
+    if rows:
+        print(format_table(rows))
+    print(f"{len(rows)} runs under {args.folder}", file=sys.stderr)
     return EXIT_OK

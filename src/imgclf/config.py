@@ -28,13 +28,14 @@ MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits
 
 
 def option(default, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
-           resumable: bool = False, metavar: str | None = None, none: str = "none"):
+           resumable: bool = False, metavar: str | None = None, none: str = "none", const: str | None = None):
     """A configuration field and its command-line flag in one declaration: `imgclf.cli` builds the flag
     (`--field-name` unless `flag` says otherwise), its help and its shown default from this, so `--help`
     cannot disagree with the code. `resumable`: the flag may differ from the run being resumed; `none`: what
-    a default of None means, for the help."""
+    a default of None means, for the help; `const`: the value of the flag given without one."""
     return field(default=default, metadata={"help": help, "flag": flag, "choices": choices,
-                                            "resumable": resumable, "metavar": metavar, "none": none})
+                                            "resumable": resumable, "metavar": metavar, "none": none,
+                                            "const": const})
 
 
 def flag_of(f: dataclasses.Field) -> str:
@@ -129,6 +130,13 @@ class RunConfig:
                                     "up; early updates keep less, (1 + n) / (10 + n) after n updates")
     tta: bool = option(False, "the last epoch's evaluation averages flipped and 1-pixel-shifted views "
                               "(6 passes; engine.tta_logits)")
+    # MLflow beside TensorBoard (imgclf.mlflowrun); recorded, so that a resumed run goes on logging there
+    mlflow: str | None = option(None, "also log the run to this MLflow tracking server (http://HOST:5000, "
+                                      "sqlite:///mlflow.db, ./mlruns); --mlflow alone: $MLFLOW_TRACKING_URI's "
+                                      "(pip install 'imgclf[mlflow]')", metavar="URI", resumable=True,
+                                none="off", const="env")
+    mlflow_experiment: str = option("imgclf", "the MLflow experiment of the run (--mlflow)", metavar="NAME",
+                                    resumable=True)
 
 
 @dataclass(frozen=True)

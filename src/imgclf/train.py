@@ -39,7 +39,7 @@ from imgclf.optim import (
 from imgclf.pipeline import RunParts, build_run, load_data_ranked, set_stage
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import ImageData, imbalance_warning
-from imgclf.tracking import Tracker
+from imgclf.tracking import RunRecord, Tracker
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, model: torch.nn.Module | None = None,
@@ -53,7 +53,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, model: torch.nn.Module | No
     device = resolve_device(cfg.run.device, dist)
     distributed.init(dist, device)
     try:
-        record = _train(cfg, resume=resume, dist=dist, device=device, model=model, on_epoch=on_epoch)
+        with RunRecord(cfg, enabled=dist.is_main) as run_record:  # status.json and MLflow: finished, stopped...
+            record = _train(cfg, resume=resume, dist=dist, device=device, model=model,
+                            on_epoch=run_record.epoch_hook(on_epoch), run_record=run_record)
         distributed.barrier(dist)  # leave together: tearing down a group that a peer still uses can abort it
         return record
     except RuntimeError as err:
@@ -65,7 +67,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, model: torch.nn.Module | No
         distributed.close(dist)
 
 
-def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model, on_epoch) -> dict:
+def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model, on_epoch,
+           run_record: RunRecord) -> dict:
     run_dir, epochs = Path(cfg.run.out), cfg.optim.epochs
     ckpt = _resume_point(cfg) if resume else None
     torch.manual_seed(cfg.run.seed)
@@ -82,6 +85,7 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
     if dist.is_main:
         _start_run_folder(cfg, parts, tracker, device=device, precision=precision, world=dist.world_size,
                           fresh=ckpt is None)
+    run_record.start(resumed=ckpt is not None)
     loss_fn, autocast = _loss(cfg, data, device), autocast_factory(device, precision)
     check_every = 1 if device.type == "cpu" else 32  # reading a loss makes the host wait for the GPU
     with StopFlag(dist, device) as stop:
