@@ -40,6 +40,15 @@ def tracking_uri(value: str) -> str:
     return uri
 
 
+def import_mlflow():
+    """The mlflow module; one UserError line when it is not installed."""
+    try:
+        import mlflow
+    except ImportError:
+        raise UserError("--mlflow needs MLflow: pip install 'imgclf[mlflow]'") from None
+    return mlflow
+
+
 def metric_key(name: str) -> str:
     """`name` in the characters MLflow accepts in a metric name (a class name may hold others)."""
     return re.sub(r"[^\w\-. :/]", "_", name)
@@ -55,11 +64,9 @@ class MlflowRun:
     def open(cls, cfg: TrainConfig, *, resumed: bool) -> MlflowRun:
         """Start the MLflow run of `cfg`'s run folder, or continue the one RUN/mlflow.json names when resuming
         on the same tracking server. One UserError line when MLflow is missing or the server refuses."""
-        try:
-            import mlflow
-            from mlflow.exceptions import MlflowException
-        except ImportError:
-            raise UserError("--mlflow needs MLflow: pip install 'imgclf[mlflow]'") from None
+        mlflow = import_mlflow()
+        from mlflow.exceptions import MlflowException
+
         uri, run_dir = tracking_uri(cfg.run.mlflow), Path(cfg.run.out)
         client = mlflow.MlflowClient(tracking_uri=uri)
         state = read_state(run_dir) if resumed else None

@@ -171,6 +171,11 @@ class RunRecord:
     def __init__(self, cfg, *, enabled: bool = True):
         self.cfg, self.enabled, self.run_dir = cfg, enabled, Path(cfg.run.out)
         self.mlflow, self.started = None, False
+        if enabled and cfg.run.mlflow:  # MLflow missing or no URI: said before the data are even loaded
+            from imgclf.mlflowrun import import_mlflow, tracking_uri
+
+            tracking_uri(cfg.run.mlflow)
+            import_mlflow()
 
     def start(self, *, resumed: bool) -> None:
         """The run begins (its folder is written): MLflow first, so a server that refuses stops it before it starts."""
