@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for add in (_add_train, _add_eval, _add_predict, _add_samples, _add_models, _add_inspect, _add_export,
-                _add_serve, _add_show, _add_features, _add_lr_find, _add_env, _add_cache, _add_runs):
+                _add_serve, _add_show, _add_features, _add_lr_find, _add_env, _add_cache, _add_runs, _add_tune):
         add(sub, common)
     parser.set_defaults(debug=False)
     return parser
@@ -621,4 +621,68 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if rows:
         print(format_table(rows))
     print(f"{len(rows)} runs under {args.folder}", file=sys.stderr)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- tune
+
+def _add_tune(sub, common) -> None:
+    p = _command(sub, common, "tune", cmd_tune, help="hyper-parameter search with Optuna (pip install 'imgclf[tune]')",
+                 description="Search over any options of `imgclf train` with Optuna: ranges and choices from "
+                             "--space, the other options from --recipe, --config and the flags. Each trial trains "
+                             "OUT/trial-N; poor trials are pruned after an epoch; the study lives in --storage, "
+                             "which several `imgclf tune` processes (on several machines) may share; rerunning "
+                             "the command continues the study. At the end: a table of the trials, OUT/best.yaml "
+                             "for `imgclf train --config`, OUT/history.png and OUT/importances.png.")
+    p.add_argument("--space", required=True, metavar="FILE.yaml",
+                   help="the search space: option: {low: X, high: Y[, log: true][, step: S]} or option: [a, b] "
+                        "(README: Hyper-parameter search)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="default", help="as `imgclf train --recipe`")
+    _add_config_file(p)
+    p.add_argument("--out", dest="tune_out", default="runs/tune", metavar="FOLDER",
+                   help="folder of the trials' runs, best.yaml and the plots (%(default)s)")
+    _number(p, "--trials", int, 1, default=20,
+            help="the study's budget: trials complete, pruned or failed, over every process (%(default)s)")
+    _number(p, "--timeout", float, 0, low_open=True, metavar="SECONDS",
+            help="start no trial after this many seconds of this process (default: no limit)")
+    p.add_argument("--storage", default="sqlite:///tune.db", metavar="URL",
+                   help="the study's database, any SQLAlchemy URL: sqlite:///FILE, postgresql://..., mysql://... "
+                        "(%(default)s)")
+    p.add_argument("--study", metavar="NAME", help="the study's name in --storage (default: --out's folder name)")
+    p.add_argument("--pruner", choices=("median", "none"), default="median",
+                   help="median: end a trial whose epoch figure is below the median of earlier trials' at that "
+                        "epoch (%(default)s)")
+    _number(p, "--startup-trials", int, 0, default=5,
+            help="trials that finish before the pruner prunes anything (%(default)s)")
+    _number(p, "--heartbeat", int, 1, default=60, metavar="SECONDS",
+            help="a running trial's heartbeat; one silent for twice this is marked failed (%(default)s)")
+    add_config_flags(p, skip=("--out", "--stop-after"))
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from imgclf.tune import Search, format_trials, read_space, run_search
+
+    space, fixed = read_space(args.space)
+    given = {(section, f.name): getattr(args, f"{section}.{f.name}", None) for section, f, _ in config_fields()}
+    if args.config:
+        from imgclf.configfile import read_config
+
+        given = {**read_config(args.config), **{key: value for key, value in given.items() if value is not None}}
+    out = Path(args.tune_out)
+    search = Search(given={k: v for k, v in given.items() if v is not None}, recipe=args.recipe, space=space,
+                    fixed=fixed, out=out, storage=args.storage, study=args.study or out.resolve().name,
+                    trials=args.trials, timeout=args.timeout, pruner=args.pruner,
+                    startup_trials=args.startup_trials, heartbeat=args.heartbeat)
+    try:
+        summary = run_search(search)
+    except Stopped as stop:
+        print(f"imgclf: tune {stop}; rerun the same command to continue the study", file=sys.stderr)
+        return stop.code
+    print(format_trials(summary))
+    best = summary["best"]
+    if best is None:
+        print(f"imgclf: no trial of the study {search.study!r} has finished yet", file=sys.stderr)
+        return EXIT_OK
+    print(f"best: trial {best.number}, {summary['monitor']} {best.value:.4f}; "
+          f"{', '.join(str(p) for p in summary['files'])}", file=sys.stderr)
     return EXIT_OK
