@@ -104,7 +104,9 @@ def test_two_epochs_params_metrics_and_artifacts(server, tiny, tmp_path, capsys)
         history = client.get_metric_history(run.info.run_id, key)
         assert [(m.step, m.value) for m in history] == [(r["epoch"], r[key]) for r in records], key
     numbers = {k for k, v in records[-1].items() if isinstance(v, float | int)} - {"epoch", "time"}
-    assert numbers == set(run.data.metrics)  # metrics.jsonl's keys, every one
+    per_class = {f"val_per_class/{c}/{k}" for c, figures in records[-1]["val_per_class"].items() for k in figures}
+    assert numbers | per_class == set(run.data.metrics)  # metrics.jsonl's keys, every one
+    assert "val_per_class/red fox/f1" in per_class  # a class name as it is
     assert artifacts(client, run.info.run_id) == {"pictures/curves.png", "pictures/confusion.png",
                                                  "pictures/mistakes.png", "checkpoints/best.pt", "config.yaml",
                                                  "metrics.jsonl"}

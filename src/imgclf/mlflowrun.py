@@ -1,5 +1,5 @@
 """MLflow tracking of a run (`--mlflow URI`), beside TensorBoard: the options as parameters, every epoch's
-metrics.jsonl figures as metrics (step = epoch), and at the end the pictures, best.pt, config.yaml and
+metrics.jsonl figures as metrics (step = epoch; a class's figures as val_per_class/CLASS/f1), and at the end the pictures, best.pt, config.yaml and
 metrics.jsonl as artifacts; the run's status FINISHED, KILLED (stopped, resumably) or FAILED.
 
 The MLflow run's id is kept in RUN/mlflow.json, so that `imgclf train --resume RUN` goes on logging into the
@@ -117,7 +117,7 @@ class MlflowRun:
         from mlflow.entities import Metric
 
         stamp, step = int(record.get("time", time.time()) * 1000), int(record["epoch"])
-        metrics = [Metric(metric_key(key), float(value), stamp, step) for key, value in record.items()
+        metrics = [Metric(metric_key(key), float(value), stamp, step) for key, value in _flat(record).items()
                    if key not in NOT_LOGGED and isinstance(value, int | float) and not isinstance(value, bool)]
         self._safely(lambda: [self.client.log_batch(self.run_id, metrics=metrics[i:i + BATCH])
                               for i in range(0, len(metrics), BATCH)])
@@ -154,6 +154,17 @@ class MlflowRun:
             self.broken = True
             print(f"imgclf: warning: MLflow at {self.uri} failed ({str(err).strip().splitlines()[0][:160]}); "
                   f"the run goes on without it", file=sys.stderr, flush=True)
+
+
+def _flat(record: dict, prefix: str = "") -> dict:
+    """A record with its nested figures (val_per_class: {cat: {f1: ...}}) as val_per_class/cat/f1 keys."""
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def read_state(run_dir: Path) -> dict | None:
