@@ -194,12 +194,17 @@ def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] =
 def train_config(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
     """Flags -> TrainConfig (config.resolve_config): `base` (a resumed run's) or the recipe's defaults, then
     the --config file's values, then every flag given."""
+    return resolve_config(train_config_given(args), recipe=args.recipe, base=base)
+
+
+def train_config_given(args: argparse.Namespace) -> dict[tuple[str, str], object]:
+    """(section, field) -> value of the training flags given (None: not given), over --config's values."""
     given = {(section, f.name): getattr(args, f"{section}.{f.name}", None) for section, f, _ in config_fields()}
     if getattr(args, "config", None):
         from imgclf.configfile import read_config
 
         given = {**read_config(args.config), **{key: value for key, value in given.items() if value is not None}}
-    return resolve_config(given, recipe=args.recipe, base=base)
+    return given
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -654,7 +659,7 @@ def _add_tune(sub, common) -> None:
                         "epoch (%(default)s)")
     _number(p, "--startup-trials", int, 0, default=5,
             help="trials that finish before the pruner prunes anything (%(default)s)")
-    _number(p, "--heartbeat", int, 1, default=60, metavar="SECONDS",
+    _number(p, "--heartbeat", int, 1, 3600, default=60, metavar="SECONDS",
             help="a running trial's heartbeat; one silent for twice this is marked failed (%(default)s)")
     add_config_flags(p, skip=("--out", "--stop-after"))
 
@@ -662,14 +667,11 @@ def _add_tune(sub, common) -> None:
 def cmd_tune(args: argparse.Namespace) -> int:
     from imgclf.tune import Search, format_trials, read_space, run_search
 
+    given = {key: value for key, value in train_config_given(args).items() if value is not None}
+    resolve_config(given, recipe=args.recipe)  # the flags and --config checked first, each in one line
     space, fixed = read_space(args.space)
-    given = {(section, f.name): getattr(args, f"{section}.{f.name}", None) for section, f, _ in config_fields()}
-    if args.config:
-        from imgclf.configfile import read_config
-
-        given = {**read_config(args.config), **{key: value for key, value in given.items() if value is not None}}
     out = Path(args.tune_out)
-    search = Search(given={k: v for k, v in given.items() if v is not None}, recipe=args.recipe, space=space,
+    search = Search(given=given, recipe=args.recipe, space=space,
                     fixed=fixed, out=out, storage=args.storage, study=args.study or out.resolve().name,
                     trials=args.trials, timeout=args.timeout, pruner=args.pruner,
                     startup_trials=args.startup_trials, heartbeat=args.heartbeat)
