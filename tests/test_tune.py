@@ -138,6 +138,15 @@ def test_a_bad_search_space_is_one_line(tmp_path, capsys, space, words):
     assert not (tmp_path / "t").exists()
 
 
+def test_a_range_beyond_what_the_option_takes_is_one_line_before_any_trial(tiny, tmp_path, capsys):
+    (tmp_path / "space.yaml").write_text("momentum: {low: 0.5, high: 1.5}\n")
+    assert main(["tune", "--space", str(tmp_path / "space.yaml"), "--data", str(tiny), "--storage",
+                 f"sqlite:///{tmp_path / 'db'}", "--out", str(tmp_path / "t")]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "search space momentum: --momentum must be in [0, 1), got 1.5" in err[0], err
+    assert not (tmp_path / "t").exists()
+
+
 def test_a_storage_that_cannot_be_opened_is_one_line(tiny, tmp_path, capsys):
     assert main(["tune", "--space", str(tiny / "space.yaml"), "--data", str(tiny), "--storage", "nosuchdb://x",
                  "--out", str(tmp_path / "t")]) == EXIT_USAGE

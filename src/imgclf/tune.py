@@ -171,6 +171,7 @@ def run_search(search: Search) -> dict:
     """Run trials until the study's budget (`trials`) or this process's `timeout` is spent; return the
     summary (trials, best trial, files written)."""
     monitor = resolve_config({**search.fixed, **search.given}, recipe=search.recipe).optim.monitor
+    check_space(search)
     study = open_study(search, direction_of(monitor))
     optuna = import_optuna()
     started = time.monotonic()
@@ -185,6 +186,18 @@ def run_search(search: Search) -> dict:
         study.optimize(lambda trial: objective(trial, search, monitor), n_trials=1, catch=(TrialFailed,),
                        callbacks=[_say_trial])
     return finish(study, search, monitor)
+
+
+def check_space(search: Search) -> None:
+    """Every end of every range and every choice makes a valid configuration: else one UserError line
+    (naming the flag) before any trial starts."""
+    base = {**search.fixed, **search.given}
+    for d in search.space:
+        for value in (d.choices if d.kind == "choice" else (d.low, d.high)):
+            try:
+                resolve_config({**base, (d.section, d.field): value}, recipe=search.recipe)
+            except UserError as err:
+                raise UserError(f"search space {d.key}: {err}") from None
 
 
 def budget_used(study) -> int:
