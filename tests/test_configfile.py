@@ -104,6 +104,7 @@ def tiny(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_a_run_folder_holds_config_yaml_that_reruns_it(tiny, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--data", str(tiny), "--epochs", "1", "--batch-size", "4", "--device", "cpu",

@@ -151,3 +151,12 @@ def test_mlflow_alone_without_the_environment_variable_is_one_line(tiny, tmp_pat
     assert len(err) == 1 and "MLFLOW_TRACKING_URI, which is not set" in err[0], err
     assert not (tmp_path / "r" / "checkpoints").exists()  # refused before training
     assert os.environ.get("MLFLOW_TRACKING_URI") is None
+
+
+def test_a_server_that_does_not_answer_is_one_line_at_once(tiny, tmp_path, capsys):
+    port = free_port()  # nothing listens there
+    started = time.monotonic()
+    assert train(tiny, tmp_path / "r", "--epochs", 1, "--mlflow", f"http://127.0.0.1:{port}") == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"no MLflow tracking server answers at http://127.0.0.1:{port}" in err[0], err
+    assert time.monotonic() - started < 30 and not (tmp_path / "r").exists()

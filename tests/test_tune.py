@@ -152,3 +152,19 @@ def test_a_storage_that_cannot_be_opened_is_one_line(tiny, tmp_path, capsys):
                  "--out", str(tmp_path / "t")]) == EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot open the study 't' in nosuchdb://x" in err[0], err
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_a_diverged_trial_fails_and_the_search_goes_on(tiny, tmp_path, capsys):
+    (tmp_path / "space.yaml").write_text("lr: [1.0e+9]\n")
+    storage = f"sqlite:///{tmp_path / 'db'}"
+    assert main(["tune", "--space", str(tmp_path / "space.yaml"), "--data", str(tiny), "--device", "cpu",
+                 "--batch-size", "6", "--epochs", "1", "--trials", "2", "--storage", storage,
+                 "--out", str(tmp_path / "t")]) == 0
+    out, err = capsys.readouterr()
+    trials = optuna.load_study(study_name="t", storage=storage).trials
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]  # both ran: the first failure did not end it
+    assert all("training diverged" in t.user_attrs["ended"] for t in trials)
+    assert "trial 0 fail" in err and "no trial of the study 't' has finished yet" in err
+    assert "Traceback" not in err and out.count("fail") == 2  # the table

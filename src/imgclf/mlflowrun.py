@@ -49,6 +49,24 @@ def import_mlflow():
     return mlflow
 
 
+def check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """For an http(s) tracking server: one UserError line at once when nothing answers there (MLflow's own
+    client retries for minutes). Any HTTP answer, even an error status, counts as answering."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()  # noqa: S310 - http(s) only
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise UserError(f"no MLflow tracking server answers at {uri} ({reason}); start it (mlflow server), or "
+                        f"check --mlflow") from None
+
+
 def metric_key(name: str) -> str:
     """`name` in the characters MLflow accepts in a metric name (a class name may hold others)."""
     return re.sub(r"[^\w\-. :/]", "_", name)

@@ -172,10 +172,10 @@ class RunRecord:
         self.cfg, self.enabled, self.run_dir = cfg, enabled, Path(cfg.run.out)
         self.mlflow, self.started = None, False
         if enabled and cfg.run.mlflow:  # MLflow missing or no URI: said before the data are even loaded
-            from imgclf.mlflowrun import import_mlflow, tracking_uri
+            from imgclf.mlflowrun import check_reachable, import_mlflow, tracking_uri
 
-            tracking_uri(cfg.run.mlflow)
             import_mlflow()
+            check_reachable(tracking_uri(cfg.run.mlflow))
 
     def start(self, *, resumed: bool) -> None:
         """The run begins (its folder is written): MLflow first, so a server that refuses stops it before it starts."""
