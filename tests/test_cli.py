@@ -58,7 +58,7 @@ ACCEPTED = {
     ("lr-find", "--weight-decay"): {"0", "huge"}, ("lr-find", "--warmup-epochs"): {"0", "huge"},
     ("lr-find", "--label-smoothing"): {"0"}, ("lr-find", "--seed"): {"0"},
     ("tune", "--trials"): {"huge"}, ("tune", "--timeout"): {"huge"}, ("tune", "--startup-trials"): {"0", "huge"},
-    ("tune", "--heartbeat"): set(),
+    ("tune", "--heartbeat"): set(), ("tune", "--nproc-per-node"): set(),
 }
 ACCEPTED.update({("tune", flag): values for (command, flag), values in list(ACCEPTED.items())
                  if command == "train" and flag != "--stop-after"})  # tune takes train's flags but --stop-after

@@ -5,6 +5,7 @@ continues the study; best.yaml reruns the best trial's figure."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -168,3 +169,23 @@ def test_a_diverged_trial_fails_and_the_search_goes_on(tiny, tmp_path, capsys):
     assert all("training diverged" in t.user_attrs["ended"] for t in trials)
     assert "trial 0 fail" in err and "no trial of the study 't' has finished yet" in err
     assert "Traceback" not in err and out.count("fail") == 2  # the table
+
+
+@pytest.mark.slow
+def test_each_trial_a_torchrun_job(tiny, tmp_path):
+    """--nproc-per-node 2: every trial trains as two gloo processes; pruning stops the job (SIGTERM)."""
+    out, storage = tmp_path / "search", f"sqlite:///{tmp_path / 'tune.db'}"
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    for lr in (GOOD, BAD):
+        study.enqueue_trial({"lr": lr, "augment": "none"})
+    r = subprocess.run([*tune_command(tiny, out, storage, "--trials", 2, "--nproc-per-node", 2, "--epochs", 40)],
+                       capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("world size 2") == 2
+    first, second = optuna.load_study(study_name="s", storage=storage).trials
+    assert (first.state.name, second.state.name) == ("COMPLETE", "PRUNED")
+    assert first.value == max(x["val_acc"] for x in records(out / "trial-0"))
+    assert [x["epoch"] for x in records(out / "trial-0")] == list(range(1, 41))
+    # pruned after epoch 1, its job stopped by SIGTERM well before its 40th: saved, resumable
+    assert json.loads((out / "trial-1" / "status.json").read_text())["status"] == "stopped", r.stderr[-3000:]
+    assert len(records(out / "trial-1")) < 40

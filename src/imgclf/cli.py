@@ -661,6 +661,8 @@ def _add_tune(sub, common) -> None:
             help="trials that finish before the pruner prunes anything (%(default)s)")
     _number(p, "--heartbeat", int, 1, 3600, default=60, metavar="SECONDS",
             help="a running trial's heartbeat; one silent for twice this is marked failed (%(default)s)")
+    _number(p, "--nproc-per-node", int, 1, 1024, default=1, metavar="N",
+            help="each trial a torchrun job of N processes on this machine, e.g. one per GPU (%(default)s)")
     add_config_flags(p, skip=("--out", "--stop-after"))
 
 
@@ -674,7 +676,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     search = Search(given=given, recipe=args.recipe, space=space,
                     fixed=fixed, out=out, storage=args.storage, study=args.study or out.resolve().name,
                     trials=args.trials, timeout=args.timeout, pruner=args.pruner,
-                    startup_trials=args.startup_trials, heartbeat=args.heartbeat)
+                    startup_trials=args.startup_trials, heartbeat=args.heartbeat, nproc=args.nproc_per_node)
     try:
         summary = run_search(search)
     except Stopped as stop:

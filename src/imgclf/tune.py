@@ -73,6 +73,7 @@ class Search:
     pruner: str = "median"
     startup_trials: int = 5
     heartbeat: int = 60
+    nproc: int = 1  # > 1: each trial is a torchrun job of this many processes
 
 
 def read_space(path) -> tuple[list[Dimension], dict]:
@@ -235,11 +236,14 @@ def objective(trial, search: Search, monitor: str) -> float:
             raise Stopped(f"pruned by Optuna after epoch {record['epoch']} ({monitor} {record[monitor]:.4f})",
                           EXIT_OK)
 
-    from imgclf.train import train
-
     print(f"imgclf: trial {trial.number}: {_shown(trial.params)} -> {out}", file=sys.stderr, flush=True)
     try:
-        train(cfg, on_epoch=on_epoch)
+        if search.nproc > 1:
+            train_torchrun(cfg, search.nproc, on_epoch)
+        else:
+            from imgclf.train import train
+
+            train(cfg, on_epoch=on_epoch)
     except Stopped as stop:
         if stop.code != EXIT_OK:  # a signal: the user stops the search
             raise
@@ -252,6 +256,47 @@ def objective(trial, search: Search, monitor: str) -> float:
         raise TrialFailed(str(err)) from None
     trial.set_user_attr("ended", "finished")
     return (min if direction_of(monitor) == "minimize" else max)(figures)
+
+
+def train_torchrun(cfg: TrainConfig, nproc: int, on_epoch, poll_s: float = 0.5) -> None:
+    """`imgclf train --config OUT/config.yaml` as a torchrun job of `nproc` processes on this machine,
+    `on_epoch` called with each metrics.jsonl record as it appears; a Stopped raised there (pruned) stops the
+    job with SIGTERM (it saves, resumably) and is raised again. A job that fails is a UserError line, with
+    the job's own status (EXIT_DIVERGED for a diverged training)."""
+    import signal
+    import subprocess
+
+    out = Path(cfg.run.out)
+    atomic_write_text(out / "config.yaml", config_yaml(cfg))  # train writes the same file again
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc-per-node={nproc}", "-m", "imgclf", "train", "--config", str(out / "config.yaml")])
+    seen = 0
+    try:
+        while True:
+            done = job.poll() is not None
+            records = _records(out / "metrics.jsonl")
+            for record in records[seen:]:
+                on_epoch(record)
+            seen = len(records)
+            if done:
+                break
+            time.sleep(poll_s)
+    except BaseException:
+        job.send_signal(signal.SIGTERM)
+        job.wait()
+        raise
+    if job.returncode != 0:
+        raise UserError(f"the torchrun job of {out} failed with status {job.returncode} (its output is above)",
+                        job.returncode if job.returncode == EXIT_DIVERGED else 2)
+
+
+def _records(path: Path) -> list[dict]:
+    import json
+
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
 
 
 def direction_of(monitor: str) -> str:
