@@ -646,7 +646,7 @@ def _add_tune(sub, common) -> None:
     _add_config_file(p)
     p.add_argument("--out", dest="tune_out", default="runs/tune", metavar="FOLDER",
                    help="folder of the trials' runs, best.yaml and the plots (%(default)s)")
-    _number(p, "--trials", int, 1, default=20,
+    _number(p, "--trials", int, 1, default=20, metavar="N",
             help="the study's budget: trials complete, pruned or failed, over every process (%(default)s)")
     _number(p, "--timeout", float, 0, low_open=True, metavar="SECONDS",
             help="start no trial after this many seconds of this process (default: no limit)")
@@ -657,7 +657,7 @@ def _add_tune(sub, common) -> None:
     p.add_argument("--pruner", choices=("median", "none"), default="median",
                    help="median: end a trial whose epoch figure is below the median of earlier trials' at that "
                         "epoch (%(default)s)")
-    _number(p, "--startup-trials", int, 0, default=5,
+    _number(p, "--startup-trials", int, 0, default=5, metavar="N",
             help="trials that finish before the pruner prunes anything (%(default)s)")
     _number(p, "--heartbeat", int, 1, 3600, default=60, metavar="SECONDS",
             help="a running trial's heartbeat; one silent for twice this is marked failed (%(default)s)")

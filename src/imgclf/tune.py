@@ -6,7 +6,8 @@ The search space is a YAML file keyed like a configuration file (imgclf.configfi
 OUT/trial-N (N: the trial's number in the study) with the base configuration (recipe, --config, flags) and
 the trial's values; its figure is the best of its --monitor over its epochs, which it reports to Optuna
 after each epoch, so that a pruner (median by default) can end a poor trial early (recorded PRUNED; its run
-folder stays resumable). A training that diverges is a FAIL trial and the search goes on.
+folder stays resumable). A training that diverges is a FAIL trial and the search goes on. With
+`nproc` > 1 each trial is a torchrun job on this machine, followed through its metrics.jsonl.
 
 The study lives in a real database (any SQLAlchemy URL; SQLite by default) with Optuna's heartbeat: several
 `imgclf tune` processes pointed at the same storage and study share it, each running its own trials; a
