@@ -152,6 +152,8 @@ def open_study(search: Search, direction: str, *, quiet: bool = True):
         storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=search.heartbeat,
                                              grace_period=2 * search.heartbeat,
                                              heartbeat_stale_trial_callback=_say_lost)
+        if url.startswith("sqlite"):
+            serialize_sqlite(storage.engine)
         pruner = (optuna.pruners.MedianPruner(n_startup_trials=search.startup_trials)
                   if search.pruner == "median" else optuna.pruners.NopPruner())
         study = optuna.create_study(storage=storage, study_name=search.study, direction=direction,
@@ -162,6 +164,24 @@ def open_study(search: Search, direction: str, *, quiet: bool = True):
         raise UserError(f"the study {search.study!r} in {url} {study.direction.name.lower()}s, but --monitor "
                         f"asks to {direction}; choose another --study")
     return study
+
+
+def serialize_sqlite(engine) -> None:
+    """Make every transaction on `engine` (SQLite) begin IMMEDIATE, holding the database's write lock.
+    SQLite has no SELECT ... FOR UPDATE, so without this two processes can both read a waiting (enqueued)
+    trial as waiting and both run it (seen here: "Cannot tell a COMPLETE trial"); with it they take turns.
+    SQLAlchemy's recipe for pysqlite; the connections open so far are dropped, so every one gets it."""
+    from sqlalchemy import event
+
+    def no_implicit_begin(dbapi_connection, record) -> None:
+        dbapi_connection.isolation_level = None
+
+    def begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    event.listen(engine, "connect", no_implicit_begin)
+    event.listen(engine, "begin", begin_immediate)
+    engine.dispose()
 
 
 def _say_lost(study, trial) -> None:
