@@ -57,7 +57,11 @@ ACCEPTED = {
     ("lr-find", "--batch-size"): set(), ("lr-find", "--eval-batch-size"): set(), ("lr-find", "--momentum"): {"0"},
     ("lr-find", "--weight-decay"): {"0", "huge"}, ("lr-find", "--warmup-epochs"): {"0", "huge"},
     ("lr-find", "--label-smoothing"): {"0"}, ("lr-find", "--seed"): {"0"},
+    ("tune", "--trials"): {"huge"}, ("tune", "--timeout"): {"huge"}, ("tune", "--startup-trials"): {"0", "huge"},
+    ("tune", "--heartbeat"): set(), ("tune", "--nproc-per-node"): set(),
 }
+ACCEPTED.update({("tune", flag): values for (command, flag), values in list(ACCEPTED.items())
+                 if command == "train" and flag != "--stop-after"})  # tune takes train's flags but --stop-after
 
 
 def subcommands() -> dict:
@@ -118,6 +122,8 @@ def base_args(command: str, root: Path, port: int) -> list[str]:
         "show": [nowhere],
         "features": [missing, str(root / "picture.png")],
         "cache": ["list", "--cache-dir", str(root / "missing.pt")],
+        "tune": ["--space", str(root / "missing.yaml"), "--data", nowhere, "--out", str(root / "tune"),
+                 "--device", "cpu"],
     }[command]
 
 

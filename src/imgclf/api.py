@@ -33,13 +33,14 @@ if TYPE_CHECKING:
 
     from imgclf.predict import Prediction
 
-_ARGUMENTS = ("recipe", "resume", "on_epoch")  # fit's keywords besides the training flags
+_ARGUMENTS = ("recipe", "resume", "on_epoch", "config")  # fit's keywords besides the training flags
 _KINDS = {"bool": "True or False", "int": "a whole number", "float": "a number", "str": "a string"}
 _TIMING = ("images_per_s", "train_seconds", "epoch_seconds", "time")  # metrics.jsonl fields that vary run to run
 
 
 def fit(model, data, *, recipe: str = "default", resume: bool | str | os.PathLike = False,
-        on_epoch: Callable[[dict], object] | None = None, **options) -> Run:
+        on_epoch: Callable[[dict], object] | None = None, config: str | os.PathLike | None = None,
+        **options) -> Run:
     """Train `model` on `data` as `imgclf train` does, writing the run folder `out`; return its Run.
 
     `model`: a model name (anything `--model` takes: `imgclf models`, `timm/NAME`, `FILE.py:ClassName`) or
@@ -57,9 +58,16 @@ def fit(model, data, *, recipe: str = "default", resume: bool | str | os.PathLik
     `on_epoch(record)`: called after every epoch with its metrics.jsonl record; returning True ends the run
     after that epoch, resumably. A run stopped so, or by `stop_after`, says so on stderr and is returned
     with `run.stopped` set; a signal (Ctrl-C, interrupting a notebook's kernel, SIGTERM) saves the run as
-    `imgclf train` does and raises imgclf.errors.Stopped. Every bad input is one UserError line."""
+    `imgclf train` does and raises imgclf.errors.Stopped. `config`: a configuration file, as
+    `imgclf train --config` reads it; `model`, `data` and `options` not None win over its values (model and
+    data may then be None). Every bad input is one UserError line."""
     name, network = _network(model)
-    cfg = _train_config(_given(name, data, options), recipe, resume, network)
+    given = _given(name, data, options)
+    if config is not None:
+        from imgclf.configfile import read_config
+
+        given = {**read_config(config), **{key: value for key, value in given.items() if value is not None}}
+    cfg = _train_config(given, recipe, resume, network)
     if network is not None:
         _check_object_options(cfg, network)
     from imgclf.train import train
@@ -345,8 +353,8 @@ def _check_object_options(cfg: TrainConfig, network) -> None:
 
 
 def _network(model) -> tuple[str, object]:
-    """(cfg.model.name, the nn.Module object or None) for fit's `model`."""
-    if isinstance(model, str):
+    """(cfg.model.name, the nn.Module object or None) for fit's `model` (None: the configuration's)."""
+    if model is None or isinstance(model, str):
         return model, None
     from torch import nn
 

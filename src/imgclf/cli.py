@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for add in (_add_train, _add_eval, _add_predict, _add_samples, _add_models, _add_inspect, _add_export,
-                _add_serve, _add_show, _add_features, _add_lr_find, _add_env, _add_cache):
+                _add_serve, _add_show, _add_features, _add_lr_find, _add_env, _add_cache, _add_runs, _add_tune):
         add(sub, common)
     parser.set_defaults(debug=False)
     return parser
@@ -178,8 +178,17 @@ def _add_train(sub, common) -> None:
                    help="default: a recipe that trains well; notes: exactly the notes' SGD 0.01, batch 64, no "
                         "augmentation; fast: the CIFAR speed records' recipe for fastnet")
     p.add_argument("--resume", metavar="RUN", help="continue RUN/checkpoints/last.pt exactly where it stopped")
+    _add_config_file(p)
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration as YAML (for --config) and train nothing")
     _add_model_code(p)
     add_config_flags(p)
+
+
+def _add_config_file(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help="options from a YAML file (keys: these flags without the dashes, e.g. `lr: 0.01`); "
+                        "applied over --recipe, and flags given here win (README: Configuration files)")
 
 
 SECTION_TITLES = {"data": "data", "model": "model", "optim": "optimisation", "run": "run"}
@@ -206,6 +215,8 @@ def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] =
         meta, kind = f.metadata, f.type.split(" | ")[0]
         kwargs = {"dest": f"{section}.{f.name}", "default": None, "required": flag in required,
                   "help": f"{meta['help']} (default: {shown_default(f)})"}
+        if meta.get("const") is not None:  # the flag alone means this value
+            kwargs.update(nargs="?", const=meta["const"])
         if kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -217,9 +228,18 @@ def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] =
 
 def train_config(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
     """Flags -> TrainConfig (config.resolve_config): `base` (a resumed run's) or the recipe's defaults, then
-    every flag given."""
+    the --config file's values, then every flag given."""
+    return resolve_config(train_config_given(args), recipe=args.recipe, base=base)
+
+
+def train_config_given(args: argparse.Namespace) -> dict[tuple[str, str], object]:
+    """(section, field) -> value of the training flags given (None: not given), over --config's values."""
     given = {(section, f.name): getattr(args, f"{section}.{f.name}", None) for section, f, _ in config_fields()}
-    return resolve_config(given, recipe=args.recipe, base=base)
+    if getattr(args, "config", None):
+        from imgclf.configfile import read_config
+
+        given = {**read_config(args.config), **{key: value for key, value in given.items() if value is not None}}
+    return given
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -231,6 +251,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                 trust_changed_code=args.trust_changed_code))
     else:
         cfg = train_config(args)
+    if args.print_config:
+        from imgclf.configfile import config_yaml
+
+        print(config_yaml(cfg), end="")
+        return EXIT_OK
+    if not args.resume:
         refuse_if_in_use(cfg.run.out)  # a run that is training says so, rather than "already holds a run"
         if (Path(cfg.run.out) / "checkpoints" / "last.pt").exists():
             raise UserError(f"{cfg.run.out} already holds a run; resume it with --resume {cfg.run.out}, "
@@ -611,4 +637,99 @@ def cmd_env(args: argparse.Namespace) -> int:
 
     env = environment()
     print(json.dumps(env) if args.json else format_environment(env))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- runs
+
+RUN_COLUMNS = ("name", "model", "data", "epochs", "best", "time", "status")  # imgclf.runs.COLUMNS
+
+
+def _add_runs(sub, common) -> None:
+    p = _command(sub, common, "runs", cmd_runs, help="a table of the runs under a folder",
+                 description="List the runs under a folder (each folder holding a config.json, at any depth): "
+                             "model, data, epochs done/planned, best figure of --monitor, training time and "
+                             "status (running, finished, stopped: resumable, crashed).")
+    p.add_argument("folder", nargs="?", default="runs", help="where to look (%(default)s)")
+    p.add_argument("--sort", choices=RUN_COLUMNS, default="name",
+                   help="order of the rows (%(default)s; best: the best figure first; time: the longest first)")
+    p.add_argument("--json", action="store_true", help="one JSON object per run")
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from imgclf.runs import format_table, list_runs
+
+    if not Path(args.folder).is_dir():
+        raise UserError(f"no such folder: {args.folder}")
+    rows = list_runs(Path(args.folder), sort=args.sort)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return EXIT_OK
+    if rows:
+        print(format_table(rows))
+    print(f"{len(rows)} runs under {args.folder}", file=sys.stderr)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- tune
+
+def _add_tune(sub, common) -> None:
+    p = _command(sub, common, "tune", cmd_tune, help="hyper-parameter search with Optuna (pip install 'imgclf[tune]')",
+                 description="Search over any options of `imgclf train` with Optuna: ranges and choices from "
+                             "--space, the other options from --recipe, --config and the flags. Each trial trains "
+                             "OUT/trial-N; poor trials are pruned after an epoch; the study lives in --storage, "
+                             "which several `imgclf tune` processes (on several machines) may share; rerunning "
+                             "the command continues the study. At the end: a table of the trials, OUT/best.yaml "
+                             "for `imgclf train --config`, OUT/history.png and OUT/importances.png.")
+    p.add_argument("--space", required=True, metavar="FILE.yaml",
+                   help="the search space: option: {low: X, high: Y[, log: true][, step: S]} or option: [a, b] "
+                        "(README: Hyper-parameter search)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="default", help="as `imgclf train --recipe`")
+    _add_config_file(p)
+    p.add_argument("--out", dest="tune_out", default="runs/tune", metavar="FOLDER",
+                   help="folder of the trials' runs, best.yaml and the plots (%(default)s)")
+    _number(p, "--trials", int, 1, default=20, metavar="N",
+            help="the study's budget: trials complete, pruned or failed, over every process (%(default)s)")
+    _number(p, "--timeout", float, 0, low_open=True, metavar="SECONDS",
+            help="start no trial after this many seconds of this process (default: no limit)")
+    p.add_argument("--storage", default="sqlite:///tune.db", metavar="URL",
+                   help="the study's database, any SQLAlchemy URL: sqlite:///FILE, postgresql://..., mysql://... "
+                        "(%(default)s)")
+    p.add_argument("--study", metavar="NAME", help="the study's name in --storage (default: --out's folder name)")
+    p.add_argument("--pruner", choices=("median", "none"), default="median",
+                   help="median: end a trial whose epoch figure is below the median of earlier trials' at that "
+                        "epoch (%(default)s)")
+    _number(p, "--startup-trials", int, 0, default=5, metavar="N",
+            help="trials that finish before the pruner prunes anything (%(default)s)")
+    _number(p, "--heartbeat", int, 1, 3600, default=60, metavar="SECONDS",
+            help="a running trial's heartbeat; one silent for twice this is marked failed (%(default)s)")
+    _number(p, "--nproc-per-node", int, 1, 1024, default=1, metavar="N",
+            help="each trial a torchrun job of N processes on this machine, e.g. one per GPU (%(default)s)")
+    add_config_flags(p, skip=("--out", "--stop-after"))
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from imgclf.tune import Search, format_trials, read_space, run_search
+
+    given = {key: value for key, value in train_config_given(args).items() if value is not None}
+    resolve_config(given, recipe=args.recipe)  # the flags and --config checked first, each in one line
+    space, fixed = read_space(args.space)
+    out = Path(args.tune_out)
+    search = Search(given=given, recipe=args.recipe, space=space,
+                    fixed=fixed, out=out, storage=args.storage, study=args.study or out.resolve().name,
+                    trials=args.trials, timeout=args.timeout, pruner=args.pruner,
+                    startup_trials=args.startup_trials, heartbeat=args.heartbeat, nproc=args.nproc_per_node)
+    try:
+        summary = run_search(search)
+    except Stopped as stop:
+        print(f"imgclf: tune {stop}; rerun the same command to continue the study", file=sys.stderr)
+        return stop.code
+    print(format_trials(summary))
+    best = summary["best"]
+    if best is None:
+        print(f"imgclf: no trial of the study {search.study!r} has finished yet", file=sys.stderr)
+        return EXIT_OK
+    print(f"best: trial {best.number}, {summary['monitor']} {best.value:.4f}; "
+          f"{', '.join(str(p) for p in summary['files'])}", file=sys.stderr)
     return EXIT_OK

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from imgclf.errors import UserError
@@ -27,13 +28,14 @@ MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits
 
 
 def option(default, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
-           resumable: bool = False, metavar: str | None = None, none: str = "none"):
+           resumable: bool = False, metavar: str | None = None, none: str = "none", const: str | None = None):
     """A configuration field and its command-line flag in one declaration: `imgclf.cli` builds the flag
     (`--field-name` unless `flag` says otherwise), its help and its shown default from this, so `--help`
     cannot disagree with the code. `resumable`: the flag may differ from the run being resumed; `none`: what
-    a default of None means, for the help."""
+    a default of None means, for the help; `const`: the value of the flag given without one."""
     return field(default=default, metadata={"help": help, "flag": flag, "choices": choices,
-                                            "resumable": resumable, "metavar": metavar, "none": none})
+                                            "resumable": resumable, "metavar": metavar, "none": none,
+                                            "const": const})
 
 
 def flag_of(f: dataclasses.Field) -> str:
@@ -132,6 +134,13 @@ class RunConfig:
                                     "up; early updates keep less, (1 + n) / (10 + n) after n updates")
     tta: bool = option(False, "the last epoch's evaluation averages flipped and 1-pixel-shifted views "
                               "(6 passes; engine.tta_logits)")
+    # MLflow beside TensorBoard (imgclf.mlflowrun); recorded, so that a resumed run goes on logging there
+    mlflow: str | None = option(None, "also log the run to this MLflow tracking server (http://HOST:5000, "
+                                      "sqlite:///mlflow.db, ./mlruns); --mlflow alone: $MLFLOW_TRACKING_URI's "
+                                      "(pip install 'imgclf[mlflow]')", metavar="URI", resumable=True,
+                                none="off", const="env")
+    mlflow_experiment: str = option("imgclf", "the MLflow experiment of the run (--mlflow)", metavar="NAME",
+                                    resumable=True)
 
 
 @dataclass(frozen=True)
@@ -247,28 +256,29 @@ def _check(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
-# Named recipes: values that replace the defaults above unless a flag sets them explicitly.
-RECIPES: dict[str, dict[str, dict]] = {
-    "default": {},
-    # Exactly the notes' sections 26-30: SGD 0.01 without momentum, batch 64, no augmentation.
-    "notes": {
-        "data": {"batch_size": 64, "augment": "none"},
-        "optim": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0,
-                  "schedule": "constant", "warmup_epochs": 0.0, "label_smoothing": 0.0},
-    },
-    # The CIFAR speed records' recipe (airbench94) for the fastnet model, scaled to batch 512: Nesterov SGD
-    # at momentum 0.85, per-step weight decay 1e-3, label smoothing 0.2, shifts of up to 2 pixels, flips
-    # alternating per picture, Lookahead averaging, bf16 where the hardware has it, flip-and-shift test-time
-    # augmentation. On a GPU use --batch-size 1024 --lr 1.5 (the records' batch). Measurements: benchmarks/RESULTS.md.
-    "fast": {
-        "model": {"name": "fastnet"},
-        "data": {"batch_size": 512, "augment": "flip-crop", "crop_pad": 2, "eval_batch_size": 1000},
-        "optim": {"optimizer": "sgd", "lr": 0.75, "momentum": 0.85, "nesterov": True, "weight_decay": 1.33e-3,
-                  "schedule": "onecycle", "warmup_epochs": 0.5, "label_smoothing": 0.2, "epochs": 4,
-                  "lookahead": True},
-        "run": {"tta": True},
-    },
-}
+class _Recipes(Mapping):
+    """Named recipes, name -> {section: {field: value}}: values that replace the defaults above unless a flag
+    sets them. Each is a configuration file a user can read, imgclf/recipes/NAME.yaml (imgclf.configfile),
+    read when asked for."""
+
+    def __getitem__(self, name: str) -> dict[str, dict]:
+        from imgclf.configfile import read_recipe
+
+        return read_recipe(name)
+
+    def __iter__(self):
+        from imgclf.configfile import recipe_names
+
+        return iter(recipe_names())
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+    def __contains__(self, name) -> bool:
+        return name in list(iter(self))
+
+
+RECIPES: Mapping[str, dict[str, dict]] = _Recipes()
 
 
 def parse_size(text: str) -> tuple[int, int, int]:

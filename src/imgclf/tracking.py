@@ -178,3 +178,65 @@ def read_records(path: Path) -> list[dict]:
                             f"edited); repair or delete that line, then resume again")
         records.append(record)
     return records
+
+
+class RunRecord:
+    """What a run tells others about itself beside metrics.jsonl: RUN/status.json (`imgclf runs`) and, with
+    --mlflow, its MLflow run (imgclf.mlflowrun). A context manager around the training: once `start` was
+    called, leaving it marks the run finished, stopped (imgclf.errors.Stopped, Ctrl-C) or crashed (any other
+    exception, its first line kept). With `enabled=False` (processes other than rank 0) it does nothing."""
+
+    def __init__(self, cfg, *, enabled: bool = True):
+        self.cfg, self.enabled, self.run_dir = cfg, enabled, Path(cfg.run.out)
+        self.mlflow, self.started = None, False
+        if enabled and cfg.run.mlflow:  # MLflow missing or no URI: said before the data are even loaded
+            from imgclf.mlflowrun import check_reachable, import_mlflow, tracking_uri
+
+            import_mlflow()
+            check_reachable(tracking_uri(cfg.run.mlflow))
+
+    def start(self, *, resumed: bool) -> None:
+        """The run begins (its folder is written): MLflow first, so a server that refuses stops it before it starts."""
+        if not self.enabled:
+            return
+        if self.cfg.run.mlflow:
+            from imgclf.mlflowrun import MlflowRun
+
+            self.mlflow = MlflowRun.open(self.cfg, resumed=resumed)
+        from imgclf.runs import write_status
+
+        write_status(self.run_dir, "running")
+        self.started = True
+
+    def epoch_hook(self, on_epoch):
+        """train's on_epoch: the epoch's record to MLflow, then to `on_epoch` (which may stop the run)."""
+
+        def hook(record: dict) -> None:
+            if self.mlflow is not None:
+                self.mlflow.log_epoch(record)
+            if on_epoch is not None:
+                on_epoch(record)
+
+        return hook
+
+    def __enter__(self) -> RunRecord:
+        return self
+
+    def __exit__(self, kind, err, tb) -> bool:
+        if not self.started:
+            return False
+        from imgclf.errors import Stopped
+        from imgclf.runs import write_status
+
+        status = ("finished" if kind is None else
+                  "stopped" if issubclass(kind, Stopped | KeyboardInterrupt) else "crashed")
+        message = str(err).strip().splitlines()[0][:300] if err is not None and str(err).strip() else None
+        try:
+            write_status(self.run_dir, status, message=message or (kind.__name__ if kind else None))
+        except (OSError, UserError):
+            if kind is None:
+                raise
+            # the run is already failing (a full disk, say): its own error is the one the user must see
+        if self.mlflow is not None:
+            self.mlflow.finish(status, self.run_dir)
+        return False

@@ -22,6 +22,7 @@ import torch
 from imgclf import __version__, distributed
 from imgclf.checkpoint import build_checkpoint, load_checkpoint, non_finite, save_checkpoint
 from imgclf.config import TrainConfig
+from imgclf.configfile import RUN_HEADER, config_yaml
 from imgclf.engine import Diverged, Hooks, TrainState, evaluate, train_one_epoch
 from imgclf.errors import (
     EXIT_DISTRIBUTED,
@@ -47,7 +48,7 @@ from imgclf.optim import (
 from imgclf.pipeline import RunParts, build_run, load_data_ranked, set_stage
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import ImageData, imbalance_warning
-from imgclf.tracking import Tracker
+from imgclf.tracking import RunRecord, Tracker
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, model: torch.nn.Module | None = None,
@@ -64,8 +65,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, model: torch.nn.Module | No
     device = resolve_device(cfg.run.device, dist)
     distributed.init(dist, device)
     try:
-        with claim_run_folder(cfg.run.out) if dist.is_main else contextlib.nullcontext():
-            record = _train(cfg, resume=resume, dist=dist, device=device, model=model, on_epoch=on_epoch)
+        with (claim_run_folder(cfg.run.out) if dist.is_main else contextlib.nullcontext(),
+              RunRecord(cfg, enabled=dist.is_main) as run_record):  # status.json and MLflow: finished, stopped...
+            record = _train(cfg, resume=resume, dist=dist, device=device, model=model,
+                            on_epoch=run_record.epoch_hook(on_epoch), run_record=run_record)
         distributed.barrier(dist)  # leave together: tearing down a group that a peer still uses can abort it
         return record
     except RuntimeError as err:
@@ -77,7 +80,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, model: torch.nn.Module | No
         distributed.close(dist)
 
 
-def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model, on_epoch) -> dict:
+def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model, on_epoch,
+           run_record: RunRecord) -> dict:
     run_dir, epochs = Path(cfg.run.out), cfg.optim.epochs
     ckpt = _resume_point(cfg) if resume else None
     torch.manual_seed(cfg.run.seed)
@@ -94,6 +98,7 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
     if dist.is_main:
         _start_run_folder(cfg, parts, tracker, device=device, precision=precision, world=dist.world_size,
                           fresh=ckpt is None)
+    run_record.start(resumed=ckpt is not None)
     loss_fn, autocast = _loss(cfg, data, device), autocast_factory(device, precision)
     check_every = 1 if device.type == "cpu" else 32  # reading a loss makes the host wait for the GPU
     with StopFlag(dist, device) as stop:
@@ -359,6 +364,7 @@ def _start_run_folder(cfg: TrainConfig, parts: RunParts, tracker: Tracker, *, de
     run_dir, data = Path(cfg.run.out), parts.data
     remove_temporaries(run_dir)
     atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    atomic_write_text(run_dir / "config.yaml", config_yaml(cfg, RUN_HEADER))  # the same, for `train --config`
     tracker.message(f"imgclf {__version__}: {cfg.model.name} on {cfg.data.data} ({data.describe()}, "
                     f"{len(data.classes)} classes, "
                     f"{data.channels}x{data.img_size}x{data.img_size}) on {device}, {str(precision)[6:]}, "

@@ -1,0 +1,167 @@
+"""Configuration files: `imgclf train --config run.yaml`, `--print-config`, RUN/config.yaml and the recipes.
+
+A configuration file is a YAML mapping of `imgclf train`'s options, named as `imgclf.fit` names them: the
+flag without its dashes, - written _ (`batch_size: 64`, `model: resnet18`, `lr: 0.01`); `batch-size` is
+read too, and so is a run's config.json (sections data, model, optim, run of field names). A null value is
+an option left out, as None is for `fit`. Files give values, not defaults of their own: the recipe's
+defaults come first, then the file's values, then the flags given on the command line. The recipes
+(`--recipe NAME`) are such files, shipped in imgclf/recipes/. Every bad key or value is one UserError line
+naming the file and the key. No torch here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import json
+import numbers
+import os
+from importlib import resources
+from pathlib import Path
+
+from imgclf.config import TrainConfig, config_fields
+from imgclf.errors import UserError
+
+KINDS = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a string"}
+HEADER = ("# imgclf train configuration: rerun it with `imgclf train --config FILE`; flags given with it win.\n"
+          "# Keys are imgclf train's flags without the dashes (- written _); `imgclf train --help` says what "
+          "each does.\n")
+RUN_HEADER = ("# The configuration of this run (config.json's, as YAML): `imgclf train --config config.yaml --out NEW`\n"
+              "# trains it again; `imgclf train --resume RUN` continues it.\n")
+SECTION_TITLES = {"data": "data", "model": "model", "optim": "optimisation", "run": "run"}
+
+
+def option_keys() -> dict[str, tuple[str, dataclasses.Field, str]]:
+    """Key -> (section, field, flag) for every option: `--batch-size` is `batch_size`, `--model` is `model`."""
+    return {key_of(flag): (section, f, flag) for section, f, flag in config_fields()}
+
+
+def key_of(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
+def read_yaml(path, *, what: str = "configuration file"):
+    """The YAML document in `path`; one UserError line when it cannot be read or parsed."""
+    import yaml
+
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read the {what} {path}: {getattr(err, 'strerror', None) or err}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{path} is not valid YAML{where}: {problem}") from None
+
+
+def read_config(path) -> dict[tuple[str, str], object]:
+    """The options a configuration file sets, as config.resolve_config takes them: (section, field) -> value."""
+    return parse_options(read_yaml(path), str(path))
+
+
+def parse_options(doc, source: str) -> dict[tuple[str, str], object]:
+    """(section, field) -> value for a mapping of option keys (or of config.json's sections) read from
+    `source`; each value checked and converted as its flag would read it. One UserError line per problem."""
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise UserError(f"{source} must be a mapping of option: value lines (e.g. `lr: 0.01`), "
+                        f"not a {type(doc).__name__}")
+    known, given = option_keys(), {}
+    for key, value in doc.items():
+        key = str(key).replace("-", "_")
+        if key in TrainConfig.SECTIONS and isinstance(value, dict):  # config.json's layout
+            given.update(_section(source, key, value))
+            continue
+        if key not in known:
+            raise UserError(unknown_key(source, key, known))
+        section, f, flag = known[key]
+        given[section, f.name] = option_value(source, key, flag, f, value)
+    return given
+
+
+def _section(source: str, section: str, values: dict) -> dict[tuple[str, str], object]:
+    fields = {f.name: (f, flag) for s, f, flag in config_fields((section,))}
+    given = {}
+    for name, value in values.items():
+        if name not in fields:
+            raise UserError(unknown_key(source, f"{section}.{name}", {f"{section}.{n}": None for n in fields}))
+        f, flag = fields[name]
+        given[section, name] = option_value(source, f"{section}.{name}", flag, f, value)
+    return given
+
+
+def unknown_key(source: str, key: str, known) -> str:
+    """One line naming the unknown key and the closest valid one."""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?" if close else "the keys are imgclf train's flags without the dashes"
+    return f"{source}: unknown key {key!r}; {hint}"
+
+
+def option_value(source: str, key: str, flag: str, f: dataclasses.Field, value):
+    """`value` as `flag` would read it: a number for a number (also written as text: YAML reads 1e-3 as a
+    string), one of the flag's choices, JSON text for --model-args (a mapping is written as JSON)."""
+    if value is None:
+        return None
+    kind = f.type.split(" | ")[0]
+    if flag == "--model-args" and isinstance(value, dict):
+        value = json.dumps(value)
+    if kind in ("int", "float") and isinstance(value, str):
+        with contextlib.suppress(ValueError):  # not a number: said below
+            value = int(value) if kind == "int" else float(value)
+    ok = {"bool": isinstance(value, bool), "str": isinstance(value, str | os.PathLike),
+          "int": isinstance(value, numbers.Integral) and not isinstance(value, bool),
+          "float": isinstance(value, numbers.Real) and not isinstance(value, bool)}[kind]
+    if not ok:
+        raise UserError(f"{source}: {key}: {value!r} is not {KINDS[kind]} ({flag} takes {KINDS[kind]})")
+    value = {"int": int, "float": float, "str": os.fspath}.get(kind, bool)(value)
+    choices = f.metadata["choices"]
+    if choices and value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UserError(f"{source}: {key}: {value!r} is not one of {', '.join(choices)}{hint}")
+    return value
+
+
+def config_yaml(cfg: TrainConfig, header: str = HEADER) -> str:
+    """`cfg` as a configuration file: every option, in `imgclf train --help`'s order, under a comment per
+    section. Reading it back (`read_config`) gives `cfg` again."""
+    import yaml
+
+    lines, current = [header.rstrip("\n")] if header else [], None
+    for section, f, flag in config_fields():
+        if section != current:
+            lines.append(f"\n# {SECTION_TITLES[section]}")
+            current = section
+        value = getattr(getattr(cfg, section), f.name)
+        lines.append(yaml.safe_dump({key_of(flag): value}, default_flow_style=False, width=10**9,
+                                    allow_unicode=True).rstrip("\n"))
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+# ---------------------------------------------------------------- recipes: configuration files shipped with imgclf
+
+def recipe_folder():
+    return resources.files("imgclf") / "recipes"
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.name[:-5] for p in recipe_folder().iterdir() if p.name.endswith(".yaml"))
+
+
+def read_recipe(name: str) -> dict[str, dict]:
+    """The recipe `name` (imgclf/recipes/NAME.yaml) as section -> {field: value}, as resolve_config takes it."""
+    if name not in recipe_names():
+        raise KeyError(name)
+    import yaml
+
+    doc = yaml.safe_load((recipe_folder() / f"{name}.yaml").read_text())
+    sections: dict[str, dict] = {}
+    for (section, field), value in parse_options(doc, f"recipe {name}").items():
+        sections.setdefault(section, {})[field] = value
+    return sections

@@ -1,0 +1,143 @@
+"""The runs under a folder, as `imgclf runs` lists them, from what runs write: config.json, metrics.jsonl,
+checkpoints/ and RUN/status.json, which a run keeps up to date (imgclf.tracking.RunRecord): running (with
+its process id and host), then finished, stopped or crashed. A run whose status.json says running but
+whose process is gone (killed) is crashed; a run written before status.json existed is judged by its
+checkpoints. No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from imgclf.files import atomic_write_text
+
+STATUS_FILE = "status.json"
+STATES = ("running", "finished", "stopped", "crashed")
+COLUMNS = ("name", "model", "data", "epochs", "best", "time", "status")  # --sort keys
+
+
+def write_status(run_dir: Path, status: str, *, message: str | None = None) -> None:
+    """RUN/status.json: `status` (one of STATES), this process and host, when; written atomically."""
+    path = Path(run_dir) / STATUS_FILE
+    now = time.time()
+    started = now if status == "running" else (_read_json(path) or {}).get("started", now)
+    atomic_write_text(path, json.dumps({"status": status, "pid": os.getpid(), "host": socket.gethostname(),
+                                        "started": started, "updated": now, "message": message}) + "\n")
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Every run folder (one holding config.json) at or under `root`, sorted by path."""
+    root = Path(root)
+    return sorted({p.parent for p in root.rglob("config.json") if not p.parent.name.startswith(".")})
+
+
+def summarize(run_dir: Path, root: Path) -> dict:
+    """One run's row: name (its path under `root`), model, data, epochs done and planned, the best figure
+    of its --monitor and the epoch of it, the test accuracy when there is one, training time, status."""
+    run_dir = Path(run_dir)
+    cfg = _read_json(run_dir / "config.json") or {}
+    optim = cfg.get("optim", {})
+    records = _records(run_dir)
+    monitor, planned = optim.get("monitor", "val_acc"), optim.get("epochs")
+    scored = [r for r in records if isinstance(r.get(monitor), int | float)]
+    lower = monitor.endswith("loss")
+    best = (min if lower else max)(scored, key=lambda r: r[monitor]) if scored else None
+    name = str(run_dir.relative_to(root)) if run_dir != Path(root) else run_dir.name
+    return {"name": name, "path": str(run_dir), "model": cfg.get("model", {}).get("name"),
+            "data": cfg.get("data", {}).get("data"), "epochs": len(records), "planned_epochs": planned,
+            "monitor": monitor, "best": best[monitor] if best else None, "best_epoch": best["epoch"] if best else None,
+            "lower_is_better": lower, "test_acc": records[-1].get("test_acc") if records else None,
+            "time": sum(r.get("epoch_seconds", 0.0) for r in records), "status": status(run_dir, cfg, records),
+            "started": (_read_json(run_dir / STATUS_FILE) or {}).get("started")}
+
+
+def status(run_dir: Path, cfg: dict, records: list[dict]) -> str:
+    """finished, stopped, crashed or running (see the module's docstring)."""
+    recorded = _read_json(Path(run_dir) / STATUS_FILE)
+    if recorded and recorded.get("status") in STATES:
+        if recorded["status"] == "running" and not _alive(recorded):
+            return "crashed"
+        return recorded["status"]
+    optim = cfg.get("optim", {})
+    if records and records[-1].get("epoch") == optim.get("epochs"):
+        return "finished"
+    return "stopped" if (Path(run_dir) / "checkpoints" / "last.pt").is_file() else "crashed"
+
+
+def list_runs(root: Path, *, sort: str = "name") -> list[dict]:
+    """The rows of every run under `root`, sorted by `sort` (a COLUMNS key; best: the best figure first)."""
+    rows = [summarize(d, Path(root)) for d in find_runs(root)]
+    if sort == "best":
+        return sorted(rows, key=lambda r: (r["best"] is None, (r["best"] or 0) * (1 if r["lower_is_better"] else -1)))
+    if sort == "time":
+        return sorted(rows, key=lambda r: -r["time"])
+    return sorted(rows, key=lambda r: (r[sort] is None, r[sort] if r[sort] is not None else 0))
+
+
+def format_table(rows: list[dict]) -> str:
+    """The rows as a table with a header line."""
+    header = {"name": "run", "model": "model", "data": "data", "epochs": "epochs", "best": "best",
+              "time": "time", "status": "status"}
+    cells = [header] + [_cells(r) for r in rows]
+    widths = {key: max(len(c[key]) for c in cells) for key in header}
+    right = ("epochs", "time")
+    return "\n".join("  ".join(c[k].rjust(widths[k]) if k in right else c[k].ljust(widths[k]) for k in header)
+                     .rstrip() for c in cells)
+
+
+def _cells(r: dict) -> dict:
+    data = r["data"] or "?"
+    if os.sep in data:  # a folder: its name says enough in a table (--json has it whole)
+        data = Path(data).name
+    best = "-" if r["best"] is None else f"{r['monitor']} {r['best']:.4f} (epoch {r['best_epoch']})"
+    planned = r["planned_epochs"] if r["planned_epochs"] is not None else "?"
+    return {"name": r["name"], "model": r["model"] or "?", "data": data, "epochs": f"{r['epochs']}/{planned}",
+            "best": best, "time": _duration(r["time"]), "status": r["status"]}
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+
+
+def _alive(recorded: dict) -> bool:
+    """Whether the process status.json names still runs; on another host it cannot be told: assumed so."""
+    if recorded.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(recorded["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, TypeError, ValueError):
+        return True
+    return True
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _records(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # a line being written: metrics.jsonl is rewritten atomically, but be lenient
+            continue
+    return records
