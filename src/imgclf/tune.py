@@ -288,9 +288,12 @@ def train_torchrun(cfg: TrainConfig, nproc: int, on_epoch, poll_s: float = 0.5) 
     import subprocess
 
     out = Path(cfg.run.out)
-    atomic_write_text(out / "config.yaml", config_yaml(cfg))  # train writes the same file again
+    # beside the run folder, not in it: train takes only a new, empty or imgclf-made folder (and writes the
+    # same configuration into it as config.yaml)
+    given = out.with_name(out.name + ".yaml")
+    atomic_write_text(given, config_yaml(cfg))
     job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            f"--nproc-per-node={nproc}", "-m", "imgclf", "train", "--config", str(out / "config.yaml")])
+                            f"--nproc-per-node={nproc}", "-m", "imgclf", "train", "--config", str(given)])
     seen = 0
     try:
         while True:
