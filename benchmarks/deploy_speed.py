@@ -28,7 +28,7 @@ from predict_speed import first_line_seconds, notes_loop
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # name -> (data flag, training arguments)
     "resnet18": ("hymenoptera", ["--model", "resnet18", "--img-size", "224", "--epochs", "15", "--batch-size", "32"]),
-    "tutorial_cnn": ("cifar", ["--model", "tutorial_cnn", "--epochs", "5"]),
+    "tutorial_cnn": ("cifar", ["--model", "tutorial_cnn", "--epochs", "2"]),
 }
 
 
@@ -169,6 +169,9 @@ def predict_against_notes(ckpt: Path, fastest: Path, folder: Path, rounds: int) 
     for label, values in speeds.items():
         print(f"  {label:<40} {statistics.median(values):7.1f} img/s  {statistics.median(values) / base:.2f}x")
     print(f"  same top-1 as the notes' loop: {same}/{len(files)}")
+    whole = check(run_measured([PYTHON, "-m", "imgclf", "predict", str(fastest), str(folder)]), "imgclf predict")
+    print(f"`imgclf predict {fastest.name} {folder}`: {whole.seconds:.2f}s wall for {len(files)} pictures "
+          f"({len(files) / whole.seconds:.1f} img/s including start-up), peak RSS {whole.peak_rss_mb:.0f} MB")
     firsts = [first_line_seconds([PYTHON, "-m", "imgclf", "predict", str(fastest), files[0]]) for _ in range(3)]
     print(f"`imgclf predict {fastest.name} one.jpg`: first answer after "
           f"{statistics.median(f for f, _ in firsts):.2f}s (median of 3; exits after "
