@@ -79,10 +79,13 @@ def test_onnx_runs_in_openvino_where_installed_and_agrees_with_onnxruntime(run, 
     real = predict.importlib.util.find_spec
     monkeypatch.setattr(predict.importlib.util, "find_spec", lambda name: None if name == "openvino" else real(name))
     assert predict.Predictor.from_path(tmp_path / "m.onnx").runtime == "onnxruntime"
+    (tmp_path / "m.xml").write_text("<net/>")  # never read: the missing runtime is said first
     with pytest.raises(UserError, match=r"is an OpenVINO model; running it needs openvino: pip install 'imgclf\[export\]'"):
         predict.ExportedPredictor(tmp_path / "m.xml", "openvino")
-    with pytest.raises(UserError, match="unknown runtime 'tvm'"):
+    with pytest.raises(UserError, match="unknown runtime 'tvm' for onnx; choose one of auto, openvino, onnxruntime"):
         predict.choose_runtime("onnx", "tvm")
+    with pytest.raises(UserError, match=f"no such file: {tmp_path / 'missing.xml'}"):
+        predict.Predictor.from_path(tmp_path / "missing.xml")
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])

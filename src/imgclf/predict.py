@@ -124,6 +124,8 @@ class ExportedPredictor(Predictor):
 
     def __init__(self, path, kind: str, *, runtime: str = "auto", precision: str = "fp32"):
         path = Path(path).expanduser()
+        if not path.is_file():
+            raise UserError(f"no such file: {path}")
         if kind == "torchscript":
             files = {"imgclf.json": ""}
             with warnings.catch_warnings():  # torch.jit is deprecated for torch.export, but this is its format
@@ -164,25 +166,22 @@ def exported_kind(path) -> str | None:
 
 GRAPH_SUFFIXES = {".onnx": "onnx", ".xml": "openvino"}
 RUNTIMES = ("auto", "openvino", "onnxruntime")
-_PIP = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
 
 
 def choose_runtime(kind: str, requested: str = "auto", path=None) -> str:
     """The runtime that runs an exported graph of `kind` ("onnx" or "openvino"): `requested`, or for "auto"
-    the fastest installed. OpenVINO IR needs OpenVINO. An ONNX graph runs in OpenVINO where it is installed:
-    on an AVX512-VNNI Xeon it ran imgclf's fp32 graphs 1.3-1.7x and the int8 ones as fast as ONNX Runtime or
-    faster (benchmarks/deploy_speed.py, RESULTS.md); else in ONNX Runtime."""
-    if requested not in RUNTIMES:
-        raise UserError(f"unknown runtime {requested!r}; choose one of {', '.join(RUNTIMES)}")
-    installed = [r for r in ("openvino", "onnxruntime") if importlib.util.find_spec(r) is not None]
+    the fastest installed. OpenVINO IR needs OpenVINO. An ONNX graph runs in OpenVINO where it is installed,
+    else in ONNX Runtime: OpenVINO was the faster on the float graphs and at least as fast on the int8 ones
+    (benchmarks/deploy_speed.py, RESULTS.md)."""
+    what = f"{path or 'this'} is an {'OpenVINO' if kind == 'openvino' else 'ONNX'} model"
     allowed = ["openvino"] if kind == "openvino" else ["openvino", "onnxruntime"]
+    if requested != "auto" and requested not in allowed:
+        raise UserError(f"unknown runtime {requested!r} for {kind}; choose one of auto, {', '.join(allowed)}")
     wanted = allowed if requested == "auto" else [requested]
     for runtime in wanted:
-        if runtime in installed and runtime in allowed:
+        if importlib.util.find_spec(runtime) is not None:
             return runtime
-    what = f"{path} is an {'OpenVINO' if kind == 'openvino' else 'ONNX'} model" if path else f"a {kind} model"
-    needs = " or ".join(wanted) if set(wanted) <= set(allowed) else "openvino"
-    raise UserError(f"{what}; running it needs {needs}: pip install 'imgclf[export]'")
+    raise UserError(f"{what}; running it needs {' or '.join(wanted)}: pip install 'imgclf[export]'")
 
 
 def open_graph(model, runtime: str, *, precision: str = "fp32"):
