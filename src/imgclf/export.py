@@ -44,7 +44,7 @@ METADATA_KEY = "imgclf"  # the key (or extra-file stem) under which every format
 REQUIRES = {"torchscript": {}, "onnx": {"onnx": "onnx", "onnxscript": "onnxscript"},
             "openvino": {"onnx": "onnx", "onnxscript": "onnxscript", "openvino": "openvino"},
             "safetensors": {"safetensors": "safetensors"}}
-INT8_REQUIRES = {"onnx": {"onnxruntime": "onnxruntime"}, "openvino": {"nncf": "nncf"}}
+INT8_REQUIRES = {"onnx": {"nncf": "nncf", "onnxruntime": "onnxruntime"}, "openvino": {"nncf": "nncf"}}
 RESIZE_RULE = ("EXIF orientation applied; converted to RGB (3 channels) or L (1 channel), 16-bit pictures scaled "
                "to 8 bits and transparent ones composited on white; shorter side resized to size with bilinear "
                "filtering; centre size x size crop (the steps exactly: `preprocessing`)")
@@ -207,10 +207,10 @@ def _export_int8(ckpt: dict, data: bytes, fmt: str, out: Path, meta: dict, calib
     sample = quantize.int8_data(ckpt, calibration_data, eval_data, calibration_size or quantize.CALIBRATION_SIZE)
     runtime = choose_runtime(fmt)
     if fmt == "onnx":
-        floating, method = data, "ONNX Runtime static quantization (QDQ, per-channel int8 weights, uint8 activations)"
+        floating, method = data, "NNCF post-training quantization, ONNX backend (QDQ)"
         quantized = quantize.quantize_onnx(data, sample.calibration)
     else:
-        floating, method = _openvino_model(data, meta), "NNCF post-training quantization"
+        floating, method = _openvino_model(data, meta), "NNCF post-training quantization, OpenVINO backend"
         quantized = quantize.quantize_openvino(floating, sample.calibration)
     check = quantize.compare(open_graph(floating, runtime)[0], open_graph(quantized, runtime)[0], sample, runtime)
     meta = {**meta, "quantization": {"precision": "int8", "method": method, **check.as_dict()}}
