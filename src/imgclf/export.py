@@ -168,6 +168,7 @@ def export_checkpoint(checkpoint, fmt: str, out=None, *, int8: bool = False, cal
     _check_out(out, checkpoint, fmt)
     ckpt = load_checkpoint(checkpoint)
     meta = export_metadata(ckpt, fmt)
+    sample = _int8_data(ckpt, calibration_data, eval_data, calibration_size) if int8 else None  # fails first
     model = model_from_checkpoint(ckpt).float().cpu()
     if fmt == "safetensors":
         atomic_write(out, lambda tmp: _save_safetensors(model, meta, tmp))
@@ -181,7 +182,7 @@ def export_checkpoint(checkpoint, fmt: str, out=None, *, int8: bool = False, cal
         return Exported(out, meta, _self_check(wrapper, _torchscript_runner(data), c, s))
     data = _onnx_bytes(wrapper, example, meta)
     if int8:
-        return _export_int8(ckpt, data, fmt, out, meta, calibration_data, eval_data, calibration_size)
+        return _export_int8(data, fmt, out, meta, sample)
     _write_graph(data if fmt == "onnx" else _openvino_model(data, meta), out)
     return Exported(out, meta, _self_check(wrapper, _graph_runner(out, fmt), c, s))
 
@@ -198,13 +199,18 @@ def _check_out(out: Path, checkpoint: Path, fmt: str) -> None:
         raise UserError(f"--out {out} would write its weights over the checkpoint {checkpoint}; choose another name")
 
 
-def _export_int8(ckpt: dict, data: bytes, fmt: str, out: Path, meta: dict, calibration_data, eval_data,
-                 calibration_size: int | None) -> Exported:
-    """Quantize the float graph `data`, compare both on held-out pictures in predict's runtime, write the int8 one."""
+def _int8_data(ckpt: dict, calibration_data, eval_data, calibration_size: int | None):
+    from imgclf import quantize
+
+    return quantize.int8_data(ckpt, calibration_data, eval_data, calibration_size or quantize.CALIBRATION_SIZE)
+
+
+def _export_int8(data: bytes, fmt: str, out: Path, meta: dict, sample) -> Exported:
+    """Quantize the float graph `data` (calibrated on `sample`, a quantize.Int8Data), compare both on its
+    held-out pictures in predict's runtime, write the int8 one."""
     from imgclf import quantize
     from imgclf.predict import choose_runtime, open_graph
 
-    sample = quantize.int8_data(ckpt, calibration_data, eval_data, calibration_size or quantize.CALIBRATION_SIZE)
     runtime = choose_runtime(fmt)
     if fmt == "onnx":
         floating, method = data, "NNCF post-training quantization, ONNX backend (QDQ)"

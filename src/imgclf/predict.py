@@ -171,9 +171,10 @@ RUNTIMES = ("auto", "openvino", "onnxruntime")
 def choose_runtime(kind: str, requested: str = "auto", path=None) -> str:
     """The runtime that runs an exported graph of `kind` ("onnx" or "openvino"): `requested`, or for "auto"
     the fastest installed. OpenVINO IR needs OpenVINO. An ONNX graph runs in OpenVINO where it is installed,
-    else in ONNX Runtime: on an AVX512-VNNI Xeon OpenVINO ran the same .onnx files 1.1-2x faster at batch 64
-    (resnet18 at 224, fp32 and int8; tutorial_cnn) and resnet18's single pictures 1.3x sooner; only the tiny
-    tutorial_cnn's single pictures were sooner in ONNX Runtime, by 0.1-0.2 ms (benchmarks/RESULTS.md)."""
+    else in ONNX Runtime: on an AVX512-VNNI Xeon, in two runs, OpenVINO ran the same .onnx files 1.3-2x as
+    fast at batch 64 (resnet18 at 224 int8, tutorial_cnn fp32 and int8), tied on resnet18 fp32 (0.96-1.09x),
+    and answered resnet18's single pictures sooner (1.1-1.4x); only the tiny tutorial_cnn's single pictures
+    came sooner from ONNX Runtime, by 0.1-0.2 ms (benchmarks/RESULTS.md)."""
     what = f"{path or 'this'} is an {'OpenVINO' if kind == 'openvino' else 'ONNX'} model"
     allowed = ["openvino"] if kind == "openvino" else ["openvino", "onnxruntime"]
     if requested != "auto" and requested not in allowed:
