@@ -16,6 +16,34 @@ from imgclf import export
 from imgclf.cli import main
 from imgclf.errors import UserError
 
+# The input contract as the export's metadata states it (`input.preprocessing`), redone step by step with Pillow
+# and numpy alone: run inside the standalone process, and in this one to compare with imgclf's own decoding.
+LOAD = r'''
+def load(path, size, channels):
+    """The documented preprocessing: draft, upright, 16-bit scaled to 8 bits, transparency on white, RGB or
+    L, shorter side to size (bilinear), centre crop."""
+    mode = "RGB" if channels == 3 else "L"
+    with Image.open(path) as img:
+        img.draft(mode, (size, size))
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            v = np.asarray(img, dtype=np.float64)
+            top = 65535.0 if img.mode.startswith("I;16") or v.max() > 255 else 255.0
+            img = Image.fromarray(np.floor(np.clip(v / top * 255 + 0.5, 0, 255)).astype(np.uint8), "L")
+        if img.mode in ("P", "PA", "LA", "La", "RGBA") or "transparency" in img.info:
+            white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(white, img.convert("RGBA"))
+        img = img.convert(mode)
+        w, h = img.size
+        if (w, h) != (size, size):
+            scale = size / min(w, h)
+            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
+            left, top = (nw - size) // 2, (nh - size) // 2
+            img = img.crop((left, top, left + size, top + size))
+        return np.asarray(img, dtype=np.uint8).reshape(size, size, channels).transpose(2, 0, 1)
+'''
+
 # Runs with only torch / torchvision / onnxruntime / safetensors / numpy / PIL: imgclf is made unimportable first.
 STANDALONE = r'''
 import json, sys
@@ -25,22 +53,7 @@ import torch
 from PIL import Image, ImageOps
 
 job = json.loads(sys.argv[1])  # {"models": {format: path}, "images": [paths], "out": path}
-
-
-def load(path, size, channels):
-    """The input contract from the README: upright, RGB or L, shorter side to size (bilinear), centre crop."""
-    mode = "RGB" if channels == 3 else "L"
-    with Image.open(path) as img:
-        img.draft(mode, (size, size))
-        img = ImageOps.exif_transpose(img).convert(mode)
-        w, h = img.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-        return np.asarray(img, dtype=np.uint8).reshape(size, size, channels).transpose(2, 0, 1)
-
+''' + LOAD + r'''
 
 def tutorial_cnn(num_classes, in_channels, img_size):
     """The architecture the safetensors weights belong to (note 21's network), written out here."""
@@ -61,6 +74,11 @@ def open_export(fmt, model_path):
         extra = {"imgclf.json": ""}
         model = torch.jit.load(model_path, _extra_files=extra)
         return json.loads(extra["imgclf.json"]), lambda x: model(torch.from_numpy(x)).numpy()
+    if fmt == "openvino":
+        import openvino
+        model = openvino.Core().read_model(model_path)
+        compiled = openvino.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        return json.loads(model.get_rt_info(["imgclf"]).astype(str)), lambda x: compiled(x)[0]
     if fmt == "onnx":
         import onnxruntime
         session = onnxruntime.InferenceSession(model_path, providers=["CPUExecutionProvider"])
@@ -148,7 +166,8 @@ def test_every_format_runs_without_imgclf_and_agrees_with_predict(tiny_run, tmp_
         models[fmt] = tmp_path / f"model{suffix}"
         assert main(["export", str(ckpt), "--format", fmt, "--out", str(models[fmt])]) == 0
         printed = capsys.readouterr().out
-        assert printed.startswith(f"wrote {models[fmt]} (")
+        weights = " and model.bin" if fmt == "openvino" else ""
+        assert printed.startswith(f"wrote {models[fmt]}{weights} (")
         if fmt != "safetensors":
             assert "input uint8 (N, 3, 24, 24) -> probabilities (N, 3)" in printed
             assert float(printed.rsplit("checkpoint ", 1)[1]) < 1e-4  # the exporter's own check ran
@@ -228,3 +247,79 @@ def test_hymenoptera_exports_agree_with_predict(hymenoptera_dir, tmp_path):
     predicted = predict_json(ckpt, images)
     for fmt in export.FORMATS:
         assert_agrees(exported[fmt], predicted)
+
+
+def png_16bit(path: Path, values) -> Path:
+    """A PNG of 16 bits per channel (grey, RGB or RGBA by the last axis), written by hand: Pillow cannot save
+    16-bit colour."""
+    import struct
+    import zlib
+
+    import numpy as np
+
+    arr = np.asarray(values, dtype=">u2")
+    h, w, c = arr.shape
+    raw = b"".join(b"\0" + arr[y].tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 3: 2, 4: 6}[c], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def awkward_pictures(folder: Path) -> list[Path]:
+    """Pictures imgclf converts before the model sees them: 16-bit grey and colour, RGBA with graded alpha, a
+    palette with a transparent entry, grey with alpha; 40x30, with the classes' colours and stripes in them."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[0:30, 0:40]
+    rgb = np.stack([60 + 0 * xx, 200 - 70 * (xx // 20), 40 + (yy // 2 % 2) * 60], -1) + rng.normal(0, 20, (30, 40, 3))
+    rgb = np.clip(rgb, 0, 255).astype(np.uint8)
+    alpha = np.clip(xx * 7, 0, 255).astype(np.uint8)
+    grey16 = (rgb.mean(-1) * 257 * 0.9 + 3000).astype(np.uint16)
+    Image.fromarray(grey16).save(folder / "grey16.png")  # mode I;16
+    png_16bit(folder / "rgb48.png", rgb.astype(np.uint16) * 257 + rng.integers(0, 257, rgb.shape))
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(folder / "rgba.png")
+    palette = Image.fromarray(rgb).quantize(16)
+    palette.save(folder / "palette.png", transparency=int(np.asarray(palette)[0, 0]))
+    Image.fromarray(np.dstack([rgb[..., 1], alpha]), "LA").save(folder / "grey_alpha.png")
+    return sorted(folder.glob("*.png"))
+
+
+def test_documented_preprocessing_is_what_predict_does_on_16bit_and_transparent_pictures(tiny_run, tmp_path):
+    """Issue 14.8: the steps written into the export (metadata `input.preprocessing`), redone by hand, give
+    imgclf's own pixels on 16-bit and transparent pictures, and the exported ONNX graph fed those pixels gives
+    predict's probabilities on the checkpoint."""
+    import numpy as np
+    import onnxruntime
+    from PIL import Image, ImageOps
+
+    from imgclf.transforms import load_image
+
+    ckpt, _, _ = tiny_run
+    pictures = awkward_pictures(tmp_path / "awkward")
+    out = export.export_checkpoint(ckpt, "onnx", tmp_path / "m.onnx")
+    steps = out.metadata["input"]["preprocessing"]
+    assert any("16-bit" in s and "65535" in s for s in steps) and any("white" in s for s in steps)
+    namespace = {"np": np, "Image": Image, "ImageOps": ImageOps}
+    exec(LOAD, namespace)  # the test's own reading of the documented steps
+    documented = np.stack([namespace["load"](p, 24, 3) for p in pictures])
+    imgclf = np.stack([load_image(p, size=24, channels=3).transpose(2, 0, 1) for p in pictures])
+    assert np.array_equal(documented, imgclf)
+    naive = []  # what a deployment that skipped the documented steps would feed the model
+    for p in pictures:
+        with Image.open(p) as img:
+            naive.append(np.asarray(img.convert("RGB").resize((32, 24), Image.BILINEAR).crop((4, 0, 28, 24))))
+    differs = [not np.array_equal(n.transpose(2, 0, 1), d) for n, d in zip(naive, documented, strict=True)]
+    assert sum(differs) >= 4, differs  # the pictures do exercise the 16-bit and transparency steps
+    session = onnxruntime.InferenceSession(str(out.path), providers=["CPUExecutionProvider"])
+    probs = session.run(["probabilities"], {"images": documented})[0]
+    exported = {"classes": json.loads(session.get_modelmeta().custom_metadata_map["imgclf"])["classes"],
+                "probs": probs.tolist()}
+    assert_agrees(exported, predict_json(ckpt, pictures))

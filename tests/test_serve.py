@@ -184,6 +184,35 @@ def test_fifty_concurrent_requests_are_batched_without_errors(server, model):
     # that they share forward passes is shown, independently of timing, by the next test
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_an_int8_export_is_served_with_the_same_json_as_the_checkpoint(server, model, tmp_path, fmt):
+    """`imgclf serve best.int8.onnx` (or .xml): the same endpoints, keys, classes and top-1 as the checkpoint."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino" if fmt == "openvino" else "onnx")
+    ckpt, images, _ = model
+    exported = tmp_path / f"m.int8.{'xml' if fmt == 'openvino' else 'onnx'}"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["export", str(ckpt), "--format", fmt, "--int8", "--out", str(exported)]) == 0
+    with serving(exported, tmp_path / "serve.log", "--max-upload-mb", str(MAX_UPLOAD_MB), "--topk", "3") as url:
+        want, got = httpx.get(f"{server}/health").json(), httpx.get(f"{url}/health").json()
+        assert got.keys() == want.keys()
+        assert {k: got[k] for k in ("model", "classes", "input", "topk")} == \
+               {k: want[k] for k in ("model", "classes", "input", "topk")}
+        for path in images:
+            for kwargs in ({"content": path.read_bytes()}, {"files": {"file": (path.name, path.read_bytes())}}):
+                a, b = httpx.post(f"{server}/predict", **kwargs), httpx.post(f"{url}/predict", **kwargs)
+                assert a.status_code == b.status_code == 200
+                a, b = a.json(), b.json()
+                assert a.keys() == b.keys() and [t.keys() for t in a["top"]] == [t.keys() for t in b["top"]]
+                assert {t["label"] for t in b["top"]} == set(CLASSES)
+                if a["top"][0]["probability"] - a["top"][1]["probability"] > 0.1:  # not a near tie
+                    assert b["top"][0]["label"] == a["top"][0]["label"]
+        bad = httpx.post(f"{url}/predict", content=b"hello, this is text")
+        assert bad.status_code == 415 and "not a readable picture" in bad.json()["error"]
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
 @contextlib.contextmanager
 def serving_in_this_process(app):
     """`app` behind uvicorn in a thread of this process, on a free loopback port; yields the base URL."""

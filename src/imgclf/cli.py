@@ -320,7 +320,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def _add_eval(sub, common) -> None:
     p = _command(sub, common, "eval", cmd_eval, help="loss, accuracy, per-class accuracy, confusion matrix")
-    p.add_argument("checkpoint", help="an imgclf checkpoint, or a model it exported (.onnx, TorchScript)")
+    p.add_argument("checkpoint", help="an imgclf checkpoint, or a model it exported (.onnx, OpenVINO .xml, "
+                                       "TorchScript)")
     _add_model_code(p)
     p.add_argument("--data", required=True, help="data set or folder: by default its test split where it has one "
                                                   "beside val/, else its held-out split, and all of a plain folder of "
@@ -376,7 +377,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _add_predict(sub, common) -> None:
     p = _command(sub, common, "predict", cmd_predict, help="label pictures with a trained model (note 31)")
-    p.add_argument("checkpoint", help="an imgclf checkpoint, or a model it exported (.onnx, TorchScript)")
+    p.add_argument("checkpoint", help="an imgclf checkpoint, or a model it exported (.onnx, OpenVINO .xml, "
+                                       "TorchScript)")
     _add_model_code(p)
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="picture files and folders, http(s):// URLs, or - for a picture on standard input")
@@ -481,25 +483,36 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-EXPORT_FORMATS = ("onnx", "safetensors", "torchscript")  # imgclf.export.FORMATS, named without importing torch
+EXPORT_FORMATS = ("onnx", "openvino", "safetensors", "torchscript")  # imgclf.export.FORMATS, without importing torch
 
 
 def _add_export(sub, common) -> None:
-    p = _command(sub, common, "export", cmd_export, help="write a checkpoint as TorchScript, ONNX or safetensors",
+    p = _command(sub, common, "export", cmd_export,
+                 help="write a checkpoint as ONNX, OpenVINO, TorchScript or safetensors (--int8: quantized)",
                  description="Write a checkpoint in a format usable without imgclf; class names and "
                              "preprocessing are stored inside the file (see README, Export and serve).")
     p.add_argument("checkpoint")
     _add_model_code(p)
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS, dest="export_format",
-                   help="onnx (onnxruntime, any language), torchscript (torch.jit.load, Python or C++), "
-                        "safetensors (the weights alone)")
-    p.add_argument("--out", help="output file (default: beside the checkpoint, e.g. best.onnx)")
+                   help="onnx (onnxruntime or OpenVINO, any language), openvino (OpenVINO IR: NAME.xml + NAME.bin), "
+                        "torchscript (torch.jit.load, Python or C++), safetensors (the weights alone)")
+    p.add_argument("--out", help="output file (default: beside the checkpoint, e.g. best.onnx, best.int8.xml)")
+    p.add_argument("--int8", action="store_true",
+                   help="onnx, openvino: quantize to int8 after calibrating on training pictures; prints the int8 "
+                        "model's accuracy next to the float one's on the held-out split")
+    p.add_argument("--calibration-data", metavar="DATA",
+                   help="data set or folder whose training pictures calibrate --int8 (default: the checkpoint's)")
+    _number(p, "--calibration-size", int, 1, 100_000, help="training pictures to calibrate on (default 300)")
+    p.add_argument("--eval-data", metavar="DATA", help="data set or folder whose held-out split --int8 is checked on "
+                                                       "(default: the checkpoint's, else --calibration-data)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from imgclf.export import export_checkpoint
 
-    print(export_checkpoint(args.checkpoint, args.export_format, out=args.out).describe())
+    print(export_checkpoint(args.checkpoint, args.export_format, out=args.out, int8=args.int8,
+                            calibration_data=args.calibration_data, eval_data=args.eval_data,
+                            calibration_size=args.calibration_size).describe())
     return EXIT_OK
 
 
@@ -507,7 +520,8 @@ def _add_serve(sub, common) -> None:
     p = _command(sub, common, "serve", cmd_serve, help="serve a checkpoint over HTTP, with a web page",
                  description="Serve predictions over HTTP: POST /predict, GET /health, and a page "
                              "at / to try pictures in a browser.")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="an imgclf checkpoint, or a model it exported (.onnx, OpenVINO .xml, "
+                                       "TorchScript)")
     _add_model_code(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s: this machine only)")
     _number(p, "--port", int, 1, 65535, words="between 1 and 65535", default=8000, help="TCP port (%(default)s)")

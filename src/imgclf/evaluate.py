@@ -67,18 +67,27 @@ def _evaluate_exported(predictor: ExportedPredictor, data_cfg: DataConfig, *, sp
         raise UserError(f"{where} was exported for {len(predictor.classes)} classes ({preview(predictor.classes)}), "
                         f"but {data_cfg.data} has {len(data.classes)} ({preview(data.classes)})")
     name, chosen = _choose(data, split, data_cfg.data)
-    k, batch = len(data.classes), eval_batch_size(data_cfg, chosen)
-    confusion, loss_sum, top5 = torch.zeros(k, k, dtype=torch.int64), 0.0, 0
-    for i in range(0, len(chosen), batch):
-        probs = predictor.probabilities(torch.as_tensor(np.asarray(chosen.images[i : i + batch])))
-        y = chosen.labels[i : i + batch]
+    result = score(predictor.probabilities, chosen, len(data.classes), eval_batch_size(data_cfg, chosen))
+    result.update(seconds=time.perf_counter() - start, classes=data.classes, split=name, data=data, split_data=chosen)
+    return result
+
+
+def score(probabilities, split, num_classes: int, batch: int) -> dict:
+    """Loss, accuracy, confusion matrix (and top-5 with over 5 classes) of `probabilities` (uint8 (N, C, S, S)
+    pictures -> class probabilities, as `Predictor.probabilities`) on `split`, `batch` pictures at a time;
+    also `predicted`, the top-1 class of every picture."""
+    k = num_classes
+    confusion, loss_sum, top5, predicted = torch.zeros(k, k, dtype=torch.int64), 0.0, 0, []
+    for i in range(0, len(split), batch):
+        probs = probabilities(torch.as_tensor(np.asarray(split.images[i : i + batch])))
+        y = split.labels[i : i + batch]
         loss_sum += float(torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum"))
-        confusion += confusion_matrix(probs.argmax(1), y, k)
+        predicted.append(probs.argmax(1))
+        confusion += confusion_matrix(predicted[-1], y, k)
         top5 += int((probs.topk(min(5, k), dim=1).indices == y.view(-1, 1)).any(1).sum())
     count = int(confusion.sum())
     result = {"loss": loss_sum / max(count, 1), "acc": accuracy(confusion), "count": count, "confusion": confusion,
-              "seconds": time.perf_counter() - start, "classes": data.classes, "split": name, "data": data,
-              "split_data": chosen}
+              "predicted": torch.cat(predicted) if predicted else torch.zeros(0, dtype=torch.int64)}
     if k > 5:
         result["top5"] = top5 / max(count, 1)
     return result

@@ -325,21 +325,20 @@ def check_requirements() -> None:
 def serve_checkpoint(checkpoint, *, host: str = "127.0.0.1", port: int = 8000, topk: int = 5,
                      max_upload_mb: float = 10.0, max_batch: int = 32, device: str = "auto",
                      max_megapixels: float = MAX_PIXELS / 1e6) -> None:
-    """Serve `checkpoint` on host:port until stopped (Ctrl+C, SIGTERM): `imgclf serve`. The port is bound
-    before the checkpoint loads, so that a taken port is one clear error at once."""
+    """Serve `checkpoint` (or a model it exported: .onnx, OpenVINO .xml, TorchScript) on host:port until stopped
+    (Ctrl+C, SIGTERM): `imgclf serve`. The port is bound before the checkpoint loads, so that a taken port is
+    one clear error at once."""
     check_requirements()
     import uvicorn
 
-    from imgclf.checkpoint import load_checkpoint
     from imgclf.predict import Predictor
 
     sock = listening_socket(host, port)
-    ckpt = load_checkpoint(checkpoint)
-    predictor = Predictor(ckpt, device=device)
-    app = create_app(predictor, model_name=ckpt["model"]["name"], max_upload_bytes=int(max_upload_mb * 1e6),
+    predictor = Predictor.from_path(checkpoint, device=device)  # a checkpoint or an exported .onnx / .xml
+    app = create_app(predictor, model_name=predictor.model_name, max_upload_bytes=int(max_upload_mb * 1e6),
                      topk=topk, max_batch=max_batch, max_pixels=int(max_megapixels * 1e6))
     shown = f"[{host}]" if ":" in host else host
-    print(f"imgclf: serving {ckpt['model']['name']} ({len(predictor.classes)} classes) on "
+    print(f"imgclf: serving {predictor.model_name} ({len(predictor.classes)} classes) on "
           f"http://{shown}:{port}/ (Ctrl+C stops)", file=sys.stderr, flush=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"imgclf: note: --host {host} lets other machines reach the service, which has no "
