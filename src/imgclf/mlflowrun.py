@@ -22,6 +22,7 @@ from imgclf import __version__
 from imgclf.config import TrainConfig
 from imgclf.errors import UserError
 from imgclf.files import atomic_write_text
+from imgclf.report import flatten_config
 
 STATE = "mlflow.json"  # RUN/mlflow.json: {"tracking_uri", "experiment_id", "run_id"}
 STATUS = {"finished": "FINISHED", "stopped": "KILLED", "crashed": "FAILED"}
@@ -135,7 +136,8 @@ class MlflowRun:
         from mlflow.entities import Metric
 
         stamp, step = int(record.get("time", time.time()) * 1000), int(record["epoch"])
-        metrics = [Metric(metric_key(key), float(value), stamp, step) for key, value in _flat(record).items()
+        flat = flatten_config(record, sep="/")  # val_per_class: {cat: {f1: ...}} -> val_per_class/cat/f1
+        metrics = [Metric(metric_key(key), float(value), stamp, step) for key, value in flat.items()
                    if key not in NOT_LOGGED and isinstance(value, int | float) and not isinstance(value, bool)]
         self._safely(lambda: [self.client.log_batch(self.run_id, metrics=metrics[i:i + BATCH])
                               for i in range(0, len(metrics), BATCH)])
@@ -174,15 +176,6 @@ class MlflowRun:
                   f"the run goes on without it", file=sys.stderr, flush=True)
 
 
-def _flat(record: dict, prefix: str = "") -> dict:
-    """A record with its nested figures (val_per_class: {cat: {f1: ...}}) as val_per_class/cat/f1 keys."""
-    flat = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def read_state(run_dir: Path) -> dict | None:

@@ -92,12 +92,12 @@ def write_hparams(writer, hparams: dict, metrics: dict) -> None:
         writer._get_file_writer().add_summary(summary)  # noqa: SLF001
 
 
-def flatten_config(cfg: dict, prefix: str = "") -> dict:
-    """{'optim': {'lr': 0.05}} -> {'optim.lr': 0.05}."""
+def flatten_config(cfg: dict, prefix: str = "", sep: str = ".") -> dict:
+    """{'optim': {'lr': 0.05}} -> {'optim.lr': 0.05}: nested dicts as keys joined by `sep`."""
     out = {}
     for key, value in cfg.items():
         if isinstance(value, dict):
-            out.update(flatten_config(value, f"{prefix}{key}."))
+            out.update(flatten_config(value, f"{prefix}{key}{sep}", sep))
         else:
             out[f"{prefix}{key}"] = value
     return out
