@@ -90,7 +90,8 @@ def test_a_missing_folder_is_one_line(tmp_path, capsys):
 def test_a_live_run_is_running_and_a_killed_one_crashed(tiny, tmp_path):
     """A real training process: `imgclf runs` sees it running; SIGKILLed (no chance to say so), crashed."""
     out = tmp_path / "runs" / "live"
-    proc = subprocess.Popen([sys.executable, "-m", "imgclf", "train", "--data", str(tiny), "--epochs", "500",
+    # a low --lr: at the default, these 18 pictures diverge within a few epochs, and a diverged run has ended
+    proc = subprocess.Popen([sys.executable, "-m", "imgclf", "train", "--data", str(tiny), "--epochs", "500", "--lr", "0.001",
                              "--batch-size", "6", "--device", "cpu", "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
