@@ -41,7 +41,7 @@ from imgclf.errors import (
     UserError,
     shown,
 )
-from imgclf.files import one_line, refuse_if_in_use
+from imgclf.files import refuse_if_in_use
 
 
 def entry() -> None:
@@ -107,14 +107,14 @@ def _run(argv: list[str] | None) -> int:
     except UserError as err:
         if args.debug:
             raise
-        print(f"imgclf: error: {one_line(err)}", file=sys.stderr)
+        print(f"imgclf: error: {shown(str(err))}", file=sys.stderr)
         return err.code
     except BrokenPipeError:  # not an error to report: main ends quietly
         raise
     except OSError as err:  # a folder that cannot be written, a full disk: the system's own one line
         if args.debug:
             raise
-        print(f"imgclf: error: {one_line(err)}", file=sys.stderr)
+        print(f"imgclf: error: {shown(str(err))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         if args.debug:
@@ -266,7 +266,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         record = train(cfg, resume=bool(args.resume))
     except Stopped as stop:
-        print(f"imgclf: {one_line(stop)}", file=sys.stderr)
+        print(f"imgclf: {shown(str(stop))}", file=sys.stderr)
         return stop.code
     if record and os.environ.get("RANK", "0") == "0":  # under torchrun, once for the job
         test = f", test accuracy {record['test_acc']:.2%}" if "test_acc" in record else ""
@@ -405,7 +405,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             r.error, r.labels, r.probs = "the model's output is not a number (NaN or infinite)", [], []
         failed = failed or bool(r.error)
         if r.error:
-            print(f"imgclf: {shown(r.path)}: {one_line(r.error)}", file=sys.stderr)
+            print(f"imgclf: {shown(r.path)}: {shown(str(r.error))}", file=sys.stderr)
         elif args.json:
             print(json.dumps({"path": r.path, "top": [{"label": lab, "probability": round(p, 6)}
                                                       for lab, p in zip(r.labels, r.probs, strict=True)]}))

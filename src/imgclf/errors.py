@@ -28,7 +28,7 @@ class Stopped(Exception):
 
 
 def shown(path) -> str:
-    """`path` (str, bytes or Path) as one printable line: bytes that are not UTF-8 as \\xNN, newlines and other
+    """`path` (str, bytes or Path), or a message, as one printable line: bytes that are not UTF-8 as \\xNN, newlines and other
     control characters escaped, so that a hostile file name can neither break a message nor its encoding."""
     text = os.fsdecode(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode() for c in text)

@@ -98,11 +98,6 @@ def not_regular(path) -> str | None:
     return None if kind is None else f"not a regular file ({kind})"
 
 
-def one_line(message) -> str:
-    """`message` (an exception, or text) on one line: line breaks written as \\n, as in a Python string."""
-    return str(message).replace("\r", "\\r").replace("\n", "\\n")
-
-
 def is_run_folder(folder: Path) -> bool:
     """True when imgclf made `folder` for a run: it holds RUN_MARK, or (a run of an imgclf before the mark)
     checkpoints/last.pt or a config.json of imgclf's four sections."""

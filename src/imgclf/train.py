@@ -276,8 +276,8 @@ def _refuse_non_finite(state: TrainState, val: dict, *, epoch: int, run_dir: Pat
     are NaN or infinite: such a model must never become last.pt or best.pt."""
     if not math.isfinite(val["loss"]):
         raise _diverged(f"the validation loss became {val['loss']} after epoch {epoch + 1}", run_dir)
-    for weights in (state.model.state_dict(), state.eval_model.state_dict()):
-        key = non_finite(weights)
+    for model in (state.model, state.ema.module) if state.ema is not None else (state.model,):
+        key = non_finite(model.state_dict())
         if key is not None:
             raise _diverged(f"the weights {key} became NaN or infinite in epoch {epoch + 1}", run_dir)
 
