@@ -153,7 +153,7 @@ class Run:
         path = self.folder / "metrics.jsonl" if self.folder is not None else None
         if path is None or not path.is_file():
             return []
-        from imgclf.tracking import read_records
+        from imgclf.runs import read_records
 
         return read_records(path)
 

@@ -23,6 +23,7 @@ from imgclf.config import TrainConfig
 from imgclf.errors import UserError
 from imgclf.files import atomic_write_text
 from imgclf.report import flatten_config
+from imgclf.runs import read_records
 
 STATE = "mlflow.json"  # RUN/mlflow.json: {"tracking_uri", "experiment_id", "run_id"}
 STATUS = {"finished": "FINISHED", "stopped": "KILLED", "crashed": "FAILED"}
@@ -98,7 +99,7 @@ class MlflowRun:
             run = cls(client, cls._create(client, cfg), uri)
             run.log_params(cfg, known={})
             if resumed:  # a run resumed with --mlflow for the first time: its earlier epochs too
-                for record in _records(run_dir):
+                for record in read_records(Path(run_dir) / "metrics.jsonl", lenient=True):
                     run.log_epoch(record)
         except MlflowException as err:
             raise UserError(f"MLflow at {uri}: {str(err).strip().splitlines()[0][:200]}") from None
@@ -147,7 +148,7 @@ class MlflowRun:
         pictures, best checkpoint, configuration and metrics go with it."""
         run_dir = Path(run_dir)
         if status == "finished":
-            records = _records(run_dir)
+            records = read_records(Path(run_dir) / "metrics.jsonl", lenient=True)
             last = records[-1] if records else {}
             self.log_epoch({k: v for k, v in last.items() if k.startswith("test_") or k in NOT_LOGGED})
             self._safely(lambda: self._artifacts(run_dir))
@@ -176,8 +177,6 @@ class MlflowRun:
                   f"the run goes on without it", file=sys.stderr, flush=True)
 
 
-
-
 def read_state(run_dir: Path) -> dict | None:
     """RUN/mlflow.json, or None when the run has none (or it cannot be read)."""
     try:
@@ -185,9 +184,3 @@ def read_state(run_dir: Path) -> dict | None:
     except (OSError, ValueError):
         return None
 
-
-def _records(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

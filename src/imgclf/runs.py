@@ -13,6 +13,7 @@ import socket
 import time
 from pathlib import Path
 
+from imgclf.errors import UserError, shown
 from imgclf.files import atomic_write_text
 
 STATUS_FILE = "status.json"
@@ -41,7 +42,7 @@ def summarize(run_dir: Path, root: Path) -> dict:
     run_dir = Path(run_dir)
     cfg = _read_json(run_dir / "config.json") or {}
     optim = cfg.get("optim", {})
-    records = _records(run_dir)
+    records = read_records(run_dir / "metrics.jsonl", lenient=True)
     monitor, planned = optim.get("monitor", "val_acc"), optim.get("epochs")
     scored = [r for r in records if isinstance(r.get(monitor), int | float)]
     lower = monitor.endswith("loss")
@@ -128,16 +129,29 @@ def _read_json(path: Path):
         return None
 
 
-def _records(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+def read_records(path: Path, *, lenient: bool = False) -> list[dict]:
+    """The records of a metrics.jsonl. Strict (training, resuming, the Python API): one UserError line naming the
+    file and line when one is not a record (a file torn or edited by hand: imgclf writes it whole, atomically).
+    `lenient` (readers of runs that may be in progress: `imgclf runs`, `imgclf tune`): no file is no records,
+    and lines that are not records are left out."""
     try:
-        lines = path.read_text().splitlines()
+        lines = Path(path).read_text(errors="replace").splitlines()
     except OSError:
-        return []
+        if lenient:
+            return []
+        raise
     records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except ValueError:  # a line being written: metrics.jsonl is rewritten atomically, but be lenient
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
             continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or type(record.get("epoch")) is not int:
+            if lenient:
+                continue
+            raise UserError(f"{shown(path)} line {number} is not a record of an epoch (the file is torn or was "
+                            f"edited); repair or delete that line, then resume again")
+        records.append(record)
     return records

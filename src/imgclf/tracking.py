@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from imgclf.errors import UserError, shown
+from imgclf.errors import UserError
 from imgclf.files import atomic_write_text
+from imgclf.runs import read_records
 
 
 class Tracker:
@@ -160,24 +161,6 @@ def progress_bar(*, notebook: bool):
         warnings.simplefilter("ignore", TqdmWarning)
         from tqdm.auto import tqdm
     return tqdm
-
-
-def read_records(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl; one UserError line naming the file and line when one is not a record
-    (a file torn or edited by hand: imgclf writes it whole, atomically)."""
-    records = []
-    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if not isinstance(record, dict) or type(record.get("epoch")) is not int:
-            raise UserError(f"{shown(path)} line {number} is not a record of an epoch (the file is torn or was "
-                            f"edited); repair or delete that line, then resume again")
-        records.append(record)
-    return records
 
 
 class RunRecord:

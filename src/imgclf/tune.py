@@ -33,6 +33,7 @@ from imgclf.config import TrainConfig, resolve_config
 from imgclf.configfile import config_yaml, option_keys, option_value, read_yaml, unknown_key
 from imgclf.errors import EXIT_DIVERGED, EXIT_OK, Stopped, UserError
 from imgclf.files import atomic_write_text
+from imgclf.runs import read_records
 
 NOT_SEARCHED = ("out", "stop_after", "monitor")  # set by tune itself, or the one figure all trials are judged by
 RANGE_KEYS = {"low", "high", "log", "step"}
@@ -298,7 +299,7 @@ def train_torchrun(cfg: TrainConfig, nproc: int, on_epoch, poll_s: float = 0.5) 
     try:
         while True:
             done = job.poll() is not None
-            records = _records(out / "metrics.jsonl")
+            records = read_records(out / "metrics.jsonl", lenient=True)
             for record in records[seen:]:
                 on_epoch(record)
             seen = len(records)
@@ -312,15 +313,6 @@ def train_torchrun(cfg: TrainConfig, nproc: int, on_epoch, poll_s: float = 0.5) 
     if job.returncode != 0:
         raise UserError(f"the torchrun job of {out} failed with status {job.returncode} (its output is above)",
                         job.returncode if job.returncode == EXIT_DIVERGED else 2)
-
-
-def _records(path: Path) -> list[dict]:
-    import json
-
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
-        return []
 
 
 def direction_of(monitor: str) -> str:
