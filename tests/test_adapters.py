@@ -3,10 +3,9 @@ groups) and the input contract of its pretrained weights, instead of tests on th
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import SHARED_DATA
 from torch import nn
 
 from imgclf.checkpoint import FORMAT, FORMAT_VERSION
@@ -15,7 +14,7 @@ from imgclf.models import InputContract, adapter_for, build_model, family_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-LITE0 = Path("/work/shared/data/pretrained/tf_efficientnet_lite0_imagenet.pth")
+LITE0 = SHARED_DATA / "pretrained" / "tf_efficientnet_lite0_imagenet.pth"  # its README says where it comes from
 USER_NET = """
 import torch
 from torch import nn
@@ -122,7 +121,7 @@ def test_a_pretrained_file_s_loading_is_told_in_one_line(tmp_path):
     assert lines[-1] == f"loaded 8 tensors from {tmp_path / 'own.pth'}; kept its 3-class head"
 
 
-@pytest.mark.skipif(not LITE0.is_file(), reason="no ImageNet weights here (/work/shared/data/pretrained)")
+@pytest.mark.skipif(not LITE0.is_file(), reason="../shared/data is absent (ImageNet weights)")
 def test_real_imagenet_weights_load_drop_their_head_and_bring_their_contract():
     pytest.importorskip("timm")
     name, lines = "timm/tf_efficientnet_lite0", []
