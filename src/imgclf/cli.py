@@ -23,14 +23,13 @@ from imgclf.config import (
     MAX_SEED,
     MAX_SIDE,
     PRECISIONS,
-    RECIPES,
     DataConfig,
     TrainConfig,
     check_number,
     config_fields,
     parse_size,
-    resolve_config,
 )
+from imgclf.configfile import RECIPES
 from imgclf.errors import (
     EXIT_DISTRIBUTED,
     EXIT_OK,
@@ -41,7 +40,7 @@ from imgclf.errors import (
     UserError,
     shown,
 )
-from imgclf.files import refuse_if_in_use
+from imgclf.resolve import refuse_existing_run, resolve, resume, user_values
 
 
 def entry() -> None:
@@ -226,41 +225,31 @@ def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] =
         group.add_argument(flag, **kwargs)
 
 
-def train_config(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
-    """Flags -> TrainConfig (config.resolve_config): `base` (a resumed run's) or the recipe's defaults, then
-    the --config file's values, then every flag given."""
-    return resolve_config(train_config_given(args), recipe=args.recipe, base=base)
+def flag_values(args: argparse.Namespace) -> dict[tuple[str, str], object]:
+    """(section, field) -> value of every training flag of `args` (None: not given)."""
+    return {(section, f.name): getattr(args, f"{section}.{f.name}", None) for section, f, _ in config_fields()}
 
 
-def train_config_given(args: argparse.Namespace) -> dict[tuple[str, str], object]:
-    """(section, field) -> value of the training flags given (None: not given), over --config's values."""
-    given = {(section, f.name): getattr(args, f"{section}.{f.name}", None) for section, f, _ in config_fields()}
-    if getattr(args, "config", None):
-        from imgclf.configfile import read_config
-
-        given = {**read_config(args.config), **{key: value for key, value in given.items() if value is not None}}
-    return given
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of a command's training flags (resolve.resolve): --recipe's values, --config's over
+    them, the flags given over those; with --resume RUN, the run's own configuration instead of the recipe's
+    (a network from the user's .py file rebuilt only from --model-code, checked against its recorded hash)."""
+    layer = user_values(getattr(args, "config", None), flag_values(args))
+    if getattr(args, "resume", None):
+        return resume(args.resume, layer, recipe=args.recipe, model_code=args.model_code,
+                      trust_changed_code=args.trust_changed_code)
+    return resolve(layer, recipe=args.recipe)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.resume:
-        from imgclf.train import resumed_config
-
-        # a network from the user's .py file is rebuilt only from --model-code, checked against its recorded hash
-        cfg = train_config(args, resumed_config(args.resume, model_code=args.model_code,
-                                                trust_changed_code=args.trust_changed_code))
-    else:
-        cfg = train_config(args)
+    cfg = train_config(args)
     if args.print_config:
         from imgclf.configfile import config_yaml
 
         print(config_yaml(cfg), end="")
         return EXIT_OK
     if not args.resume:
-        refuse_if_in_use(cfg.run.out)  # a run that is training says so, rather than "already holds a run"
-        if (Path(cfg.run.out) / "checkpoints" / "last.pt").exists():
-            raise UserError(f"{cfg.run.out} already holds a run; resume it with --resume {cfg.run.out}, "
-                            f"or choose another --out")
+        refuse_existing_run(cfg.run.out, f"resume it with --resume {cfg.run.out}", "--out")
     from imgclf.train import train  # torch and the rest, once the flags are known to be good
 
     try:
@@ -269,9 +258,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"imgclf: {shown(str(stop))}", file=sys.stderr)
         return stop.code
     if record and os.environ.get("RANK", "0") == "0":  # under torchrun, once for the job
-        test = f", test accuracy {record['test_acc']:.2%}" if "test_acc" in record else ""
-        print(f"done: validation accuracy {record['val_acc']:.2%}{test} after {record['epoch']} epochs; "
-              f"checkpoints in {Path(cfg.run.out) / 'checkpoints'}", file=sys.stderr)
+        from imgclf.runs import format_finished
+
+        print(format_finished(record, cfg.run.out), file=sys.stderr)
     return EXIT_OK
 
 
@@ -726,8 +715,8 @@ def _add_tune(sub, common) -> None:
 def cmd_tune(args: argparse.Namespace) -> int:
     from imgclf.tune import Search, format_trials, read_space, run_search
 
-    given = {key: value for key, value in train_config_given(args).items() if value is not None}
-    resolve_config(given, recipe=args.recipe)  # the flags and --config checked first, each in one line
+    given = user_values(args.config, flag_values(args))
+    resolve(given, recipe=args.recipe)  # the flags and --config checked first, each in one line
     space, fixed = read_space(args.space)
     out = Path(args.tune_out)
     search = Search(given=given, recipe=args.recipe, space=space,

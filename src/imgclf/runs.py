@@ -90,6 +90,13 @@ def format_table(rows: list[dict]) -> str:
                      .rstrip() for c in cells)
 
 
+def format_finished(record: dict, out) -> str:
+    """The line `imgclf train` ends with: the last epoch's figures and where the checkpoints are."""
+    test = f", test accuracy {record['test_acc']:.2%}" if "test_acc" in record else ""
+    return (f"done: validation accuracy {record['val_acc']:.2%}{test} after {record['epoch']} epochs; "
+            f"checkpoints in {Path(out) / 'checkpoints'}")
+
+
 def _cells(r: dict) -> dict:
     data = r["data"] or "?"
     if os.sep in data:  # a folder: its name says enough in a table (--json has it whole)
