@@ -21,12 +21,12 @@ from imgclf import __version__
 from imgclf.config import (
     MAX_BATCH,
     MAX_SEED,
-    MAX_SIDE,
     PRECISIONS,
     DataConfig,
     TrainConfig,
     check_number,
     config_fields,
+    flag_of,
     parse_size,
 )
 from imgclf.configfile import RECIPES
@@ -132,6 +132,16 @@ def _stdout_to_devnull() -> None:
         pass
 
 
+def _say(out: str, err: str) -> None:
+    """Print a command's output as its module formatted it: `out` to standard output, `err` to standard error."""
+    if out:
+        sys.stdout.write(out)
+        sys.stdout.flush()
+    if err:
+        sys.stderr.write(err)
+        sys.stderr.flush()
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line, like every other error (--help shows the usage)."""
 
@@ -211,18 +221,41 @@ def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] =
         if flag in skip:
             continue
         group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(SECTION_TITLES[section]))
-        meta, kind = f.metadata, f.type.split(" | ")[0]
-        kwargs = {"dest": f"{section}.{f.name}", "default": None, "required": flag in required,
-                  "help": f"{meta['help']} (default: {shown_default(f)})"}
-        if meta.get("const") is not None:  # the flag alone means this value
-            kwargs.update(nargs="?", const=meta["const"])
-        if kind == "bool":
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs.update(type={"int": int, "float": float, "str": str}[kind], choices=meta["choices"],
-                          metavar=meta["metavar"] or (None if meta["choices"] else
-                                                      {"int": "N", "float": "X"}.get(kind, f.name.upper())))
-        group.add_argument(flag, **kwargs)
+        group.add_argument(flag, **_flag_kwargs(f), dest=f"{section}.{f.name}", default=None,
+                           required=flag in required)
+
+
+def add_data_flags(p: argparse.ArgumentParser, names: tuple[str, ...], *, flags: dict[str, str] | None = None,
+                   helps: dict[str, str] | None = None, required: tuple[str, ...] = ()) -> None:
+    """Flags of the DataConfig fields `names` for a command that reads data outside training (eval, show), from
+    the declarations train's flags come from: kind, choices, metavar, help, the field's own default (no recipe
+    here) and its bounds, checked before the command runs as `_number`'s are. `flags` renames a field's flag
+    (eval's --batch-size), `helps` words a flag's help for this command; the dest is the flag's name."""
+    fields = {f.name: f for f in dataclasses.fields(DataConfig)}
+    for name in names:
+        f = fields[name]
+        flag = (flags or {}).get(name) or flag_of(f)
+        kwargs = {**_flag_kwargs(f), "default": f.default, "required": name in required}
+        if helps and name in helps:
+            kwargs["help"] = helps[name]
+        action = p.add_argument(flag, **kwargs)
+        if kwargs.get("type") in (int, float):
+            p.get_default("limits")[action.dest] = (flag, f.metadata["bounds"])
+
+
+def _flag_kwargs(f: dataclasses.Field) -> dict:
+    """argparse's keywords for the flag of the configuration field `f`: kind, choices, metavar, help."""
+    meta, kind = f.metadata, f.type.split(" | ")[0]
+    kwargs = {"help": f"{meta['help']} (default: {shown_default(f)})".replace("%", "%%")}
+    if meta.get("const") is not None:  # the flag alone means this value
+        kwargs.update(nargs="?", const=meta["const"])
+    if kind == "bool":
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs.update(type={"int": int, "float": float, "str": str}[kind], choices=meta["choices"],
+                      metavar=meta["metavar"] or (None if meta["choices"] else
+                                                  {"int": "N", "float": "X"}.get(kind, f.name.upper())))
+    return kwargs
 
 
 def flag_values(args: argparse.Namespace) -> dict[tuple[str, str], object]:
@@ -266,10 +299,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- eval, predict, samples, models
 
-# Help of flags several commands share; argparse fills in %(default)s, so the help shows the default in the code.
-DATA_ROOT_HELP = "where built-in data sets are downloaded and found (%(default)s)"
-VAL_FRACTION_HELP = "held-out share of a single folder of classes, as in training (%(default)g)"
-CACHE_DIR_HELP = "where decoded folders are cached (default: ~/.cache/imgclf)"
+# Help of a flag several commands share; argparse fills in %(default)s, so the help shows the default in the code.
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (%(default)s)"
 
 def _add_cache(sub, common) -> None:
@@ -279,31 +309,18 @@ def _add_cache(sub, common) -> None:
     p.add_argument("action", choices=("list", "prune"))
     _number(p, "--older-than", float, 0, None, default=30.0, metavar="DAYS",
             help="prune: caches not used for this many days (%(default)s; 0: every cache)")
-    p.add_argument("--cache-dir", help=CACHE_DIR_HELP)
+    add_data_flags(p, ("cache_dir",))
     p.add_argument("--json", action="store_true", help="list: one JSON object per cache")
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    import time
-
-    from imgclf.cache import default_cache_dir, list_caches, prune_caches
+    from imgclf.cache import caches_output, default_cache_dir, list_caches, prune_caches
 
     root = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
     if args.cache_dir and not root.is_dir():
         raise UserError(f"--cache-dir {root} is not a folder")
     caches = list_caches(root) if args.action == "list" else prune_caches(root, older_than_days=args.older_than)
-    if args.json:
-        for cache in caches:
-            print(json.dumps(cache))
-        return EXIT_OK
-    for c in caches:
-        age = (time.time() - c["last_used"]) / 86400
-        state = "unfinished build, " if c["partial"] else ""
-        print(f"{c['key']}  {c['bytes'] / 2**20:>8.1f} MB  {c['pictures']:>7} pictures  "
-              f"{state}used {age:.1f} days ago  {shown(c['source'])}")
-    total = sum(c["bytes"] for c in caches) / 2**20
-    verb = "in" if args.action == "list" else "deleted from"
-    print(f"{len(caches)} caches, {total:.1f} MB {verb} {root}", file=sys.stderr)
+    _say(*caches_output(caches, root, args.action, as_json=args.json))
     return EXIT_OK
 
 
@@ -312,18 +329,13 @@ def _add_eval(sub, common) -> None:
     p.add_argument("checkpoint", help="an imgclf checkpoint, or a model it exported (.onnx, OpenVINO .xml, "
                                        "TorchScript)")
     _add_model_code(p)
-    p.add_argument("--data", required=True, help="data set or folder: by default its test split where it has one "
-                                                  "beside val/, else its held-out split, and all of a plain folder of "
-                                                  "class folders")
     p.add_argument("--split", choices=("train", "val", "test"),
                    help="evaluate this split instead (val: the validation split, or the share held out in training)")
-    p.add_argument("--labels", metavar="FILE.csv", help="as `imgclf train --labels`")
-    p.add_argument("--data-root", default="data", help=DATA_ROOT_HELP)
-    _number(p, "--val-fraction", float, 0, 1, low_open=True, high_open=True, words="between 0 and 1", default=0.2,
-            help=VAL_FRACTION_HELP)
-    _number(p, "--batch-size", int, 1, MAX_BATCH,
-            help="pictures per batch (default: 1024 small pictures, fewer large ones)")
-    p.add_argument("--cache-dir", help=CACHE_DIR_HELP)
+    add_data_flags(p, ("data", "labels", "data_root", "val_fraction", "eval_batch_size", "cache_dir"),
+                   flags={"eval_batch_size": "--batch-size"}, required=("data",), helps={
+                       "data": "data set or folder: by default its test split where it has one beside val/, else "
+                               "its held-out split, and all of a plain folder of class folders",
+                       "labels": "as `imgclf train --labels`"})
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -411,7 +423,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _add_samples(sub, common) -> None:
     p = _command(sub, common, "samples", cmd_samples, help="save test pictures of a data set as PNG files")
     p.add_argument("data", help="a built-in data set or a folder")
-    p.add_argument("--data-root", default="data", help=DATA_ROOT_HELP)
+    add_data_flags(p, ("data_root",))
     _number(p, "--per-class", int, 1, default=1, help="pictures per class (%(default)s)")
     p.add_argument("--out", default="imgs", help="folder to write into (%(default)s)")
 
@@ -550,12 +562,8 @@ def _add_show(sub, common) -> None:
                         "set's test split serves as validation)")
     p.add_argument("--out", default="samples.png", help="PNG to write (%(default)s)")
     _number(p, "--seed", int, 0, MAX_SEED, default=0, help="which pictures are drawn (%(default)s)")
-    _number(p, "--img-size", int, 8, MAX_SIDE, words=f"8..{MAX_SIDE}",
-            help="side of the square pictures (default: as `train` uses)")
-    p.add_argument("--data-root", default="data", help=DATA_ROOT_HELP)
-    _number(p, "--val-fraction", float, 0, 1, low_open=True, high_open=True, words="between 0 and 1", default=0.2,
-            help=VAL_FRACTION_HELP)
-    p.add_argument("--cache-dir", help=CACHE_DIR_HELP)
+    add_data_flags(p, ("img_size", "data_root", "val_fraction", "cache_dir"),
+                   helps={"img_size": "side of the square pictures (default: as `train` uses)"})
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -587,15 +595,11 @@ def _add_features(sub, common) -> None:
 
 def cmd_features(args: argparse.Namespace) -> int:
     shape = parse_size(args.input_size)
-    from imgclf.visualize import features
+    from imgclf.visualize import features, features_output
 
     done = features(args.checkpoint, args.image, input_shape=shape, seed=args.seed, out=args.out,
                     max_channels=args.max_channels)
-    print(f"{done.image.name}: {done.label}")
-    for i, (name, kind, out_shape) in enumerate(done.layers, start=1):
-        print(f"{i:3d}. {name:<24} {kind:<12} {'x'.join(map(str, out_shape))}")
-    print(f"wrote {len(done.layers) + 1} PNGs and TensorBoard events to {done.out} (tensorboard --logdir "
-          f"{done.out})", file=sys.stderr)
+    _say(*features_output(done))
     return EXIT_OK
 
 
@@ -615,16 +619,13 @@ def _add_lr_find(sub, common) -> None:
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
     cfg = train_config(args)
-    from imgclf.lrfind import lr_find
+    from imgclf.lrfind import lr_find, lr_find_output
 
     test, suggested, out = lr_find(cfg, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps,
                                    plot=args.plot)
-    where = (f"stopped at lr {test.lrs[-1]:.1e} after {len(test.lrs)} steps: the loss diverged" if test.diverged
-             else f"{len(test.lrs)} steps up to lr {test.lrs[-1]:.1e}")
-    print(f"swept {args.start_lr:.0e} .. {args.end_lr:.0e}; {where}", file=sys.stderr)
-    print(f"suggested learning rate: {suggested['valley']:.1e} (valley)")
-    print(f"  steepest descent at {suggested['steep']:.1e}; minimum loss / 10 at {suggested['minimum']:.1e}")
-    print(f"plot: {out}")
+    out, err = lr_find_output(test, suggested, out, start_lr=args.start_lr, end_lr=args.end_lr)
+    _say("", err)  # how far the sweep went, then what it suggests
+    _say(out, "")
     return EXIT_OK
 
 
@@ -660,18 +661,11 @@ def _add_runs(sub, common) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from imgclf.runs import format_table, list_runs
+    from imgclf.runs import list_runs, runs_output
 
     if not Path(args.folder).is_dir():
         raise UserError(f"no such folder: {args.folder}")
-    rows = list_runs(Path(args.folder), sort=args.sort)
-    if args.json:
-        for row in rows:
-            print(json.dumps(row))
-        return EXIT_OK
-    if rows:
-        print(format_table(rows))
-    print(f"{len(rows)} runs under {args.folder}", file=sys.stderr)
+    _say(*runs_output(list_runs(Path(args.folder), sort=args.sort), args.folder, as_json=args.json))
     return EXIT_OK
 
 
@@ -713,7 +707,7 @@ def _add_tune(sub, common) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from imgclf.tune import Search, format_trials, read_space, run_search
+    from imgclf.tune import Search, read_space, run_search, tune_output
 
     given = user_values(args.config, flag_values(args))
     resolve(given, recipe=args.recipe)  # the flags and --config checked first, each in one line
@@ -728,11 +722,5 @@ def cmd_tune(args: argparse.Namespace) -> int:
     except Stopped as stop:
         print(f"imgclf: tune {stop}; rerun the same command to continue the study", file=sys.stderr)
         return stop.code
-    print(format_trials(summary))
-    best = summary["best"]
-    if best is None:
-        print(f"imgclf: no trial of the study {search.study!r} has finished yet", file=sys.stderr)
-        return EXIT_OK
-    print(f"best: trial {best.number}, {summary['monitor']} {best.value:.4f}; "
-          f"{', '.join(str(p) for p in summary['files'])}", file=sys.stderr)
+    _say(*tune_output(summary, search.study))
     return EXIT_OK

@@ -390,6 +390,16 @@ def plots(study, out: Path) -> list[Path]:
     return written
 
 
+def tune_output(summary: dict, study: str) -> tuple[str, str]:
+    """What `imgclf tune` prints at the end: (standard output, standard error): the table of trials, and the
+    best trial with the files written (or that no trial has finished yet)."""
+    best = summary["best"]
+    if best is None:
+        return format_trials(summary) + "\n", f"imgclf: no trial of the study {study!r} has finished yet\n"
+    return format_trials(summary) + "\n", (f"best: trial {best.number}, {summary['monitor']} {best.value:.4f}; "
+                                           f"{', '.join(str(p) for p in summary['files'])}\n")
+
+
 def format_trials(summary: dict) -> str:
     """The study's trials as a table: number, state, value, epochs, duration, parameters."""
     rows = [("trial", "state", summary["monitor"], "epochs", "time", "parameters")]
