@@ -1,7 +1,9 @@
 """The command line: the only reader of argv and the only user of argparse. Every subcommand's flags are
-declared here (the training flags from their declarations in imgclf.config); its cmd_* function turns them
-into plain arguments and calls the library. Numeric flags are checked before a command runs: the training
-ones by TrainConfig.validated, the others by the bounds given where they are declared (`_number`).
+declared here (the training and data flags generated from their declarations in imgclf.config); its cmd_*
+function turns them into plain arguments, calls the library and prints what the library formatted (each
+command's output is formatted beside its code: runs.runs_output, tune.tune_output...). Numeric flags are
+checked before a command runs: the training ones by their option's rule (config.check_option, through
+resolve.resolve), the others by the bounds given where they are declared (`_number`, `add_data_flags`).
 Library modules are imported inside the cmd_* functions, so building the parser imports no torch and no
 matplotlib, and `imgclf predict` starts lean."""
 
