@@ -639,10 +639,9 @@ def _add_env(sub, common) -> None:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    from imgclf.envinfo import environment, format_environment
+    from imgclf.envinfo import environment, environment_output
 
-    env = environment()
-    print(json.dumps(env) if args.json else format_environment(env))
+    _say(environment_output(environment(), as_json=args.json), "")
     return EXIT_OK
 
 
