@@ -45,7 +45,7 @@ from imgclf.optim import (
     ema_update,
     staged_groups,
 )
-from imgclf.pipeline import RunParts, build_run, load_data_ranked, set_stage
+from imgclf.pipeline import RunParts, build_run, describe_finetune, load_data_ranked, set_stage
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import ImageData, imbalance_warning
 from imgclf.tracking import RunRecord, Tracker
@@ -254,7 +254,8 @@ def _train_state(cfg: TrainConfig, parts: RunParts, *, device, precision, dist) 
     return TrainState(model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg.optim, steps),
                       total_steps=cfg.optim.epochs * steps, ema=ema, net=_wrap(model, cfg, dist, device),
                       scaler=torch.amp.GradScaler(device.type) if precision == torch.float16 else None,
-                      lookahead=Lookahead(model) if cfg.optim.lookahead else None)
+                      lookahead=Lookahead(model) if cfg.optim.lookahead else None,
+                      bn_frozen=cfg.model.bn_stats == "frozen")
 
 
 def _train_epoch(state: TrainState, parts: RunParts, *, run_dir: Path, **kwargs) -> dict:
@@ -369,6 +370,8 @@ def _start_run_folder(cfg: TrainConfig, parts: RunParts, tracker: Tracker, *, de
                     f"{len(data.classes)} classes, "
                     f"{data.channels}x{data.img_size}x{data.img_size}) on {device}, {str(precision)[6:]}, "
                     f"world size {world}; run folder {run_dir}")
+    if fresh and cfg.model.pretrained:
+        tracker.message(describe_finetune(cfg, parts.contract))
     warning = imbalance_warning(data.train.labels, data.classes)
     if warning and cfg.data.balance == "none":
         tracker.message(warning)
