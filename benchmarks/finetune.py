@@ -91,7 +91,8 @@ def run_imgclf(folder: Path, valid: str, size: int, epochs: int, seed: int, args
         return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {"accs": [rec["val_acc"] for rec in records], "train_seconds": sum(rec["train_seconds"] for rec in records),
-            "wall": wall, "peak": peak, "said": [line for line in r.stderr.splitlines() if "pretrained" in line.lower()]}
+            "wall": wall, "peak": peak, "said": [line for line in r.stderr.splitlines() if "pretrained" in line.lower()],
+            "output": r.stdout + r.stderr}
 
 
 def run_worker(kind: str, folder: Path, valid: str, size: int, epochs: int, seed: int, args) -> dict:
