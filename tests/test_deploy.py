@@ -140,7 +140,8 @@ def test_int8_needs_reachable_calibration_pictures_and_says_so_in_one_line(run, 
     assert code == 0 and f"calibrated on 20 training pictures of {moved}" in out
     assert f"pictures of the test split of {moved}" in out  # held-out pictures from there too
     other = write_class_folder(tmp_path / "other", ["cat", "dog"], 4, size=24)
-    assert cli("export", copy, "--format", "onnx", "--int8", "--calibration-data", moved, "--eval-data", other)[0] == 2
+    assert cli("export", copy, "--format", "onnx", "--int8", "--calibration-data", moved, "--eval-data", other,
+               "--out", tmp_path / "other.onnx")[0] == 2
     assert "give --eval-data a data set of the checkpoint's classes" in capsys.readouterr().err
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, write_class_folder
 
-from imgclf import export
+from imgclf import export, formats
 from imgclf.cli import main
 from imgclf.errors import UserError
 
@@ -162,8 +162,8 @@ def tiny_run(tmp_path_factory) -> tuple[Path, list[Path], list[dict]]:
 def test_every_format_runs_without_imgclf_and_agrees_with_predict(tiny_run, tmp_path, capsys):
     ckpt, images, predicted = tiny_run
     models = {}
-    for fmt, suffix in export.FORMATS.items():
-        models[fmt] = tmp_path / f"model{suffix}"
+    for fmt, form in formats.FORMATS.items():
+        models[fmt] = tmp_path / f"model{form.suffix}"
         assert main(["export", str(ckpt), "--format", fmt, "--out", str(models[fmt])]) == 0
         printed = capsys.readouterr().out
         weights = " and model.bin" if fmt == "openvino" else ""
@@ -172,7 +172,7 @@ def test_every_format_runs_without_imgclf_and_agrees_with_predict(tiny_run, tmp_
             assert "input uint8 (N, 3, 24, 24) -> probabilities (N, 3)" in printed
             assert float(printed.rsplit("checkpoint ", 1)[1]) < 1e-4  # the exporter's own check ran
     exported = run_standalone(tmp_path, models, images)
-    for fmt in export.FORMATS:
+    for fmt in formats.FORMATS:
         assert_agrees(exported[fmt], predicted)
 
 
@@ -218,10 +218,10 @@ def test_bad_inputs_are_one_line_errors(tiny_run, tmp_path, capsys):
 
 
 def test_missing_packages_name_the_extra(monkeypatch):
-    monkeypatch.setattr(export.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(formats.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match=r"needs the package\(s\) onnx, onnxscript: pip install 'imgclf\[export\]'"):
-        export.check_requirements("onnx")
-    export.check_requirements("torchscript")  # needs nothing beyond torch
+        formats.FORMATS["onnx"].check_requirements()
+    formats.FORMATS["torchscript"].check_requirements()  # needs nothing beyond torch
 
 
 @pytest.mark.slow
@@ -242,10 +242,11 @@ def test_hymenoptera_exports_agree_with_predict(hymenoptera_dir, tmp_path):
     ckpt = train(hymenoptera_dir, tmp_path / "run", "--model", "tutorial_cnn", "--img-size", "64", "--epochs", "1")
     images = sorted((hymenoptera_dir / "val" / "ants").glob("*.jpg"))[:6]
     images += sorted((hymenoptera_dir / "val" / "bees").glob("*.jpg"))[:6]
-    models = {f: export.export_checkpoint(ckpt, f, tmp_path / f"hym{s}").path for f, s in export.FORMATS.items()}
+    models = {f: export.export_checkpoint(ckpt, f, tmp_path / f"hym{form.suffix}").path
+              for f, form in formats.FORMATS.items()}
     exported = run_standalone(tmp_path, models, images)
     predicted = predict_json(ckpt, images)
-    for fmt in export.FORMATS:
+    for fmt in formats.FORMATS:
         assert_agrees(exported[fmt], predicted)
 
 
