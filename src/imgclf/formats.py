@@ -2,8 +2,11 @@
 read back, checked and quantized, and what it needs installed. `imgclf export` writes through it, and
 predict, eval and serve read exported files through it.
 
-Adding a format: one `Format(...)` entry in `FORMATS` (with its functions in this file) and its test; the
-command line's choices, default file names, requirement checks and predict's loading follow from the table.
+Adding a format touches this file and its test: write its `build` and `save` here (and `open` if predict,
+eval and serve should read it back, `quantize` for --int8), add its `Format(...)` to `FORMATS`, and teach
+tests/test_export.py's standalone reader (`open_export`) to read it, since that test exports every format in
+the table. The command line's choices and help, default file names, the overwrite guard, requirement
+checks, the self-check after writing and predict's loading all follow from the table.
 
 Every format stores the same metadata document (JSON, see `export.export_metadata`) under the key
 `METADATA_KEY`; `check_metadata` is what a reader accepts of it. The graph formats take uint8 pictures
