@@ -220,6 +220,7 @@ def test_argparse_only_in_cli():
 
 
 def test_export_formats_offered_are_the_ones_export_writes():
-    from imgclf import cli, export
+    from imgclf import cli, formats
 
-    assert tuple(sorted(export.FORMATS)) == cli.EXPORT_FORMATS
+    export = cli.build_parser()._subparsers._group_actions[0].choices["export"]
+    assert next(a.choices for a in export._actions if a.dest == "export_format") == tuple(formats.FORMATS)

@@ -203,15 +203,15 @@ class Run:
         return self._predictors[device].predict([os.fspath(p) for p in paths], topk=topk, batch_size=batch_size)
 
     def export(self, fmt: str, out=None, *, int8: bool = False, calibration_data=None, eval_data=None,
-               calibration_size: int | None = None) -> Path:
+               calibration_size: int | None = None, force: bool = False) -> Path:
         """`imgclf export --format FMT`: write the checkpoint as onnx, openvino, torchscript or safetensors to
         `out` (default beside the checkpoint, e.g. best.onnx), self-checked; `int8=True` (onnx, openvino) as
-        `--int8`; return the file written."""
+        `--int8`; `force=True` as `--force` (replace an existing file, never a checkpoint); return the file written."""
         from imgclf.export import export_checkpoint
 
         with self._scope():
             return export_checkpoint(self.checkpoint, fmt, out=out, int8=int8, calibration_data=calibration_data,
-                                     eval_data=eval_data, calibration_size=calibration_size).path
+                                     eval_data=eval_data, calibration_size=calibration_size, force=force).path
 
     # ------------------------------------------------------------ loading the network
 

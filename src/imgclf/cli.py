@@ -10,10 +10,8 @@ matplotlib, and `imgclf predict` starts lean."""
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
-import math
 import os
 import signal
 import sys
@@ -396,29 +394,11 @@ def _add_predict(sub, common) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from imgclf.predict import Predictor
+    from imgclf.predict import Predictor, print_predictions
 
     predictor = Predictor.from_path(args.checkpoint, device=args.device, precision=args.precision)
-    writer = csv.writer(sys.stdout) if args.csv else None
-    if writer:
-        writer.writerow(["path", "rank", "label", "probability"])
-    failed = False
-    for r in predictor.iter_predict(args.paths, topk=args.topk, batch_size=args.batch_size):
-        if not r.error and not all(math.isfinite(p) for p in r.probs):  # never a NaN, nor invalid JSON
-            r.error, r.labels, r.probs = "the model's output is not a number (NaN or infinite)", [], []
-        failed = failed or bool(r.error)
-        if r.error:
-            print(f"imgclf: {shown(r.path)}: {shown(str(r.error))}", file=sys.stderr)
-        elif args.json:
-            print(json.dumps({"path": r.path, "top": [{"label": lab, "probability": round(p, 6)}
-                                                      for lab, p in zip(r.labels, r.probs, strict=True)]}))
-        elif writer:
-            for rank, (lab, p) in enumerate(zip(r.labels, r.probs, strict=True), start=1):
-                writer.writerow([shown(r.path), rank, lab, f"{p:.6f}"])
-        else:
-            tops = "  ".join(f"{lab} {p:.1%}" for lab, p in zip(r.labels, r.probs, strict=True))
-            print(f"{shown(r.path)}  {tops}")  # one line, whatever bytes the file name holds
-        sys.stdout.flush()  # each answer as soon as it is known, also into a pipe
+    style = "json" if args.json else "csv" if args.csv else "text"
+    failed = print_predictions(predictor.iter_predict(args.paths, topk=args.topk, batch_size=args.batch_size), style)
     return EXIT_PARTIAL if failed else EXIT_OK
 
 
@@ -486,23 +466,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-EXPORT_FORMATS = ("onnx", "openvino", "safetensors", "torchscript")  # imgclf.export.FORMATS, without importing torch
-
-
 def _add_export(sub, common) -> None:
+    from imgclf.formats import FORMATS  # the table of formats; it imports neither torch nor a runtime
+
     p = _command(sub, common, "export", cmd_export,
                  help="write a checkpoint as ONNX, OpenVINO, TorchScript or safetensors (--int8: quantized)",
                  description="Write a checkpoint in a format usable without imgclf; class names and "
                              "preprocessing are stored inside the file (see README, Export and serve).")
     p.add_argument("checkpoint")
     _add_model_code(p)
-    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, dest="export_format",
-                   help="onnx (onnxruntime or OpenVINO, any language), openvino (OpenVINO IR: NAME.xml + NAME.bin), "
-                        "torchscript (torch.jit.load, Python or C++), safetensors (the weights alone)")
+    p.add_argument("--format", required=True, choices=tuple(FORMATS), dest="export_format",
+                   help=", ".join(f.help for f in FORMATS.values()))
     p.add_argument("--out", help="output file (default: beside the checkpoint, e.g. best.onnx, best.int8.xml)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output file (and, for openvino, the .bin beside it); never a checkpoint")
     p.add_argument("--int8", action="store_true",
-                   help="onnx, openvino: quantize to int8 after calibrating on training pictures; prints the int8 "
-                        "model's accuracy next to the float one's on the held-out split")
+                   help=f"{', '.join(n for n, f in FORMATS.items() if f.quantize)}: quantize to int8 after "
+                        f"calibrating on training pictures; prints the int8 model's accuracy next to the float "
+                        f"one's on the held-out split")
     p.add_argument("--calibration-data", metavar="DATA",
                    help="data set or folder whose training pictures calibrate --int8 (default: the checkpoint's)")
     _number(p, "--calibration-size", int, 1, 100_000, help="training pictures to calibrate on (default 300)")
@@ -515,7 +496,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     print(export_checkpoint(args.checkpoint, args.export_format, out=args.out, int8=args.int8,
                             calibration_data=args.calibration_data, eval_data=args.eval_data,
-                            calibration_size=args.calibration_size).describe())
+                            calibration_size=args.calibration_size, force=args.force).describe())
     return EXIT_OK
 
 
