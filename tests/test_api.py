@@ -1,7 +1,7 @@
 """Issue 13, item 4: the Python API, the command line's twin. `imgclf.fit` with a model name or an nn.Module
 object (the notes' Tudui: of this module, of docs/examples/tudui.py, of a notebook), the same metrics as
 `imgclf train` for the same seed, the per-epoch hook, `imgclf.load` and Run's evaluate/predict/export, and
-the README's Python example."""
+the Python example of docs/usage.md."""
 
 from __future__ import annotations
 
@@ -317,9 +317,10 @@ def test_import_imgclf_is_cheap_and_names_the_api():
 
 
 def readme_python_example() -> str:
-    text = (ROOT / "README.md").read_text()
+    """The example of the Python API section (moved from the README to docs/usage.md, issue 21)."""
+    text = (ROOT / "docs" / "usage.md").read_text()
     section = re.search(r"^## Python API\n(.*?)(?=^## )", text, re.S | re.M)
-    assert section, "README.md has no '## Python API' section"
+    assert section, "docs/usage.md has no '## Python API' section"
     return re.search(r"^```python\n(.*?)^```", section.group(1), re.S | re.M).group(1)
 
 
@@ -330,7 +331,7 @@ def test_the_readme_python_example_runs(data_dir, tmp_path, monkeypatch):
     assert cli("samples", data_dir, "--out", "imgs")[0] == 0  # the pictures the README's commands write
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(readme_python_example(), "README.md", "exec"), {"__name__": "__main__"})  # noqa: S102
+        exec(compile(readme_python_example(), "docs/usage.md", "exec"), {"__name__": "__main__"})  # noqa: S102
     assert "epoch 2:" in out.getvalue() and "imgs/cat_0.png" in out.getvalue()
     assert (tmp_path / "runs" / "tudui" / "checkpoints" / "best.onnx").is_file()
 
