@@ -107,6 +107,7 @@ def metrics_file(folder) -> list[dict]:
 
 # ---------------------------------------------------------------- fit: the same run as `imgclf train`
 
+@pytest.mark.slow
 def test_fit_by_name_is_the_same_run_as_the_command_line(data_dir, tmp_path):
     options = {**FAST, "epochs": 2, "seed": 3, "lr": 0.02, "channels_last": False, "label_smoothing": 0.0}
     code, _, err = cli("train", "--model", "tutorial_cnn", "--data", data_dir, "--out", tmp_path / "cli",
@@ -120,6 +121,7 @@ def test_fit_by_name_is_the_same_run_as_the_command_line(data_dir, tmp_path):
     assert {**ours, "run": {**ours["run"], "out": None}} == {**theirs, "run": {**theirs["run"], "out": None}}
 
 
+@pytest.mark.slow
 def test_the_notes_tudui_from_its_file_trains_as_from_the_command_line(data_dir, tmp_path, monkeypatch):
     """`imgclf train --model docs/examples/tudui.py:Tudui` and fit(Tudui()) of that file: same metrics, and
     both checkpoints record the file's name and SHA-256, never its code."""
