@@ -149,6 +149,7 @@ def test_the_notes_tudui_from_its_file_trains_as_from_the_command_line(data_dir,
     assert (again[0].labels, again[0].probs) == (answer.labels, answer.probs)
 
 
+@pytest.mark.slow
 def test_a_class_of_an_imported_module_is_recorded_as_its_file(data_dir, tmp_path):
     run = imgclf.fit(Tudui(), data_dir, out=tmp_path / "run", **FAST)  # Tudui: this test module's
     assert run.config.model.name == f"{ROOT / 'tests' / 'test_api.py'}:Tudui"
@@ -156,6 +157,7 @@ def test_a_class_of_an_imported_module_is_recorded_as_its_file(data_dir, tmp_pat
     assert run.model(torch.zeros(1, 3, 32, 32)).shape == (1, 10) and not run.model.training
 
 
+@pytest.mark.slow
 def test_a_notebook_class_is_loaded_with_the_class_handed_over(data_dir, named_run, tmp_path):
     Notebook = notebook_class()
     run = imgclf.fit(Notebook(), data_dir, out=tmp_path / "nb", **FAST)
