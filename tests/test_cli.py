@@ -180,6 +180,7 @@ def test_flags_are_checked_before_anything_heavy_is_imported():
         assert r.returncode == (EXIT_USAGE if argv else 0), r.stderr
 
 
+@pytest.mark.slow
 def test_predict_into_a_closed_pipe_ends_quietly(tiny):
     """`imgclf predict ... | head -1`: the reader goes away after one line; imgclf stops without a word."""
     pictures = [str(tiny["picture"])] * 3000  # far more output than a pipe buffers

@@ -47,6 +47,7 @@ def predicted(model: Path, images: list[Path]) -> dict[str, list[dict]]:
     return {row["path"]: row["top"] for row in map(json.loads, out.splitlines())}
 
 
+@pytest.mark.slow
 def test_openvino_export_predicts_as_the_checkpoint(run, tmp_path, capsys):
     ckpt, data, images = run
     code, out = cli("export", ckpt, "--format", "openvino", "--out", tmp_path / "m.xml")
@@ -65,6 +66,7 @@ def test_openvino_export_predicts_as_the_checkpoint(run, tmp_path, capsys):
     assert "an OpenVINO model is a .xml file" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_onnx_runs_in_openvino_where_installed_and_agrees_with_onnxruntime(run, tmp_path, monkeypatch):
     import numpy as np
     import torch
@@ -88,6 +90,7 @@ def test_onnx_runs_in_openvino_where_installed_and_agrees_with_onnxruntime(run, 
         predict.Predictor.from_path(tmp_path / "missing.xml")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_int8_export_reports_its_accuracy_and_runs_in_predict_and_eval(run, fmt):
     ckpt, data, images = run
@@ -119,6 +122,7 @@ def _int8_ops(path: Path, fmt: str) -> bool:
     return any(op.get_type_name() == "FakeQuantize" for op in openvino.Core().read_model(str(path)).get_ops())
 
 
+@pytest.mark.slow
 def test_int8_needs_reachable_calibration_pictures_and_says_so_in_one_line(run, tmp_path, capsys):
     ckpt, data, _ = run
     moved = tmp_path / "elsewhere"

@@ -1,5 +1,5 @@
 """Every bad input, one line (issue 3, points 6 and 7): one line on stderr, no traceback unless --debug, and
-the documented exit codes (README, "Exit codes and safety"); a diverging run stops with exit status 3."""
+the documented exit codes (docs/usage.md, "Exit codes and safety"); a diverging run stops with exit status 3."""
 
 from __future__ import annotations
 

@@ -293,6 +293,7 @@ def awkward_pictures(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.png"))
 
 
+@pytest.mark.slow
 def test_documented_preprocessing_is_what_predict_does_on_16bit_and_transparent_pictures(tiny_run, tmp_path):
     """Issue 14.8: the steps written into the export (metadata `input.preprocessing`), redone by hand, give
     imgclf's own pixels on 16-bit and transparent pictures, and the exported ONNX graph fed those pixels gives

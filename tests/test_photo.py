@@ -100,6 +100,7 @@ def test_each_process_augments_only_its_share_and_gets_what_one_process_gets():
         assert torch.equal(shares[0][step][1], y[0::2]) and shares[0][step][2] == n
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_photo_recipe_with_mixup_resumes_bit_exactly(tmp_path, capsys):
     data = photo_folder(tmp_path / "p")

@@ -27,7 +27,9 @@ from imgclf.errors import UserError, shown
 from imgclf.files import not_regular, special_kind
 from imgclf.transforms import IMAGE_EXTENSIONS, NORMALIZATION, compute_mean_std, resize_batch
 
-BUILTINS = ("cifar10", "cifar100", "mnist", "fashion-mnist")
+BUILTINS = ("fashion-mnist-mini", "cifar10", "cifar100", "mnist", "fashion-mnist")
+# shipped inside the package (6,000 + 1,000 Fashion-MNIST pictures, MIT): the one data set that needs no download
+PACKAGED = {"fashion-mnist-mini": Path(__file__).parent / "datasets" / "fashion-mnist-mini"}
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
@@ -113,6 +115,8 @@ def imbalance_warning(labels: torch.Tensor, classes: list[str]) -> str | None:
 # ---------------------------------------------------------------- built-in data sets (torchvision)
 
 def _load_builtin(cfg: DataConfig, *, size: int | None, channels: int | None) -> ImageData:
+    if cfg.data in PACKAGED:
+        return _finish(_load_idx(PACKAGED[cfg.data]), size=size, channels=channels, name=cfg.data)
     if cfg.data == "fashion-mnist" and _idx_files(DEBIAN_FASHION_MNIST):
         return _finish(_load_idx(DEBIAN_FASHION_MNIST), size=size, channels=channels, name="fashion-mnist")
     from torchvision import datasets
