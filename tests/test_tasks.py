@@ -136,3 +136,15 @@ def test_summary_and_table():
     assert lines[6] == "macro                   0.722   0.722   0.722       6"
     assert lines[7:] == ["", "confusion matrix (rows: true class, columns: predicted)",
                          "       0    1    2", "0 a    2    1    0", "1 b    1    1    0", "2 c    0    0    1"]
+
+
+def test_hits_count_the_right_answers_of_a_training_batch():
+    assert int(task().hits(LOGITS, TARGETS)) == 4
+    soft = torch.nn.functional.one_hot(TARGETS, 3).float() * 0.6 + 0.4 * torch.tensor([0.0, 0.0, 1.0])
+    assert int(task().hits(LOGITS, soft)) == 4  # mixed targets: the class with the larger share
+
+
+def test_a_checkpoint_naming_no_known_task_is_one_line():
+    for bad in ("multi-colour", ["single-label"], 5):
+        with pytest.raises(UserError, match="^unknown task "):
+            checkpoint_task({"classes": ["x"], "task": bad})

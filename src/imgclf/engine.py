@@ -14,6 +14,7 @@ from torch import nn
 from imgclf.distributed import DistInfo, all_reduce_sum
 from imgclf.models import training_loss
 from imgclf.optim import Lookahead
+from imgclf.tasks import argmax_hits
 
 
 class Diverged(RuntimeError):
@@ -130,14 +131,15 @@ def _cpu(state: dict) -> dict:
 
 
 def train_one_epoch(state: TrainState, loader, *, epoch: int, loss_fn, autocast: Callable[[], AbstractContextManager],
-                    hooks: Hooks | None = None, dist: DistInfo | None = None, check_every: int = 1) -> dict:
+                    hooks: Hooks | None = None, dist: DistInfo | None = None, check_every: int = 1,
+                    hits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = argmax_hits) -> dict:
     """Train `state.net` over `loader.epoch(epoch)`, from `state.step` when the epoch was begun before.
 
     Stops early (returning `stopped_at`) as soon as `hooks.should_stop()` is true after a step. Losses are
     read every `check_every` steps (1 on a CPU; more on a GPU, so that the host does not wait for the device
-    at every step) and at the end; a non-finite one raises Diverged. Loss and accuracy are over the whole
-    global batch, summed across the processes of `dist`; with `state.partial` (the sums of a stopped
-    epoch's first steps) the figures cover all of the epoch, exactly as if it had not stopped."""
+    at every step) and at the end; a non-finite one raises Diverged. Loss and accuracy (`loss_fn`, `hits`: the
+    task's) are over the global batch, summed across the processes of `dist`; with `state.partial` (the sums of a
+    stopped epoch's first steps) the figures cover all of the epoch, exactly as if it had not stopped."""
     hooks, dist = hooks or Hooks(), dist or DistInfo()
     model, optimizer, scaler = state.net, state.optimizer, state.scaler
     train_mode(model)
@@ -164,7 +166,7 @@ def train_one_epoch(state: TrainState, loader, *, epoch: int, loss_fn, autocast:
         state.scheduler.step()
         state.after_update(epoch * steps + step + 1)
         pending.append((step, loss.detach() * (n_global / (y.shape[0] * world)), y.shape[0]))
-        correct += (logits.argmax(1) == (y if y.ndim == 1 else y.argmax(1))).sum()  # mixed: the larger share
+        correct += hits(logits, y)
         seen += y.shape[0]
         stop = hooks.should_stop()
         if stop or len(pending) >= check_every:

@@ -68,7 +68,7 @@ def _evaluate_exported(predictor: ExportedPredictor, data_cfg: DataConfig, *, sp
         raise UserError(f"{where} was exported for {len(predictor.classes)} classes ({preview(predictor.classes)}), "
                         f"but {data_cfg.data} has {len(data.classes)} ({preview(data.classes)})")
     name, chosen = _choose(data, split, data_cfg.data)
-    task = make_task(getattr(predictor, "task_name", DEFAULT), data.classes)
+    task = predictor.task
     result = score(predictor.probabilities, chosen, len(data.classes), eval_batch_size(data_cfg, chosen), task=task)
     result.update(seconds=time.perf_counter() - start, task=task, classes=data.classes, split=name, data=data,
                   split_data=chosen)

@@ -149,6 +149,7 @@ class ExportedPredictor(Predictor):
         if meta.get("format") != "imgclf-export":
             raise UserError(f"{path} is not a model exported by imgclf (it has no imgclf metadata)")
         self.kind, self.classes, self.metadata = kind, meta["classes"], meta
+        self.task_name = meta.get("task", DEFAULT)
         self.model_name = meta["model"]["name"]
         self.size, self.channels = meta["input"]["size"], meta["input"]["channels"]
 

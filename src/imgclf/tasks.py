@@ -69,6 +69,10 @@ class Task(Protocol):
     def per_class(self, result: dict) -> tuple[str, list[float]]:
         """(name, one figure per class) for the run's report and TensorBoard."""
 
+    def hits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """How many pictures of a training batch the logits got right (a 0-d tensor on their device): the
+        training accuracy's numerator; `targets` as the loader gives them (soft under mixup)."""
+
     def improved(self, value: float, best: float | None, monitor: str) -> bool:
         """Whether `value` of figure `monitor` beats `best` (None: nothing yet); never a NaN or infinity."""
 
@@ -119,8 +123,17 @@ class SingleLabel:
     def per_class(self, result: dict) -> tuple[str, list[float]]:
         return "accuracy", per_class_accuracy(result["confusion"])
 
+    def hits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return argmax_hits(logits, targets)
+
     def improved(self, value: float, best: float | None, monitor: str) -> bool:
         return improved(value, best, larger_is_better=self.monitors[monitor])
+
+
+def argmax_hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Pictures whose most probable class is their class; under mixup / CutMix (soft targets) the class with
+    the larger share."""
+    return (logits.argmax(1) == (targets if targets.ndim == 1 else targets.argmax(1))).sum()
 
 
 class ConfusionTally:
@@ -191,7 +204,7 @@ TASKS: dict[str, type] = {SingleLabel.name: SingleLabel}
 
 def make_task(name: str, classes: Sequence[str], **training) -> Task:
     """The task called `name` for `classes`; `training`: its loss options (label_smoothing, class_weights)."""
-    if name not in TASKS:
+    if not isinstance(name, str) or name not in TASKS:
         raise UserError(f"unknown task {name!r}; imgclf knows {', '.join(TASKS)}")
     return TASKS[name](classes, **training)
 

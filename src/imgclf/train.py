@@ -97,8 +97,9 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
         for invocation_epochs, epoch in enumerate(range(state.epoch, epochs), start=1):
             tracker.start_epoch(epoch, epochs, start_step=state.step)
             set_stage(parts.model, parts.head, cfg, epoch)
-            stats = _train_epoch(state, parts, epoch=epoch, loss_fn=task.loss, autocast=autocast, dist=dist,
-                                 hooks=_RunHooks(state, tracker, stop), check_every=check_every, run_dir=run_dir)
+            stats = _train_epoch(state, parts, epoch=epoch, loss_fn=task.loss, hits=task.hits, autocast=autocast,
+                                 dist=dist, hooks=_RunHooks(state, tracker, stop), check_every=check_every,
+                                 run_dir=run_dir)
             if stats["stopped_at"] is not None:
                 _stop_mid_epoch(cfg, parts, state, stats, stop=stop, dist=dist, epoch=epoch)
             final = epoch + 1 == epochs
