@@ -177,7 +177,7 @@ class Run:
         `--data-root`, `--val-fraction`, `--labels` and `--cache-dir`; `split` as `--split` (by default the
         test split where there is one beside val, else the held-out one, and all of a plain folder)."""
         from imgclf.config import DataConfig
-        from imgclf.evaluate import evaluate_checkpoint
+        from imgclf.evaluate import evaluate_checkpoint, evaluation_summary
 
         d = self.config.data
         cfg = DataConfig(data=d.data if data is None else os.fspath(data), data_root=d.data_root,
@@ -250,18 +250,6 @@ class Run:
         if self._object is not None:
             stack.enter_context(usercode.model_object_scope(self._object))
         return stack
-
-
-def evaluation_summary(result: dict) -> dict:
-    """`evaluate_checkpoint`'s result as `imgclf eval --json` prints it: plain numbers and lists."""
-    from imgclf.metrics import per_class_accuracy, summary
-
-    classes, confusion = result["classes"], result["confusion"]
-    per_class = per_class_accuracy(confusion)
-    return {"split": result["split"], "count": result["count"], "loss": result["loss"], "accuracy": result["acc"],
-            **({"top5": result["top5"]} if "top5" in result else {}), "classes": classes,
-            "per_class_accuracy": dict(zip(classes, per_class, strict=True)), **summary(confusion, classes),
-            "confusion": confusion.tolist()}
 
 
 def same_figures(record: dict) -> dict:

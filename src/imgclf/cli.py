@@ -341,38 +341,12 @@ def _add_eval(sub, common) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from imgclf.evaluate import evaluate_checkpoint
-    from imgclf.metrics import per_class_accuracy, summary
+    from imgclf.evaluate import evaluate_checkpoint, evaluation_summary, evaluation_table
 
     cfg = DataConfig(data=args.data, data_root=args.data_root, val_fraction=args.val_fraction,
                      eval_batch_size=args.batch_size, cache_dir=args.cache_dir, labels=args.labels)
-    r = evaluate_checkpoint(args.checkpoint, cfg, split=args.split, device=args.device)
-    classes, confusion = r["classes"], r["confusion"]
-    per_class, figures = per_class_accuracy(confusion), summary(confusion, classes)
-    if args.json:
-        print(json.dumps({"split": r["split"], "count": r["count"], "loss": r["loss"], "accuracy": r["acc"],
-                          **({"top5": r["top5"]} if "top5" in r else {}), "classes": classes,
-                          "per_class_accuracy": dict(zip(classes, per_class, strict=True)), **figures,
-                          "confusion": confusion.tolist()}))
-        return EXIT_OK
-    top5 = f"  top-5 {r['top5']:.2%}" if "top5" in r else ""
-    print(f"{r['split']}: {r['count']} pictures  loss {r['loss']:.4f}  accuracy {r['acc']:.2%}{top5}  "
-          f"macro F1 {figures['macro_f1']:.4f}\n")
-    width = max(8, *(len(c) for c in classes))
-    print(f"{'class':<{width}}  {'accuracy':>8}  {'precision':>9}  {'recall':>6}  {'F1':>6}  {'count':>6}")
-    for name, acc, row in zip(classes, per_class, confusion.tolist(), strict=True):
-        f = figures["per_class"][name]
-        print(f"{name:<{width}}  {acc:>8.2%}  {f['precision']:>9.3f}  {f['recall']:>6.3f}  {f['f1']:>6.3f}  "
-              f"{sum(row):>6}")
-    print(f"{'macro':<{width}}  {'':>8}  {figures['macro_precision']:>9.3f}  {figures['macro_recall']:>6.3f}  "
-          f"{figures['macro_f1']:>6.3f}  {r['count']:>6}")
-    print("\nconfusion matrix (rows: true class, columns: predicted)")
-    cell = max(5, len(str(int(confusion.max()))) + 1)
-    labels = [f"{i} {name}" for i, name in enumerate(classes)]
-    label_width = max(len(label) for label in labels)
-    print(" " * label_width + "".join(f"{i:>{cell}}" for i in range(len(classes))))
-    for label, row in zip(labels, confusion.tolist(), strict=True):
-        print(f"{label:<{label_width}}" + "".join(f"{v:>{cell}}" for v in row))
+    result = evaluate_checkpoint(args.checkpoint, cfg, split=args.split, device=args.device)
+    print(json.dumps(evaluation_summary(result)) if args.json else evaluation_table(result))
     return EXIT_OK
 
 

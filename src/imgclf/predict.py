@@ -30,6 +30,7 @@ from imgclf.files import not_regular
 from imgclf.models import base_fits, model_from_checkpoint
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import PictureWalk, is_image_file
+from imgclf.tasks import DEFAULT, Task, make_task
 from imgclf.transforms import BadImage, BatchTransform, load_image
 
 
@@ -44,6 +45,8 @@ class Prediction:
 class Predictor:
     """A model with its preprocessing and class names, rebuilt from a checkpoint alone."""
 
+    task_name = DEFAULT  # the tasks.Task whose activation `probabilities` gives and whose decode labels them
+
     def __init__(self, ckpt: dict, *, device: str = "auto", precision: str = "fp32"):
         self.device = resolve_device(device)
         name, size = ckpt["model"]["name"], ckpt["input"]["size"]
@@ -56,6 +59,10 @@ class Predictor:
         self.size, self.channels = inp["size"], inp["channels"]
         self.transform = BatchTransform(tuple(inp["mean"]), tuple(inp["std"]))
         self.autocast = autocast_factory(self.device, resolve_precision(precision, self.device))
+
+    @property
+    def task(self) -> Task:
+        return make_task(self.task_name, self.classes)
 
     @classmethod
     def from_checkpoint(cls, path, **kwargs) -> Predictor:
@@ -76,7 +83,7 @@ class Predictor:
         """uint8 (N, C, size, size) -> class probabilities (N, classes)."""
         x = self.transform(images.to(self.device), train=False, memory_format=torch.channels_last)
         with self.autocast():
-            return self.model(x).float().softmax(1).cpu()
+            return self.task.activation(self.model(x).float()).cpu()
 
     def predict(self, paths: list[str], *, topk: int = 5, batch_size: int = 64) -> list[Prediction]:
         """Predict every picture in `paths` (files and folders, in order); unreadable ones carry `error`."""
@@ -88,7 +95,7 @@ class Predictor:
         The first batch is the first picture alone, so that its answer comes at once; the next batch is
         decoded (in threads) while the model runs on the current one."""
         files = expand_paths(paths)
-        k = max(1, min(topk, len(self.classes)))
+        task = self.task
         bounds = [0, *range(min(1, len(files)), len(files), max(1, batch_size)), len(files)]
         chunks = [files[a:b] for a, b in pairwise(bounds) if b > a]
         pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))  # Pillow decodes without the GIL
@@ -103,8 +110,8 @@ class Predictor:
                     if isinstance(item, str):
                         yield Prediction(path, error=item)
                         continue
-                    p, idx = next(rows).topk(k)  # rows come in the order of the decoded pictures
-                    yield Prediction(path, [self.classes[j] for j in idx.tolist()], p.tolist())
+                    labels = task.decode(next(rows), topk)  # rows come in the order of the decoded pictures
+                    yield Prediction(path, [self.classes[j] for j, _ in labels], [p for _, p in labels])
         finally:  # also when the caller stops early: the prefetched batch is not decoded in vain
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -136,6 +143,7 @@ class ExportedPredictor(Predictor):
         self._run, meta = fmt.open(path, self.runtime, precision=precision)
         formats.check_metadata(meta, path)
         self.path, self.kind, self.classes, self.metadata = path, fmt.name, meta["classes"], meta
+        self.task_name = meta.get("task", DEFAULT)
         self.model_name = meta["model"]["name"]
         self.size, self.channels = meta["input"]["size"], meta["input"]["channels"]
 
