@@ -52,6 +52,8 @@ def test_every_preset_is_an_augment_choice_and_runs_operations_of_the_table():
     assert build("photo").ops == (ResizedCrop(), Flip(), Policy(), Erase())
     assert build("none") == augment.Augmentation("none", ())
     assert build("photo").per_picture and not build("flip-crop").per_picture and build("flip").per_picture
+    with pytest.raises(ValueError, match="unknown augmentation preset 'flip-cut'; one of none, flip,"):
+        build("flip-cut")
 
 
 def test_a_new_operation_changes_nothing_the_others_draw(monkeypatch):

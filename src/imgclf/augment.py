@@ -1,4 +1,4 @@
-"""Training augmentation as a table of small named operations (notes 11-12; issue 21).
+"""Training augmentation as a table of small named operations (notes 11-12).
 
 `OPS` maps a name to an operation: a frozen dataclass whose fields are its options and whose
 `__call__(x, draws)` takes a uint8 (or float in 0..1) batch (N, C, H, W) on the training device and returns one.
@@ -263,6 +263,8 @@ class Augmentation:
 def build(preset: str, options: Mapping[str, Mapping[str, object]] | None = None) -> Augmentation:
     """The operations of `preset`, each with its options from `options` (op name -> {option: value}), the
     class's defaults for the rest."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown augmentation preset {preset!r}; one of {', '.join(PRESETS)}")
     options = options or {}
     return Augmentation(preset, tuple(OPS[name](**options.get(name, {})) for name in PRESETS[preset]))
 
