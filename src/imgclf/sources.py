@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imgclf.augment import choose
 from imgclf.cache import Split, cached_split, cached_stats, check_all, default_cache_dir
 from imgclf.config import DataConfig
 from imgclf.errors import UserError, shown
@@ -519,8 +520,11 @@ def _file_lists(root: Path, layout: FolderLayout, cfg: DataConfig, *, whole: boo
 
 def store_size(cfg: DataConfig, size: int, photos: bool) -> int:
     """Side at which training pictures are cached: above `size` for the photo recipe's random-resized crops
-    (8/7 of it, as ImageNet's 256 for 224, unless --store-size says), else `size` itself."""
-    if cfg.augment != "photo" and not (cfg.augment == "auto" and photos):
+    (8/7 of it, as ImageNet's 256 for 224, unless --store-size says), else `size` itself. Photos under "auto"
+    get it at any run length (a short run's flip-crop takes its windows from it), and so does a run whose
+    options switch the photo recipe on (imgclf.augment.choose)."""
+    switched = cfg.augment == "auto" and choose(cfg, photos=False, epochs=1) == "photo"  # by its options
+    if cfg.augment != "photo" and not (cfg.augment == "auto" and photos) and not switched:
         return size
     return max(size, cfg.store_size or round(size * 8 / 7))
 
