@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from imgclf.distributed import DistInfo, all_reduce_sum
-from imgclf.metrics import accuracy, confusion_matrix, improved
 from imgclf.models import training_loss
 from imgclf.optim import Lookahead
+from imgclf.tasks import argmax_hits
 
 
 class Diverged(RuntimeError):
@@ -74,9 +74,10 @@ class TrainState:
         if self.lookahead is not None:
             self.lookahead.after_step(self.model, step, self.total_steps)
 
-    def end_epoch(self, record: dict, monitor: str) -> bool:
-        """Record a finished epoch's metrics; True when its `monitor` figure is the best so far."""
-        better = improved(record[monitor], self.best_score, monitor)
+    def end_epoch(self, record: dict, monitor: str, task) -> bool:
+        """Record a finished epoch's metrics; True when its `monitor` figure is the best so far (`task` says
+        which way is better)."""
+        better = task.improved(record[monitor], self.best_score, monitor)
         self.epoch, self.step, self.partial, self.metrics = record["epoch"], 0, None, record
         if better:
             self.best_score, self.best_epoch = record[monitor], record["epoch"]
@@ -133,14 +134,15 @@ def _cpu(state: dict) -> dict:
 
 
 def train_one_epoch(state: TrainState, loader, *, epoch: int, loss_fn, autocast: Callable[[], AbstractContextManager],
-                    hooks: Hooks | None = None, dist: DistInfo | None = None, check_every: int = 1) -> dict:
+                    hooks: Hooks | None = None, dist: DistInfo | None = None, check_every: int = 1,
+                    hits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = argmax_hits) -> dict:
     """Train `state.net` over `loader.epoch(epoch)`, from `state.step` when the epoch was begun before.
 
     Stops early (returning `stopped_at`) as soon as `hooks.should_stop()` is true after a step. Losses are
     read every `check_every` steps (1 on a CPU; more on a GPU, so that the host does not wait for the device
-    at every step) and at the end; a non-finite one raises Diverged. Loss and accuracy are over the whole
-    global batch, summed across the processes of `dist`; with `state.partial` (the sums of a stopped
-    epoch's first steps) the figures cover all of the epoch, exactly as if it had not stopped."""
+    at every step) and at the end; a non-finite one raises Diverged. Loss and accuracy (`loss_fn`, `hits`: the
+    task's) are over the global batch, summed across the processes of `dist`; with `state.partial` (the sums of a
+    stopped epoch's first steps) the figures cover all of the epoch, exactly as if it had not stopped."""
     hooks, dist = hooks or Hooks(), dist or DistInfo()
     model, optimizer, scaler = state.net, state.optimizer, state.scaler
     train_mode(model, bn_frozen=state.bn_frozen)
@@ -167,7 +169,7 @@ def train_one_epoch(state: TrainState, loader, *, epoch: int, loss_fn, autocast:
         state.scheduler.step()
         state.after_update(epoch * steps + step + 1)
         pending.append((step, loss.detach() * (n_global / (y.shape[0] * world)), y.shape[0]))
-        correct += (logits.argmax(1) == (y if y.ndim == 1 else y.argmax(1))).sum()  # mixed: the larger share
+        correct += hits(logits, y)
         seen += y.shape[0]
         stop = hooks.should_stop()
         if stop or len(pending) >= check_every:
@@ -204,36 +206,31 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, *, num_classes: int, autocast: Callable[[], AbstractContextManager],
+def evaluate(model: nn.Module, loader, *, task, autocast: Callable[[], AbstractContextManager],
              dist: DistInfo | None = None, tta: bool = False, keep_probs: bool = False) -> dict:
-    """Loss (plain cross-entropy), accuracy, top-5 accuracy (more than five classes) and confusion matrix over
-    every sample once, summed across processes. With `tta`, logits are those of `tta_logits`."""
+    """`task`'s figures (a `tasks.Task`; for SingleLabel: plain cross-entropy loss, accuracy, top-5 over five
+    classes, confusion matrix) of `model` over every sample of `loader` once, summed across processes; with
+    `keep_probs` also every picture's activation ("probs") in order. With `tta`, logits are `tta_logits`'."""
     model.eval()
-    dist = dist or DistInfo()
-    start = time.perf_counter()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=_device(model))
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=_device(model))
-    top5 = torch.zeros((), dtype=torch.int64, device=_device(model))
-    probs = []
-    for x, y, _ in loader.epoch(0):
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
         with autocast():
-            logits = tta_logits(model, x) if tta else model(x).float()
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").double()
-        confusion += confusion_matrix(logits.argmax(1), y, num_classes)
-        if num_classes > 5:
-            top5 += (logits.topk(5, dim=1).indices == y.view(-1, 1)).any(1).sum()
-        if keep_probs:
-            probs.append(logits.softmax(1).cpu())
-    for total in (loss_sum, confusion, top5):
-        all_reduce_sum(total, dist)
-    count = int(confusion.sum())
-    out = {"loss": float(loss_sum) / max(count, 1), "acc": accuracy(confusion.cpu()), "count": count,
-           "confusion": confusion.cpu(), "seconds": time.perf_counter() - start}
-    if num_classes > 5:
-        out["top5"] = int(top5) / max(count, 1)
-    if keep_probs:
-        out["probs"] = torch.cat(probs) if probs else torch.zeros(0, num_classes)
-    return out
+            return tta_logits(model, x) if tta else model(x).float()
+
+    return evaluate_outputs(logits, ((x, y) for x, y, _ in loader.epoch(0)), task=task, device=_device(model),
+                            dist=dist, keep=keep_probs)
+
+
+def evaluate_outputs(outputs: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, *, task, device,
+                     dist: DistInfo | None = None, keep: bool = False, probabilities: bool = False) -> dict:
+    """The one evaluation loop (training's epochs, `imgclf eval` of checkpoints and exports, the report, tune):
+    `outputs(x)` of every (x, targets) batch into `task.tally(device)`, the result summed across the processes
+    of `dist`, with "seconds". `probabilities`: `outputs` gives the task's activation (an exported graph), not logits."""
+    start = time.perf_counter()
+    tally = task.tally(device, keep=keep)
+    for x, y in batches:
+        tally.add(outputs(x), y, probabilities=probabilities)
+    return {**tally.result(dist or DistInfo()), "seconds": time.perf_counter() - start}
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
