@@ -47,7 +47,7 @@ def test_pretrained_weights_resolve_the_finetune_recipe(tmp_path):
 def test_every_recipe_value_is_overridden_by_its_flag(tmp_path):
     flags = {("optim", "optimizer"): "sgd", ("optim", "lr"): 0.02, ("optim", "weight_decay"): 0.001,
              ("optim", "schedule"): "onecycle", ("optim", "warmup_epochs"): 1.0, ("optim", "label_smoothing"): 0.0,
-             ("data", "batch_size"): 64, ("model", "freeze_epochs"): 0, ("model", "backbone_lr_scale"): 1.0,
+             ("data", "batch_size"): 64, ("model", "freeze_epochs"): 2, ("model", "backbone_lr_scale"): 1.0,
              ("model", "head_init"): "small", ("model", "bn_stats"): "frozen", ("data", "normalize"): "data"}
     assert flags.keys() == RECIPE.keys()
     argv = [x for (_, name), v in flags.items() for x in (f"--{name.replace('_', '-')}", v)]
