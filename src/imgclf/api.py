@@ -304,6 +304,8 @@ def _unknown_option(key: str, known: dict) -> str:
 def _option_value(key: str, flag: str, f: dataclasses.Field, value):
     """`value` as the flag's type would read it from the command line; one UserError line for another kind."""
     kind = f.type.split(" | ")[0]
+    if isinstance(value, str) and value in f.metadata["words"]:  # batch_size="auto"
+        return value
     if kind == "str" and isinstance(value, os.PathLike):
         value = os.fspath(value)
     if flag == "--model-args" and isinstance(value, dict):

@@ -220,16 +220,29 @@ def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] =
         if kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs.update(type={"int": int, "float": float, "str": str}[kind], choices=meta["choices"],
+            number = {"int": int, "float": float, "str": str}[kind]
+            kwargs.update(type=_number_or(number, meta["words"]) if meta["words"] else number, choices=meta["choices"],
                           metavar=meta["metavar"] or (None if meta["choices"] else
                                                       {"int": "N", "float": "X"}.get(kind, f.name.upper())))
         group.add_argument(flag, **kwargs)
 
 
+def _number_or(number, words: tuple[str, ...]):
+    """An argparse type: one of `words` as it is, else `number(text)` (argparse's message when neither)."""
+    def convert(text: str):
+        return text if text in words else number(text)
+
+    convert.__name__ = number.__name__  # argparse names the type in its error: "invalid int value"
+    convert.number = number
+    return convert
+
+
 def train_config(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
     """Flags -> TrainConfig (config.resolve_config): `base` (a resumed run's) or the recipe's defaults, then
-    the --config file's values, then every flag given."""
-    return resolve_config(train_config_given(args), recipe=args.recipe, base=base)
+    the --config file's values, then every flag given (`typed`: an idle one is refused whatever its value)."""
+    typed = frozenset((section, f.name) for section, f, _ in config_fields()
+                      if getattr(args, f"{section}.{f.name}", None) is not None)
+    return resolve_config(train_config_given(args), recipe=args.recipe, base=base, typed=typed)
 
 
 def train_config_given(args: argparse.Namespace) -> dict[tuple[str, str], object]:
@@ -621,11 +634,15 @@ def _add_lr_find(sub, common) -> None:
     _number(p, "--steps", int, 10, default=100, help="training steps of the sweep (%(default)s)")
     p.add_argument("--out", dest="plot", default="lr_find.png", help="PNG to write (%(default)s)")
     add_config_flags(p, skip=("--out", "--lr", "--epochs", "--patience", "--monitor", "--stop-after", "--log-every",
-                              "--ema", "--ema-decay", "--tta"), required=("--data",))
+                              "--ema", "--ema-decay", "--tta", "--lr-base-batch", "--clip-grad", "--accumulate"),
+                     required=("--data",))
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
     cfg = train_config(args)
+    if cfg.data.batch_size == "auto":
+        raise UserError("lr-find takes a number for --batch-size (auto is imgclf train's); give the batch of "
+                        "the runs to come")
     from imgclf.lrfind import lr_find
 
     test, suggested, out = lr_find(cfg, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps,

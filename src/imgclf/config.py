@@ -28,14 +28,16 @@ MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits
 
 
 def option(default, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
-           resumable: bool = False, metavar: str | None = None, none: str = "none", const: str | None = None):
+           resumable: bool = False, metavar: str | None = None, none: str = "none", const: str | None = None,
+           words: tuple[str, ...] = ()):
     """A configuration field and its command-line flag in one declaration: `imgclf.cli` builds the flag
     (`--field-name` unless `flag` says otherwise), its help and its shown default from this, so `--help`
     cannot disagree with the code. `resumable`: the flag may differ from the run being resumed; `none`: what
-    a default of None means, for the help; `const`: the value of the flag given without one."""
+    a default of None means, for the help; `const`: the value of the flag given without one; `words`: words
+    a number flag also takes (`--batch-size auto`)."""
     return field(default=default, metadata={"help": help, "flag": flag, "choices": choices,
                                             "resumable": resumable, "metavar": metavar, "none": none,
-                                            "const": const})
+                                            "const": const, "words": words})
 
 
 def flag_of(f: dataclasses.Field) -> str:
@@ -71,7 +73,8 @@ class DataConfig:
                                                   "to --img-size by three quarters of the run (cheaper early "
                                                   "epochs); evaluation stays at full size", none="off",
                                             metavar="PIXELS")
-    batch_size: int = option(128, "global batch size, split across processes")
+    batch_size: int | str = option(128, "global batch size, split across processes; auto: the largest that fits in "
+                                        "GPU memory (batchsize.py)", words=("auto",), metavar="N|auto")
     balance: str = option("none", "unbalanced classes: sampler draws pictures inversely to their class's size; "
                                   "loss weights the loss so", choices=BALANCES)
     eval_batch_size: int | None = option(None, "batch size for evaluation", resumable=True,
@@ -112,6 +115,16 @@ class OptimConfig:
                                   none="never", resumable=True)
     monitor: str = option("val_acc", "validation figure that chooses best.pt and early stopping", choices=MONITORS)
     lookahead: bool = option(False, "every 5 steps, average the weights and continue from the average")
+    lr_base_batch: int | None = option(None, "the batch size --lr is meant for: at another --batch-size the learning "
+                                             "rate is scaled by batch/N (SGD) or its square root (Adam, AdamW), as "
+                                             "timm's --lr-base-size", metavar="N",
+                                       none="the recipe's batch when --lr is not given, else no scaling")
+    clip_grad: float | None = option(None, "clip the gradients' global norm to this before each step",
+                                     metavar="NORM", none="off")
+    accumulate: int = option(1, "split each batch into N micro-batches whose gradients add up before one step: "
+                                "the same training in 1/N of the activation memory (exact without BatchNorm, "
+                                "which normalises each micro-batch by its own statistics)", metavar="N",
+                            resumable=True)
 
 
 @dataclass(frozen=True)
@@ -177,7 +190,8 @@ class TrainConfig:
         check_number("--mixup", d.mixup, 0)
         check_number("--cutmix", d.cutmix, 0)
         check_number("--mix-switch", d.mix_switch, 0, 1, words="a probability, in [0, 1]")
-        check_number("--batch-size", d.batch_size, 1, MAX_BATCH)
+        if d.batch_size != "auto":
+            check_number("--batch-size", d.batch_size, 1, MAX_BATCH)
         check_number("--eval-batch-size", d.eval_batch_size, 1, MAX_BATCH)
         check_number("--freeze-epochs", self.model.freeze_epochs, 0, MAX_EPOCHS)
         check_number("--backbone-lr-scale", self.model.backbone_lr_scale, 0, 1, low_open=True, words="in (0, 1]")
@@ -187,6 +201,9 @@ class TrainConfig:
         check_number("--warmup-epochs", o.warmup_epochs, 0)
         check_number("--label-smoothing", o.label_smoothing, 0, 1, high_open=True, words="in [0, 1)")
         check_number("--epochs", o.epochs, 1, MAX_EPOCHS)
+        check_number("--lr-base-batch", o.lr_base_batch, 1, MAX_BATCH)
+        check_number("--clip-grad", o.clip_grad, 0, low_open=True)
+        check_number("--accumulate", o.accumulate, 1, MAX_BATCH)
         check_number("--patience", o.patience, 1, MAX_EPOCHS)
         check_number("--seed", r.seed, 0, MAX_SEED)
         check_number("--log-every", r.log_every, 1)
@@ -210,14 +227,26 @@ def config_fields(sections=TrainConfig.SECTIONS):
 
 
 def resolve_config(given: dict[tuple[str, str], object], *, recipe: str = "default",
-                   base: TrainConfig | None = None) -> TrainConfig:
+                   base: TrainConfig | None = None, typed: frozenset | None = None) -> TrainConfig:
     """The one way from what a user set (`imgclf train`'s flags, `imgclf.fit`'s options) to a TrainConfig:
     `base` (a resumed run's) or the recipe's defaults, then every value of `given`, (section, field) ->
     value, None meaning not given. A value that differs from `base`'s where the field is not resumable is one
-    UserError line."""
+    UserError line. A new run's learning rate follows its batch size (`lr_for_batch`), and an option set
+    where it would do nothing is one UserError line (`refuse_idle`): the options in `typed` (the flags
+    typed; None: all of `given`) however set, the others (a configuration file's) when they differ from
+    the recipe's value, so that a run's own config.yaml stays valid as --config."""
     given = {key: value for key, value in given.items() if value is not None}
     if base is None:
         sections = {name: dict(values) for name, values in RECIPES[recipe].items()}
+        defaults = TrainConfig.from_dict(sections)
+        explicit = {key for key, value in given.items()
+                    if typed is None or key in typed or value != getattr(getattr(defaults, key[0]), key[1])}
+        for (section, name), value in given.items():
+            sections.setdefault(section, {})[name] = value
+        cfg = TrainConfig.from_dict(sections)
+        refuse_idle(cfg, explicit)
+        return lr_for_batch(cfg, lr_given=("optim", "lr") in given,
+                            base_given=("optim", "lr_base_batch") in given, recipe_batch=defaults.data.batch_size)
     else:
         sections = base.to_dict()
         for section, f, flag in config_fields():
@@ -228,6 +257,75 @@ def resolve_config(given: dict[tuple[str, str], object], *, recipe: str = "defau
     for (section, name), value in given.items():
         sections.setdefault(section, {})[name] = value
     return TrainConfig.from_dict(sections)
+
+
+def lr_for_batch(cfg: TrainConfig, *, lr_given: bool, base_given: bool, recipe_batch) -> TrainConfig:
+    """timm's lr-base rule: --lr is meant for --lr-base-batch pictures a step, by default the recipe's batch
+    when --lr is not given (a recipe's learning rate goes with its batch); with neither, --lr is taken as
+    it is. `scaled_lr` then moves it to --batch-size, so that a smaller batch does not take the large
+    steps of a large one (measured: the notes' network on 48 pictures at batch 16 diverged at lr 0.05)."""
+    base = cfg.optim.lr_base_batch if base_given else (None if lr_given else recipe_batch)
+    if base == "auto":  # a recipe of --batch-size auto: the lr is taken as it is
+        base = None
+    optim = scaled_lr(dataclasses.replace(cfg.optim, lr_base_batch=base), cfg.data.batch_size)
+    return dataclasses.replace(cfg, optim=optim)
+
+
+def scaled_lr(optim: OptimConfig, batch) -> OptimConfig:
+    """`optim` with its lr moved from `optim.lr_base_batch` pictures a step to `batch`: times batch/base for
+    SGD, times its square root for Adam and AdamW (timm's linear and sqrt rules); then lr_base_batch is
+    `batch`. Unchanged without lr_base_batch, or while `batch` is "auto" (scaled once it is known)."""
+    base = optim.lr_base_batch
+    if base is None or batch == "auto" or batch == base:
+        return optim
+    ratio = batch / base
+    factor = ratio if optim.optimizer == "sgd" else math.sqrt(ratio)
+    return dataclasses.replace(optim, lr=optim.lr * factor, lr_base_batch=batch)
+
+
+def idle_options(cfg: TrainConfig) -> dict[str, str]:
+    """Flag -> why it would change nothing in the run `cfg` describes, for every option whose value is not
+    used there (whatever its value): what `refuse_idle` refuses when the user set it."""
+    d, m, o, r = cfg.data, cfg.model, cfg.optim, cfg.run
+    builtin = d.data in ("cifar10", "cifar100", "mnist", "fashion-mnist")  # sources.BUILTINS (no torch here)
+    adam = o.optimizer != "sgd"
+    rules = {
+        "--momentum": adam and f"--optimizer {o.optimizer} has no momentum term (its betas are fixed)",
+        "--nesterov": (adam and f"--optimizer {o.optimizer} has no Nesterov momentum") or
+                      (o.momentum == 0 and "Nesterov momentum needs --momentum above 0"),
+        "--mix-switch": not (d.mixup > 0 and d.cutmix > 0) and "it chooses between mixup and CutMix: give both "
+                                                                "--mixup and --cutmix",
+        "--crop-pad": d.augment in ("none", "flip", "photo") and f"--augment {d.augment} makes no shifted crops "
+                                                                 f"(flip-crop does)",
+        "--store-size": d.augment not in ("auto", "photo") and f"--augment {d.augment} takes no random-resized "
+                                                               f"crops (photo does)",
+        "--data-root": not builtin and "it is where the built-in data sets live, and --data is a folder",
+        "--labels": builtin and f"{d.data} has its own labels",
+        "--val-fraction": builtin and f"{d.data} has its own test split, used for validation",
+        "--strict-data": builtin and f"{d.data} is read by torchvision, not from picture files",
+        "--cache-dir": builtin and f"{d.data} is read by torchvision, not decoded into the cache",
+        "--freeze-epochs": m.freeze_backbone and "--freeze-backbone keeps the backbone frozen for the whole run",
+        "--backbone-lr-scale": not (m.freeze_epochs and not m.freeze_backbone) and
+                               "it sets the backbone's rate once it trains after --freeze-epochs",
+        "--patience": o.patience is not None and o.patience >= o.epochs - 1 and  # epoch 1 sets the first mark
+                      f"a run of --epochs {o.epochs} ends before it could wait {o.patience} epochs for a better one",
+        "--accumulate": isinstance(d.batch_size, int) and o.accumulate > d.batch_size and
+                        f"a batch of {d.batch_size} cannot be cut into {o.accumulate} micro-batches",
+        "--stop-after": r.stop_after is not None and r.stop_after >= o.epochs and
+                        f"the run ends after its {o.epochs} epochs anyway",
+        "--ema-decay": not r.ema and "it is the decay of --ema's average, which is off",
+        "--mlflow-experiment": r.mlflow is None and "it names the experiment of --mlflow, which is off",
+    }
+    return {flag: why for flag, why in rules.items() if why}
+
+
+def refuse_idle(cfg: TrainConfig, explicit: set[tuple[str, str]]) -> None:
+    """One UserError line for the first option in `explicit` ((section, field) keys) that `idle_options`
+    finds unused: an option given either acts or is refused, never silently ignored."""
+    idle = idle_options(cfg)
+    for section, f, flag in config_fields():
+        if (section, f.name) in explicit and flag in idle:
+            raise UserError(f"{flag} would change nothing here: {idle[flag]}; drop it")
 
 
 def check_number(flag: str, value, low=None, high=None, *, low_open: bool = False, high_open: bool = False,

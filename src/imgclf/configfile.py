@@ -109,6 +109,8 @@ def option_value(source: str, key: str, flag: str, f: dataclasses.Field, value):
     if value is None:
         return None
     kind = f.type.split(" | ")[0]
+    if value in f.metadata["words"]:  # --batch-size auto
+        return value
     if flag == "--model-args" and isinstance(value, dict):
         value = json.dumps(value)
     if kind in ("int", "float") and isinstance(value, str):

@@ -89,6 +89,7 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
     if device.type == "cuda":  # every batch has the same shape: let cuDNN time its algorithms once and keep the best
         torch.backends.cudnn.benchmark = True
     precision = resolve_precision(cfg.run.precision, device)
+    cfg = _batch_size(cfg, data, device=device, dist=dist, precision=precision, model=model)
     parts = build_run(cfg, data, device=device, dist=dist, fresh=ckpt is None, model=model)
     state = _train_state(cfg, parts, device=device, precision=precision, dist=dist)
     if ckpt:
@@ -105,7 +106,7 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
         for invocation_epochs, epoch in enumerate(range(state.epoch, epochs), start=1):
             tracker.start_epoch(epoch, epochs, start_step=state.step)
             set_stage(parts.model, parts.head, cfg, epoch)
-            stats = _train_epoch(state, parts, epoch=epoch, loss_fn=loss_fn, autocast=autocast, dist=dist,
+            stats = _train_epoch(state, parts, cfg, epoch=epoch, loss_fn=loss_fn, autocast=autocast, dist=dist,
                                  hooks=_RunHooks(state, tracker, stop), check_every=check_every, run_dir=run_dir)
             if stats["stopped_at"] is not None:
                 _stop_mid_epoch(cfg, parts, state, stats, stop=stop, dist=dist, epoch=epoch)
@@ -141,6 +142,27 @@ def _data(cfg: TrainConfig, dist, ckpt: dict | None) -> ImageData:
         raise UserError(f"{cfg.run.out} was trained on {was[0]}x{was[1]}x{was[1]} pictures, but {cfg.data.data} "
                         f"gives {now[0]}x{now[1]}x{now[1]}; resume with the run's data, or start a new run with --out")
     return data
+
+
+def _batch_size(cfg: TrainConfig, data: ImageData, *, device, dist, precision, model) -> TrainConfig:
+    """`cfg` with --batch-size auto resolved (imgclf.batchsize), said in one line."""
+    if cfg.data.batch_size != "auto":
+        return cfg
+    from imgclf.batchsize import resolve_auto_batch
+    from imgclf.models import build_model
+
+    def build():
+        return model if model is not None else build_model(
+            cfg.model.name, num_classes=len(data.classes), in_channels=data.channels, img_size=data.img_size,
+            freeze_backbone=cfg.model.freeze_backbone, model_args=cfg.model.args)
+
+    cfg = resolve_auto_batch(cfg, pictures=len(data.train), world=dist.world_size, device=device, build=build,
+                             shape=(data.channels, data.img_size, data.img_size),
+                             autocast=autocast_factory(device, precision))
+    if dist.is_main:
+        print(f"imgclf: --batch-size auto: {cfg.data.batch_size} (the largest step that fitted, less "
+              f"headroom), --lr {cfg.optim.lr:.4g}", file=sys.stderr)
+    return cfg
 
 
 def _loss(cfg: TrainConfig, data: ImageData, device: torch.device):
@@ -257,10 +279,11 @@ def _train_state(cfg: TrainConfig, parts: RunParts, *, device, precision, dist) 
                       lookahead=Lookahead(model) if cfg.optim.lookahead else None)
 
 
-def _train_epoch(state: TrainState, parts: RunParts, *, run_dir: Path, **kwargs) -> dict:
-    """`train_one_epoch`, with a diverged loss told to the user in one line."""
+def _train_epoch(state: TrainState, parts: RunParts, cfg: TrainConfig, *, run_dir: Path, **kwargs) -> dict:
+    """`train_one_epoch` with --clip-grad and --accumulate, a diverged loss told to the user in one line."""
     try:
-        return train_one_epoch(state, parts.train, **kwargs)
+        return train_one_epoch(state, parts.train, clip_grad=cfg.optim.clip_grad, accumulate=cfg.optim.accumulate,
+                               **kwargs)
     except Diverged as err:
         raise _diverged(str(err), run_dir) from None
     except ValueError as err:
