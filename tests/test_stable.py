@@ -136,8 +136,9 @@ def resolved(**options) -> TrainConfig:
     ({"batch_size": 512}, 0.2, 512),
     ({"batch_size": 32, "optimizer": "adamw"}, 0.05 * 0.5, 32),  # Adam family: square root
     ({"batch_size": 512, "optimizer": "adam"}, 0.1, 512),
-    ({"batch_size": 16, "lr": 0.1}, 0.1, None),  # both given: as given
-    ({"lr": 0.1}, 0.1, None),
+    ({"batch_size": 16, "lr": 0.1}, 0.1, 16),  # both given: as given
+    ({"lr": 0.1}, 0.1, 128),
+    ({"lr": 0.1, "batch_size": "auto"}, 0.1, None),  # an lr given with auto: taken as it is
     ({"batch_size": 64, "lr": 0.1, "lr_base_batch": 256}, 0.025, 64),  # timm's --lr-base-size
     ({"recipe": "notes", "batch_size": 128}, 0.02, 128),  # the base batch is the recipe's
     ({"recipe": "fast", "batch_size": 1024}, 1.5, 1024),  # what the fast recipe's comment tells GPUs to use
@@ -212,7 +213,7 @@ IDLE = [  # (options, the flag refused): every combination where an option would
     ({"optimizer": "adam", "momentum": 0.5}, "--momentum"),
     ({"optimizer": "adamw", "momentum": 0.9}, "--momentum"),
     ({"optimizer": "adam", "nesterov": True}, "--nesterov"),
-    ({"optimizer": "adamw", "nesterov": False}, "--nesterov"),
+    ({"optimizer": "adamw", "nesterov": True}, "--nesterov"),
     ({"momentum": 0.0, "nesterov": True}, "--nesterov"),
     ({"mixup": 0.2, "mix_switch": 0.3}, "--mix-switch"),
     ({"cutmix": 1.0, "mix_switch": 0.3}, "--mix-switch"),
@@ -236,6 +237,8 @@ IDLE = [  # (options, the flag refused): every combination where an option would
 ]
 ACTING = [  # the same options where they act
     {"optimizer": "sgd", "momentum": 0.5, "nesterov": False},
+    {"optimizer": "adam", "nesterov": False},  # no Nesterov momentum is what Adam has
+    {"momentum": 0.0, "nesterov": False},
     {"mixup": 0.2, "cutmix": 1.0, "mix_switch": 0.3},
     {"augment": "flip-crop-cutout", "crop_pad": 2},
     {"augment": "photo", "store_size": 80, "data": FOLDER},

@@ -118,7 +118,7 @@ class OptimConfig:
     lr_base_batch: int | None = option(None, "the batch size --lr is meant for: at another --batch-size the learning "
                                              "rate is scaled by batch/N (SGD) or its square root (Adam, AdamW), as "
                                              "timm's --lr-base-size", metavar="N",
-                                       none="the recipe's batch when --lr is not given, else no scaling")
+                                       none="the recipe's batch when --lr is not given, else --batch-size")
     clip_grad: float | None = option(None, "clip the gradients' global norm to this before each step",
                                      metavar="NORM", none="off")
     accumulate: int = option(1, "split each batch into N micro-batches whose gradients add up before one step: "
@@ -261,11 +261,13 @@ def resolve_config(given: dict[tuple[str, str], object], *, recipe: str = "defau
 
 def lr_for_batch(cfg: TrainConfig, *, lr_given: bool, base_given: bool, recipe_batch) -> TrainConfig:
     """timm's lr-base rule: --lr is meant for --lr-base-batch pictures a step, by default the recipe's batch
-    when --lr is not given (a recipe's learning rate goes with its batch); with neither, --lr is taken as
-    it is. `scaled_lr` then moves it to --batch-size, so that a smaller batch does not take the large
-    steps of a large one (measured: the notes' network on 48 pictures at batch 16 diverged at lr 0.05)."""
-    base = cfg.optim.lr_base_batch if base_given else (None if lr_given else recipe_batch)
-    if base == "auto":  # a recipe of --batch-size auto: the lr is taken as it is
+    when --lr is not given (a recipe's learning rate goes with its batch), else the batch it is given with;
+    `scaled_lr` then moves it to --batch-size, so that a smaller batch does not take the large steps of a
+    large one (measured: the notes' network on 48 pictures at batch 16 diverged at lr 0.05). Afterwards
+    lr_base_batch is the batch the lr is for: --batch-size, or with --batch-size auto the base to scale
+    from once the batch is known (None: a given --lr, taken as it is)."""
+    base = cfg.optim.lr_base_batch if base_given else (cfg.data.batch_size if lr_given else recipe_batch)
+    if base == "auto":  # --lr given with --batch-size auto, or a recipe of auto: the lr is taken as it is
         base = None
     optim = scaled_lr(dataclasses.replace(cfg.optim, lr_base_batch=base), cfg.data.batch_size)
     return dataclasses.replace(cfg, optim=optim)
@@ -291,8 +293,8 @@ def idle_options(cfg: TrainConfig) -> dict[str, str]:
     adam = o.optimizer != "sgd"
     rules = {
         "--momentum": adam and f"--optimizer {o.optimizer} has no momentum term (its betas are fixed)",
-        "--nesterov": (adam and f"--optimizer {o.optimizer} has no Nesterov momentum") or
-                      (o.momentum == 0 and "Nesterov momentum needs --momentum above 0"),
+        "--nesterov": o.nesterov and ((adam and f"--optimizer {o.optimizer} has no Nesterov momentum") or
+                                      (o.momentum == 0 and "Nesterov momentum needs --momentum above 0")),
         "--mix-switch": not (d.mixup > 0 and d.cutmix > 0) and "it chooses between mixup and CutMix: give both "
                                                                 "--mixup and --cutmix",
         "--crop-pad": d.augment in ("none", "flip", "photo") and f"--augment {d.augment} makes no shifted crops "

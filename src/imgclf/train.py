@@ -21,7 +21,7 @@ import torch
 
 from imgclf import __version__, distributed
 from imgclf.checkpoint import build_checkpoint, load_checkpoint, non_finite, save_checkpoint
-from imgclf.config import TrainConfig
+from imgclf.config import TrainConfig, scaled_lr
 from imgclf.configfile import RUN_HEADER, config_yaml
 from imgclf.engine import Diverged, Hooks, TrainState, evaluate, train_one_epoch
 from imgclf.errors import (
@@ -145,9 +145,17 @@ def _data(cfg: TrainConfig, dist, ckpt: dict | None) -> ImageData:
 
 
 def _batch_size(cfg: TrainConfig, data: ImageData, *, device, dist, precision, model) -> TrainConfig:
-    """`cfg` with --batch-size auto resolved (imgclf.batchsize), said in one line."""
+    """`cfg` with --batch-size auto resolved (imgclf.batchsize), and with a learning rate that follows the
+    batch (config.scaled_lr) to the pictures a step of a folder smaller than the batch: each said in one line."""
     if cfg.data.batch_size != "auto":
-        return cfg
+        pictures = len(data.train)
+        if pictures >= cfg.data.batch_size or cfg.optim.lr_base_batch in (None, pictures):
+            return cfg
+        optim = scaled_lr(cfg.optim, pictures)
+        if dist.is_main:
+            print(f"imgclf: {pictures} training pictures, fewer than --batch-size {cfg.data.batch_size}: --lr "
+                  f"{optim.lr:.4g}, for the {pictures} pictures a step", file=sys.stderr)
+        return dataclasses.replace(cfg, optim=optim)
     from imgclf.batchsize import resolve_auto_batch
     from imgclf.models import build_model
 
