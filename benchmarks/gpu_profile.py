@@ -20,10 +20,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from imgclf.config import resolve_config
 from imgclf.distributed import DistInfo
 from imgclf.engine import train_one_epoch
 from imgclf.pipeline import build_run
+from imgclf.resolve import resolve
 from imgclf.runtime import autocast_factory, resolve_precision
 from imgclf.sources import load_data
 from imgclf.train import _loss, _train_state
@@ -56,7 +56,7 @@ def main() -> None:
     root, out = sys.argv[1], tempfile.mkdtemp()
     given = {("data", "data"): root, ("data", "batch_size"): 1024, ("optim", "lr"): 1.5, ("optim", "epochs"): 10,
              ("run", "out"): out, ("run", "device"): "cuda"}
-    cfg = resolve_config(given, recipe="fast")
+    cfg = resolve(given, recipe="fast")
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
     data = load_data(cfg.data, progress=False)

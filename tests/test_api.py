@@ -19,10 +19,11 @@ from conftest import ROOT, write_class_folder
 from torch import nn
 
 import imgclf
-from imgclf.api import option_names, same_figures
+from imgclf.api import same_figures
 from imgclf.checkpoint import load_checkpoint
 from imgclf.cli import main as cli_main
-from imgclf.errors import UserError
+from imgclf.configfile import option_keys as option_names
+from imgclf.errors import EXIT_USAGE, UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -211,18 +212,18 @@ def test_on_epoch_sees_every_epoch_and_can_stop_the_run(data_dir, tmp_path):
     ("tutorial_cnn", {"args": "{}"}, "no option 'args': did you mean model_args=?"),
     ("tutorial_cnn", {"strict": True}, "did you mean strict_data=?"),
     ("tutorial_cnn", {"on_epochs": print}, "did you mean on_epoch=?"),
-    ("tutorial_cnn", {"lr": "fast"}, "lr='fast': --lr takes a number"),
-    ("tutorial_cnn", {"epochs": 1.5}, "epochs=1.5: --epochs takes a whole number"),
-    ("tutorial_cnn", {"channels_last": "no"}, "--channels-last takes True or False"),
-    ("tutorial_cnn", {"model_args": {"f": print}}, "model_args: the constructor's arguments must be plain JSON"),
+    ("tutorial_cnn", {"lr": "fast"}, "lr='fast' is not a number (--lr takes a number)"),
+    ("tutorial_cnn", {"epochs": 1.5}, "epochs=1.5 is not a whole number (--epochs takes a whole number)"),
+    ("tutorial_cnn", {"channels_last": "no"}, "channels_last='no' is not true or false (--channels-last takes true or false)"),
+    ("tutorial_cnn", {"model_args": {"f": print}}, "the constructor's arguments must be plain JSON"),
     ("tutorial_cnn", {"epochs": 0}, "--epochs must be at least 1, got 0"),
-    ("tutorial_cnn", {"optimizer": "adagrad"}, "unknown --optimizer 'adagrad'"),
+    ("tutorial_cnn", {"optimizer": "adagrad"}, "optimizer='adagrad' is not one of sgd, adam, adamw"),
     ("tutorial_cnn", {"recipe": "quick"}, "unknown recipe 'quick'; choose one of default, fast, notes"),
     ("tutorial_cnn", {"on_epoch": 5}, "on_epoch must be a function of one metrics record"),
     ("tutorial_cnn", {"resume": True, "out": "nowhere"}, "nothing to resume: nowhere/checkpoints/last.pt"),
     (Tudui, {}, "model is the class Tudui; pass an object of it: Tudui()"),
     (3, {}, "model must be a model name"),
-    ("tutorial_cnn", {"data": 7}, "data=7: --data takes a string"),
+    ("tutorial_cnn", {"data": 7}, "data=7 is not a string (--data takes a string)"),
     (Tudui(), {"pretrained": "weights.pt"}, "pretrained= is for a model that fit builds by name"),
     (Tudui(), {"freeze_backbone": True}, "freeze_backbone= is for a model that fit builds by name"),
 ])
@@ -355,3 +356,30 @@ def test_the_notes_tudui_on_cifar10_folders_from_python_and_the_command_line(cif
     run = imgclf.fit(tudui.Tudui(), tmp_path / "c10", recipe="notes", out=tmp_path / "api", **options)
     assert [same_figures(r) for r in run.metrics] == metrics_file(tmp_path / "cli")
     assert run.metrics[-1]["val_count"] == 100
+
+
+@pytest.mark.parametrize(("value", "words"), [(True, "--cutmix True is not a number (--cutmix takes a number)"),
+                                              ("0.0", "--cutmix '0.0' is not a number"),
+                                              (-1.0, "--cutmix must be at least 0, got -1.0")])
+def test_a_damaged_configuration_is_refused_on_resume_as_the_flag_would_be(named_run, tmp_path, capsys, value,
+                                                                           words):
+    """Issue 24 item 23: a resumed run's config.json passes the same checks as the command line (a `cutmix` of
+    another kind crashed inside CutMix), in one line, before any training."""
+    folder = tmp_path / "damaged"
+    shutil.copytree(named_run.folder, folder)
+    last = folder / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["config"]["data"]["cutmix"] = value
+    torch.save(ckpt, last)
+    assert cli_main(["train", "--resume", str(folder), "--epochs", "2"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and "configuration is missing or damaged" in err[0], err
+    with pytest.raises(UserError, match=re.escape(words)):
+        imgclf.fit("tutorial_cnn", None, resume=folder, epochs=2)
+
+
+def test_a_whole_number_for_a_float_option_is_read_as_a_float():
+    from imgclf.config import TrainConfig
+
+    cfg = TrainConfig.from_dict({"data": {"cutmix": 1, "mixup": 0}})
+    assert type(cfg.data.cutmix) is float and type(cfg.data.mixup) is float  # CutMix's Beta takes no integer

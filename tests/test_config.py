@@ -96,7 +96,7 @@ def test_value_just_outside_is_one_line_naming_the_flag(section, name, value):
 
 
 def test_the_defaults_and_every_recipe_are_valid():
-    from imgclf.config import RECIPES
+    from imgclf.configfile import RECIPES
 
     assert TrainConfig().validated() == TrainConfig()
     for recipe in RECIPES.values():

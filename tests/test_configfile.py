@@ -11,8 +11,8 @@ from conftest import write_class_folder
 
 import imgclf
 from imgclf.cli import build_parser, main, train_config
-from imgclf.config import RECIPES, TrainConfig
-from imgclf.configfile import config_yaml, read_config, recipe_folder, recipe_names
+from imgclf.config import TrainConfig
+from imgclf.configfile import RECIPES, config_yaml, read_config, recipe_folder, recipe_names
 from imgclf.errors import EXIT_USAGE
 
 

@@ -43,9 +43,9 @@ LEAN_CHILD = """
 import json, sys
 import torch
 from imgclf.models import build_model
-from imgclf.predict import _torchvision_model_alone
+from imgclf.predict import _torchvision_builder_alone
 torch.manual_seed(0)
-lean = build_model("resnet18", num_classes=3, base=_torchvision_model_alone("resnet18"))
+lean = build_model("resnet18", num_classes=3, base=_torchvision_builder_alone("resnet18")())
 report = {"dynamo": "torch._dynamo" in sys.modules,
           "torchvision_left": sorted(m for m in sys.modules if m.split(".")[0] == "torchvision")}
 import torchvision  # afterwards, an ordinary and complete import
@@ -70,10 +70,10 @@ def test_lean_import_builds_the_same_network_without_torchvision_init():
 def test_lean_import_is_skipped_when_torchvision_is_loaded_or_the_name_unknown():
     import torchvision  # noqa: F401 - as in a process that has it already
 
-    from imgclf.predict import _torchvision_model_alone
+    from imgclf.predict import _torchvision_builder_alone
 
-    assert _torchvision_model_alone("resnet18") is None
-    assert _torchvision_model_alone("no_such_net") is None
+    assert _torchvision_builder_alone("resnet18") is None
+    assert _torchvision_builder_alone("no_such_net") is None
     assert build_model("resnet18", num_classes=2, base=None).fc.out_features == 2
 
 

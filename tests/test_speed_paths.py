@@ -16,7 +16,8 @@ from PIL import Image
 
 from imgclf import cache as cache_mod
 from imgclf.cache import Split, cached_split
-from imgclf.config import RECIPES, DataConfig, TrainConfig
+from imgclf.config import DataConfig, TrainConfig
+from imgclf.configfile import RECIPES
 from imgclf.errors import UserError
 from imgclf.loader import BatchLoader
 from imgclf.models import FastNet, build_model

@@ -6,16 +6,15 @@
     run = imgclf.load("runs/run")                                      # a run folder or a checkpoint
 
 One configuration path: `fit`'s keyword options are the flags of `imgclf train` (`--batch-size 64` is
-`batch_size=64`), read from the same declarations (`config.config_fields`) and turned into a TrainConfig by
-the same `config.resolve_config` as the flags; an unknown or ill-typed option is one UserError line.
+`batch_size=64`), read from the same declarations (`config.config_fields`), each value checked by its option's one rule
+(`config.check_option`) and turned into a TrainConfig by the same `resolve.resolve` as the flags; an unknown
+or ill-typed option is one UserError line.
 Importing this module imports neither torch nor anything else heavy; each function imports what it uses.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import json
 import numbers
 import os
 import sys
@@ -24,9 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from imgclf.config import RECIPES, ModelConfig, RunConfig, TrainConfig, config_fields, resolve_config
+from imgclf.config import ModelConfig, RunConfig, TrainConfig, check_option
+from imgclf.configfile import option_keys
 from imgclf.errors import EXIT_OK, Stopped, UserError
-from imgclf.files import refuse_if_in_use
+from imgclf.resolve import refuse_existing_run, resolve, user_values
+from imgclf.resolve import resume as resume_run
 
 if TYPE_CHECKING:
     from torch import nn
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     from imgclf.predict import Prediction
 
 _ARGUMENTS = ("recipe", "resume", "on_epoch", "config")  # fit's keywords besides the training flags
-_KINDS = {"bool": "True or False", "int": "a whole number", "float": "a number", "str": "a string"}
 _TIMING = ("images_per_s", "train_seconds", "epoch_seconds", "time")  # metrics.jsonl fields that vary run to run
 
 
@@ -62,12 +62,7 @@ def fit(model, data, *, recipe: str = "default", resume: bool | str | os.PathLik
     `imgclf train --config` reads it; `model`, `data` and `options` not None win over its values (model and
     data may then be None). Every bad input is one UserError line."""
     name, network = _network(model)
-    given = _given(name, data, options)
-    if config is not None:
-        from imgclf.configfile import read_config
-
-        given = {**read_config(config), **{key: value for key, value in given.items() if value is not None}}
-    cfg = _train_config(given, recipe, resume, network)
+    cfg = _train_config(user_values(config, _given(name, data, options)), recipe, resume, network)
     if network is not None:
         _check_object_options(cfg, network)
     from imgclf.train import train
@@ -276,19 +271,15 @@ def same_figures(record: dict) -> dict:
 
 # ---------------------------------------------------------------- fit's pieces
 
-def option_names() -> dict[str, tuple[str, dataclasses.Field, str]]:
-    """fit's keyword -> (section, field, flag) for every flag of `imgclf train` that TrainConfig declares."""
-    return {flag[2:].replace("-", "_"): (section, f, flag) for section, f, flag in config_fields()}
-
-
 def _given(name: str, data, options: dict) -> dict[tuple[str, str], object]:
-    """(section, field) -> value of what `imgclf train --model NAME --data DATA --flag value...` sets."""
-    known, given = option_names(), {}
+    """(section, field) -> value of what `imgclf train --model NAME --data DATA --flag value...` sets, each
+    value checked by its option's one rule (config.check_option)."""
+    known, given = option_keys(), {}
     for key, value in {"model": name, "data": data, **options}.items():
         if key not in known:
             raise UserError(_unknown_option(key, known))
-        section, f, flag = known[key]
-        given[section, f.name] = None if value is None else _option_value(key, flag, f, value)
+        section, f, _ = known[key]
+        given[section, f.name] = check_option(f, value, what=f"{key}={value!r}")
     return given
 
 
@@ -301,56 +292,30 @@ def _unknown_option(key: str, known: dict) -> str:
             f"dashes, - written _)")
 
 
-def _option_value(key: str, flag: str, f: dataclasses.Field, value):
-    """`value` as the flag's type would read it from the command line; one UserError line for another kind."""
-    kind = f.type.split(" | ")[0]
-    if isinstance(value, str) and value in f.metadata["words"]:  # batch_size="auto"
-        return value
-    if kind == "str" and isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    if flag == "--model-args" and isinstance(value, dict):
-        try:
-            value = json.dumps(value)
-        except (TypeError, ValueError) as err:
-            raise UserError(f"{key}: the constructor's arguments must be plain JSON values ({err})") from None
-    ok = {"bool": isinstance(value, bool), "str": isinstance(value, str),
-          "int": isinstance(value, numbers.Integral) and not isinstance(value, bool),
-          "float": isinstance(value, numbers.Real) and not isinstance(value, bool)}[kind]
-    if not ok:
-        raise UserError(f"{key}={value!r}: {flag} takes {_KINDS[kind]}")
-    return {"int": int, "float": float}.get(kind, lambda v: v)(value)
-
-
 def _train_config(given: dict, recipe: str, resume, network) -> TrainConfig:
-    """What `imgclf train` makes of the same flags (cli.cmd_train): a new run's configuration, refused when
-    `out` already holds a run; or with `resume`, the run's own configuration with the options given."""
-    if recipe not in RECIPES:
-        raise UserError(f"unknown recipe {recipe!r}; choose one of {', '.join(sorted(RECIPES))}")
+    """What `imgclf train` makes of the same flags (cli.train_config): a new run's configuration, refused
+    when `out` already holds a run; or with `resume`, the run's own configuration with the options given."""
     if not resume:
-        cfg = resolve_config(given, recipe=recipe)
-        refuse_if_in_use(cfg.run.out)  # a run that is training says so, rather than "already holds a run"
-        if (Path(cfg.run.out) / "checkpoints" / "last.pt").exists():
-            raise UserError(f"{cfg.run.out} already holds a run; continue it with resume=True, or choose "
-                            f"another out=")
+        cfg = resolve(given, recipe=recipe)
+        refuse_existing_run(cfg.run.out, "continue it with resume=True", "out=")
         return cfg
-    from imgclf.train import resumed_config
-
     folder = (given.get(("run", "out")) or RunConfig().out) if resume is True else os.fspath(resume)
-    base = resumed_config(folder, check_code=False)
     if network is not None:  # the object's class must be the run's; its recorded name is kept
-        recorded, mine = base.model.name.rpartition(":")[2], type(network).__qualname__
+        given = {**given, ("model", "name"): None}
+    cfg = resume_run(folder, given, recipe=recipe, check_code=False)
+    if network is not None:
+        recorded, mine = cfg.model.name.rpartition(":")[2], type(network).__qualname__
         if recorded != mine:
-            raise UserError(f"{folder} trained {base.model.name}, but model is a {mine}; resume it with an "
+            raise UserError(f"{folder} trained {cfg.model.name}, but model is a {mine}; resume it with an "
                             f"object of the same class")
-        given["model", "name"] = None
-    return resolve_config(given, base=base)
+    return cfg
 
 
 def _check_object_options(cfg: TrainConfig, network) -> None:
     """Refuse the model options that build or prepare a named model (pretrained, freeze_backbone...) when fit
     is given an object: they would be ignored. Only model_args (recorded, to rebuild it) goes with an object."""
     defaults = ModelConfig()
-    for key, (section, f, _) in option_names().items():
+    for key, (section, f, _) in option_keys().items():
         if section == "model" and key not in ("model", "model_args") and \
                 getattr(cfg.model, f.name) != getattr(defaults, f.name):
             raise UserError(f"{key}= is for a model that fit builds by name; prepare your "

@@ -413,3 +413,19 @@ def prune_caches(cache_root: Path, *, older_than_days: float = 30.0) -> list[dic
         if stats.stat().st_mtime < cutoff:
             stats.unlink(missing_ok=True)
     return removed
+
+
+def caches_output(caches: list[dict], root: Path, action: str, *, as_json: bool = False) -> tuple[str, str]:
+    """What `imgclf cache list|prune` prints: (standard output, standard error): a line (or a JSON object) per
+    cache, and how many there are in `root` and their size."""
+    if as_json:
+        return "".join(json.dumps(cache) + "\n" for cache in caches), ""
+    lines = []
+    for c in caches:
+        age = (time.time() - c["last_used"]) / 86400
+        state = "unfinished build, " if c["partial"] else ""
+        lines.append(f"{c['key']}  {c['bytes'] / 2**20:>8.1f} MB  {c['pictures']:>7} pictures  "
+                     f"{state}used {age:.1f} days ago  {shown(c['source'])}\n")
+    total = sum(c["bytes"] for c in caches) / 2**20
+    verb = "in" if action == "list" else "deleted from"
+    return "".join(lines), f"{len(caches)} caches, {total:.1f} MB {verb} {root}\n"

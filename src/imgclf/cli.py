@@ -1,7 +1,9 @@
 """The command line: the only reader of argv and the only user of argparse. Every subcommand's flags are
-declared here (the training flags from their declarations in imgclf.config); its cmd_* function turns them
-into plain arguments and calls the library. Numeric flags are checked before a command runs: the training
-ones by TrainConfig.validated, the others by the bounds given where they are declared (`_number`).
+declared here (the training and data flags generated from their declarations in imgclf.config); its cmd_*
+function turns them into plain arguments, calls the library and prints what the library formatted (each
+command's output is formatted beside its code: runs.runs_output, tune.tune_output...). Numeric flags are
+checked before a command runs: the training ones by their option's rule (config.check_option, through
+resolve.resolve), the others by the bounds given where they are declared (`_number`, `add_data_flags`).
 Library modules are imported inside the cmd_* functions, so building the parser imports no torch and no
 matplotlib, and `imgclf predict` starts lean."""
 
@@ -21,16 +23,15 @@ from imgclf import __version__
 from imgclf.config import (
     MAX_BATCH,
     MAX_SEED,
-    MAX_SIDE,
     PRECISIONS,
-    RECIPES,
     DataConfig,
     TrainConfig,
     check_number,
     config_fields,
+    flag_of,
     parse_size,
-    resolve_config,
 )
+from imgclf.configfile import RECIPES
 from imgclf.errors import (
     EXIT_DISTRIBUTED,
     EXIT_OK,
@@ -41,7 +42,7 @@ from imgclf.errors import (
     UserError,
     shown,
 )
-from imgclf.files import refuse_if_in_use
+from imgclf.resolve import refuse_existing_run, resolve, resume, user_values
 
 
 def entry() -> None:
@@ -133,6 +134,16 @@ def _stdout_to_devnull() -> None:
         pass
 
 
+def _say(out: str, err: str) -> None:
+    """Print a command's output as its module formatted it: `out` to standard output, `err` to standard error."""
+    if out:
+        sys.stdout.write(out)
+        sys.stdout.flush()
+    if err:
+        sys.stderr.write(err)
+        sys.stderr.flush()
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line, like every other error (--help shows the usage)."""
 
@@ -212,19 +223,42 @@ def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] =
         if flag in skip:
             continue
         group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(SECTION_TITLES[section]))
-        meta, kind = f.metadata, f.type.split(" | ")[0]
-        kwargs = {"dest": f"{section}.{f.name}", "default": None, "required": flag in required,
-                  "help": f"{meta['help']} (default: {shown_default(f)})"}
-        if meta.get("const") is not None:  # the flag alone means this value
-            kwargs.update(nargs="?", const=meta["const"])
-        if kind == "bool":
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            number = {"int": int, "float": float, "str": str}[kind]
-            kwargs.update(type=_number_or(number, meta["words"]) if meta["words"] else number, choices=meta["choices"],
-                          metavar=meta["metavar"] or (None if meta["choices"] else
-                                                      {"int": "N", "float": "X"}.get(kind, f.name.upper())))
-        group.add_argument(flag, **kwargs)
+        group.add_argument(flag, **_flag_kwargs(f), dest=f"{section}.{f.name}", default=None,
+                           required=flag in required)
+
+
+def add_data_flags(p: argparse.ArgumentParser, names: tuple[str, ...], *, flags: dict[str, str] | None = None,
+                   helps: dict[str, str] | None = None, required: tuple[str, ...] = ()) -> None:
+    """Flags of the DataConfig fields `names` for a command that reads data outside training (eval, show), from
+    the declarations train's flags come from: kind, choices, metavar, help, the field's own default (no recipe
+    here) and its bounds, checked before the command runs as `_number`'s are. `flags` renames a field's flag
+    (eval's --batch-size), `helps` words a flag's help for this command; the dest is the flag's name."""
+    fields = {f.name: f for f in dataclasses.fields(DataConfig)}
+    for name in names:
+        f = fields[name]
+        flag = (flags or {}).get(name) or flag_of(f)
+        kwargs = {**_flag_kwargs(f), "default": f.default, "required": name in required}
+        if helps and name in helps:
+            kwargs["help"] = helps[name]
+        action = p.add_argument(flag, **kwargs)
+        if kwargs.get("type") in (int, float):
+            p.get_default("limits")[action.dest] = (flag, f.metadata["bounds"])
+
+
+def _flag_kwargs(f: dataclasses.Field) -> dict:
+    """argparse's keywords for the flag of the configuration field `f`: kind, choices, metavar, help."""
+    meta, kind = f.metadata, f.type.split(" | ")[0]
+    kwargs = {"help": f"{meta['help']} (default: {shown_default(f)})".replace("%", "%%")}
+    if meta.get("const") is not None:  # the flag alone means this value
+        kwargs.update(nargs="?", const=meta["const"])
+    if kind == "bool":
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        number = {"int": int, "float": float, "str": str}[kind]
+        kwargs.update(type=_number_or(number, meta["also"]) if meta["also"] else number, choices=meta["choices"],
+                      metavar=meta["metavar"] or (None if meta["choices"] else
+                                                  {"int": "N", "float": "X"}.get(kind, f.name.upper())))
+    return kwargs
 
 
 def _number_or(number, words: tuple[str, ...]):
@@ -237,43 +271,32 @@ def _number_or(number, words: tuple[str, ...]):
     return convert
 
 
-def train_config(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
-    """Flags -> TrainConfig (config.resolve_config): `base` (a resumed run's) or the recipe's defaults, then
-    the --config file's values, then every flag given (`typed`: an idle one is refused whatever its value)."""
-    typed = frozenset((section, f.name) for section, f, _ in config_fields()
-                      if getattr(args, f"{section}.{f.name}", None) is not None)
-    return resolve_config(train_config_given(args), recipe=args.recipe, base=base, typed=typed)
+def flag_values(args: argparse.Namespace) -> dict[tuple[str, str], object]:
+    """(section, field) -> value of every training flag of `args` (None: not given)."""
+    return {(section, f.name): getattr(args, f"{section}.{f.name}", None) for section, f, _ in config_fields()}
 
 
-def train_config_given(args: argparse.Namespace) -> dict[tuple[str, str], object]:
-    """(section, field) -> value of the training flags given (None: not given), over --config's values."""
-    given = {(section, f.name): getattr(args, f"{section}.{f.name}", None) for section, f, _ in config_fields()}
-    if getattr(args, "config", None):
-        from imgclf.configfile import read_config
-
-        given = {**read_config(args.config), **{key: value for key, value in given.items() if value is not None}}
-    return given
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of a command's training flags (resolve.resolve): --recipe's values, --config's over
+    them, the flags given over those; with --resume RUN, the run's own configuration instead of the recipe's
+    (a network from the user's .py file rebuilt only from --model-code, checked against its recorded hash)."""
+    flags = flag_values(args)
+    layer = user_values(getattr(args, "config", None), flags)
+    if getattr(args, "resume", None):
+        return resume(args.resume, layer, recipe=args.recipe, model_code=args.model_code,
+                      trust_changed_code=args.trust_changed_code)
+    return resolve(layer, recipe=args.recipe, typed=frozenset(key for key, value in flags.items() if value is not None))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.resume:
-        from imgclf.train import resumed_config
-
-        # a network from the user's .py file is rebuilt only from --model-code, checked against its recorded hash
-        cfg = train_config(args, resumed_config(args.resume, model_code=args.model_code,
-                                                trust_changed_code=args.trust_changed_code))
-    else:
-        cfg = train_config(args)
+    cfg = train_config(args)
     if args.print_config:
         from imgclf.configfile import config_yaml
 
         print(config_yaml(cfg), end="")
         return EXIT_OK
     if not args.resume:
-        refuse_if_in_use(cfg.run.out)  # a run that is training says so, rather than "already holds a run"
-        if (Path(cfg.run.out) / "checkpoints" / "last.pt").exists():
-            raise UserError(f"{cfg.run.out} already holds a run; resume it with --resume {cfg.run.out}, "
-                            f"or choose another --out")
+        refuse_existing_run(cfg.run.out, f"resume it with --resume {cfg.run.out}", "--out")
     from imgclf.train import train  # torch and the rest, once the flags are known to be good
 
     try:
@@ -282,18 +305,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"imgclf: {shown(str(stop))}", file=sys.stderr)
         return stop.code
     if record and os.environ.get("RANK", "0") == "0":  # under torchrun, once for the job
-        test = f", test accuracy {record['test_acc']:.2%}" if "test_acc" in record else ""
-        print(f"done: validation accuracy {record['val_acc']:.2%}{test} after {record['epoch']} epochs; "
-              f"checkpoints in {Path(cfg.run.out) / 'checkpoints'}", file=sys.stderr)
+        from imgclf.runs import format_finished
+
+        print(format_finished(record, cfg.run.out), file=sys.stderr)
     return EXIT_OK
 
 
 # ---------------------------------------------------------------- eval, predict, samples, models
 
-# Help of flags several commands share; argparse fills in %(default)s, so the help shows the default in the code.
-DATA_ROOT_HELP = "where built-in data sets are downloaded and found (%(default)s)"
-VAL_FRACTION_HELP = "held-out share of a single folder of classes, as in training (%(default)g)"
-CACHE_DIR_HELP = "where decoded folders are cached (default: ~/.cache/imgclf)"
+# Help of a flag several commands share; argparse fills in %(default)s, so the help shows the default in the code.
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (%(default)s)"
 
 def _add_cache(sub, common) -> None:
@@ -303,31 +323,18 @@ def _add_cache(sub, common) -> None:
     p.add_argument("action", choices=("list", "prune"))
     _number(p, "--older-than", float, 0, None, default=30.0, metavar="DAYS",
             help="prune: caches not used for this many days (%(default)s; 0: every cache)")
-    p.add_argument("--cache-dir", help=CACHE_DIR_HELP)
+    add_data_flags(p, ("cache_dir",))
     p.add_argument("--json", action="store_true", help="list: one JSON object per cache")
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    import time
-
-    from imgclf.cache import default_cache_dir, list_caches, prune_caches
+    from imgclf.cache import caches_output, default_cache_dir, list_caches, prune_caches
 
     root = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
     if args.cache_dir and not root.is_dir():
         raise UserError(f"--cache-dir {root} is not a folder")
     caches = list_caches(root) if args.action == "list" else prune_caches(root, older_than_days=args.older_than)
-    if args.json:
-        for cache in caches:
-            print(json.dumps(cache))
-        return EXIT_OK
-    for c in caches:
-        age = (time.time() - c["last_used"]) / 86400
-        state = "unfinished build, " if c["partial"] else ""
-        print(f"{c['key']}  {c['bytes'] / 2**20:>8.1f} MB  {c['pictures']:>7} pictures  "
-              f"{state}used {age:.1f} days ago  {shown(c['source'])}")
-    total = sum(c["bytes"] for c in caches) / 2**20
-    verb = "in" if args.action == "list" else "deleted from"
-    print(f"{len(caches)} caches, {total:.1f} MB {verb} {root}", file=sys.stderr)
+    _say(*caches_output(caches, root, args.action, as_json=args.json))
     return EXIT_OK
 
 
@@ -336,18 +343,13 @@ def _add_eval(sub, common) -> None:
     p.add_argument("checkpoint", help="an imgclf checkpoint, or a model it exported (.onnx, OpenVINO .xml, "
                                        "TorchScript)")
     _add_model_code(p)
-    p.add_argument("--data", required=True, help="data set or folder: by default its test split where it has one "
-                                                  "beside val/, else its held-out split, and all of a plain folder of "
-                                                  "class folders")
     p.add_argument("--split", choices=("train", "val", "test"),
                    help="evaluate this split instead (val: the validation split, or the share held out in training)")
-    p.add_argument("--labels", metavar="FILE.csv", help="as `imgclf train --labels`")
-    p.add_argument("--data-root", default="data", help=DATA_ROOT_HELP)
-    _number(p, "--val-fraction", float, 0, 1, low_open=True, high_open=True, words="between 0 and 1", default=0.2,
-            help=VAL_FRACTION_HELP)
-    _number(p, "--batch-size", int, 1, MAX_BATCH,
-            help="pictures per batch (default: 1024 small pictures, fewer large ones)")
-    p.add_argument("--cache-dir", help=CACHE_DIR_HELP)
+    add_data_flags(p, ("data", "labels", "data_root", "val_fraction", "eval_batch_size", "cache_dir"),
+                   flags={"eval_batch_size": "--batch-size"}, required=("data",), helps={
+                       "data": "data set or folder: by default its test split where it has one beside val/, else "
+                               "its held-out split, and all of a plain folder of class folders",
+                       "labels": "as `imgclf train --labels`"})
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -435,7 +437,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _add_samples(sub, common) -> None:
     p = _command(sub, common, "samples", cmd_samples, help="save test pictures of a data set as PNG files")
     p.add_argument("data", help="a built-in data set or a folder")
-    p.add_argument("--data-root", default="data", help=DATA_ROOT_HELP)
+    add_data_flags(p, ("data_root",))
     _number(p, "--per-class", int, 1, default=1, help="pictures per class (%(default)s)")
     p.add_argument("--out", default="imgs", help="folder to write into (%(default)s)")
 
@@ -574,12 +576,8 @@ def _add_show(sub, common) -> None:
                         "set's test split serves as validation)")
     p.add_argument("--out", default="samples.png", help="PNG to write (%(default)s)")
     _number(p, "--seed", int, 0, MAX_SEED, default=0, help="which pictures are drawn (%(default)s)")
-    _number(p, "--img-size", int, 8, MAX_SIDE, words=f"8..{MAX_SIDE}",
-            help="side of the square pictures (default: as `train` uses)")
-    p.add_argument("--data-root", default="data", help=DATA_ROOT_HELP)
-    _number(p, "--val-fraction", float, 0, 1, low_open=True, high_open=True, words="between 0 and 1", default=0.2,
-            help=VAL_FRACTION_HELP)
-    p.add_argument("--cache-dir", help=CACHE_DIR_HELP)
+    add_data_flags(p, ("img_size", "data_root", "val_fraction", "cache_dir"),
+                   helps={"img_size": "side of the square pictures (default: as `train` uses)"})
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -611,15 +609,11 @@ def _add_features(sub, common) -> None:
 
 def cmd_features(args: argparse.Namespace) -> int:
     shape = parse_size(args.input_size)
-    from imgclf.visualize import features
+    from imgclf.visualize import features, features_output
 
     done = features(args.checkpoint, args.image, input_shape=shape, seed=args.seed, out=args.out,
                     max_channels=args.max_channels)
-    print(f"{done.image.name}: {done.label}")
-    for i, (name, kind, out_shape) in enumerate(done.layers, start=1):
-        print(f"{i:3d}. {name:<24} {kind:<12} {'x'.join(map(str, out_shape))}")
-    print(f"wrote {len(done.layers) + 1} PNGs and TensorBoard events to {done.out} (tensorboard --logdir "
-          f"{done.out})", file=sys.stderr)
+    _say(*features_output(done))
     return EXIT_OK
 
 
@@ -643,16 +637,13 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     if cfg.data.batch_size == "auto":
         raise UserError("lr-find takes a number for --batch-size (auto is imgclf train's); give the batch of "
                         "the runs to come")
-    from imgclf.lrfind import lr_find
+    from imgclf.lrfind import lr_find, lr_find_output
 
     test, suggested, out = lr_find(cfg, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps,
                                    plot=args.plot)
-    where = (f"stopped at lr {test.lrs[-1]:.1e} after {len(test.lrs)} steps: the loss diverged" if test.diverged
-             else f"{len(test.lrs)} steps up to lr {test.lrs[-1]:.1e}")
-    print(f"swept {args.start_lr:.0e} .. {args.end_lr:.0e}; {where}", file=sys.stderr)
-    print(f"suggested learning rate: {suggested['valley']:.1e} (valley)")
-    print(f"  steepest descent at {suggested['steep']:.1e}; minimum loss / 10 at {suggested['minimum']:.1e}")
-    print(f"plot: {out}")
+    out, err = lr_find_output(test, suggested, out, start_lr=args.start_lr, end_lr=args.end_lr)
+    _say("", err)  # how far the sweep went, then what it suggests
+    _say(out, "")
     return EXIT_OK
 
 
@@ -664,10 +655,9 @@ def _add_env(sub, common) -> None:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    from imgclf.envinfo import environment, format_environment
+    from imgclf.envinfo import environment, environment_output
 
-    env = environment()
-    print(json.dumps(env) if args.json else format_environment(env))
+    _say(environment_output(environment(), as_json=args.json), "")
     return EXIT_OK
 
 
@@ -688,18 +678,11 @@ def _add_runs(sub, common) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from imgclf.runs import format_table, list_runs
+    from imgclf.runs import list_runs, runs_output
 
     if not Path(args.folder).is_dir():
         raise UserError(f"no such folder: {args.folder}")
-    rows = list_runs(Path(args.folder), sort=args.sort)
-    if args.json:
-        for row in rows:
-            print(json.dumps(row))
-        return EXIT_OK
-    if rows:
-        print(format_table(rows))
-    print(f"{len(rows)} runs under {args.folder}", file=sys.stderr)
+    _say(*runs_output(list_runs(Path(args.folder), sort=args.sort), args.folder, as_json=args.json))
     return EXIT_OK
 
 
@@ -741,10 +724,10 @@ def _add_tune(sub, common) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from imgclf.tune import Search, format_trials, read_space, run_search
+    from imgclf.tune import Search, read_space, run_search, tune_output
 
-    given = {key: value for key, value in train_config_given(args).items() if value is not None}
-    resolve_config(given, recipe=args.recipe)  # the flags and --config checked first, each in one line
+    given = user_values(args.config, flag_values(args))
+    resolve(given, recipe=args.recipe)  # the flags and --config checked first, each in one line
     space, fixed = read_space(args.space)
     out = Path(args.tune_out)
     search = Search(given=given, recipe=args.recipe, space=space,
@@ -756,11 +739,5 @@ def cmd_tune(args: argparse.Namespace) -> int:
     except Stopped as stop:
         print(f"imgclf: tune {stop}; rerun the same command to continue the study", file=sys.stderr)
         return stop.code
-    print(format_trials(summary))
-    best = summary["best"]
-    if best is None:
-        print(f"imgclf: no trial of the study {search.study!r} has finished yet", file=sys.stderr)
-        return EXIT_OK
-    print(f"best: trial {best.number}, {summary['monitor']} {best.value:.4f}; "
-          f"{', '.join(str(p) for p in summary['files'])}", file=sys.stderr)
+    _say(*tune_output(summary, search.study))
     return EXIT_OK

@@ -1,10 +1,19 @@
-"""Frozen configuration, filled once by the CLI and read by the builders. No torch here."""
+"""Frozen configuration, filled once by the CLI and read by the builders. No torch here, and no file reading.
+
+Every training option is declared once, below, with `option(...)`: its default, help, flag, choices and
+bounds. From that one declaration come `imgclf train`'s flag (imgclf.cli), `imgclf.fit`'s keyword
+(imgclf.api), the configuration-file key (imgclf.configfile) and the one rule every value of it passes
+(`check_option`), whoever read it. `TrainConfig.from_sources` stacks what the user set over a recipe or a
+resumed run; imgclf.resolve is the one place that reads the files those come from."""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 import math
-from collections.abc import Mapping
+import numbers
+import os
 from dataclasses import dataclass, field
 
 from imgclf.errors import UserError
@@ -25,19 +34,28 @@ MAX_CHANNELS = 64  # channels of an input picture (--input-size)
 MAX_BATCH = 65536  # pictures in one batch
 MAX_EPOCHS = 100_000
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits
+PROBABILITY = "a probability, in [0, 1]"
+KIND_WORDS = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a string"}
 
 
 def option(default, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
            resumable: bool = False, metavar: str | None = None, none: str = "none", const: str | None = None,
-           words: tuple[str, ...] = ()):
-    """A configuration field and its command-line flag in one declaration: `imgclf.cli` builds the flag
-    (`--field-name` unless `flag` says otherwise), its help and its shown default from this, so `--help`
-    cannot disagree with the code. `resumable`: the flag may differ from the run being resumed; `none`: what
-    a default of None means, for the help; `const`: the value of the flag given without one; `words`: words
-    a number flag also takes (`--batch-size auto`)."""
+           low=None, high=None, low_open: bool = False, high_open: bool = False, words: str | None = None,
+           also: tuple[str, ...] = ()):
+    """A configuration field, its command-line flag and its rule in one declaration: `imgclf.cli` builds the
+    flag (`--field-name` unless `flag` says otherwise), its help and its shown default from this, so `--help`
+    cannot disagree with the code, and `check_option` checks every value of it (flag, file, fit option,
+    recipe, resumed run) against the same rule. `resumable`: the flag may differ from the run being
+    resumed; `none`: what a default of None means, for the help; `const`: the value of the flag given
+    without one; `choices`: the values allowed; `low`, `high`, `low_open`, `high_open`, `words`: the bounds
+    of a number, as `check_number` takes them. `also`: words a number flag takes
+    besides numbers (`--batch-size auto`).
+    """
     return field(default=default, metadata={"help": help, "flag": flag, "choices": choices,
                                             "resumable": resumable, "metavar": metavar, "none": none,
-                                            "const": const, "words": words})
+                                            "const": const, "also": also, "bounds": {"low": low, "high": high,
+                                                                       "low_open": low_open,
+                                                                       "high_open": high_open, "words": words}})
 
 
 def flag_of(f: dataclasses.Field) -> str:
@@ -50,35 +68,44 @@ class DataConfig:
     data: str = option("cifar10", "cifar10, cifar100, mnist, fashion-mnist, or a folder (see README)",
                        resumable=True)
     data_root: str = option("data", "where built-in data sets are downloaded and found", resumable=True)
-    img_size: int | None = option(None, "side of the square input", none="native; photos 224")
+    img_size: int | None = option(None, "side of the square input", none="native; photos 224",
+                                  low=8, high=MAX_SIDE, words=f"8..{MAX_SIDE}")
     labels: str | None = option(None, "a CSV of filename,label rows naming the class of each picture under --data "
                                       "(Kaggle's layout)", none="class folders", metavar="FILE.csv")
-    val_fraction: float = option(0.2, "held-out share of a single folder of classes")
+    val_fraction: float = option(0.2, "held-out share of a single folder of classes",
+                                 low=0, high=1, low_open=True, high_open=True, words="between 0 and 1")
     augment: str = option("auto", "training augmentation; auto: photo for photos, flip-crop for small square "
                                   "pictures such as CIFAR's", choices=AUGMENTS)
     store_size: int | None = option(None, "side at which training pictures are kept decoded, for random-resized "
-                                          "crops (photo)", none="8/7 of --img-size for photos, else --img-size")
+                                          "crops (photo)", none="8/7 of --img-size for photos, else --img-size",
+                                    low=8, high=MAX_SIDE, words=f"8..{MAX_SIDE}")
     crop_scale: float | None = option(None, "smallest area of a random-resized crop, as a share of the picture "
-                                            "(photo)", none=f"0.25 from {LONG_RUN} epochs on, 0.35 below")
+                                            "(photo)", none=f"0.25 from {LONG_RUN} epochs on, 0.35 below",
+                                      low=0, high=1, low_open=True, words="in (0, 1]")
     auto_augment: str | None = option(None, "auto-augment policy of each training picture (photo)",
                                       none=f"trivialaugment from {LONG_RUN} epochs on, none below",
                                choices=AUTO_AUGMENTS)
     random_erasing: float | None = option(None, "probability of erasing a rectangle of each training picture "
-                                                "(photo)", none=f"0.25 from {LONG_RUN} epochs on, 0 below")
-    mixup: float = option(0.0, "mixup's Beta alpha; 0: no mixup")
-    cutmix: float = option(0.0, "CutMix's Beta alpha; 0: no CutMix")
-    mix_switch: float = option(0.5, "with both mixup and CutMix, the probability of CutMix for a batch")
-    crop_pad: int | None = option(None, "largest shift of flip-crop, in pixels", none="an eighth of the side")
+                                                "(photo)", none=f"0.25 from {LONG_RUN} epochs on, 0 below",
+                                          low=0, high=1, words=PROBABILITY)
+    mixup: float = option(0.0, "mixup's Beta alpha; 0: no mixup", low=0)
+    cutmix: float = option(0.0, "CutMix's Beta alpha; 0: no CutMix", low=0)
+    mix_switch: float = option(0.5, "with both mixup and CutMix, the probability of CutMix for a batch",
+                               low=0, high=1, words=PROBABILITY)
+    crop_pad: int | None = option(None, "largest shift of flip-crop, in pixels", none="an eighth of the side",
+                                  low=0, high=MAX_SIDE)
     progressive_resize: int | None = option(None, "progressive resizing: train the first epoch at this side, growing "
                                                   "to --img-size by three quarters of the run (cheaper early "
                                                   "epochs); evaluation stays at full size", none="off",
-                                            metavar="PIXELS")
+                                            metavar="PIXELS", low=8, high=MAX_SIDE, words=f"8..{MAX_SIDE}")
     batch_size: int | str = option(128, "global batch size, split across processes; auto: the largest that fits in "
-                                        "GPU memory (batchsize.py)", words=("auto",), metavar="N|auto")
+                                        "GPU memory (imgclf.batchsize)", low=1, high=MAX_BATCH, also=("auto",),
+                                   metavar="N|auto")
     balance: str = option("none", "unbalanced classes: sampler draws pictures inversely to their class's size; "
                                   "loss weights the loss so", choices=BALANCES)
     eval_batch_size: int | None = option(None, "batch size for evaluation", resumable=True,
-                                         none="1024 small pictures, fewer large ones (about 12 MB of input)")
+                                         none="1024 small pictures, fewer large ones (about 12 MB of input)",
+                                         low=1, high=MAX_BATCH)
     strict: bool = option(False, "fail before training on any bad file", flag="--strict-data")
     cache_dir: str | None = option(None, "where decoded folders are cached", none="~/.cache/imgclf",
                                 resumable=True)
@@ -92,9 +119,9 @@ class ModelConfig:
                                     metavar="FILE|NAME")
     freeze_backbone: bool = option(False, "train only the new last layer")
     freeze_epochs: int = option(0, "staged fine-tuning (note 24): the last layer alone for this many epochs, "
-                                   "then the whole network")
+                                   "then the whole network", low=0, high=MAX_EPOCHS)
     backbone_lr_scale: float = option(1.0, "staged fine-tuning: the backbone's learning rate as a share of --lr "
-                                           "once it trains (e.g. 0.1)")
+                                           "once it trains (e.g. 0.1)", low=0, high=1, low_open=True, words="in (0, 1]")
     args: str | None = option(None, "keyword arguments for the constructor of a timm/NAME model or of "
                                     "--model FILE.py:ClassName, as a JSON object", flag="--model-args",
                               metavar="JSON")
@@ -103,35 +130,36 @@ class ModelConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     optimizer: str = option("sgd", "optimizer", choices=OPTIMIZERS)
-    lr: float = option(0.05, "peak learning rate")
-    momentum: float = option(0.9, "SGD momentum")
+    lr: float = option(0.05, "peak learning rate", low=0, low_open=True)
+    momentum: float = option(0.9, "SGD momentum", low=0, high=1, high_open=True, words="in [0, 1)")
     nesterov: bool = option(True, "Nesterov momentum")
-    weight_decay: float = option(5e-4, "on weights, not biases or norms")
+    weight_decay: float = option(5e-4, "on weights, not biases or norms", low=0)
     schedule: str = option("onecycle", "learning-rate schedule after warm-up", choices=SCHEDULES)
-    warmup_epochs: float = option(1.0, "linear warm-up length, in epochs")
-    label_smoothing: float = option(0.1, "cross-entropy label smoothing")
-    epochs: int = option(10, "epochs in all", resumable=True)
+    warmup_epochs: float = option(1.0, "linear warm-up length, in epochs", low=0)
+    label_smoothing: float = option(0.1, "cross-entropy label smoothing",
+                                    low=0, high=1, high_open=True, words="in [0, 1)")
+    epochs: int = option(10, "epochs in all", resumable=True, low=1, high=MAX_EPOCHS)
     patience: int | None = option(None, "end the run after this many epochs without a better --monitor figure",
-                                  none="never", resumable=True)
+                                  none="never", resumable=True, low=1, high=MAX_EPOCHS)
     monitor: str = option("val_acc", "validation figure that chooses best.pt and early stopping", choices=MONITORS)
     lookahead: bool = option(False, "every 5 steps, average the weights and continue from the average")
     lr_base_batch: int | None = option(None, "the batch size --lr is meant for: at another --batch-size the learning "
                                              "rate is scaled by batch/N (SGD) or its square root (Adam, AdamW), as "
-                                             "timm's --lr-base-size", metavar="N",
+                                             "timm's --lr-base-size", metavar="N", low=1, high=MAX_BATCH,
                                        none="the recipe's batch when --lr is not given, else --batch-size")
     clip_grad: float | None = option(None, "clip the gradients' global norm to this before each step",
-                                     metavar="NORM", none="off")
+                                     metavar="NORM", none="off", low=0, low_open=True)
     accumulate: int = option(1, "split each batch into N micro-batches whose gradients add up before one step: "
                                 "the same training in 1/N of the activation memory (exact without BatchNorm, "
                                 "which normalises each micro-batch by its own statistics)", metavar="N",
-                            resumable=True)
+                             resumable=True, low=1, high=MAX_BATCH)
 
 
 @dataclass(frozen=True)
 class RunConfig:
     out: str = option("runs/run", "run folder")
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", resumable=True)
-    seed: int = option(0, "seed of initialisation, order and augmentation")
+    seed: int = option(0, "seed of initialisation, order and augmentation", low=0, high=MAX_SEED)
     # bf16 autocast where the hardware has it (AVX512-BF16/AMX CPUs, recent GPUs), else fp32. Runs stay
     # repeatable and resume bit-exactly across processes; within one process oneDNN's kernel choices can
     # depend on what ran before, so in-process comparisons (tests) pin fp32.
@@ -139,12 +167,13 @@ class RunConfig:
     # NHWC convolutions: faster with oneDNN and tensor cores (benchmarks/)
     channels_last: bool = option(True, "channels_last memory format")
     compile: bool = option(False, "torch.compile the model", resumable=True)
-    log_every: int = option(50, "TensorBoard train-loss interval, in steps", resumable=True)
+    log_every: int = option(50, "TensorBoard train-loss interval, in steps", resumable=True, low=1)
     stop_after: int | None = option(None, "stop resumably after this many epochs of this invocation",
-                                    none="never", resumable=True)
+                                    none="never", resumable=True, low=1, high=MAX_EPOCHS)
     ema: bool = option(False, "evaluate and keep an exponential moving average of the weights")
     ema_decay: float = option(0.99, "--ema: how much of the average each update (every 5 steps) keeps, once warmed "
-                                    "up; early updates keep less, (1 + n) / (10 + n) after n updates")
+                                    "up; early updates keep less, (1 + n) / (10 + n) after n updates",
+                              low=0, high=1, high_open=True, words="in [0, 1)")
     tta: bool = option(False, "the last epoch's evaluation averages flipped and 1-pixel-shifted views "
                               "(6 passes; engine.tta_logits)")
     # MLflow beside TensorBoard (imgclf.mlflowrun); recorded, so that a resumed run goes on logging there
@@ -170,93 +199,109 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        parts = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig}
+        """The configuration of section -> {field: value} (config.json's layout; fields it does not name keep
+        their defaults, names it has that TrainConfig lacks are ignored), each value checked and converted by
+        `check_option`: one UserError line for the first bad one."""
         kwargs = {}
-        for name, klass in parts.items():
-            known = {f.name for f in dataclasses.fields(klass)}
-            kwargs[name] = klass(**{k: v for k, v in d.get(name, {}).items() if k in known})
-        return cls(**kwargs).validated()
+        for section in cls.SECTIONS:
+            values = d.get(section, {})
+            if not isinstance(values, dict):
+                raise UserError(f"the {section} section must be a mapping of field: value, not "
+                                f"{type(values).__name__}")
+            kwargs[section] = SECTION_TYPES[section](**{
+                f.name: check_option(f, values[f.name]) for _, f, _ in config_fields((section,)) if f.name in values})
+        return cls(**kwargs)
+
+    @classmethod
+    def from_sources(cls, defaults: dict, *layers: dict[tuple[str, str], object],
+                     base: TrainConfig | None = None, typed: frozenset | None = None) -> TrainConfig:
+        """The one way from what a user set to a TrainConfig: `defaults` (a recipe's section -> {field: value})
+        or, resuming, `base` (the run's own configuration), then each of `layers` in turn, (section, field) ->
+        value, None meaning not set, a later layer winning (a --config file's values, then the flags or fit's
+        options). With `base`, a value that differs from the run's where the option is not resumable is one
+        UserError line. Every value passes `check_option`. A new run is then `settled` (`typed`: the options
+        the user typed, None for all that are set)."""
+        given = {key: value for layer in layers for key, value in layer.items() if value is not None}
+        if base is None:
+            sections = {name: dict(values) for name, values in defaults.items()}
+        else:
+            sections = base.to_dict()
+            for section, f, flag in config_fields():
+                value, used = given.get((section, f.name)), getattr(getattr(base, section), f.name)
+                if value is not None and not f.metadata["resumable"] and used != value:
+                    raise UserError(f"{flag} {value} contradicts the run being resumed (it used {used}); drop the "
+                                    f"flag, or start a new run with --out")
+        for (section, name), value in given.items():
+            sections.setdefault(section, {})[name] = value
+        cfg = cls.from_dict(sections)
+        return cfg if base is not None else settled(cfg, cls.from_dict(defaults), given, typed)
 
     def validated(self) -> TrainConfig:
         """Return self, or raise UserError naming the first invalid value and what the flag accepts."""
-        d, o, r = self.data, self.optim, self.run
-        check_number("--img-size", d.img_size, 8, MAX_SIDE, words=f"8..{MAX_SIDE}")
-        check_number("--val-fraction", d.val_fraction, 0, 1, low_open=True, high_open=True, words="between 0 and 1")
-        check_number("--crop-pad", d.crop_pad, 0, MAX_SIDE)
-        check_number("--progressive-resize", d.progressive_resize, 8, MAX_SIDE, words=f"8..{MAX_SIDE}")
-        check_number("--store-size", d.store_size, 8, MAX_SIDE, words=f"8..{MAX_SIDE}")
-        check_number("--crop-scale", d.crop_scale, 0, 1, low_open=True, words="in (0, 1]")
-        check_number("--random-erasing", d.random_erasing, 0, 1, words="a probability, in [0, 1]")
-        check_number("--mixup", d.mixup, 0)
-        check_number("--cutmix", d.cutmix, 0)
-        check_number("--mix-switch", d.mix_switch, 0, 1, words="a probability, in [0, 1]")
-        if d.batch_size != "auto":
-            check_number("--batch-size", d.batch_size, 1, MAX_BATCH)
-        check_number("--eval-batch-size", d.eval_batch_size, 1, MAX_BATCH)
-        check_number("--freeze-epochs", self.model.freeze_epochs, 0, MAX_EPOCHS)
-        check_number("--backbone-lr-scale", self.model.backbone_lr_scale, 0, 1, low_open=True, words="in (0, 1]")
-        check_number("--lr", o.lr, 0, low_open=True)
-        check_number("--momentum", o.momentum, 0, 1, high_open=True, words="in [0, 1)")
-        check_number("--weight-decay", o.weight_decay, 0)
-        check_number("--warmup-epochs", o.warmup_epochs, 0)
-        check_number("--label-smoothing", o.label_smoothing, 0, 1, high_open=True, words="in [0, 1)")
-        check_number("--epochs", o.epochs, 1, MAX_EPOCHS)
-        check_number("--lr-base-batch", o.lr_base_batch, 1, MAX_BATCH)
-        check_number("--clip-grad", o.clip_grad, 0, low_open=True)
-        check_number("--accumulate", o.accumulate, 1, MAX_BATCH)
-        check_number("--patience", o.patience, 1, MAX_EPOCHS)
-        check_number("--seed", r.seed, 0, MAX_SEED)
-        check_number("--log-every", r.log_every, 1)
-        check_number("--stop-after", r.stop_after, 1, MAX_EPOCHS)
-        check_number("--ema-decay", r.ema_decay, 0, 1, high_open=True, words="in [0, 1)")
-        for section in self.SECTIONS:  # fields with a fixed set of values (also a recipe's or a checkpoint's)
-            part = getattr(self, section)
-            for f in dataclasses.fields(part):
-                choices, value = f.metadata["choices"], getattr(part, f.name)
-                _check(not choices or value is None or value in choices,
-                       f"unknown {flag_of(f)} {value!r}; choose one of {', '.join(choices or ())}")
+        for section, f, _ in config_fields():
+            check_option(f, getattr(getattr(self, section), f.name))
         return self
+
+
+SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig}
 
 
 def config_fields(sections=TrainConfig.SECTIONS):
     """(section, field, flag) of every TrainConfig field, in declaration order: `imgclf train`'s flags and
     `imgclf.fit`'s options."""
     for section in sections:
-        for f in dataclasses.fields(TrainConfig.__dataclass_fields__[section].default_factory):
+        for f in dataclasses.fields(SECTION_TYPES[section]):
             yield section, f, flag_of(f)
 
 
-def resolve_config(given: dict[tuple[str, str], object], *, recipe: str = "default",
-                   base: TrainConfig | None = None, typed: frozenset | None = None) -> TrainConfig:
-    """The one way from what a user set (`imgclf train`'s flags, `imgclf.fit`'s options) to a TrainConfig:
-    `base` (a resumed run's) or the recipe's defaults, then every value of `given`, (section, field) ->
-    value, None meaning not given. A value that differs from `base`'s where the field is not resumable is one
-    UserError line. A new run's learning rate follows its batch size (`lr_for_batch`), and an option set
-    where it would do nothing is one UserError line (`refuse_idle`): the options in `typed` (the flags
-    typed; None: all of `given`) however set, the others (a configuration file's) when they differ from
-    the recipe's value, so that a run's own config.yaml stays valid as --config."""
-    given = {key: value for key, value in given.items() if value is not None}
-    if base is None:
-        sections = {name: dict(values) for name, values in RECIPES[recipe].items()}
-        defaults = TrainConfig.from_dict(sections)
-        explicit = {key for key, value in given.items()
-                    if typed is None or key in typed or value != getattr(getattr(defaults, key[0]), key[1])}
-        for (section, name), value in given.items():
-            sections.setdefault(section, {})[name] = value
-        cfg = TrainConfig.from_dict(sections)
-        refuse_idle(cfg, explicit)
-        return lr_for_batch(cfg, lr_given=("optim", "lr") in given,
-                            base_given=("optim", "lr_base_batch") in given, recipe_batch=defaults.data.batch_size)
-    else:
-        sections = base.to_dict()
-        for section, f, flag in config_fields():
-            value, used = given.get((section, f.name)), getattr(getattr(base, section), f.name)
-            if value is not None and not f.metadata["resumable"] and used != value:
-                raise UserError(f"{flag} {value} contradicts the run being resumed (it used {used}); drop the "
-                                f"flag, or start a new run with --out")
-    for (section, name), value in given.items():
-        sections.setdefault(section, {})[name] = value
-    return TrainConfig.from_dict(sections)
+def check_option(f: dataclasses.Field, value, what: str | None = None, *, bounds: bool = True):
+    """The one checker of an option's value, whoever read it (flag, configuration file, fit's keyword,
+    recipe, a resumed run's config.json): `value` converted to the field's kind (a whole number for a float
+    field becomes a float, a path a string, a mapping for --model-args JSON text), or one UserError line
+    naming `what` (how the user wrote it; default: the flag and the value) and what the flag accepts. None
+    (an option left out) passes. `bounds=False`: the kind and choices only (the end of a searched range,
+    whose bounds tune checks with the rest of a trial's configuration)."""
+    if value is None:
+        return None
+    flag, kind = flag_of(f), f.type.split(" | ")[0]
+    what = what or f"{flag} {value!r}"
+    if isinstance(value, str) and value in f.metadata["also"]:  # --batch-size auto
+        return value
+    if kind == "str" and isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if f.name == "args" and isinstance(value, dict):  # --model-args: a mapping is its JSON text
+        try:
+            value = json.dumps(value)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"{what}: the constructor's arguments must be plain JSON values ({err})") from None
+    ok = {"bool": isinstance(value, bool), "str": isinstance(value, str),
+          "int": isinstance(value, numbers.Integral) and not isinstance(value, bool),
+          "float": isinstance(value, numbers.Real) and not isinstance(value, bool)}[kind]
+    if not ok:
+        raise UserError(f"{what} is not {KIND_WORDS[kind]} ({flag} takes {KIND_WORDS[kind]})")
+    value = {"int": int, "float": float}.get(kind, lambda v: v)(value)
+    choices = f.metadata["choices"]
+    if choices and value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UserError(f"{what} is not one of {', '.join(choices)}{hint}")
+    if bounds and kind in ("int", "float"):
+        check_number(flag, value, **f.metadata["bounds"])
+    return value
+
+
+def settled(cfg: TrainConfig, recipe: TrainConfig, given: dict[tuple[str, str], object],
+            typed: frozenset | None) -> TrainConfig:
+    """A new run's cross-option rules, over `cfg` as the user set it on top of `recipe`: an option set where it
+    would do nothing is one UserError line (`refuse_idle`): one in `typed` (the flags typed; None: all of
+    `given`) however set, another (a configuration file's) when it differs from the recipe's value, so that
+    a run's own config.yaml stays valid as --config; then the learning rate follows the batch size
+    (`lr_for_batch`)."""
+    explicit = {key for key, value in given.items()
+                if typed is None or key in typed or value != getattr(getattr(recipe, key[0]), key[1])}
+    refuse_idle(cfg, explicit)
+    return lr_for_batch(cfg, lr_given=("optim", "lr") in given, base_given=("optim", "lr_base_batch") in given,
+                        recipe_batch=recipe.data.batch_size)
 
 
 def lr_for_batch(cfg: TrainConfig, *, lr_given: bool, base_given: bool, recipe_batch) -> TrainConfig:
@@ -349,36 +394,6 @@ def check_number(flag: str, value, low=None, high=None, *, low_open: bool = Fals
     elif words is None:
         words = f"below {high}" if high_open else f"at most {high}"
     raise UserError(f"{flag} must be {words}, got {value}")
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message)
-
-
-class _Recipes(Mapping):
-    """Named recipes, name -> {section: {field: value}}: values that replace the defaults above unless a flag
-    sets them. Each is a configuration file a user can read, imgclf/recipes/NAME.yaml (imgclf.configfile),
-    read when asked for."""
-
-    def __getitem__(self, name: str) -> dict[str, dict]:
-        from imgclf.configfile import read_recipe
-
-        return read_recipe(name)
-
-    def __iter__(self):
-        from imgclf.configfile import recipe_names
-
-        return iter(recipe_names())
-
-    def __len__(self) -> int:
-        return len(list(iter(self)))
-
-    def __contains__(self, name) -> bool:
-        return name in list(iter(self))
-
-
-RECIPES: Mapping[str, dict[str, dict]] = _Recipes()
 
 
 def parse_size(text: str) -> tuple[int, int, int]:

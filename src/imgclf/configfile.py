@@ -14,16 +14,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import json
-import numbers
-import os
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
-from imgclf.config import TrainConfig, config_fields
+from imgclf.config import TrainConfig, check_option, config_fields
 from imgclf.errors import UserError
 
-KINDS = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a string"}
 HEADER = ("# imgclf train configuration: rerun it with `imgclf train --config FILE`; flags given with it win.\n"
           "# Keys are imgclf train's flags without the dashes (- written _); `imgclf train --help` says what "
           "each does.\n")
@@ -60,7 +57,7 @@ def read_yaml(path, *, what: str = "configuration file"):
 
 
 def read_config(path) -> dict[tuple[str, str], object]:
-    """The options a configuration file sets, as config.resolve_config takes them: (section, field) -> value."""
+    """The options a configuration file sets, as config.TrainConfig.from_sources takes them: (section, field) -> value."""
     return parse_options(read_yaml(path), str(path))
 
 
@@ -80,8 +77,8 @@ def parse_options(doc, source: str) -> dict[tuple[str, str], object]:
             continue
         if key not in known:
             raise UserError(unknown_key(source, key, known))
-        section, f, flag = known[key]
-        given[section, f.name] = option_value(source, key, flag, f, value)
+        section, f, _ = known[key]
+        given[section, f.name] = option_value(source, key, f, value)
     return given
 
 
@@ -91,8 +88,8 @@ def _section(source: str, section: str, values: dict) -> dict[tuple[str, str], o
     for name, value in values.items():
         if name not in fields:
             raise UserError(unknown_key(source, f"{section}.{name}", {f"{section}.{n}": None for n in fields}))
-        f, flag = fields[name]
-        given[section, name] = option_value(source, f"{section}.{name}", flag, f, value)
+        f, _ = fields[name]
+        given[section, name] = option_value(source, f"{section}.{name}", f, value)
     return given
 
 
@@ -103,31 +100,13 @@ def unknown_key(source: str, key: str, known) -> str:
     return f"{source}: unknown key {key!r}; {hint}"
 
 
-def option_value(source: str, key: str, flag: str, f: dataclasses.Field, value):
-    """`value` as `flag` would read it: a number for a number (also written as text: YAML reads 1e-3 as a
-    string), one of the flag's choices, JSON text for --model-args (a mapping is written as JSON)."""
-    if value is None:
-        return None
-    kind = f.type.split(" | ")[0]
-    if value in f.metadata["words"]:  # --batch-size auto
-        return value
-    if flag == "--model-args" and isinstance(value, dict):
-        value = json.dumps(value)
-    if kind in ("int", "float") and isinstance(value, str):
-        with contextlib.suppress(ValueError):  # not a number: said below
-            value = int(value) if kind == "int" else float(value)
-    ok = {"bool": isinstance(value, bool), "str": isinstance(value, str | os.PathLike),
-          "int": isinstance(value, numbers.Integral) and not isinstance(value, bool),
-          "float": isinstance(value, numbers.Real) and not isinstance(value, bool)}[kind]
-    if not ok:
-        raise UserError(f"{source}: {key}: {value!r} is not {KINDS[kind]} ({flag} takes {KINDS[kind]})")
-    value = {"int": int, "float": float, "str": os.fspath}.get(kind, bool)(value)
-    choices = f.metadata["choices"]
-    if choices and value not in choices:
-        close = difflib.get_close_matches(value, choices, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UserError(f"{source}: {key}: {value!r} is not one of {', '.join(choices)}{hint}")
-    return value
+def option_value(source: str, key: str, f: dataclasses.Field, value, *, bounds: bool = True):
+    """`value` of the option `f`, read from `source` under `key`, as config.check_option checks and converts
+    it (`bounds`: as there); a number written as text is read as one first (YAML reads 1e-3 as a string)."""
+    if f.type.split(" | ")[0] in ("int", "float") and isinstance(value, str):
+        with contextlib.suppress(ValueError):  # not a number: check_option says so
+            value = int(value) if f.type.startswith("int") else float(value)
+    return check_option(f, value, what=f"{source}: {key}: {value!r}", bounds=bounds)
 
 
 def config_yaml(cfg: TrainConfig, header: str = HEADER) -> str:
@@ -157,7 +136,7 @@ def recipe_names() -> list[str]:
 
 
 def read_recipe(name: str) -> dict[str, dict]:
-    """The recipe `name` (imgclf/recipes/NAME.yaml) as section -> {field: value}, as resolve_config takes it."""
+    """The recipe `name` (imgclf/recipes/NAME.yaml) as section -> {field: value}, as TrainConfig.from_sources takes it."""
     if name not in recipe_names():
         raise KeyError(name)
     import yaml
@@ -167,3 +146,24 @@ def read_recipe(name: str) -> dict[str, dict]:
     for (section, field), value in parse_options(doc, f"recipe {name}").items():
         sections.setdefault(section, {})[field] = value
     return sections
+
+
+class _Recipes(Mapping):
+    """Named recipes, name -> {section: {field: value}}: values that replace the defaults of imgclf.config
+    unless a file or a flag sets them. Each is a configuration file a user can read, imgclf/recipes/NAME.yaml,
+    read when asked for."""
+
+    def __getitem__(self, name: str) -> dict[str, dict]:
+        return read_recipe(name)
+
+    def __iter__(self):
+        return iter(recipe_names())
+
+    def __len__(self) -> int:
+        return len(recipe_names())
+
+    def __contains__(self, name) -> bool:
+        return name in recipe_names()
+
+
+RECIPES: Mapping[str, dict[str, dict]] = _Recipes()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -51,6 +52,11 @@ def environment() -> dict:
         "mps": bool(torch.backends.mps.is_available()),
         "default_device": str(resolve_device("auto")),
     }
+
+
+def environment_output(env: dict, *, as_json: bool = False) -> str:
+    """What `imgclf env` prints: `env` (`environment()`) as one JSON object or as `format_environment`'s lines."""
+    return (json.dumps(env) if as_json else format_environment(env)) + "\n"
 
 
 def format_environment(env: dict) -> str:

@@ -151,3 +151,14 @@ def lr_find(cfg, *, start_lr: float, end_lr: float, steps: int, plot: Path) -> t
     title = (f"lr-find: {cfg.model.name} on {Path(cfg.data.data).name or cfg.data.data}, {cfg.optim.optimizer}, "
              f"batch {batch}")
     return test, suggested, save_png(lr_find_figure(test, suggested, title=title), Path(plot))
+
+
+def lr_find_output(test: RangeTest, suggested: dict[str, float], plot: Path, *, start_lr: float,
+                   end_lr: float) -> tuple[str, str]:
+    """What `imgclf lr-find` prints: (standard output, standard error): the suggested learning rates and the
+    plot; how far the sweep went."""
+    where = (f"stopped at lr {test.lrs[-1]:.1e} after {len(test.lrs)} steps: the loss diverged" if test.diverged
+             else f"{len(test.lrs)} steps up to lr {test.lrs[-1]:.1e}")
+    return (f"suggested learning rate: {suggested['valley']:.1e} (valley)\n"
+            f"  steepest descent at {suggested['steep']:.1e}; minimum loss / 10 at {suggested['minimum']:.1e}\n"
+            f"plot: {plot}\n"), f"swept {start_lr:.0e} .. {end_lr:.0e}; {where}\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import io
@@ -12,7 +13,7 @@ import stat
 import sys
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -25,7 +26,7 @@ from torch import nn
 from imgclf.checkpoint import load_checkpoint
 from imgclf.errors import UserError, shown
 from imgclf.files import not_regular
-from imgclf.models import base_fits, check_fits, model_from_checkpoint, on_meta
+from imgclf.models import base_fits, model_from_checkpoint
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import PictureWalk, is_image_file
 from imgclf.transforms import BadImage, BatchTransform, load_image
@@ -45,10 +46,8 @@ class Predictor:
     def __init__(self, ckpt: dict, *, device: str = "auto", precision: str = "fp32"):
         self.device = resolve_device(device)
         name, size = ckpt["model"]["name"], ckpt["input"]["size"]
-        with on_meta():  # the weights are checked against the network before it takes memory
-            check_fits(ckpt, base=_torchvision_model_alone(name) if base_fits(name, size) else None)
-        base = _torchvision_model_alone(name) if base_fits(name, size) else None
-        model = _fold_batchnorm(model_from_checkpoint(ckpt, base=base))
+        builder = _torchvision_builder_alone(name) if base_fits(name, size) else None  # torchvision imported once
+        model = _fold_batchnorm(model_from_checkpoint(ckpt, base_builder=builder))
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self.classes: list[str] = ckpt["classes"]
         self.model_name: str = name
@@ -322,8 +321,9 @@ _TORCHVISION_FAMILIES = (
 )
 
 
-def _torchvision_model_alone(name: str) -> nn.Module | None:
-    """torchvision classifier `name` (random weights, 1000 classes) built from its own module only, or None.
+def _torchvision_builder_alone(name: str) -> Callable[[], nn.Module] | None:
+    """A builder of torchvision classifier `name` (random weights, 1000 classes), imported from its own module
+    only, or None. The builder keeps working after the clean-up below (its module's globals stay alive).
 
     `import torchvision` runs the package's __init__, which imports every model family, the detection ops
     and with them torch._dynamo: over a second, most of `imgclf predict`'s start-up. Here the packages
@@ -345,7 +345,7 @@ def _torchvision_model_alone(name: str) -> nn.Module | None:
             sys.modules[package] = importlib.util.module_from_spec(spec)  # not executed: no __init__ imports
         importlib.import_module(f"torchvision.models.{family}")
         builder = sys.modules["torchvision.models._api"].BUILTIN_MODELS.get(name)  # registered classifiers only
-        return builder(weights=None) if builder is not None else None
+        return functools.partial(builder, weights=None) if builder is not None else None
     except Exception:  # noqa: BLE001 - a torchvision whose layout differs: the ordinary import handles it
         return None
     finally:

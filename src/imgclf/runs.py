@@ -79,6 +79,14 @@ def list_runs(root: Path, *, sort: str = "name") -> list[dict]:
     return sorted(rows, key=lambda r: (r[sort] is None, r[sort] if r[sort] is not None else 0))
 
 
+def runs_output(rows: list[dict], root, *, as_json: bool = False) -> tuple[str, str]:
+    """What `imgclf runs` prints: (standard output, standard error): the table (or one JSON object per run)
+    and how many runs there are under `root`."""
+    if as_json:
+        return "".join(json.dumps(row) + "\n" for row in rows), ""
+    return (format_table(rows) + "\n" if rows else ""), f"{len(rows)} runs under {root}\n"
+
+
 def format_table(rows: list[dict]) -> str:
     """The rows as a table with a header line."""
     header = {"name": "run", "model": "model", "data": "data", "epochs": "epochs", "best": "best",
@@ -88,6 +96,13 @@ def format_table(rows: list[dict]) -> str:
     right = ("epochs", "time")
     return "\n".join("  ".join(c[k].rjust(widths[k]) if k in right else c[k].ljust(widths[k]) for k in header)
                      .rstrip() for c in cells)
+
+
+def format_finished(record: dict, out) -> str:
+    """The line `imgclf train` ends with: the last epoch's figures and where the checkpoints are."""
+    test = f", test accuracy {record['test_acc']:.2%}" if "test_acc" in record else ""
+    return (f"done: validation accuracy {record['val_acc']:.2%}{test} after {record['epoch']} epochs; "
+            f"checkpoints in {Path(out) / 'checkpoints'}")
 
 
 def _cells(r: dict) -> dict:

@@ -227,74 +227,116 @@ async def upload_bytes(request, max_upload_bytes: int) -> tuple[bytes, str | Non
     return data, files[0].filename
 
 
+class Refused(Exception):
+    """A request answered without a prediction: its HTTP status and one-line message (None: no body)."""
+
+    def __init__(self, status: int, message: str | None = None):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass
+class Service:
+    """What the endpoints of one application share: the predictor, its batch queue, the decode gate and the
+    limits (create_app's arguments)."""
+    predictor: object
+    queue: BatchQueue
+    gate: DecodeGate
+    model_name: str
+    max_upload_bytes: int
+    topk: int
+    max_batch: int
+    max_pixels: int
+
+    async def predict(self, request):
+        """POST /predict: the `topk` most probable classes of the uploaded picture, or a Refused answer."""
+        from starlette.responses import JSONResponse, Response
+
+        try:
+            k, data, filename = await self.upload(request)
+            image = await self.decode(data)
+        except Refused as no:
+            if no.message is None:
+                return Response(status_code=no.status)
+            return JSONResponse({"error": no.message}, status_code=no.status)
+        probs = await self.queue.probabilities(image.transpose(2, 0, 1))
+        classes = self.predictor.classes
+        p, idx = probs.topk(min(k, len(classes)))
+        top = [{"label": classes[i], "probability": round(v, 6)} for v, i in zip(p.tolist(), idx.tolist(), strict=True)]
+        return JSONResponse({"top": top} if filename is None else {"top": top, "filename": filename})
+
+    async def upload(self, request) -> tuple[int, bytes, str | None]:
+        """(topk asked, the picture's bytes, its file name or None) of a request; Refused when it has none."""
+        from starlette.requests import ClientDisconnect
+
+        try:
+            k = requested_topk(request.query_params, self.topk)
+            data, filename = await upload_bytes(request, self.max_upload_bytes)
+        except UploadTooLarge:
+            raise Refused(413, f"upload is over the {self.max_upload_bytes / 1e6:g} MB limit "
+                               f"(imgclf serve --max-upload-mb)") from None
+        except ValueError as err:
+            raise Refused(400, str(err)) from None
+        except ClientDisconnect:  # nobody is left to answer: one line in the log, not a traceback
+            client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+            print(f"imgclf: {client} disconnected during its upload; nothing answered", file=sys.stderr, flush=True)
+            raise Refused(400) from None
+        if not data:
+            raise Refused(400, "empty upload: send a picture (JPEG, PNG, ...) as the body or as a file field")
+        return k, data, filename
+
+    async def decode(self, data: bytes):
+        """The picture of `data` as the predictor takes it (HWC), decoded under the gate; Refused if it is too
+        large or no picture."""
+        from imgclf.transforms import BadImage, load_image
+
+        buffer = io.BytesIO(data)
+        shape = {"size": self.predictor.size, "channels": self.predictor.channels}
+        try:
+            pixels = await asyncio.to_thread(decoded_pixels, data, **shape, max_pixels=self.max_pixels)
+            return await self.gate.run(pixels, load_image, buffer, **shape)
+        except TooManyPixels as err:
+            raise Refused(413, str(err)) from None
+        except BadImage as err:  # Pillow names the file object in its message; the user knows it as the upload
+            raise Refused(415, f"not a readable picture: {str(err).replace(' ' + repr(buffer), '')}") from None
+
+    async def health(self, request):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"status": "ok", "model": self.model_name, **describe(self.predictor, self.queue),
+                             "topk": self.topk, "max_upload_bytes": self.max_upload_bytes,
+                             "max_batch": self.max_batch, "max_pixels": self.max_pixels,
+                             "decode_slots": self.gate.slots})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app):
+        await self.queue.start()
+        try:
+            yield
+        finally:
+            await self.queue.stop()
+            self.gate.threads.shutdown(wait=False, cancel_futures=True)
+
+
 def create_app(predictor, *, model_name: str, max_upload_bytes: int = 10_000_000, topk: int = 5,
                max_batch: int = 32, max_pixels: int = MAX_PIXELS, decode_slots: int | None = None):
     """The Starlette application serving `predictor` (an imgclf.predict.Predictor). Pictures over
     `max_pixels` are refused from their header; decodes run `decode_slots` (the CPU count) at a time and
     at most two of the largest pictures' pixels together (see DecodeGate)."""
     from starlette.applications import Starlette
-    from starlette.requests import ClientDisconnect, Request
-    from starlette.responses import HTMLResponse, JSONResponse, Response
+    from starlette.responses import HTMLResponse
     from starlette.routing import Route
 
-    from imgclf.transforms import BadImage, load_image
-
-    queue = BatchQueue(predictor, max_batch=max_batch)
-    gate = DecodeGate(decode_slots or len(os.sched_getaffinity(0)), 2 * max_pixels)
+    service = Service(predictor, BatchQueue(predictor, max_batch=max_batch),
+                      DecodeGate(decode_slots or len(os.sched_getaffinity(0)), 2 * max_pixels), model_name,
+                      max_upload_bytes, topk, max_batch, max_pixels)
     page = (resources.files("imgclf") / "static" / "index.html").read_text(encoding="utf-8")
-    limit_text = f"{max_upload_bytes / 1e6:g} MB"
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
-
-    async def predict(request: Request) -> Response:
-        try:
-            k = requested_topk(request.query_params, topk)
-            data, filename = await upload_bytes(request, max_upload_bytes)
-        except UploadTooLarge:
-            return error(413, f"upload is over the {limit_text} limit (imgclf serve --max-upload-mb)")
-        except ValueError as err:
-            return error(400, str(err))
-        except ClientDisconnect:  # nobody is left to answer: one line in the log, not a traceback
-            client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
-            print(f"imgclf: {client} disconnected during its upload; nothing answered", file=sys.stderr, flush=True)
-            return Response(status_code=400)
-        if not data:
-            return error(400, "empty upload: send a picture (JPEG, PNG, ...) as the body or as a file field")
-        buffer = io.BytesIO(data)
-        shape = {"size": predictor.size, "channels": predictor.channels}
-        try:
-            pixels = await asyncio.to_thread(decoded_pixels, data, **shape, max_pixels=max_pixels)
-            image = await gate.run(pixels, load_image, buffer, **shape)
-        except TooManyPixels as err:
-            return error(413, str(err))
-        except BadImage as err:  # Pillow names the file object in its message; the user knows it as the upload
-            return error(415, f"not a readable picture: {str(err).replace(' ' + repr(buffer), '')}")
-        probs = await queue.probabilities(image.transpose(2, 0, 1))
-        p, idx = probs.topk(min(k, len(predictor.classes)))
-        top = [{"label": predictor.classes[i], "probability": round(v, 6)}
-               for v, i in zip(p.tolist(), idx.tolist(), strict=True)]
-        return JSONResponse({"top": top} if filename is None else {"top": top, "filename": filename})
-
-    async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "model": model_name, **describe(predictor, queue), "topk": topk,
-                             "max_upload_bytes": max_upload_bytes, "max_batch": max_batch, "max_pixels": max_pixels,
-                             "decode_slots": gate.slots})
-
-    async def index(request: Request) -> HTMLResponse:
+    async def index(request) -> HTMLResponse:
         return HTMLResponse(page)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        await queue.start()
-        try:
-            yield
-        finally:
-            await queue.stop()
-            gate.threads.shutdown(wait=False, cancel_futures=True)
-
-    return Starlette(routes=[Route("/", index), Route("/health", health), Route("/predict", predict, methods=["POST"])],
-                     lifespan=lifespan)
+    routes = [Route("/", index), Route("/health", service.health), Route("/predict", service.predict, methods=["POST"])]
+    return Starlette(routes=routes, lifespan=service.lifespan)
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

@@ -29,10 +29,11 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgclf.config import TrainConfig, resolve_config
+from imgclf.config import TrainConfig
 from imgclf.configfile import config_yaml, option_keys, option_value, read_yaml, unknown_key
 from imgclf.errors import EXIT_DIVERGED, EXIT_OK, Stopped, UserError
 from imgclf.files import atomic_write_text
+from imgclf.resolve import resolve
 from imgclf.runs import read_records
 
 NOT_SEARCHED = ("out", "stop_after", "monitor")  # set by tune itself, or the one figure all trials are judged by
@@ -98,10 +99,10 @@ def read_space(path) -> tuple[list[Dimension], dict]:
         elif isinstance(value, list):
             if not value:
                 raise UserError(f"{source}: {key}: an empty list of choices")
-            choices = tuple(dict.fromkeys(option_value(source, key, flag, f, v) for v in value))
+            choices = tuple(dict.fromkeys(option_value(source, key, f, v, bounds=False) for v in value))
             space.append(Dimension(key, section, f.name, "choice", choices=choices))
         else:
-            fixed[section, f.name] = option_value(source, key, flag, f, value)
+            fixed[section, f.name] = option_value(source, key, f, value)
     if not space:
         raise UserError(f"{source} searches nothing: give at least one range or list of choices")
     return space, fixed
@@ -116,8 +117,9 @@ def _range(source: str, key: str, section: str, f, flag: str, spec: dict) -> Dim
     if extra or not {"low", "high"} <= set(spec):
         raise UserError(f"{source}: {key}: a range is {{low: X, high: Y}}, optionally with log: true or step: S"
                         f"{'; unknown ' + ', '.join(sorted(map(str, extra))) if extra else ''}")
-    low, high = (option_value(source, f"{key}.{end}", flag, f, spec[end]) for end in ("low", "high"))
-    step = option_value(source, f"{key}.step", flag, f, spec["step"]) if spec.get("step") is not None else None
+    low, high = (option_value(source, f"{key}.{end}", f, spec[end], bounds=False) for end in ("low", "high"))
+    step = option_value(source, f"{key}.step", f, spec["step"], bounds=False) if spec.get("step") is not None \
+        else None
     log = spec.get("log", False)
     if not isinstance(log, bool):
         raise UserError(f"{source}: {key}.log: true or false, got {log!r}")
@@ -193,7 +195,7 @@ def _say_lost(study, trial) -> None:
 def run_search(search: Search) -> dict:
     """Run trials until the study's budget (`trials`) or this process's `timeout` is spent; return the
     summary (trials, best trial, files written)."""
-    monitor = resolve_config({**search.fixed, **search.given}, recipe=search.recipe).optim.monitor
+    monitor = resolve(search.fixed, search.given, recipe=search.recipe).optim.monitor
     check_space(search)
     study = open_study(search, direction_of(monitor))
     optuna = import_optuna()
@@ -214,11 +216,10 @@ def run_search(search: Search) -> dict:
 def check_space(search: Search) -> None:
     """Every end of every range and every choice makes a valid configuration: else one UserError line
     (naming the flag) before any trial starts."""
-    base = {**search.fixed, **search.given}
     for d in search.space:
         for value in (d.choices if d.kind == "choice" else (d.low, d.high)):
             try:
-                resolve_config({**base, (d.section, d.field): value}, recipe=search.recipe)
+                resolve(search.fixed, search.given, {(d.section, d.field): value}, recipe=search.recipe)
             except UserError as err:
                 raise UserError(f"search space {d.key}: {err}") from None
 
@@ -245,8 +246,8 @@ def objective(trial, search: Search, monitor: str) -> float:
     out = search.out / f"trial-{trial.number}"
     if (out / "config.json").exists():
         raise UserError(f"{out} already holds a run of another study; give tune another --out")
-    given = {**search.fixed, **search.given, **values, ("run", "out"): str(out), ("run", "stop_after"): None}
-    cfg = resolve_config(given, recipe=search.recipe)
+    given = {key: value for key, value in search.given.items() if key != ("run", "stop_after")}  # one call's
+    cfg = resolve(search.fixed, given, {**values, ("run", "out"): str(out)}, recipe=search.recipe)
     trial.set_user_attr("config", cfg.to_dict())
     trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
     figures: list[float] = []
@@ -387,6 +388,16 @@ def plots(study, out: Path) -> list[Path]:
         finally:
             plt.close("all")
     return written
+
+
+def tune_output(summary: dict, study: str) -> tuple[str, str]:
+    """What `imgclf tune` prints at the end: (standard output, standard error): the table of trials, and the
+    best trial with the files written (or that no trial has finished yet)."""
+    best = summary["best"]
+    if best is None:
+        return format_trials(summary) + "\n", f"imgclf: no trial of the study {study!r} has finished yet\n"
+    return format_trials(summary) + "\n", (f"best: trial {best.number}, {summary['monitor']} {best.value:.4f}; "
+                                           f"{', '.join(str(p) for p in summary['files'])}\n")
 
 
 def format_trials(summary: dict) -> str:

@@ -424,3 +424,13 @@ def _write_feature_maps(out: Path, picture: np.ndarray, label: str, title: str, 
             writer.add_image(f"features/{i:02d} {name} ({kind})", pixels, 0, dataformats="HWC")
     finally:
         writer.close()
+
+
+def features_output(done) -> tuple[str, str]:
+    """What `imgclf features` prints: (standard output, standard error): the picture's label and one line per
+    layer drawn; where the PNGs and the TensorBoard events are."""
+    lines = [f"{done.image.name}: {done.label}"]
+    lines += [f"{i:3d}. {name:<24} {kind:<12} {'x'.join(map(str, shape))}"
+              for i, (name, kind, shape) in enumerate(done.layers, start=1)]
+    return "\n".join(lines) + "\n", (f"wrote {len(done.layers) + 1} PNGs and TensorBoard events to {done.out} "
+                                      f"(tensorboard --logdir {done.out})\n")

@@ -1,0 +1,62 @@
+"""From what a user set to a TrainConfig: the one way, for `imgclf train`, `lr-find` and `tune` (imgclf.cli),
+`imgclf.fit` (imgclf.api), tune's trials and a resumed run.
+
+What a user set comes in layers, each (section, field) -> value with None meaning "not set", a later layer
+winning: a recipe's values (or, resuming, the run's own configuration), then a --config file's, then the
+flags or fit's keywords. `config.TrainConfig.from_sources` stacks them and checks every value with the one
+rule of its option (`config.check_option`); this module reads the files those layers come from (recipes and
+configuration files through imgclf.configfile, a run's checkpoint through imgclf.train) and guards a run
+folder that already holds a run. No torch here (a resumed run's checkpoint is read by a function that
+imports it).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from imgclf.config import TrainConfig
+from imgclf.configfile import RECIPES, read_config
+from imgclf.errors import UserError
+from imgclf.files import refuse_if_in_use
+
+
+def user_values(config: str | os.PathLike | None, given: dict[tuple[str, str], object]) -> dict:
+    """The layer of a configuration file (`config`, None for none) with the values of `given` that are set
+    (not None) over it: `--config FILE` under the flags, `fit(config=FILE)` under fit's keywords."""
+    values = read_config(config) if config is not None else {}
+    return {**values, **{key: value for key, value in given.items() if value is not None}}
+
+
+def resolve(*layers: dict[tuple[str, str], object], recipe: str = "default",
+            base: TrainConfig | None = None, typed: frozenset | None = None) -> TrainConfig:
+    """The TrainConfig of `layers` (a later one winning) over `recipe`'s values, or over `base` (a resumed
+    run's configuration, where only resumable options may change). An unknown recipe, a bad value, an
+    option that would do nothing (`typed`: the options typed as flags, see config.settled) or a
+    contradiction of the resumed run is one UserError line."""
+    if recipe not in RECIPES:
+        raise UserError(f"unknown recipe {recipe!r}; choose one of {', '.join(sorted(RECIPES))}")
+    if base is not None:
+        return TrainConfig.from_sources({}, *layers, base=base)
+    return TrainConfig.from_sources(RECIPES[recipe], *layers, typed=typed)
+
+
+def resume(folder, *layers: dict[tuple[str, str], object], recipe: str = "default", check_code: bool = True,
+           model_code: str | None = None, trust_changed_code: bool = False) -> TrainConfig:
+    """The configuration to continue the run in `folder` with: its own (read from its last checkpoint and
+    checked as the flags are: a damaged one is one UserError line), with `layers` over it. `check_code`,
+    `model_code`, `trust_changed_code`: a network from the user's .py file, as train.resumed_config checks it;
+    `recipe` is only checked to exist (the run's configuration replaces it)."""
+    from imgclf.train import resumed_config  # torch: a checkpoint is read
+
+    base = resumed_config(folder, check_code=check_code, model_code=model_code,
+                          trust_changed_code=trust_changed_code)
+    return resolve(*layers, recipe=recipe, base=base)
+
+
+def refuse_existing_run(out: str, how_to_resume: str, elsewhere: str) -> None:
+    """Raise one UserError line when the run folder `out` is in use or already holds a run (a new run
+    would overwrite it); the line says how to resume it (`how_to_resume`) or where else to go (`elsewhere`)."""
+    refuse_if_in_use(out)  # a run that is training says so, rather than "already holds a run"
+    if (Path(out) / "checkpoints" / "last.pt").exists():
+        raise UserError(f"{out} already holds a run; {how_to_resume}, or choose another {elsewhere}")
