@@ -39,7 +39,7 @@ ACCEPTED = {
     ("train", "--log-every"): {"huge"}, ("train", "--stop-after"): set(),
     ("train", "--freeze-epochs"): {"0"}, ("train", "--backbone-lr-scale"): set(),
     ("train", "--ema-decay"): {"0"},
-    ("train", "--lr-base-batch"): set(), ("train", "--clip-grad"): {"huge"}, ("train", "--accumulate"): set(),
+    ("train", "--lr-base-batch"): set(), ("train", "--clip-grad"): {"0", "huge"}, ("train", "--accumulate"): set(),
     ("lr-find", "--freeze-epochs"): {"0"}, ("lr-find", "--backbone-lr-scale"): set(),
     ("cache", "--older-than"): {"0", "huge"},
     ("eval", "--val-fraction"): set(), ("eval", "--batch-size"): set(),

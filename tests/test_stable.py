@@ -14,9 +14,10 @@ from conftest import run_cli, write_class_folder
 from torch import nn
 
 from imgclf.batchsize import kept_batch, largest_batch, resolve_auto_batch
-from imgclf.config import TrainConfig, config_fields, idle_options, resolve_config
+from imgclf.config import TrainConfig, config_fields, idle_options
 from imgclf.engine import TrainState, loss_shares, train_step
 from imgclf.errors import UserError
+from imgclf.resolve import resolve
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,12 +123,28 @@ def test_clipping_bounds_the_gradient_norm(norm):
     torch.testing.assert_close(clipped, torch.tensor(norm), rtol=1e-4, atol=0)
 
 
+def test_a_norm_below_the_clip_leaves_the_step_bit_for_bit():
+    """--clip-grad's default (10) is far above a healthy step's norm: such runs train exactly as unclipped."""
+    loss_fn = nn.CrossEntropyLoss()
+    plain, clipped = state_of(plain_net()), state_of(plain_net())
+    for x, y in batches():
+        train_step(plain, x, y, loss_fn=loss_fn, autocast=NO_AUTOCAST)
+        train_step(clipped, x, y, loss_fn=loss_fn, autocast=NO_AUTOCAST, clip_grad=10.0)
+    for p, q in zip(plain.model.parameters(), clipped.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_clipping_is_on_by_default_and_off_in_the_recipes_that_copy_others():
+    assert resolved().optim.clip_grad == 10.0
+    assert resolved(recipe="notes").optim.clip_grad == 0.0 == resolved(recipe="fast").optim.clip_grad
+
+
 # ---------------------------------------------------------------- the learning rate follows the batch size
 
 def resolved(**options) -> TrainConfig:
     recipe = options.pop("recipe", "default")
     keys = {f.name: section for section, f, _ in config_fields()}
-    return resolve_config({(keys[k], k): v for k, v in options.items()}, recipe=recipe)
+    return resolve({(keys[k], k): v for k, v in options.items()}, recipe=recipe)
 
 
 @pytest.mark.parametrize(("options", "lr", "base"), [
@@ -152,7 +169,7 @@ def test_lr_follows_the_batch_size_when_only_the_batch_is_given(options, lr, bas
 
 def test_a_resumed_configuration_keeps_its_learning_rate():
     cfg = resolved(batch_size=16)
-    again = resolve_config({("data", "batch_size"): 16, ("run", "epochs"): 20}, base=cfg)
+    again = resolve({("data", "batch_size"): 16, ("run", "epochs"): 20}, base=cfg)
     assert again.optim.lr == cfg.optim.lr
 
 
@@ -285,11 +302,11 @@ def test_defaults_in_a_configuration_file_are_not_refused():
     does leaving them out: they pass. A value typed on the command line is refused however set."""
     given = {("optim", "optimizer"): "adam", ("optim", "momentum"): 0.9, ("optim", "nesterov"): True,
              ("run", "ema_decay"): 0.99, ("data", "data"): FOLDER}
-    resolve_config(given, typed=frozenset({("optim", "optimizer")}))
+    resolve(given, typed=frozenset({("optim", "optimizer")}))
     with pytest.raises(UserError, match="^--momentum"):
-        resolve_config(given, typed=frozenset({("optim", "momentum")}))
+        resolve(given, typed=frozenset({("optim", "momentum")}))
     with pytest.raises(UserError, match="^--momentum"):
-        resolve_config({**given, ("optim", "momentum"): 0.5}, typed=frozenset())
+        resolve({**given, ("optim", "momentum"): 0.5}, typed=frozenset())
 
 
 def test_idle_options_of_the_default_run():

@@ -184,7 +184,8 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, *, loss_fn,
     weighted by its share of the batch's mean (`loss_shares`): without BatchNorm the step is the whole
     batch's, to float rounding. A BatchNorm normalises each micro-batch by its own statistics, and its
     running averages move per micro-batch at a momentum that makes them move per step as without it.
-    `clip_grad`: the gradients' global norm is scaled down to at most this before the step."""
+    `clip_grad`: the gradients' global norm is scaled down to at most this before the step (None or 0: not);
+    a norm below it leaves them bit for bit (they are multiplied by exactly 1)."""
     model, optimizer, scaler = state.net, state.optimizer, state.scaler
     parts = [(xc, yc) for xc, yc in zip(x.tensor_split(accumulate), y.tensor_split(accumulate), strict=True)
              if len(yc)]
@@ -200,7 +201,7 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, *, loss_fn,
             right = (logits.argmax(1) == (yc if yc.ndim == 1 else yc.argmax(1))).sum()  # mixed: the larger share
             total = loss.detach() if total is None else total + loss.detach()
             correct = right if correct is None else correct + right
-    if clip_grad is not None:
+    if clip_grad:
         if scaler is not None:
             scaler.unscale_(optimizer)  # the norm of the true gradients
         nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
