@@ -147,19 +147,23 @@ def _data(cfg: TrainConfig, dist, ckpt: dict | None) -> ImageData:
 def _batch_size(cfg: TrainConfig, data: ImageData, *, device, dist, precision, model) -> TrainConfig:
     """`cfg` with --batch-size auto resolved (imgclf.batchsize), and with a learning rate that follows the
     batch (config.scaled_lr) to the pictures a step of a folder smaller than the batch: each said in one line."""
-    if cfg.data.batch_size != "auto":
-        pictures = len(data.train)
-        if pictures >= cfg.data.batch_size or cfg.optim.lr_base_batch in (None, pictures):
-            return cfg
-        optim = scaled_lr(cfg.optim, pictures)
-        if dist.is_main:
-            print(f"imgclf: {pictures} training pictures, fewer than --batch-size {cfg.data.batch_size}: --lr "
-                  f"{optim.lr:.4g}, for the {pictures} pictures a step", file=sys.stderr)
-        return dataclasses.replace(cfg, optim=optim)
+    if cfg.data.batch_size == "auto":
+        return _auto_batch(cfg, data, device=device, dist=dist, precision=precision, model=model)
+    pictures = len(data.train)
+    if pictures >= cfg.data.batch_size or cfg.optim.lr_base_batch in (None, pictures):
+        return cfg
+    optim = scaled_lr(cfg.optim, pictures)
+    if dist.is_main:
+        print(f"imgclf: {pictures} training pictures, fewer than --batch-size {cfg.data.batch_size}: --lr "
+              f"{optim.lr:.4g}, for the {pictures} pictures a step", file=sys.stderr)
+    return dataclasses.replace(cfg, optim=optim)
+
+
+def _auto_batch(cfg: TrainConfig, data: ImageData, *, device, dist, precision, model) -> TrainConfig:
     from imgclf.batchsize import resolve_auto_batch
     from imgclf.models import build_model
 
-    def build():
+    def build():  # the network whose steps are tried: its weights do not matter
         return model if model is not None else build_model(
             cfg.model.name, num_classes=len(data.classes), in_channels=data.channels, img_size=data.img_size,
             freeze_backbone=cfg.model.freeze_backbone, model_args=cfg.model.args)
