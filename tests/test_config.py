@@ -40,7 +40,7 @@ RULES = {
     ("optim", "epochs"): ([1, 100_000], [0, 100_001, -1]),
     ("optim", "patience"): ([None, 1, 100_000], [0, 100_001]),
     ("optim", "lr_base_batch"): ([None, 1, 65536], [0, 65537]),
-    ("optim", "clip_grad"): ([0.0, 1e-12, 1e300], [-1e-9, -1.0]),
+    ("optim", "clip_grad"): ([None, 0.0, 1e-12, 1e300], [-1e-9, -1.0]),
     ("optim", "accumulate"): ([1, 65536], [0, 65537]),
     ("model", "freeze_epochs"): ([0, 100_000], [-1, 100_001]),
     ("model", "backbone_lr_scale"): ([1e-9, 1.0], [0.0, 1 + 1e-9]),

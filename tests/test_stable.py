@@ -134,9 +134,15 @@ def test_a_norm_below_the_clip_leaves_the_step_bit_for_bit():
         assert torch.equal(p, q)
 
 
-def test_clipping_is_on_by_default_and_off_in_the_recipes_that_copy_others():
-    assert resolved().optim.clip_grad == 10.0
+def test_clipping_by_default_without_batchnorm_and_off_in_the_recipes_that_copy_others():
+    from imgclf.models import build_model
+    from imgclf.optim import clip_norm
+
+    assert resolved().optim.clip_grad is None
     assert resolved(recipe="notes").optim.clip_grad == 0.0 == resolved(recipe="fast").optim.clip_grad
+    plain, resnet = (build_model(name, num_classes=3, img_size=32) for name in ("tutorial_cnn", "resnet18"))
+    assert (clip_norm(None, plain), clip_norm(None, resnet)) == (10.0, 0.0)
+    assert (clip_norm(0.0, plain), clip_norm(2.5, resnet)) == (0.0, 2.5)
 
 
 # ---------------------------------------------------------------- the learning rate follows the batch size

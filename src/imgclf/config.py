@@ -147,11 +147,12 @@ class OptimConfig:
                                              "rate is scaled by batch/N (SGD) or its square root (Adam, AdamW), as "
                                              "timm's --lr-base-size", metavar="N", low=1, high=MAX_BATCH,
                                        none="the recipe's batch when --lr is not given, else --batch-size")
-    # 10, as Ultralytics: far above the norms of healthy steps (measured: 0.4-1.3 for tutorial_cnn and fastnet
-    # on CIFAR, whose runs it leaves bit for bit), far below those of a diverging one (3 -> 161 -> 2e5 within
-    # four steps); a ResNet-18's on photos start near 10-20 (README: Stable training)
-    clip_grad: float = option(10.0, "scale the gradients down to this global norm before each step; 0: off",
-                              metavar="NORM", low=0)
+    # By default (optim.clip_norm) 10, as Ultralytics, for a network without BatchNorm: far above its healthy
+    # steps' norms (0.4-1.3 measured for tutorial_cnn on CIFAR, whose runs it leaves bit for bit), far below a
+    # diverging one's (3 -> 161 -> 2e5 in four steps). Off with BatchNorm, whose healthy norms on photos sit at
+    # 10-20 (ResNet-18), where it would act at every step (README: Stable training)
+    clip_grad: float | None = option(None, "scale the gradients down to this global norm before each step; 0: off",
+                                     metavar="NORM", low=0, none="10 for a network without BatchNorm, else off")
     accumulate: int = option(1, "split each batch into N micro-batches whose gradients add up before one step: "
                                 "the same training in 1/N of the activation memory (exact without BatchNorm, "
                                 "which normalises each micro-batch by its own statistics)", metavar="N",

@@ -42,6 +42,7 @@ from imgclf.optim import (
     build_loss,
     build_optimizer,
     build_scheduler,
+    clip_norm,
     ema_update,
     staged_groups,
 )
@@ -294,8 +295,8 @@ def _train_state(cfg: TrainConfig, parts: RunParts, *, device, precision, dist) 
 def _train_epoch(state: TrainState, parts: RunParts, cfg: TrainConfig, *, run_dir: Path, **kwargs) -> dict:
     """`train_one_epoch` with --clip-grad and --accumulate, a diverged loss told to the user in one line."""
     try:
-        return train_one_epoch(state, parts.train, clip_grad=cfg.optim.clip_grad, accumulate=cfg.optim.accumulate,
-                               **kwargs)
+        return train_one_epoch(state, parts.train, clip_grad=clip_norm(cfg.optim.clip_grad, state.model),
+                               accumulate=cfg.optim.accumulate, **kwargs)
     except Diverged as err:
         raise _diverged(str(err), run_dir) from None
     except ValueError as err:
