@@ -147,17 +147,14 @@ def _data(cfg: TrainConfig, dist, ckpt: dict | None) -> ImageData:
 
 def _batch_size(cfg: TrainConfig, data: ImageData, *, device, dist, precision, model) -> TrainConfig:
     """`cfg` with --batch-size auto resolved (imgclf.batchsize), and with a learning rate that follows the
-    batch (config.scaled_lr) to the pictures a step of a folder smaller than the batch: each said in one line."""
+    batch (config.scaled_lr) to the pictures a step of a folder smaller than the batch; each said in one line
+    (the second once the run starts, so that a run refused while it is built says only why)."""
     if cfg.data.batch_size == "auto":
         return _auto_batch(cfg, data, device=device, dist=dist, precision=precision, model=model)
     pictures = len(data.train)
-    if pictures >= cfg.data.batch_size or cfg.optim.lr_base_batch in (None, pictures):
+    if pictures >= cfg.data.batch_size or cfg.optim.lr_base_batch is None:
         return cfg
-    optim = scaled_lr(cfg.optim, pictures)
-    if dist.is_main:
-        print(f"imgclf: {pictures} training pictures, fewer than --batch-size {cfg.data.batch_size}: --lr "
-              f"{optim.lr:.4g}, for the {pictures} pictures a step", file=sys.stderr)
-    return dataclasses.replace(cfg, optim=optim)
+    return dataclasses.replace(cfg, optim=scaled_lr(cfg.optim, pictures))  # said by _start_run_folder
 
 
 def _auto_batch(cfg: TrainConfig, data: ImageData, *, device, dist, precision, model) -> TrainConfig:
@@ -405,6 +402,9 @@ def _start_run_folder(cfg: TrainConfig, parts: RunParts, tracker: Tracker, *, de
                     f"{len(data.classes)} classes, "
                     f"{data.channels}x{data.img_size}x{data.img_size}) on {device}, {str(precision)[6:]}, "
                     f"world size {world}; run folder {run_dir}")
+    if len(data.train) < cfg.data.batch_size and cfg.optim.lr_base_batch == len(data.train):  # _batch_size's
+        tracker.message(f"{len(data.train)} training pictures, fewer than --batch-size {cfg.data.batch_size}: --lr "
+                        f"{cfg.optim.lr:.4g}, for the {len(data.train)} pictures a step")
     warning = imbalance_warning(data.train.labels, data.classes)
     if warning and cfg.data.balance == "none":
         tracker.message(warning)
