@@ -55,7 +55,7 @@ def exports(ckpt: Path) -> dict[str, tuple[Path, float]]:
     for fmt in ("onnx", "openvino"):
         for int8 in (False, True):
             start = time.perf_counter()
-            exported = export_checkpoint(ckpt, fmt, int8=int8)
+            exported = export_checkpoint(ckpt, fmt, int8=int8, force=True)  # a rerun replaces its exports
             made[f"{fmt} {'int8' if int8 else 'fp32'}"] = (exported.path, time.perf_counter() - start)
             print(exported.describe(), flush=True)
     return made

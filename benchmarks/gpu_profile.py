@@ -26,7 +26,8 @@ from imgclf.pipeline import build_run
 from imgclf.resolve import resolve
 from imgclf.runtime import autocast_factory, resolve_precision
 from imgclf.sources import load_data
-from imgclf.train import _loss, _train_state
+from imgclf.tasks import training_task
+from imgclf.train import _train_state
 
 
 def timed(fn, repeat: int = 1) -> float:
@@ -63,7 +64,7 @@ def main() -> None:
     precision = resolve_precision(cfg.run.precision, device)
     parts = build_run(cfg, data, device=device)
     state = _train_state(cfg, parts, device=device, precision=precision, dist=DistInfo())
-    loss_fn, autocast = _loss(cfg, data, device), autocast_factory(device, precision)
+    loss_fn, autocast = training_task(cfg, data, device).loss, autocast_factory(device, precision)
     steps = len(parts.train)
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, precision {precision}, {steps} steps/epoch")
     for epoch in range(3):

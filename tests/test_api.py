@@ -1,7 +1,7 @@
 """Issue 13, item 4: the Python API, the command line's twin. `imgclf.fit` with a model name or an nn.Module
 object (the notes' Tudui: of this module, of docs/examples/tudui.py, of a notebook), the same metrics as
 `imgclf train` for the same seed, the per-epoch hook, `imgclf.load` and Run's evaluate/predict/export, and
-the README's Python example."""
+the Python example of docs/usage.md."""
 
 from __future__ import annotations
 
@@ -108,6 +108,7 @@ def metrics_file(folder) -> list[dict]:
 
 # ---------------------------------------------------------------- fit: the same run as `imgclf train`
 
+@pytest.mark.slow
 def test_fit_by_name_is_the_same_run_as_the_command_line(data_dir, tmp_path):
     options = {**FAST, "epochs": 2, "seed": 3, "lr": 0.02, "channels_last": False, "label_smoothing": 0.0}
     code, _, err = cli("train", "--model", "tutorial_cnn", "--data", data_dir, "--out", tmp_path / "cli",
@@ -121,6 +122,7 @@ def test_fit_by_name_is_the_same_run_as_the_command_line(data_dir, tmp_path):
     assert {**ours, "run": {**ours["run"], "out": None}} == {**theirs, "run": {**theirs["run"], "out": None}}
 
 
+@pytest.mark.slow
 def test_the_notes_tudui_from_its_file_trains_as_from_the_command_line(data_dir, tmp_path, monkeypatch):
     """`imgclf train --model docs/examples/tudui.py:Tudui` and fit(Tudui()) of that file: same metrics, and
     both checkpoints record the file's name and SHA-256, never its code."""
@@ -148,6 +150,7 @@ def test_the_notes_tudui_from_its_file_trains_as_from_the_command_line(data_dir,
     assert (again[0].labels, again[0].probs) == (answer.labels, answer.probs)
 
 
+@pytest.mark.slow
 def test_a_class_of_an_imported_module_is_recorded_as_its_file(data_dir, tmp_path):
     run = imgclf.fit(Tudui(), data_dir, out=tmp_path / "run", **FAST)  # Tudui: this test module's
     assert run.config.model.name == f"{ROOT / 'tests' / 'test_api.py'}:Tudui"
@@ -155,6 +158,7 @@ def test_a_class_of_an_imported_module_is_recorded_as_its_file(data_dir, tmp_pat
     assert run.model(torch.zeros(1, 3, 32, 32)).shape == (1, 10) and not run.model.training
 
 
+@pytest.mark.slow
 def test_a_notebook_class_is_loaded_with_the_class_handed_over(data_dir, named_run, tmp_path):
     Notebook = notebook_class()
     run = imgclf.fit(Notebook(), data_dir, out=tmp_path / "nb", **FAST)
@@ -318,9 +322,10 @@ def test_import_imgclf_is_cheap_and_names_the_api():
 
 
 def readme_python_example() -> str:
-    text = (ROOT / "README.md").read_text()
+    """The example of the Python API section (moved from the README to docs/usage.md, issue 21)."""
+    text = (ROOT / "docs" / "usage.md").read_text()
     section = re.search(r"^## Python API\n(.*?)(?=^## )", text, re.S | re.M)
-    assert section, "README.md has no '## Python API' section"
+    assert section, "docs/usage.md has no '## Python API' section"
     return re.search(r"^```python\n(.*?)^```", section.group(1), re.S | re.M).group(1)
 
 
@@ -331,7 +336,7 @@ def test_the_readme_python_example_runs(data_dir, tmp_path, monkeypatch):
     assert cli("samples", data_dir, "--out", "imgs")[0] == 0  # the pictures the README's commands write
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(readme_python_example(), "README.md", "exec"), {"__name__": "__main__"})  # noqa: S102
+        exec(compile(readme_python_example(), "docs/usage.md", "exec"), {"__name__": "__main__"})  # noqa: S102
     assert "epoch 2:" in out.getvalue() and "imgs/cat_0.png" in out.getvalue()
     assert (tmp_path / "runs" / "tudui" / "checkpoints" / "best.onnx").is_file()
 

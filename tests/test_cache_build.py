@@ -190,6 +190,7 @@ sys.exit(main(["train", "--data", sys.argv[1], "--cache-dir", sys.argv[2], "--ep
 """
 
 
+@pytest.mark.slow
 def test_a_full_cache_disk_is_one_line_naming_the_folder(tmp_path):
     """The cache folder on a 256 KB tmpfs (mounted in a private mount namespace, where the system allows)."""
     if shutil.which("unshare") is None:

@@ -199,6 +199,7 @@ def damaged_files() -> list[bytes]:
     return out
 
 
+@pytest.mark.slow
 def test_any_damaged_bytes_are_one_clear_error(tmp_path):
     path = tmp_path / "damaged.pt"
     escaped = {}

@@ -181,6 +181,7 @@ def test_flags_are_checked_before_anything_heavy_is_imported():
         assert r.returncode == (EXIT_USAGE if argv else 0), r.stderr
 
 
+@pytest.mark.slow
 def test_predict_into_a_closed_pipe_ends_quietly(tiny):
     """`imgclf predict ... | head -1`: the reader goes away after one line; imgclf stops without a word."""
     pictures = [str(tiny["picture"])] * 3000  # far more output than a pipe buffers
@@ -221,6 +222,7 @@ def test_argparse_only_in_cli():
 
 
 def test_export_formats_offered_are_the_ones_export_writes():
-    from imgclf import cli, export
+    from imgclf import cli, formats
 
-    assert tuple(sorted(export.FORMATS)) == cli.EXPORT_FORMATS
+    export = cli.build_parser()._subparsers._group_actions[0].choices["export"]
+    assert next(a.choices for a in export._actions if a.dest == "export_format") == tuple(formats.FORMATS)

@@ -47,6 +47,7 @@ def predicted(model: Path, images: list[Path]) -> dict[str, list[dict]]:
     return {row["path"]: row["top"] for row in map(json.loads, out.splitlines())}
 
 
+@pytest.mark.slow
 def test_openvino_export_predicts_as_the_checkpoint(run, tmp_path, capsys):
     ckpt, data, images = run
     code, out = cli("export", ckpt, "--format", "openvino", "--out", tmp_path / "m.xml")
@@ -65,6 +66,7 @@ def test_openvino_export_predicts_as_the_checkpoint(run, tmp_path, capsys):
     assert "an OpenVINO model is a .xml file" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_onnx_runs_in_openvino_where_installed_and_agrees_with_onnxruntime(run, tmp_path, monkeypatch):
     import numpy as np
     import torch
@@ -88,6 +90,7 @@ def test_onnx_runs_in_openvino_where_installed_and_agrees_with_onnxruntime(run, 
         predict.Predictor.from_path(tmp_path / "missing.xml")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_int8_export_reports_its_accuracy_and_runs_in_predict_and_eval(run, fmt):
     ckpt, data, images = run
@@ -119,6 +122,7 @@ def _int8_ops(path: Path, fmt: str) -> bool:
     return any(op.get_type_name() == "FakeQuantize" for op in openvino.Core().read_model(str(path)).get_ops())
 
 
+@pytest.mark.slow
 def test_int8_needs_reachable_calibration_pictures_and_says_so_in_one_line(run, tmp_path, capsys):
     ckpt, data, _ = run
     moved = tmp_path / "elsewhere"
@@ -140,7 +144,8 @@ def test_int8_needs_reachable_calibration_pictures_and_says_so_in_one_line(run, 
     assert code == 0 and f"calibrated on 20 training pictures of {moved}" in out
     assert f"pictures of the test split of {moved}" in out  # held-out pictures from there too
     other = write_class_folder(tmp_path / "other", ["cat", "dog"], 4, size=24)
-    assert cli("export", copy, "--format", "onnx", "--int8", "--calibration-data", moved, "--eval-data", other)[0] == 2
+    assert cli("export", copy, "--format", "onnx", "--int8", "--calibration-data", moved, "--eval-data", other,
+               "--out", tmp_path / "other.onnx")[0] == 2
     assert "give --eval-data a data set of the checkpoint's classes" in capsys.readouterr().err
 
 
@@ -167,3 +172,45 @@ def test_int8_on_ants_and_bees_photos_loses_at_most_a_point(hymenoptera_dir, tmp
         q = meta["quantization"]
         assert q["pictures"] == 153 and q["float_accuracy"] > 0.55, q
         assert q["float_accuracy"] - q["int8_accuracy"] <= 0.01 + 1e-9, q
+
+
+def test_openvino_never_replaces_a_bin_it_was_not_asked_to(run, tmp_path, capsys):
+    """Issue 24.2: `--out NAME.xml` also writes NAME.bin: an existing one (the user's, or a checkpoint) is
+    refused in one line unless --force, and a checkpoint named NAME.bin even with it."""
+    ckpt, _, _ = run
+    (tmp_path / "m.bin").write_bytes(b"the user's data")
+    assert cli("export", ckpt, "--format", "openvino", "--out", tmp_path / "m.xml")[0] == 2
+    err = capsys.readouterr().err
+    assert err == (f"imgclf: error: {tmp_path / 'm.bin'} (written beside m.xml) already exists; choose another "
+                   f"--out, or add --force to replace it\n")
+    assert (tmp_path / "m.bin").read_bytes() == b"the user's data" and not (tmp_path / "m.xml").exists()
+    shutil.copy(ckpt, tmp_path / "w.bin")  # a checkpoint under another name
+    assert cli("export", ckpt, "--format", "openvino", "--out", tmp_path / "w.xml", "--force")[0] == 2
+    assert "w.bin (written beside w.xml) is a checkpoint: an export never replaces one" in capsys.readouterr().err
+    assert (tmp_path / "w.bin").read_bytes() == ckpt.read_bytes()
+    code, out = cli("export", ckpt, "--format", "openvino", "--out", tmp_path / "m.xml", "--force")
+    assert code == 0 and out.startswith(f"wrote {tmp_path / 'm.xml'} and m.bin (")
+
+
+def test_a_fifo_beside_an_openvino_model_is_refused_not_read(run, tmp_path, capsys):
+    """Issue 24.11: NAME.bin a FIFO beside NAME.xml: predict and eval say so in one line instead of waiting
+    for ever on it (serve loads through the same Predictor.from_path)."""
+    import os
+    import threading
+
+    ckpt, data, images = run
+    assert cli("export", ckpt, "--format", "openvino", "--out", tmp_path / "m.xml")[0] == 0
+    (tmp_path / "m.bin").unlink()
+    os.mkfifo(tmp_path / "m.bin")
+    results = []
+    for argv in (["predict", tmp_path / "m.xml", images[0]], ["eval", tmp_path / "m.xml", "--data", data]):
+        worker = threading.Thread(target=lambda a=argv: results.append(cli(*a)[0]), daemon=True)
+        worker.start()
+        worker.join(120)
+        assert not worker.is_alive(), f"{argv[0]} waits on the FIFO"
+        err = capsys.readouterr().err
+        assert err == f"imgclf: error: {tmp_path / 'm.bin'} (beside m.xml): not a regular file (a FIFO)\n"
+    assert results == [2, 2]
+    os.mkfifo(tmp_path / "x.xml")
+    assert cli("predict", tmp_path / "x.xml", images[0])[0] == 2
+    assert capsys.readouterr().err == f"imgclf: error: {tmp_path / 'x.xml'}: not a regular file (a FIFO)\n"

@@ -17,7 +17,8 @@ from imgclf.config import OptimConfig
 from imgclf.engine import Diverged, Hooks, TrainState, evaluate, train_one_epoch, tta_logits
 from imgclf.loader import BatchLoader
 from imgclf.metrics import confusion_matrix
-from imgclf.optim import Lookahead, build_loss, build_optimizer, build_scheduler
+from imgclf.optim import Lookahead, build_optimizer, build_scheduler
+from imgclf.tasks import SingleLabel
 from imgclf.transforms import BatchTransform
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,6 +26,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSES = 3
 CPU = torch.device("cpu")
 NO_AUTOCAST = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+
+
+def task(**training) -> SingleLabel:
+    return SingleLabel([f"c{i}" for i in range(CLASSES)], **training)
 
 
 def split(n: int = 24, seed: int = 0) -> Split:
@@ -56,7 +61,7 @@ def make_state(seed: int, *, epochs: int = 3, steps: int = 4, ema: bool = True, 
 
 
 def run_epoch(state: TrainState, epoch: int, loader: BatchLoader | None = None, **kwargs) -> dict:
-    kwargs.setdefault("loss_fn", build_loss(OptimConfig(label_smoothing=0.1)))
+    kwargs.setdefault("loss_fn", task(label_smoothing=0.1).loss)
     return train_one_epoch(state, loader or train_loader(), epoch=epoch, autocast=NO_AUTOCAST, **kwargs)
 
 
@@ -185,7 +190,7 @@ def test_should_stop_after_step_k_and_the_partial_sums_resume_to_the_same_epoch(
 
 @pytest.mark.parametrize("check_every", [1, 4])
 def test_a_nan_loss_raises_diverged_naming_its_step(check_every):
-    real = build_loss(OptimConfig())
+    real = task().loss
     calls = []
 
     def poisoned(logits, y):
@@ -215,7 +220,7 @@ def eval_loader(data: Split, *, rank: int = 0, world: int = 1) -> BatchLoader:
 def test_evaluate_counts_every_sample_once():
     data = split(23, seed=4)  # 5 batches of 5, the last one of 3
     model = net(2).eval()
-    result = evaluate(model, eval_loader(data), num_classes=CLASSES, autocast=NO_AUTOCAST, keep_probs=True)
+    result = evaluate(model, eval_loader(data), task=task(), autocast=NO_AUTOCAST, keep_probs=True)
     assert result["count"] == 23 and int(result["confusion"].sum()) == 23
     assert result["confusion"].sum(1).tolist() == data.labels.bincount(minlength=CLASSES).tolist()
     with torch.no_grad():
@@ -226,7 +231,7 @@ def test_evaluate_counts_every_sample_once():
     assert result["probs"].shape == (23, CLASSES)
     torch.testing.assert_close(result["probs"], logits.softmax(1))
     # two processes' shares cover every sample exactly once: their counts add up to the whole
-    shares = [evaluate(model, eval_loader(data, rank=r, world=2), num_classes=CLASSES, autocast=NO_AUTOCAST)
+    shares = [evaluate(model, eval_loader(data, rank=r, world=2), task=task(), autocast=NO_AUTOCAST)
               for r in (0, 1)]
     assert [s["count"] for s in shares] == [12, 11]
     assert torch.equal(shares[0]["confusion"] + shares[1]["confusion"], result["confusion"])
@@ -235,7 +240,7 @@ def test_evaluate_counts_every_sample_once():
 def test_evaluate_leaves_the_model_in_eval_mode_and_its_statistics_alone():
     model = net(3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    evaluate(model, eval_loader(split(10)), num_classes=CLASSES, autocast=NO_AUTOCAST)
+    evaluate(model, eval_loader(split(10)), task=task(), autocast=NO_AUTOCAST)
     assert not model.training
     assert_same(model.state_dict(), before, "model")
 

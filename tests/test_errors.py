@@ -1,5 +1,5 @@
 """Every bad input, one line (issue 3, points 6 and 7): one line on stderr, no traceback unless --debug, and
-the documented exit codes (README, "Exit codes and safety"); a diverging run stops with exit status 3."""
+the documented exit codes (docs/usage.md, "Exit codes and safety"); a diverging run stops with exit status 3."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import run_cli, write_class_folder
 
+import imgclf.tasks
 import imgclf.train
 from imgclf.checkpoint import load_checkpoint
 from imgclf.cli import main
@@ -167,20 +168,15 @@ def test_huge_learning_rate_stops_with_exit_3_naming_epoch_and_step(folder, tmp_
 
 def test_divergence_keeps_the_last_good_checkpoint(folder, tmp_path, capsys, monkeypatch):
     """The loss turns NaN in the 2nd step of epoch 2: the run stops, and last.pt of epoch 1 stays, whole."""
-    real = imgclf.train.build_loss
+    real = imgclf.tasks.SingleLabel.loss
     calls = {"n": 0}
 
-    def poisoned(cfg, *args):
-        loss = real(cfg, *args)
+    def poisoned(self, logits, y):
+        calls["n"] += 1
+        value = real(self, logits, y)
+        return value * float("nan") if calls["n"] == 3 + 2 else value  # 3 steps per epoch
 
-        def fn(logits, y):
-            calls["n"] += 1
-            value = loss(logits, y)
-            return value * float("nan") if calls["n"] == 3 + 2 else value  # 3 steps per epoch
-
-        return fn
-
-    monkeypatch.setattr(imgclf.train, "build_loss", poisoned)
+    monkeypatch.setattr(imgclf.tasks.SingleLabel, "loss", poisoned)
     run = tmp_path / "r"
     code = train("--data", folder, "--epochs", 3, "--batch-size", 6, "--lr", 0.01, "--out", run)
     err = capsys.readouterr().err
@@ -213,7 +209,7 @@ def test_boundary_values_of_training_flags_are_one_line_naming_the_flag(folder, 
 
 
 def test_an_infinite_figure_never_improves():
-    from imgclf.metrics import improved
+    improved = imgclf.tasks.SingleLabel([]).improved
 
     assert not improved(float("inf"), None, "val_loss") and not improved(float("nan"), None, "val_acc")
     assert not improved(float("-inf"), 0.5, "val_loss") and improved(0.4, 0.5, "val_loss")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, write_class_folder
 
-from imgclf import export
+from imgclf import export, formats
 from imgclf.cli import main
 from imgclf.errors import UserError
 
@@ -162,8 +162,8 @@ def tiny_run(tmp_path_factory) -> tuple[Path, list[Path], list[dict]]:
 def test_every_format_runs_without_imgclf_and_agrees_with_predict(tiny_run, tmp_path, capsys):
     ckpt, images, predicted = tiny_run
     models = {}
-    for fmt, suffix in export.FORMATS.items():
-        models[fmt] = tmp_path / f"model{suffix}"
+    for fmt, form in formats.FORMATS.items():
+        models[fmt] = tmp_path / f"model{form.suffix}"
         assert main(["export", str(ckpt), "--format", fmt, "--out", str(models[fmt])]) == 0
         printed = capsys.readouterr().out
         weights = " and model.bin" if fmt == "openvino" else ""
@@ -172,7 +172,7 @@ def test_every_format_runs_without_imgclf_and_agrees_with_predict(tiny_run, tmp_
             assert "input uint8 (N, 3, 24, 24) -> probabilities (N, 3)" in printed
             assert float(printed.rsplit("checkpoint ", 1)[1]) < 1e-4  # the exporter's own check ran
     exported = run_standalone(tmp_path, models, images)
-    for fmt in export.FORMATS:
+    for fmt in formats.FORMATS:
         assert_agrees(exported[fmt], predicted)
 
 
@@ -218,10 +218,10 @@ def test_bad_inputs_are_one_line_errors(tiny_run, tmp_path, capsys):
 
 
 def test_missing_packages_name_the_extra(monkeypatch):
-    monkeypatch.setattr(export.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(formats.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match=r"needs the package\(s\) onnx, onnxscript: pip install 'imgclf\[export\]'"):
-        export.check_requirements("onnx")
-    export.check_requirements("torchscript")  # needs nothing beyond torch
+        formats.FORMATS["onnx"].check_requirements()
+    formats.FORMATS["torchscript"].check_requirements()  # needs nothing beyond torch
 
 
 @pytest.mark.slow
@@ -242,10 +242,11 @@ def test_hymenoptera_exports_agree_with_predict(hymenoptera_dir, tmp_path):
     ckpt = train(hymenoptera_dir, tmp_path / "run", "--model", "tutorial_cnn", "--img-size", "64", "--epochs", "1")
     images = sorted((hymenoptera_dir / "val" / "ants").glob("*.jpg"))[:6]
     images += sorted((hymenoptera_dir / "val" / "bees").glob("*.jpg"))[:6]
-    models = {f: export.export_checkpoint(ckpt, f, tmp_path / f"hym{s}").path for f, s in export.FORMATS.items()}
+    models = {f: export.export_checkpoint(ckpt, f, tmp_path / f"hym{form.suffix}").path
+              for f, form in formats.FORMATS.items()}
     exported = run_standalone(tmp_path, models, images)
     predicted = predict_json(ckpt, images)
-    for fmt in export.FORMATS:
+    for fmt in formats.FORMATS:
         assert_agrees(exported[fmt], predicted)
 
 
@@ -292,6 +293,7 @@ def awkward_pictures(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.png"))
 
 
+@pytest.mark.slow
 def test_documented_preprocessing_is_what_predict_does_on_16bit_and_transparent_pictures(tiny_run, tmp_path):
     """Issue 14.8: the steps written into the export (metadata `input.preprocessing`), redone by hand, give
     imgclf's own pixels on 16-bit and transparent pictures, and the exported ONNX graph fed those pixels gives
@@ -323,3 +325,106 @@ def test_documented_preprocessing_is_what_predict_does_on_16bit_and_transparent_
     exported = {"classes": json.loads(session.get_modelmeta().custom_metadata_map["imgclf"])["classes"],
                 "probs": probs.tolist()}
     assert_agrees(exported, predict_json(ckpt, pictures))
+
+
+# ---------------------------------------------------------------- issue 24: nothing overwritten, no tracebacks
+
+
+def test_an_existing_file_is_replaced_only_with_force_and_a_checkpoint_never(tiny_run, tmp_path, capsys):
+    """Issue 24.2: `--out FILE` refuses an existing file in one line unless --force; another checkpoint of the
+    run (last.pt) is refused even with --force, and stays as it was."""
+    ckpt, _, _ = tiny_run
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"the user's own file")
+    assert main(["export", str(ckpt), "--format", "safetensors", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"imgclf: error: {out} already exists; choose another --out, or add --force to replace it\n"
+    assert out.read_bytes() == b"the user's own file"
+    assert main(["export", str(ckpt), "--format", "safetensors", "--out", str(out), "--force"]) == 0
+    assert out.read_bytes() != b"the user's own file" and capsys.readouterr().out.startswith(f"wrote {out} (")
+    last = ckpt.with_name("last.pt")
+    before = last.read_bytes()
+    for extra in ([], ["--force"]):
+        assert main(["export", str(ckpt), "--format", "safetensors", "--out", str(last), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{last} is a checkpoint: an export never replaces one" in err
+    assert last.read_bytes() == before
+    with pytest.raises(UserError, match="already exists"):  # the Python API refuses the same way
+        export.export_checkpoint(ckpt, "safetensors", out)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torchscript",
+                                 pytest.param("onnx", marks=pytest.mark.slow),
+                                 pytest.param("openvino", marks=pytest.mark.slow)])
+def test_a_write_that_fails_for_lack_of_room_is_one_line(tiny_run, tmp_path, capsys, fmt):
+    """Issue 24.20: a write that fails half-way (here: a 50 kB file size limit, as a full disk would) ends in one
+    line for every format, and leaves no part of a file behind."""
+    import resource
+    import signal
+
+    form = formats.FORMATS[fmt]
+    pytest.importorskip(next(iter(form.requires), "torch"))
+    ckpt, _, _ = tiny_run
+    folder = tmp_path / "out"
+    folder.mkdir()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write over the limit fails instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, hard))
+    try:
+        code = main(["export", str(ckpt), "--format", fmt, "--out", str(folder / f"m{form.suffix}")])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("imgclf: error: "), err
+    assert list(folder.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def torchscript_export(tiny_run, tmp_path_factory) -> Path:
+    ckpt, _, _ = tiny_run
+    return export.export_checkpoint(ckpt, "torchscript", tmp_path_factory.mktemp("ts") / "m.torchscript.pt").path
+
+
+def with_metadata(source: Path, out: Path, change: dict) -> Path:
+    """A copy of the TorchScript export `source` whose imgclf metadata has `change` applied (top-level keys)."""
+    import warnings
+
+    import torch
+
+    files = {"imgclf.json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation
+        module = torch.jit.load(str(source), _extra_files=files)
+        meta = {**json.loads(files["imgclf.json"]), **change}
+        torch.jit.save(module, str(out), _extra_files={"imgclf.json": json.dumps(meta)})
+    return out
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"input": {"size": 60000, "channels": 3}}, "input size is 60000, not a number of 1 to 4096"),
+    ({"input": None}, "input is None, not a description of the input"),
+    ({"model": 5}, "model is 5, not a description with a name"),
+    ({"input": {"size": 24, "channels": 2}}, "input channels is 2, not 1 or 3"),
+    ({"classes": []}, "classes is [], not a list of 1 to"),
+    ({"classes": "xy"}, "classes is 'xy', not a list of 1 to"),
+    ({"classes": ["circle", "square"]}, "gives outputs of shape (3,) per picture, but its metadata names 2 classes"),
+    ({"format": "other"}, "is not a model exported by imgclf"),
+])
+def test_damaged_export_metadata_is_refused_in_one_line(tiny_run, torchscript_export, tmp_path, capsys, change, words):
+    """Issue 24.5: metadata that does not describe the graph is refused by predict and eval, never turned
+    into a traceback, a huge allocation or wrong labels with exit 0."""
+    _, images, _ = tiny_run
+    model = with_metadata(torchscript_export, tmp_path / "m.torchscript.pt", change)
+    data = images[0].parent.parent
+    if isinstance(change.get("classes"), list) and change["classes"]:  # eval on the classes the metadata names
+        for name in change["classes"]:
+            (tmp_path / "data" / name).mkdir(parents=True)
+            (tmp_path / "data" / name / "0.jpg").symlink_to(next((data / name).glob("*.jpg")))
+        data = tmp_path / "data"
+    for argv in (["predict", str(model), str(images[0])], ["eval", str(model), "--data", str(data)]):
+        capsys.readouterr()
+        code = main([*argv, "--device", "cpu"])
+        captured = capsys.readouterr()
+        assert code == 2 and captured.out == "", (argv[0], captured)
+        assert captured.err.count("\n") == 1 and words in captured.err, (argv[0], captured.err)

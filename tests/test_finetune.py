@@ -34,6 +34,7 @@ def backbone(state: dict) -> dict:
     return {k: v for k, v in state.items() if not k.startswith("fc.") and "num_batches_tracked" not in k}
 
 
+@pytest.mark.slow
 def test_frozen_backbone_keeps_weights_and_batchnorm_statistics(setup, tmp_path, capsys):
     data, weights = setup
     assert train(data, weights, tmp_path / "run", "--freeze-backbone", "--epochs", 2) == 0

@@ -101,6 +101,7 @@ def special_files(folder: Path) -> list[Path]:
     return [folder / "fifo.jpg", folder / "sock.png", folder / "zero.png"]
 
 
+@pytest.mark.slow
 def test_fifo_device_and_socket_named_like_pictures_are_skipped_never_opened(tmp_path, capsys):
     root = tmp_path / "data"
     write_class_folder(root / "train", ["a", "b"], 6, seed=1)
@@ -125,6 +126,7 @@ def test_fifo_device_and_socket_named_like_pictures_are_skipped_never_opened(tmp
         assert err.count(f"imgclf: {path}: not a regular file ({kinds[path.name]})") == 1, err
 
 
+@pytest.mark.slow
 def test_file_names_that_are_not_utf8_or_hold_a_newline(tmp_path, capsys):
     root = write_class_folder(tmp_path / "data", ["a", "b", os.fsdecode(b"caf\xe9")], 6)
     odd = [os.fsdecode(bytes(root / "a") + b"/caf\xe9-latin1.png"), str(root / "b" / "new\nline.png")]

@@ -121,6 +121,7 @@ def test_the_seeds_are_valid_pictures(tmp_path):
         assert decode(tmp_path / f"{i}.img", 3) is not None, i
 
 
+@pytest.mark.slow
 @fuzz_settings(EXAMPLES)
 @given(blob=picture_bytes(), channels=st.sampled_from([1, 3]))
 def test_load_image_never_crashes(blob, channels):
@@ -143,6 +144,7 @@ def _write_folder(root: Path, blobs: list[bytes]) -> list[Path]:
     return fuzzed
 
 
+@pytest.mark.slow
 @fuzz_settings(max(10, EXAMPLES // 20))
 @given(blobs=st.lists(picture_bytes(), min_size=1, max_size=6))
 def test_folder_data_set_keeps_good_files_and_names_every_rejected_one(blobs):
@@ -355,6 +357,7 @@ def damaged_checkpoints(original: bytes, count: int, seed: int = 14):
             yield kind, _foreign(rng)
 
 
+@pytest.mark.slow
 def test_damaged_and_foreign_checkpoints_are_one_line_each(small_run, tmp_path):
     """1,000 damaged or foreign files given as a checkpoint (IMGCLF_FUZZ_CHECKPOINTS more; the slow tier
     tries 10,000): each is one UserError line, or loads."""

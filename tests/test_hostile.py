@@ -122,6 +122,7 @@ def test_prefixed_checkpoints_load_and_predict_the_same(trained, tmp_path, prefi
     assert load_checkpoint(path)["state_dict"].keys() == load_checkpoint(trained["ckpt"])["state_dict"].keys()
 
 
+@pytest.mark.slow
 def test_compiled_and_ddp_state_dicts_as_pretrained(trained, tmp_path):
     """--pretrained takes the plain state dict of a torch.compile'd model, or one saved from DDP."""
     source = build_model("tutorial_cnn", num_classes=2, img_size=16)

@@ -229,6 +229,7 @@ def test_timm_model_loads_a_local_pretrained_file_and_skips_the_old_head(timm, t
     assert torch.allclose(grey.conv1.weight, source.conv1.weight.sum(1, keepdim=True))  # RGB filters summed
 
 
+@pytest.mark.slow
 def test_timm_vit_is_built_for_the_requested_size_and_takes_a_224_file(timm, tmp_path):
     source = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=1000)
     torch.save(source.state_dict(), tmp_path / "vit.pth")

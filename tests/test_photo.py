@@ -11,13 +11,14 @@ import torch
 from conftest import write_class_folder
 from PIL import Image
 
+from imgclf.augment import Draws, Erase, Flip, ResizedCrop, build
 from imgclf.cache import Split
 from imgclf.checkpoint import load_checkpoint
 from imgclf.cli import build_parser, main, train_config
 from imgclf.loader import BatchLoader
 from imgclf.pipeline import augmentation
 from imgclf.sources import load_data
-from imgclf.transforms import BatchTransform, Mixer, PhotoAugment
+from imgclf.transforms import BatchTransform, Mixer
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -55,23 +56,32 @@ def test_photos_get_the_photo_recipe_and_a_larger_training_store(tmp_path):
     assert data.train.images.shape[-1] == data.val.images.shape[-1] == 16
 
 
-def test_photo_augment_is_a_function_of_each_pictures_seed():
+def test_photo_augment_is_a_function_of_each_pictures_place():
     images = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8)
-    augment = PhotoAugment(size=32, erasing=0.5)
-    a = augment(images, [10, 11, 12, 13, 14, 15])
+    augment = build("photo", {"resized-crop": {"size": 32}, "erase": {"erasing": 0.5}})
+
+    def draws(places, seed=1):
+        return Draws(seed, epoch=2, step=5, places=tuple(places))
+
+    a = augment(images, draws(range(6)))
     assert a.shape == (6, 3, 32, 32) and a.dtype == torch.uint8
-    assert torch.equal(a, augment(images, [10, 11, 12, 13, 14, 15]))
-    assert torch.equal(a[3:5], augment(images[3:5], [13, 14]))  # the same picture and seed, alone or not
-    assert not torch.equal(a, augment(images, [20, 21, 22, 23, 24, 25]))
+    assert torch.equal(a, augment(images, draws(range(6))))
+    assert torch.equal(a[3:5], augment(images[3:5], draws([3, 4])))  # the same picture and place, alone or not
+    assert not torch.equal(a, augment(images, draws(range(6), seed=2)))
 
 
 def test_full_crop_without_policy_or_erasing_is_a_plain_resize_or_mirror():
     """scale (1, 1) and ratio (1, 1): the crop is the whole stored picture, only resized (and perhaps mirrored)."""
     images = torch.arange(2 * 8 * 8, dtype=torch.float64).view(2, 1, 8, 8).mul(3).to(torch.uint8)
-    augment = PhotoAugment(size=8, scale=(1.0, 1.0), ratio=(1.0, 1.0), policy="none", erasing=0.0, fill=(0,))
-    out = augment(images, [1, 2])
+    augment = build("photo", {"resized-crop": {"size": 8, "scale": (1.0, 1.0), "ratio": (1.0, 1.0)},
+                              "policy": {"policy": "none"}, "erase": {"erasing": 0.0, "fill": (0,)}})
+    out = augment(images, Draws(0, 0, 0, (1, 2)))
     for i in range(2):
         assert torch.equal(out[i], images[i]) or torch.equal(out[i], images[i].flip(-1))
+    assert torch.equal(ResizedCrop(8, (1.0, 1.0), (1.0, 1.0))(images, Draws(0, 0, 0, (1, 2))), images)
+    assert torch.equal(Flip()(images, Draws(0, 0, 0, (0, 1), flip=torch.tensor([True, False]))),
+                       torch.stack([images[0].flip(-1), images[1]]))
+    assert torch.equal(Erase(0.0)(images, Draws(0, 0, 0, (0, 1))), images)
 
 
 def test_eval_view_is_the_centre_crop_of_the_store():
@@ -91,7 +101,8 @@ def test_mixer_gives_soft_labels_and_is_seeded():
 
 def test_each_process_augments_only_its_share_and_gets_what_one_process_gets():
     split = Split(torch.randint(0, 256, (20, 3, 24, 24), dtype=torch.uint8), torch.arange(20) % 2)
-    transform = BatchTransform(MEAN, STD, "photo", size=20, photo=PhotoAugment(size=20))
+    transform = BatchTransform(MEAN, STD, "photo", size=20)
+    assert transform.augmentation.per_picture
     common = dict(batch_size=8, transform=transform, train=True, device=torch.device("cpu"), seed=3)
     whole = list(BatchLoader(split, **common).epoch(1))
     shares = [list(BatchLoader(split, rank=r, world=2, **common).epoch(1)) for r in (0, 1)]
@@ -100,6 +111,7 @@ def test_each_process_augments_only_its_share_and_gets_what_one_process_gets():
         assert torch.equal(shares[0][step][1], y[0::2]) and shares[0][step][2] == n
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_photo_recipe_with_mixup_resumes_bit_exactly(tmp_path, capsys):
     data = photo_folder(tmp_path / "p")

@@ -76,6 +76,7 @@ def train_batches(folder, tmp_path, monkeypatch) -> tuple[dict, list]:
     return seen["weights"], seen["batches"]
 
 
+@pytest.mark.slow
 def test_lr_find_and_train_see_the_same_batches_for_the_same_flags(tiny_split_folder, tmp_path, monkeypatch):
     found_weights, found = lr_find_batches(tiny_split_folder, tmp_path, monkeypatch)
     trained_weights, trained = train_batches(tiny_split_folder, tmp_path, monkeypatch)

@@ -58,6 +58,7 @@ def test_a_folder_of_the_users_files_is_refused_and_left_untouched(data, tmp_pat
     assert {p.name: p.read_bytes() for p in own.iterdir()} == files
 
 
+@pytest.mark.slow
 def test_an_empty_folder_takes_a_run_and_a_run_folder_resumes(data, tmp_path, capsys):
     run = tmp_path / "empty"
     run.mkdir()

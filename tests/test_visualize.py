@@ -193,6 +193,7 @@ def test_features_writes_a_png_per_layer_and_tensorboard_images(trained_run, dat
     assert "is not a readable picture" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_features_of_an_untrained_model_given_by_name(data_dir, tmp_path, capsys):
     picture = data_dir / "test" / "circle" / "0000.png"
     out = tmp_path / "untrained"

@@ -177,7 +177,7 @@ class Run:
         `--data-root`, `--val-fraction`, `--labels` and `--cache-dir`; `split` as `--split` (by default the
         test split where there is one beside val, else the held-out one, and all of a plain folder)."""
         from imgclf.config import DataConfig
-        from imgclf.evaluate import evaluate_checkpoint
+        from imgclf.evaluate import evaluate_checkpoint, evaluation_summary
 
         d = self.config.data
         cfg = DataConfig(data=d.data if data is None else os.fspath(data), data_root=d.data_root,
@@ -203,15 +203,15 @@ class Run:
         return self._predictors[device].predict([os.fspath(p) for p in paths], topk=topk, batch_size=batch_size)
 
     def export(self, fmt: str, out=None, *, int8: bool = False, calibration_data=None, eval_data=None,
-               calibration_size: int | None = None) -> Path:
+               calibration_size: int | None = None, force: bool = False) -> Path:
         """`imgclf export --format FMT`: write the checkpoint as onnx, openvino, torchscript or safetensors to
         `out` (default beside the checkpoint, e.g. best.onnx), self-checked; `int8=True` (onnx, openvino) as
-        `--int8`; return the file written."""
+        `--int8`; `force=True` as `--force` (replace an existing file, never a checkpoint); return the file written."""
         from imgclf.export import export_checkpoint
 
         with self._scope():
             return export_checkpoint(self.checkpoint, fmt, out=out, int8=int8, calibration_data=calibration_data,
-                                     eval_data=eval_data, calibration_size=calibration_size).path
+                                     eval_data=eval_data, calibration_size=calibration_size, force=force).path
 
     # ------------------------------------------------------------ loading the network
 
@@ -250,18 +250,6 @@ class Run:
         if self._object is not None:
             stack.enter_context(usercode.model_object_scope(self._object))
         return stack
-
-
-def evaluation_summary(result: dict) -> dict:
-    """`evaluate_checkpoint`'s result as `imgclf eval --json` prints it: plain numbers and lists."""
-    from imgclf.metrics import per_class_accuracy, summary
-
-    classes, confusion = result["classes"], result["confusion"]
-    per_class = per_class_accuracy(confusion)
-    return {"split": result["split"], "count": result["count"], "loss": result["loss"], "accuracy": result["acc"],
-            **({"top5": result["top5"]} if "top5" in result else {}), "classes": classes,
-            "per_class_accuracy": dict(zip(classes, per_class, strict=True)), **summary(confusion, classes),
-            "confusion": confusion.tolist()}
 
 
 def same_figures(record: dict) -> dict:

@@ -10,10 +10,8 @@ matplotlib, and `imgclf predict` starts lean."""
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
-import math
 import os
 import signal
 import sys
@@ -355,38 +353,12 @@ def _add_eval(sub, common) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from imgclf.evaluate import evaluate_checkpoint
-    from imgclf.metrics import per_class_accuracy, summary
+    from imgclf.evaluate import evaluate_checkpoint, evaluation_summary, evaluation_table
 
     cfg = DataConfig(data=args.data, data_root=args.data_root, val_fraction=args.val_fraction,
                      eval_batch_size=args.batch_size, cache_dir=args.cache_dir, labels=args.labels)
-    r = evaluate_checkpoint(args.checkpoint, cfg, split=args.split, device=args.device)
-    classes, confusion = r["classes"], r["confusion"]
-    per_class, figures = per_class_accuracy(confusion), summary(confusion, classes)
-    if args.json:
-        print(json.dumps({"split": r["split"], "count": r["count"], "loss": r["loss"], "accuracy": r["acc"],
-                          **({"top5": r["top5"]} if "top5" in r else {}), "classes": classes,
-                          "per_class_accuracy": dict(zip(classes, per_class, strict=True)), **figures,
-                          "confusion": confusion.tolist()}))
-        return EXIT_OK
-    top5 = f"  top-5 {r['top5']:.2%}" if "top5" in r else ""
-    print(f"{r['split']}: {r['count']} pictures  loss {r['loss']:.4f}  accuracy {r['acc']:.2%}{top5}  "
-          f"macro F1 {figures['macro_f1']:.4f}\n")
-    width = max(8, *(len(c) for c in classes))
-    print(f"{'class':<{width}}  {'accuracy':>8}  {'precision':>9}  {'recall':>6}  {'F1':>6}  {'count':>6}")
-    for name, acc, row in zip(classes, per_class, confusion.tolist(), strict=True):
-        f = figures["per_class"][name]
-        print(f"{name:<{width}}  {acc:>8.2%}  {f['precision']:>9.3f}  {f['recall']:>6.3f}  {f['f1']:>6.3f}  "
-              f"{sum(row):>6}")
-    print(f"{'macro':<{width}}  {'':>8}  {figures['macro_precision']:>9.3f}  {figures['macro_recall']:>6.3f}  "
-          f"{figures['macro_f1']:>6.3f}  {r['count']:>6}")
-    print("\nconfusion matrix (rows: true class, columns: predicted)")
-    cell = max(5, len(str(int(confusion.max()))) + 1)
-    labels = [f"{i} {name}" for i, name in enumerate(classes)]
-    label_width = max(len(label) for label in labels)
-    print(" " * label_width + "".join(f"{i:>{cell}}" for i in range(len(classes))))
-    for label, row in zip(labels, confusion.tolist(), strict=True):
-        print(f"{label:<{label_width}}" + "".join(f"{v:>{cell}}" for v in row))
+    result = evaluate_checkpoint(args.checkpoint, cfg, split=args.split, device=args.device)
+    print(json.dumps(evaluation_summary(result)) if args.json else evaluation_table(result))
     return EXIT_OK
 
 
@@ -408,29 +380,11 @@ def _add_predict(sub, common) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from imgclf.predict import Predictor
+    from imgclf.predict import Predictor, print_predictions
 
     predictor = Predictor.from_path(args.checkpoint, device=args.device, precision=args.precision)
-    writer = csv.writer(sys.stdout) if args.csv else None
-    if writer:
-        writer.writerow(["path", "rank", "label", "probability"])
-    failed = False
-    for r in predictor.iter_predict(args.paths, topk=args.topk, batch_size=args.batch_size):
-        if not r.error and not all(math.isfinite(p) for p in r.probs):  # never a NaN, nor invalid JSON
-            r.error, r.labels, r.probs = "the model's output is not a number (NaN or infinite)", [], []
-        failed = failed or bool(r.error)
-        if r.error:
-            print(f"imgclf: {shown(r.path)}: {shown(str(r.error))}", file=sys.stderr)
-        elif args.json:
-            print(json.dumps({"path": r.path, "top": [{"label": lab, "probability": round(p, 6)}
-                                                      for lab, p in zip(r.labels, r.probs, strict=True)]}))
-        elif writer:
-            for rank, (lab, p) in enumerate(zip(r.labels, r.probs, strict=True), start=1):
-                writer.writerow([shown(r.path), rank, lab, f"{p:.6f}"])
-        else:
-            tops = "  ".join(f"{lab} {p:.1%}" for lab, p in zip(r.labels, r.probs, strict=True))
-            print(f"{shown(r.path)}  {tops}")  # one line, whatever bytes the file name holds
-        sys.stdout.flush()  # each answer as soon as it is known, also into a pipe
+    style = "json" if args.json else "csv" if args.csv else "text"
+    failed = print_predictions(predictor.iter_predict(args.paths, topk=args.topk, batch_size=args.batch_size), style)
     return EXIT_PARTIAL if failed else EXIT_OK
 
 
@@ -498,23 +452,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-EXPORT_FORMATS = ("onnx", "openvino", "safetensors", "torchscript")  # imgclf.export.FORMATS, without importing torch
-
-
 def _add_export(sub, common) -> None:
+    from imgclf.formats import FORMATS  # the table of formats; it imports neither torch nor a runtime
+
     p = _command(sub, common, "export", cmd_export,
                  help="write a checkpoint as ONNX, OpenVINO, TorchScript or safetensors (--int8: quantized)",
                  description="Write a checkpoint in a format usable without imgclf; class names and "
                              "preprocessing are stored inside the file (see README, Export and serve).")
     p.add_argument("checkpoint")
     _add_model_code(p)
-    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, dest="export_format",
-                   help="onnx (onnxruntime or OpenVINO, any language), openvino (OpenVINO IR: NAME.xml + NAME.bin), "
-                        "torchscript (torch.jit.load, Python or C++), safetensors (the weights alone)")
+    p.add_argument("--format", required=True, choices=tuple(FORMATS), dest="export_format",
+                   help=", ".join(f.help for f in FORMATS.values()))
     p.add_argument("--out", help="output file (default: beside the checkpoint, e.g. best.onnx, best.int8.xml)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output file (and, for openvino, the .bin beside it); never a checkpoint")
     p.add_argument("--int8", action="store_true",
-                   help="onnx, openvino: quantize to int8 after calibrating on training pictures; prints the int8 "
-                        "model's accuracy next to the float one's on the held-out split")
+                   help=f"{', '.join(n for n, f in FORMATS.items() if f.quantize)}: quantize to int8 after "
+                        f"calibrating on training pictures; prints the int8 model's accuracy next to the float "
+                        f"one's on the held-out split")
     p.add_argument("--calibration-data", metavar="DATA",
                    help="data set or folder whose training pictures calibrate --int8 (default: the checkpoint's)")
     _number(p, "--calibration-size", int, 1, 100_000, help="training pictures to calibrate on (default 300)")
@@ -527,7 +482,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     print(export_checkpoint(args.checkpoint, args.export_format, out=args.out, int8=args.int8,
                             calibration_data=args.calibration_data, eval_data=args.eval_data,
-                            calibration_size=args.calibration_size).describe())
+                            calibration_size=args.calibration_size, force=args.force).describe())
     return EXIT_OK
 
 

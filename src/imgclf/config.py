@@ -336,7 +336,8 @@ def scaled_lr(optim: OptimConfig, batch) -> OptimConfig:
 
 def idle_options(cfg: TrainConfig) -> dict[str, str]:
     """Flag -> why it would change nothing in the run `cfg` describes, for every option whose value is not
-    used there (whatever its value): what `refuse_idle` refuses when the user set it."""
+    used there (whatever its value): what `refuse_idle` refuses when the user set it. The augmentation
+    options (--crop-pad, --crop-scale, --auto-augment, --random-erasing) are imgclf.augment.choose's."""
     d, m, o, r = cfg.data, cfg.model, cfg.optim, cfg.run
     builtin = d.data in ("cifar10", "cifar100", "mnist", "fashion-mnist")  # sources.BUILTINS (no torch here)
     adam = o.optimizer != "sgd"
@@ -346,8 +347,6 @@ def idle_options(cfg: TrainConfig) -> dict[str, str]:
                                       (o.momentum == 0 and "Nesterov momentum needs --momentum above 0")),
         "--mix-switch": not (d.mixup > 0 and d.cutmix > 0) and "it chooses between mixup and CutMix: give both "
                                                                 "--mixup and --cutmix",
-        "--crop-pad": d.augment in ("none", "flip", "photo") and f"--augment {d.augment} makes no shifted crops "
-                                                                 f"(flip-crop does)",
         "--store-size": d.augment not in ("auto", "photo") and f"--augment {d.augment} takes no random-resized "
                                                                f"crops (photo does)",
         "--data-root": not builtin and "it is where the built-in data sets live, and --data is a folder",

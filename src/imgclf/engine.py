@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from imgclf.distributed import DistInfo, all_reduce_sum
-from imgclf.metrics import accuracy, confusion_matrix, improved
 from imgclf.models import training_loss
 from imgclf.optim import Lookahead
+from imgclf.tasks import argmax_hits
 
 
 class Diverged(RuntimeError):
@@ -74,9 +74,10 @@ class TrainState:
         if self.lookahead is not None:
             self.lookahead.after_step(self.model, step, self.total_steps)
 
-    def end_epoch(self, record: dict, monitor: str) -> bool:
-        """Record a finished epoch's metrics; True when its `monitor` figure is the best so far."""
-        better = improved(record[monitor], self.best_score, monitor)
+    def end_epoch(self, record: dict, monitor: str, task) -> bool:
+        """Record a finished epoch's metrics; True when its `monitor` figure is the best so far (`task` says
+        which way is better)."""
+        better = task.improved(record[monitor], self.best_score, monitor)
         self.epoch, self.step, self.partial, self.metrics = record["epoch"], 0, None, record
         if better:
             self.best_score, self.best_epoch = record[monitor], record["epoch"]
@@ -132,15 +133,16 @@ def _cpu(state: dict) -> dict:
 
 def train_one_epoch(state: TrainState, loader, *, epoch: int, loss_fn, autocast: Callable[[], AbstractContextManager],
                     hooks: Hooks | None = None, dist: DistInfo | None = None, check_every: int = 1,
+                    hits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = argmax_hits,
                     clip_grad: float | None = None, accumulate: int = 1) -> dict:
     """Train `state.net` over `loader.epoch(epoch)`, from `state.step` when the epoch was begun before; each
     step as `train_step` makes it (`clip_grad`, `accumulate`).
 
     Stops early (returning `stopped_at`) as soon as `hooks.should_stop()` is true after a step. Losses are
     read every `check_every` steps (1 on a CPU; more on a GPU, so that the host does not wait for the device
-    at every step) and at the end; a non-finite one raises Diverged. Loss and accuracy are over the whole
-    global batch, summed across the processes of `dist`; with `state.partial` (the sums of a stopped
-    epoch's first steps) the figures cover all of the epoch, exactly as if it had not stopped."""
+    at every step) and at the end; a non-finite one raises Diverged. Loss and accuracy (`loss_fn`, `hits`: the
+    task's) are over the global batch, summed across the processes of `dist`; with `state.partial` (the sums of a
+    stopped epoch's first steps) the figures cover all of the epoch, exactly as if it had not stopped."""
     hooks, dist = hooks or Hooks(), dist or DistInfo()
     model = state.net
     train_mode(model)
@@ -154,7 +156,7 @@ def train_one_epoch(state: TrainState, loader, *, epoch: int, loss_fn, autocast:
     for step, (x, y, n_global) in enumerate(loader.epoch(epoch, start_step=state.step), start=state.step):
         # mean over the global batch, also when each process holds a share of it
         loss, right = train_step(state, x, y, loss_fn=loss_fn, autocast=autocast, scale=y.shape[0] * world / n_global,
-                                 clip_grad=clip_grad, accumulate=accumulate)
+                                 hits=hits, clip_grad=clip_grad, accumulate=accumulate)
         state.scheduler.step()
         state.after_update(epoch * steps + step + 1)
         pending.append((step, loss * (n_global / (y.shape[0] * world)), y.shape[0]))
@@ -175,10 +177,11 @@ def train_one_epoch(state: TrainState, loader, *, epoch: int, loss_fn, autocast:
 
 
 def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, *, loss_fn,
-               autocast: Callable[[], AbstractContextManager], scale: float = 1.0, clip_grad: float | None = None,
-               accumulate: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+               autocast: Callable[[], AbstractContextManager], scale: float = 1.0,
+               hits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = argmax_hits,
+               clip_grad: float | None = None, accumulate: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step of `state` on the batch (x, y); returns (its loss times `scale`, its correct
-    predictions), both on the device, without waiting for it.
+    predictions by `hits`), both on the device, without waiting for it.
 
     The batch is cut into `accumulate` micro-batches whose gradients add up before the step, each loss
     weighted by its share of the batch's mean (`loss_shares`): without BatchNorm the step is the whole
@@ -198,7 +201,7 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, *, loss_fn,
                 logits, loss = training_loss(model(xc), yc, loss_fn)  # auxiliary classifiers' losses included
                 loss = loss * (share * scale)
             (scaler.scale(loss) if scaler is not None else loss).backward()
-            right = (logits.argmax(1) == (yc if yc.ndim == 1 else yc.argmax(1))).sum()  # mixed: the larger share
+            right = hits(logits, yc)
             total = loss.detach() if total is None else total + loss.detach()
             correct = right if correct is None else correct + right
     if clip_grad:
@@ -220,6 +223,8 @@ def loss_shares(loss_fn, y: torch.Tensor, parts: list[torch.Tensor]) -> list:
     if len(parts) == 1:
         return [1.0]
     weight = getattr(loss_fn, "weight", None)
+    if weight is None:  # a task's loss method (imgclf.tasks): its class weights
+        weight = getattr(getattr(loss_fn, "__self__", None), "class_weights", None)
     if weight is None or y.ndim > 1:
         return [len(p) / len(y) for p in parts]
     total = weight[y].sum()
@@ -268,36 +273,31 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, *, num_classes: int, autocast: Callable[[], AbstractContextManager],
+def evaluate(model: nn.Module, loader, *, task, autocast: Callable[[], AbstractContextManager],
              dist: DistInfo | None = None, tta: bool = False, keep_probs: bool = False) -> dict:
-    """Loss (plain cross-entropy), accuracy, top-5 accuracy (more than five classes) and confusion matrix over
-    every sample once, summed across processes. With `tta`, logits are those of `tta_logits`."""
+    """`task`'s figures (a `tasks.Task`; for SingleLabel: plain cross-entropy loss, accuracy, top-5 over five
+    classes, confusion matrix) of `model` over every sample of `loader` once, summed across processes; with
+    `keep_probs` also every picture's activation ("probs") in order. With `tta`, logits are `tta_logits`'."""
     model.eval()
-    dist = dist or DistInfo()
-    start = time.perf_counter()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=_device(model))
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=_device(model))
-    top5 = torch.zeros((), dtype=torch.int64, device=_device(model))
-    probs = []
-    for x, y, _ in loader.epoch(0):
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
         with autocast():
-            logits = tta_logits(model, x) if tta else model(x).float()
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").double()
-        confusion += confusion_matrix(logits.argmax(1), y, num_classes)
-        if num_classes > 5:
-            top5 += (logits.topk(5, dim=1).indices == y.view(-1, 1)).any(1).sum()
-        if keep_probs:
-            probs.append(logits.softmax(1).cpu())
-    for total in (loss_sum, confusion, top5):
-        all_reduce_sum(total, dist)
-    count = int(confusion.sum())
-    out = {"loss": float(loss_sum) / max(count, 1), "acc": accuracy(confusion.cpu()), "count": count,
-           "confusion": confusion.cpu(), "seconds": time.perf_counter() - start}
-    if num_classes > 5:
-        out["top5"] = int(top5) / max(count, 1)
-    if keep_probs:
-        out["probs"] = torch.cat(probs) if probs else torch.zeros(0, num_classes)
-    return out
+            return tta_logits(model, x) if tta else model(x).float()
+
+    return evaluate_outputs(logits, ((x, y) for x, y, _ in loader.epoch(0)), task=task, device=_device(model),
+                            dist=dist, keep=keep_probs)
+
+
+def evaluate_outputs(outputs: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, *, task, device,
+                     dist: DistInfo | None = None, keep: bool = False, probabilities: bool = False) -> dict:
+    """The one evaluation loop (training's epochs, `imgclf eval` of checkpoints and exports, the report, tune):
+    `outputs(x)` of every (x, targets) batch into `task.tally(device)`, the result summed across the processes
+    of `dist`, with "seconds". `probabilities`: `outputs` gives the task's activation (an exported graph), not logits."""
+    start = time.perf_counter()
+    tally = task.tally(device, keep=keep)
+    for x, y in batches:
+        tally.add(outputs(x), y, probabilities=probabilities)
+    return {**tally.result(dist or DistInfo()), "seconds": time.perf_counter() - start}
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

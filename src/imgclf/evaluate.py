@@ -10,14 +10,14 @@ import torch
 
 from imgclf.checkpoint import load_checkpoint
 from imgclf.config import DataConfig
-from imgclf.engine import evaluate
+from imgclf.engine import evaluate, evaluate_outputs
 from imgclf.errors import UserError
-from imgclf.metrics import accuracy, confusion_matrix
 from imgclf.models import check_fits, model_from_checkpoint
 from imgclf.pipeline import eval_batch_size, eval_loader, place_model
 from imgclf.predict import ExportedPredictor, exported_kind
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import load_data
+from imgclf.tasks import DEFAULT, checkpoint_task, make_task
 from imgclf.transforms import BatchTransform
 
 SPLITS = ("train", "val", "test")
@@ -30,7 +30,8 @@ def evaluate_checkpoint(path, data_cfg: DataConfig, *, split: str | None = None,
 
     `split`: train, val or test; by default the test split where the data set has one beside its validation
     split, else the held-out one (a test folder serving as validation), and all of a plain folder of class
-    folders. The result is `engine.evaluate`'s with `classes`, `split` (its name) and `data` added."""
+    folders. The result is `engine.evaluate`'s with `task` (the checkpoint's, a tasks.Task), `classes`, `split`
+    (its name), `data` and `split_data` added; `evaluation_summary` and `evaluation_table` show it."""
     kind = exported_kind(path)
     if kind is not None:
         return _evaluate_exported(ExportedPredictor(path, kind), data_cfg, split=split, where=path)
@@ -52,9 +53,9 @@ def evaluate_checkpoint(path, data_cfg: DataConfig, *, split: str | None = None,
     loader = eval_loader(chosen, BatchTransform(tuple(inp["mean"]), tuple(inp["std"])),
                          batch_size=eval_batch_size(data_cfg, chosen), device=dev, channels_last=channels_last)
     autocast = autocast_factory(dev, resolve_precision(precision or run.get("precision", "fp32"), dev))
-    result = evaluate(model, loader, num_classes=len(data.classes), autocast=autocast, tta=run.get("tta", False),
-                      keep_probs=True)
-    result.update(classes=data.classes, split=name, data=data, split_data=chosen)
+    task = checkpoint_task(ckpt)
+    result = evaluate(model, loader, task=task, autocast=autocast, tta=run.get("tta", False), keep_probs=True)
+    result.update(task=task, classes=data.classes, split=name, data=data, split_data=chosen)
     return result
 
 
@@ -67,30 +68,34 @@ def _evaluate_exported(predictor: ExportedPredictor, data_cfg: DataConfig, *, sp
         raise UserError(f"{where} was exported for {len(predictor.classes)} classes ({preview(predictor.classes)}), "
                         f"but {data_cfg.data} has {len(data.classes)} ({preview(data.classes)})")
     name, chosen = _choose(data, split, data_cfg.data)
-    result = score(predictor.probabilities, chosen, len(data.classes), eval_batch_size(data_cfg, chosen))
-    result.update(seconds=time.perf_counter() - start, classes=data.classes, split=name, data=data, split_data=chosen)
+    task = predictor.task
+    result = score(predictor.probabilities, chosen, len(data.classes), eval_batch_size(data_cfg, chosen), task=task)
+    result.update(seconds=time.perf_counter() - start, task=task, classes=data.classes, split=name, data=data,
+                  split_data=chosen)
     return result
 
 
-def score(probabilities, split, num_classes: int, batch: int) -> dict:
-    """Loss, accuracy, confusion matrix (and top-5 with over 5 classes) of `probabilities` (uint8 (N, C, S, S)
-    pictures -> class probabilities, as `Predictor.probabilities`) on `split`, `batch` pictures at a time;
-    also `predicted`, the top-1 class of every picture."""
-    k = num_classes
-    confusion, loss_sum, top5, predicted = torch.zeros(k, k, dtype=torch.int64), 0.0, 0, []
-    for i in range(0, len(split), batch):
-        probs = probabilities(torch.as_tensor(np.asarray(split.images[i : i + batch])))
-        y = split.labels[i : i + batch]
-        loss_sum += float(torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum"))
-        predicted.append(probs.argmax(1))
-        confusion += confusion_matrix(predicted[-1], y, k)
-        top5 += int((probs.topk(min(5, k), dim=1).indices == y.view(-1, 1)).any(1).sum())
-    count = int(confusion.sum())
-    result = {"loss": loss_sum / max(count, 1), "acc": accuracy(confusion), "count": count, "confusion": confusion,
-              "predicted": torch.cat(predicted) if predicted else torch.zeros(0, dtype=torch.int64)}
-    if k > 5:
-        result["top5"] = top5 / max(count, 1)
-    return result
+def score(probabilities, split, num_classes: int, batch: int, *, task=None) -> dict:
+    """`task`'s figures (by default single-label over `num_classes` classes: loss, accuracy, confusion matrix,
+    top-5 with over 5 classes) of `probabilities` (uint8 (N, C, S, S) pictures -> the task's activation, as
+    `Predictor.probabilities`) on `split`, `batch` pictures at a time, through the one evaluation loop; also
+    "probs" and "predicted" (the top-1 class) of every picture."""
+    task = task or make_task(DEFAULT, [str(i) for i in range(num_classes)])
+    batches = ((torch.as_tensor(np.asarray(split.images[i : i + batch])), split.labels[i : i + batch])
+               for i in range(0, len(split), batch))
+    return evaluate_outputs(probabilities, batches, task=task, device=torch.device("cpu"), keep=True,
+                            probabilities=True)
+
+
+def evaluation_summary(result: dict) -> dict:
+    """`evaluate_checkpoint`'s result as `imgclf eval --json` prints it (and `Run.evaluate` returns it): plain
+    numbers and lists, as its task writes them."""
+    return result["task"].summary(result)
+
+
+def evaluation_table(result: dict) -> str:
+    """`evaluate_checkpoint`'s result as `imgclf eval` prints it without --json."""
+    return result["task"].table(evaluation_summary(result))
 
 
 def _choose(data, split: str | None, where: str):

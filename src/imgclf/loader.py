@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
+from imgclf.augment import Draws, mix_seed
 from imgclf.cache import Split
 from imgclf.transforms import resized
 
@@ -40,7 +40,7 @@ class BatchLoader:
         # so every two epochs see both orientations of every picture exactly once.
         self.first_flip = None
         if train:
-            first_flip = torch.rand(len(split), generator=torch.Generator().manual_seed(_mix(seed, -1))) < 0.5
+            first_flip = torch.rand(len(split), generator=torch.Generator().manual_seed(mix_seed(seed, -1))) < 0.5
             self.first_flip = first_flip.to(self.labels.device)
 
     def __len__(self) -> int:
@@ -53,7 +53,7 @@ class BatchLoader:
     def epoch(self, epoch: int, *, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         """Yield (images, labels, size of the global batch) for each step from `start_step`."""
         if self.train:
-            gen = torch.Generator().manual_seed(_mix(self.seed, epoch))
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
             order = (torch.randperm(len(self.split), generator=gen) if self.sample_weights is None else
                      torch.multinomial(self.sample_weights, len(self.split), replacement=True, generator=gen))
         else:
@@ -73,46 +73,27 @@ class BatchLoader:
         return self.images[idx].to(self.device, non_blocking=True)
 
     def _batch(self, idx: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        if self.train and self.transform.augment == "photo":
-            return self._photo_batch(idx, epoch, step)
-        images, labels = self._rows(idx), self.labels[idx]
-        gen, flip = None, None
+        # Augmentation that draws per picture (the photo recipe) lets each process decode and augment only its
+        # own rows of the global batch: each picture's draws depend on (seed, epoch, step, its place in the
+        # global batch) alone, so the result does not depend on the number of processes. Otherwise (the
+        # flip-crop family's batch stream) every process augments the whole batch and keeps its rows.
+        share = self.train and self.world > 1 and self.transform.augmentation.per_picture
+        places = range(self.rank, len(idx), self.world) if share else range(len(idx))
+        rows = idx[self.rank :: self.world] if share else idx
+        images, labels = self._rows(rows), self.labels[rows]
+        draws = None
         if self.train:  # random numbers drawn on the training device, so that nothing waits for a copy
-            gen = torch.Generator(device=self.device).manual_seed(_mix(self.seed, epoch, step + 1))
-            flip = (self.first_flip[idx] ^ bool(epoch % 2)).to(self.device, non_blocking=True)
+            flip = (self.first_flip[rows] ^ bool(epoch % 2)).to(self.device, non_blocking=True)
+            draws = Draws(self.seed, epoch, step, tuple(places), self.device, flip)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        x = self.transform(images, train=self.train, generator=gen, flip=flip, dtype=self.dtype, memory_format=fmt)
+        x = self.transform(images, train=self.train, draws=draws, dtype=self.dtype, memory_format=fmt)
         y = labels.to(self.device, non_blocking=True)
-        if self.train and self.world > 1:  # this rank's share of the global batch
+        if self.train and self.world > 1 and not share:  # this rank's share of the global batch
             x, y = x[self.rank :: self.world], y[self.rank :: self.world]
         if self.train and self.sides is not None:
             x = resized(x, self.sides(epoch))
-        if self.train and self.mixer is not None:  # soft labels (N, classes) from here on
-            x, y = self.mixer(x, y, _mix(self.seed, epoch, step + 1, -self.rank - 1))
+        if self.train and self.mixer is not None:  # soft labels (N, classes) from here on (pairs within a rank)
+            x, y = self.mixer(x, y, mix_seed(self.seed, epoch, step + 1, -self.rank - 1))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y, len(idx)
-
-    def _photo_batch(self, idx: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The photo recipe: this process decodes and augments only its own rows of the global batch; each
-        picture's augmentation is seeded by (seed, epoch, step, its place in the global batch), so the
-        result does not depend on the number of processes (mixing pairs pictures within a process's rows)."""
-        places = range(self.rank, len(idx), self.world)
-        own = idx[self.rank :: self.world]
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        x = self.transform(self._rows(own), train=True, dtype=self.dtype, memory_format=fmt,
-                           seeds=[_mix(self.seed, epoch, step + 1, place) for place in places])
-        y = self.labels[own].to(self.device, non_blocking=True)
-        if self.sides is not None:
-            x = resized(x, self.sides(epoch))
-        if self.mixer is not None:  # soft labels (N, classes) from here on
-            x, y = self.mixer(x, y, _mix(self.seed, epoch, step + 1, -self.rank - 1))
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, y, len(idx)
-
-
-def _mix(*values: int) -> int:
-    """A 63-bit seed from several integers, so (seed, epoch, step) streams never collide."""
-    digest = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)

@@ -45,14 +45,10 @@ def summary(confusion: torch.Tensor, classes: list[str]) -> dict:
                           for i, name in enumerate(classes)}}
 
 
-# What --monitor may watch, and whether a larger value is better.
-MONITORS = {"val_acc": True, "val_loss": False, "val_macro_f1": True}
-
-
-def improved(value: float, best: float | None, monitor: str) -> bool:
-    """Whether `value` of metric `monitor` beats `best` (None: nothing yet). A NaN or infinity never improves."""
+def improved(value: float, best: float | None, *, larger_is_better: bool) -> bool:
+    """Whether `value` beats `best` (None: nothing yet). A NaN or infinity never improves."""
     if not math.isfinite(value):
         return False
     if best is None:
         return True
-    return value > best if MONITORS[monitor] else value < best
+    return value > best if larger_is_better else value < best

@@ -89,12 +89,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_pe
         optimizer, lambda step: lr_factor(step, total_steps=total, warmup_steps=warmup, schedule=cfg.schedule))
 
 
-def build_loss(cfg: OptimConfig, class_weights: torch.Tensor | None = None) -> nn.Module:
-    """Cross-entropy with the configured label smoothing; `class_weights` (one per class) weight each
-    picture's loss by its class (--balance loss)."""
-    return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.label_smoothing)
-
-
 def balancing_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Per-class weights N / (K * n_c): every class then counts as much in all as a balanced set's would."""
     counts = torch.bincount(labels, minlength=num_classes).double().clamp_min(1)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from imgclf import distributed
+from imgclf import augment, distributed
 from imgclf.cache import Split
 from imgclf.config import LONG_RUN, DataConfig, TrainConfig
 from imgclf.distributed import DistInfo
@@ -21,7 +21,7 @@ from imgclf.loader import BatchLoader
 from imgclf.models import build_model
 from imgclf.optim import balancing_weights
 from imgclf.sources import ImageData, load_data
-from imgclf.transforms import BatchTransform, Mixer, PhotoAugment, progressive_side
+from imgclf.transforms import BatchTransform, Mixer, progressive_side
 from imgclf.usercode import check_output
 
 WHITENING_PICTURES = 5000  # fastnet's first layer is set from the patch statistics of this many pictures
@@ -100,13 +100,9 @@ def _sides(cfg: TrainConfig, data: ImageData, model: nn.Module):
 
 
 def augmentation(cfg: DataConfig, data: ImageData, *, epochs: int = LONG_RUN) -> str:
-    """The augmentation `cfg` asks for, with "auto" resolved by the kind of data and the run's length: the
-    photo recipe for photos on runs of LONG_RUN epochs or more; flip-crop for small square pictures (CIFAR's
-    measured recipe) and for short runs, where it measured best on photos too (benchmarks/RESULTS.md: pets,
-    3 epochs). On photos, flip-crop then takes its random windows from the larger training store."""
-    if cfg.augment != "auto":
-        return cfg.augment
-    return "photo" if data.photos and epochs >= LONG_RUN else "flip-crop"
+    """The preset `cfg` asks for on `data` (imgclf.augment.choose: "auto" resolved by the kind of data, the
+    run's length and the operations' options given; an option its preset would ignore is refused)."""
+    return augment.choose(cfg, photos=data.photos, epochs=epochs)
 
 
 def set_stage(model: nn.Module, head: list[nn.Parameter], cfg: TrainConfig, epoch: int) -> None:
@@ -120,21 +116,12 @@ def set_stage(model: nn.Module, head: list[nn.Parameter], cfg: TrainConfig, epoc
 def build_transform(cfg: DataConfig, data: ImageData, *, epochs: int = LONG_RUN) -> BatchTransform:
     """The train/eval preset for `data`: its statistics and the augmentation `cfg` asks for (the photo recipe's
     strength by the run's length, `epochs`, where `cfg` leaves it open)."""
-    pad = max(1, data.img_size // 8) if cfg.crop_pad is None else cfg.crop_pad
+    options = augment.options(cfg, size=data.img_size, mean=data.mean, epochs=epochs)
+    pad = options["crop"]["pad"]
     if pad >= data.img_size:
         raise UserError(f"--crop-pad {pad} must be smaller than the picture side ({data.img_size})")
-    kind, photo = augmentation(cfg, data, epochs=epochs), None
-    if kind == "photo":
-        long = epochs >= LONG_RUN
-        photo = PhotoAugment(size=data.img_size, scale=(_given(cfg.crop_scale, 0.25 if long else 0.35), 1.0),
-                             policy=_given(cfg.auto_augment, "trivialaugment" if long else "none"),
-                             erasing=_given(cfg.random_erasing, 0.25 if long else 0.0),
-                             fill=tuple(round(255 * m) for m in data.mean))
-    return BatchTransform(data.mean, data.std, kind, pad=pad, size=data.img_size, photo=photo)
-
-
-def _given(value, default):
-    return default if value is None else value
+    return BatchTransform(data.mean, data.std, augmentation(cfg, data, epochs=epochs), pad=pad,
+                          size=data.img_size, options=options)
 
 
 def eval_batch_size(cfg: DataConfig, split: Split) -> int:
@@ -165,7 +152,9 @@ def place_model(model: nn.Module, device: torch.device, *, channels_last: bool) 
 
 
 def load_data_ranked(cfg: DataConfig, dist: DistInfo) -> ImageData:
-    """Rank 0 decodes (and caches) first; the others then read its cache instead of decoding again."""
+    """Rank 0 decodes (and caches) first; the others then read its cache instead of decoding again. Options
+    that no augmentation preset can run together are refused before any decoding."""
+    augment.choose(cfg, photos=False, epochs=1)  # refuses the same whatever the data and length
     if not dist.is_main:
         distributed.barrier(dist)
     data = load_data(cfg, progress=dist.is_main)

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import functools
 import importlib
 import importlib.util
 import io
 import json
+import math
 import os
 import stat
 import sys
-import warnings
-import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,12 +23,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from imgclf import formats
 from imgclf.checkpoint import load_checkpoint
 from imgclf.errors import UserError, shown
 from imgclf.files import not_regular
 from imgclf.models import base_fits, model_from_checkpoint
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import PictureWalk, is_image_file
+from imgclf.tasks import DEFAULT, Task, make_task
 from imgclf.transforms import BadImage, BatchTransform, load_image
 
 
@@ -43,6 +45,8 @@ class Prediction:
 class Predictor:
     """A model with its preprocessing and class names, rebuilt from a checkpoint alone."""
 
+    task_name = DEFAULT  # the tasks.Task whose activation `probabilities` gives and whose decode labels them
+
     def __init__(self, ckpt: dict, *, device: str = "auto", precision: str = "fp32"):
         self.device = resolve_device(device)
         name, size = ckpt["model"]["name"], ckpt["input"]["size"]
@@ -55,6 +59,10 @@ class Predictor:
         self.size, self.channels = inp["size"], inp["channels"]
         self.transform = BatchTransform(tuple(inp["mean"]), tuple(inp["std"]))
         self.autocast = autocast_factory(self.device, resolve_precision(precision, self.device))
+
+    @property
+    def task(self) -> Task:
+        return make_task(self.task_name, self.classes)
 
     @classmethod
     def from_checkpoint(cls, path, **kwargs) -> Predictor:
@@ -75,7 +83,7 @@ class Predictor:
         """uint8 (N, C, size, size) -> class probabilities (N, classes)."""
         x = self.transform(images.to(self.device), train=False, memory_format=torch.channels_last)
         with self.autocast():
-            return self.model(x).float().softmax(1).cpu()
+            return self.task.activation(self.model(x).float()).cpu()
 
     def predict(self, paths: list[str], *, topk: int = 5, batch_size: int = 64) -> list[Prediction]:
         """Predict every picture in `paths` (files and folders, in order); unreadable ones carry `error`."""
@@ -87,7 +95,7 @@ class Predictor:
         The first batch is the first picture alone, so that its answer comes at once; the next batch is
         decoded (in threads) while the model runs on the current one."""
         files = expand_paths(paths)
-        k = max(1, min(topk, len(self.classes)))
+        task = self.task
         bounds = [0, *range(min(1, len(files)), len(files), max(1, batch_size)), len(files)]
         chunks = [files[a:b] for a, b in pairwise(bounds) if b > a]
         pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))  # Pillow decodes without the GIL
@@ -102,8 +110,8 @@ class Predictor:
                     if isinstance(item, str):
                         yield Prediction(path, error=item)
                         continue
-                    p, idx = next(rows).topk(k)  # rows come in the order of the decoded pictures
-                    yield Prediction(path, [self.classes[j] for j in idx.tolist()], p.tolist())
+                    labels = task.decode(next(rows), topk)  # rows come in the order of the decoded pictures
+                    yield Prediction(path, [self.classes[j] for j, _ in labels], [p for _, p in labels])
         finally:  # also when the caller stops early: the prefetched batch is not decoded in vain
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -119,127 +127,80 @@ class Predictor:
 
 
 class ExportedPredictor(Predictor):
-    """A model exported by `imgclf export` (ONNX, OpenVINO IR or TorchScript): preprocessing and class names are
-    inside it (its `imgclf` metadata), so it needs neither the checkpoint nor the network's code. ONNX files
-    and OpenVINO IR run in the fastest runtime installed (`choose_runtime`); TorchScript archives in torch (a
-    TorchScript archive is a program: load only your own). `precision` "fp32" keeps OpenVINO in float32 even
-    where the CPU has bf16 (probabilities as exported); "auto" lets it choose."""
+    """A model exported by `imgclf export` (any format the table imgclf.formats.FORMATS can read back: ONNX,
+    OpenVINO IR, TorchScript): preprocessing and class names are inside it (its `imgclf` metadata, checked by
+    `formats.check_metadata`), so it needs neither the checkpoint nor the network's code. It runs in
+    `runtime`, by default the fastest installed (`choose_runtime`): ONNX files and OpenVINO IR in OpenVINO
+    or ONNX Runtime, TorchScript archives in torch (a TorchScript archive is a program: load only your own).
+    `precision` "fp32" keeps OpenVINO in float32 even where the CPU has bf16 (probabilities as exported);
+    "auto" lets it choose."""
 
-    def __init__(self, path, kind: str, *, runtime: str = "auto", precision: str = "fp32"):
+    def __init__(self, path, kind, *, runtime: str = "auto", precision: str = "fp32"):
+        fmt = formats.FORMATS[kind] if isinstance(kind, str) else kind
         path = Path(path).expanduser()
-        if not path.is_file():
-            raise UserError(f"no such file: {path}")
-        if kind == "torchscript":
-            files = {"imgclf.json": ""}
-            with warnings.catch_warnings():  # torch.jit is deprecated for torch.export, but this is its format
-                warnings.simplefilter("ignore", FutureWarning)
-                self._module = torch.jit.load(str(path), map_location="cpu", _extra_files=files).eval()
-            meta, self.runtime = _json_or_empty(files["imgclf.json"]), "torch"
-        else:
-            self.runtime = choose_runtime(kind, runtime, path)
-            self._run, meta = open_graph(path, self.runtime, precision=precision)
-        if meta.get("format") != "imgclf-export":
-            raise UserError(f"{path} is not a model exported by imgclf (it has no imgclf metadata)")
-        self.kind, self.classes, self.metadata = kind, meta["classes"], meta
+        formats.check_files(fmt, path)
+        self.runtime = formats.choose_runtime(fmt, runtime, path)
+        self._run, meta = fmt.open(path, self.runtime, precision=precision)
+        formats.check_metadata(meta, path)
+        self.path, self.kind, self.classes, self.metadata = path, fmt.name, meta["classes"], meta
+        self.task_name = meta.get("task", DEFAULT)
         self.model_name = meta["model"]["name"]
         self.size, self.channels = meta["input"]["size"], meta["input"]["channels"]
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, C, size, size) -> class probabilities (N, classes), computed by the exported graph."""
-        if self.kind == "torchscript":
-            with torch.inference_mode():
-                return self._module(images).float()
-        return torch.from_numpy(self._run(np.ascontiguousarray(images.numpy())))
+        """uint8 (N, C, size, size) -> class probabilities (N, classes), computed by the exported graph;
+        UserError when the graph gives another number of outputs than its metadata names classes."""
+        probs = torch.from_numpy(np.asarray(self._run(np.ascontiguousarray(images.numpy())), dtype=np.float32))
+        if probs.ndim != 2 or probs.shape[1] != len(self.classes):
+            raise UserError(f"{shown(self.path)} gives outputs of shape {tuple(probs.shape[1:])} per picture, but its "
+                            f"metadata names {len(self.classes)} classes: it was changed after export")
+        return probs
 
 
 def exported_kind(path) -> str | None:
-    """"onnx", "openvino" (an IR .xml) or "torchscript" for a file `imgclf export` wrote, else None (a
-    checkpoint, or not a model)."""
-    path = Path(path).expanduser()
-    if path.suffix.lower() in GRAPH_SUFFIXES:
-        return GRAPH_SUFFIXES[path.suffix.lower()]
-    if path.is_file() and zipfile.is_zipfile(path):
-        # a damaged zip can fail in many ways (names that are not UTF-8...): then it is not an export
-        with contextlib.suppress(zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError), \
-                zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-            if any(n.endswith("/extra/imgclf.json") for n in names) and any(n.endswith("/code/") or "/code/" in n
-                                                                              for n in names):
-                return "torchscript"
-    return None
-
-
-GRAPH_SUFFIXES = {".onnx": "onnx", ".xml": "openvino"}
-RUNTIMES = ("auto", "openvino", "onnxruntime")
+    """The name of the format (formats.FORMATS) of a file `imgclf export` wrote and predict can read back
+    ("onnx", "openvino" for an IR .xml, "torchscript"), else None (a checkpoint, or not a model)."""
+    fmt = formats.format_of(path)
+    return None if fmt is None else fmt.name
 
 
 def choose_runtime(kind: str, requested: str = "auto", path=None) -> str:
-    """The runtime that runs an exported graph of `kind` ("onnx" or "openvino"): `requested`, or for "auto"
-    the fastest installed. OpenVINO IR needs OpenVINO. An ONNX graph runs in OpenVINO where it is installed,
-    else in ONNX Runtime: on an AVX512-VNNI Xeon, in two runs, OpenVINO ran the same .onnx files 1.3-2x as
-    fast at batch 64 (resnet18 at 224 int8, tutorial_cnn fp32 and int8), tied on resnet18 fp32 (0.96-1.09x),
-    and answered resnet18's single pictures sooner (1.1-1.4x); only the tiny tutorial_cnn's single pictures
-    came sooner from ONNX Runtime, by 0.1-0.2 ms (benchmarks/RESULTS.md)."""
-    what = f"{path or 'this'} is an {'OpenVINO' if kind == 'openvino' else 'ONNX'} model"
-    allowed = ["openvino"] if kind == "openvino" else ["openvino", "onnxruntime"]
-    if requested != "auto" and requested not in allowed:
-        raise UserError(f"unknown runtime {requested!r} for {kind}; choose one of auto, {', '.join(allowed)}")
-    wanted = allowed if requested == "auto" else [requested]
-    for runtime in wanted:
-        if importlib.util.find_spec(runtime) is not None:
-            return runtime
-    raise UserError(f"{what}; running it needs {' or '.join(wanted)}: pip install 'imgclf[export]'")
+    """The runtime that runs an exported file of format `kind`: `requested`, or for "auto" the fastest
+    installed. OpenVINO IR needs OpenVINO. An ONNX graph runs in OpenVINO where it is installed, else in ONNX
+    Runtime: on an AVX512-VNNI Xeon, in two runs, OpenVINO ran the same .onnx files 1.3-2x as fast at batch
+    64 (resnet18 at 224 int8, tutorial_cnn fp32 and int8), tied on resnet18 fp32 (0.96-1.09x), and answered
+    resnet18's single pictures sooner (1.1-1.4x); only the tiny tutorial_cnn's single pictures came sooner
+    from ONNX Runtime, by 0.1-0.2 ms (benchmarks/RESULTS.md). The order is each format's `runtimes`."""
+    return formats.choose_runtime(formats.FORMATS[kind], requested, path)
 
 
-def open_graph(model, runtime: str, *, precision: str = "fp32"):
-    """(run, metadata) for an exported graph: `model` is a file (.onnx, OpenVINO .xml), the bytes of an ONNX
-    graph, or an openvino.Model; `run` maps uint8 (N, C, S, S) numpy pictures to probabilities (N, classes)."""
-    where = model if isinstance(model, str | Path) else "the model"
-    try:
-        if runtime == "onnxruntime":
-            return _onnxruntime_graph(model)
-        return _openvino_graph(model, precision)
-    except UserError:
-        raise
-    except Exception as err:  # noqa: BLE001 - both runtimes raise their own kinds for every bad file
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot read {where}: not an exported model, or damaged ({first})") from None
-
-
-def _onnxruntime_graph(model):
-    import onnxruntime
-
-    source = model if isinstance(model, bytes) else str(model)
-    session = onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
-    meta = _json_or_empty(session.get_modelmeta().custom_metadata_map.get("imgclf", ""))
-    output = session.get_outputs()[0].name
-    return (lambda x: session.run([output], {"images": x})[0]), meta
-
-
-def _openvino_graph(model, precision: str):
-    import openvino
-
-    core = openvino.Core()
-    if isinstance(model, bytes):
-        model = openvino.convert_model(io.BytesIO(model))
-    elif not isinstance(model, openvino.Model):
-        model = core.read_model(str(model))
-    # An IR written by imgclf export keeps its metadata at the top; an ONNX graph's lands under "framework".
-    key = next((k for k in (["imgclf"], ["framework", "imgclf"]) if model.has_rt_info(k)), None)
-    meta = _json_or_empty(model.get_rt_info(key).astype(str) if key else "")
-    config = {"PERFORMANCE_HINT": "LATENCY"}  # one request at a time, all cores on it: predict's batches
-    if precision == "fp32":
-        config["INFERENCE_PRECISION_HINT"] = "f32"  # OpenVINO would compute bf16 on CPUs that have it
-    compiled = core.compile_model(model, "CPU", config)
-    return (lambda x: compiled(x)[0]), meta
-
-
-def _json_or_empty(text: str) -> dict:
-    try:
-        meta = json.loads(text or "{}")
-    except ValueError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
+def print_predictions(results, style: str = "text", out=None, err=None) -> bool:
+    """`imgclf predict`'s output: each Prediction of `results` as soon as it comes, on `out` (default stdout)
+    as "text" (one line a picture: path, then label and probability pairs), "json" (one object a line) or
+    "csv" (a header row, then one row per label); failures, and answers that are not numbers (NaN, infinite:
+    never printed, nor invalid JSON), one line each on `err` (default stderr). True when any failed."""
+    out, err = out or sys.stdout, err or sys.stderr
+    writer = csv.writer(out) if style == "csv" else None
+    if writer:
+        writer.writerow(["path", "rank", "label", "probability"])
+    failed = False
+    for r in results:
+        if not r.error and not all(math.isfinite(p) for p in r.probs):
+            r.error, r.labels, r.probs = "the model's output is not a number (NaN or infinite)", [], []
+        failed = failed or bool(r.error)
+        if r.error:
+            print(f"imgclf: {shown(r.path)}: {shown(str(r.error))}", file=err)
+        elif style == "json":
+            print(json.dumps({"path": r.path, "top": [{"label": lab, "probability": round(p, 6)}
+                                                      for lab, p in zip(r.labels, r.probs, strict=True)]}), file=out)
+        elif writer:
+            for rank, (lab, p) in enumerate(zip(r.labels, r.probs, strict=True), start=1):
+                writer.writerow([shown(r.path), rank, lab, f"{p:.6f}"])
+        else:
+            tops = "  ".join(f"{lab} {p:.1%}" for lab, p in zip(r.labels, r.probs, strict=True))
+            print(f"{shown(r.path)}  {tops}", file=out)  # one line, whatever bytes the file name holds
+        out.flush()  # each answer as soon as it is known, also into a pipe
+    return failed
 
 
 MAX_DOWNLOAD = 50 << 20  # bytes of one picture fetched from a URL

@@ -3,17 +3,16 @@ pictures of the checkpoint's data set and checked against the float graph on its
 
 Both formats are quantized by NNCF's post-training quantization (its default preset: int8 weights per output
 channel, int8 activations, fast bias correction): for ONNX its ONNX backend writes a QDQ graph (static
-quantization that ONNX Runtime and OpenVINO run as int8), for OpenVINO its OpenVINO backend quantizes the IR.
+quantization that ONNX Runtime and OpenVINO run as int8), for OpenVINO its OpenVINO backend quantizes the IR;
+each format's quantizer is its `quantize` in the table imgclf.formats.FORMATS. This module chooses the
+pictures and measures the result.
 Both calibrate on the same pictures: up to `CALIBRATION_SIZE` training pictures drawn with a fixed seed,
 decoded exactly as predict decodes them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -146,47 +145,3 @@ def compare(float_run, int8_run, data: Int8Data, runtime: str) -> Int8Check:
     same = float((results[0]["predicted"] == results[1]["predicted"]).float().mean()) if results[0]["count"] else 1.0
     return Int8Check(data.held_out_name, results[0]["count"], results[0]["acc"], results[1]["acc"], same, runtime,
                      data.calibration_from)
-
-
-def quantize_onnx(onnx_data: bytes, calibration: np.ndarray) -> bytes:
-    """The float ONNX graph `onnx_data` quantized by NNCF's ONNX backend (static, QDQ: QuantizeLinear /
-    DequantizeLinear pairs that ONNX Runtime and OpenVINO run as int8 kernels), calibrated on `calibration`.
-
-    Not ONNX Runtime's own `quantize_static`: on resnet18 (ants/bees, from scratch) its int8 graphs gave the
-    float graph's top-1 on only 74-88% of the held-out pictures (accuracy -3.3 to 0 points, by chance),
-    whatever its settings (min-max, percentile or entropy ranges, symmetric or int8 activations, convolutions
-    only, first and last layer in float), where NNCF's, with its bias correction, gave it on 99-100%
-    (-0.65 points in ONNX Runtime, 0 in OpenVINO; benchmarks/RESULTS.md)."""
-    import onnx
-
-    with _quiet():
-        import nncf
-
-        dataset = nncf.Dataset([{"images": calibration[i : i + 1]} for i in range(len(calibration))])
-        model = nncf.quantize(onnx.load_from_string(onnx_data), dataset, subset_size=len(calibration))
-    return model.SerializeToString()
-
-
-def quantize_openvino(model, calibration: np.ndarray):
-    """The float openvino.Model quantized by NNCF's post-training quantization, calibrated on `calibration`."""
-    with _quiet():
-        import nncf
-
-        dataset = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
-        return nncf.quantize(model, dataset, subset_size=len(calibration))
-
-
-@contextlib.contextmanager
-def _quiet():
-    """The quantizers' progress bars and notes go to standard error (standard output is the export's report),
-    and their INFO logs and torch's note on a missing CUDA (printed when NNCF imports torch's extensions) not at all."""
-    loggers = [logging.getLogger(name) for name in ("nncf", "torch.utils.cpp_extension", "root")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)

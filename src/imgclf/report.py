@@ -10,17 +10,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgclf.metrics import per_class_accuracy
-
 MISTAKES_SHOWN = 24
 
 
-def write_run_report(run_dir: Path, *, records: Sequence[dict], result: dict, data, writer=None,
+def write_run_report(run_dir: Path, *, records: Sequence[dict], result: dict, data, task, writer=None,
                      hparams: dict | None = None) -> list[Path]:
     """Draw the run's pictures into `run_dir` and, with a SummaryWriter `writer`, into TensorBoard.
 
     `records` are metrics.jsonl's per-epoch dicts; `result` is `engine.evaluate(..., keep_probs=True)` over
-    `data.val` in its order (so that probs[i] belongs to data.val.labels[i]). Returns the PNGs written.
+    `data.val` in its order (so that probs[i] belongs to data.val.labels[i]) for `task` (a tasks.Task, which
+    names the per-class figure). Returns the PNGs written.
     """
     from imgclf.visualize import confusion_figure, curves_figure, figure_array, per_class_figure, save_rgb_png
 
@@ -40,11 +39,11 @@ def write_run_report(run_dir: Path, *, records: Sequence[dict], result: dict, da
         return written
     for key, image in pixels.items():
         writer.add_image(f"report/{key}", image, step, dataformats="HWC")
-    per_class = per_class_accuracy(result["confusion"])
+    _, per_class = task.per_class(result)
     writer.add_image("report/per_class", figure_array(per_class_figure(per_class, classes)), step,
                      dataformats="HWC")
-    for cls, acc in zip(classes, per_class, strict=True):
-        writer.add_scalar(f"test_class/{cls}", acc, step)
+    for cls, figure in zip(classes, per_class, strict=True):
+        writer.add_scalar(f"test_class/{cls}", figure, step)
     if hparams is not None:
         write_hparams(writer, hparams, {"val/acc": result["acc"], "val/loss": result["loss"]})
     writer.flush()
@@ -103,7 +102,7 @@ def flatten_config(cfg: dict, prefix: str = "", sep: str = ".") -> dict:
     return out
 
 
-def report_after_training(run_dir: Path, *, cfg, data, model: torch.nn.Module, transform, device, autocast,
+def report_after_training(run_dir: Path, *, cfg, data, task, model: torch.nn.Module, transform, device, autocast,
                           records: Sequence[dict], writer, result: dict | None = None) -> None:
     """Write the run's pictures from `result` (the last evaluation, with probabilities of the whole held-out
     split in order), or, without one, evaluate the final model once more in this process.
@@ -114,9 +113,8 @@ def report_after_training(run_dir: Path, *, cfg, data, model: torch.nn.Module, t
 
         if result is None or "probs" not in result:
             loader = eval_loader(data.val, transform, batch_size=eval_batch_size(cfg.data, data.val), device=device)
-            result = evaluate(model, loader, num_classes=len(data.classes), autocast=autocast, tta=cfg.run.tta,
-                              keep_probs=True)
-        write_run_report(run_dir, records=records, result=result, data=data, writer=writer,
+            result = evaluate(model, loader, task=task, autocast=autocast, tta=cfg.run.tta, keep_probs=True)
+        write_run_report(run_dir, records=records, result=result, data=data, task=task, writer=writer,
                          hparams=flatten_config(cfg.to_dict()))
     except Exception as err:  # noqa: BLE001 - pictures are a bonus; the checkpoints are already saved
         print(f"imgclf: warning: no run pictures ({type(err).__name__}: {str(err).splitlines()[0][:160]})",

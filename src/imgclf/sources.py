@@ -21,13 +21,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imgclf.augment import choose
 from imgclf.cache import Split, cached_split, cached_stats, check_all, default_cache_dir
 from imgclf.config import DataConfig
 from imgclf.errors import UserError, shown
 from imgclf.files import not_regular, special_kind
 from imgclf.transforms import IMAGE_EXTENSIONS, NORMALIZATION, compute_mean_std, resize_batch
 
-BUILTINS = ("cifar10", "cifar100", "mnist", "fashion-mnist")
+BUILTINS = ("fashion-mnist-mini", "cifar10", "cifar100", "mnist", "fashion-mnist")
+# shipped inside the package (6,000 + 1,000 Fashion-MNIST pictures, MIT): the one data set that needs no download
+PACKAGED = {"fashion-mnist-mini": Path(__file__).parent / "datasets" / "fashion-mnist-mini"}
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
@@ -113,6 +116,8 @@ def imbalance_warning(labels: torch.Tensor, classes: list[str]) -> str | None:
 # ---------------------------------------------------------------- built-in data sets (torchvision)
 
 def _load_builtin(cfg: DataConfig, *, size: int | None, channels: int | None) -> ImageData:
+    if cfg.data in PACKAGED:
+        return _finish(_load_idx(PACKAGED[cfg.data]), size=size, channels=channels, name=cfg.data)
     if cfg.data == "fashion-mnist" and _idx_files(DEBIAN_FASHION_MNIST):
         return _finish(_load_idx(DEBIAN_FASHION_MNIST), size=size, channels=channels, name="fashion-mnist")
     from torchvision import datasets
@@ -515,8 +520,11 @@ def _file_lists(root: Path, layout: FolderLayout, cfg: DataConfig, *, whole: boo
 
 def store_size(cfg: DataConfig, size: int, photos: bool) -> int:
     """Side at which training pictures are cached: above `size` for the photo recipe's random-resized crops
-    (8/7 of it, as ImageNet's 256 for 224, unless --store-size says), else `size` itself."""
-    if cfg.augment != "photo" and not (cfg.augment == "auto" and photos):
+    (8/7 of it, as ImageNet's 256 for 224, unless --store-size says), else `size` itself. Photos under "auto"
+    get it at any run length (a short run's flip-crop takes its windows from it), and so does a run whose
+    options switch the photo recipe on (imgclf.augment.choose)."""
+    switched = cfg.augment == "auto" and choose(cfg, photos=False, epochs=1) == "photo"  # by its options
+    if cfg.augment != "photo" and not (cfg.augment == "auto" and photos) and not switched:
         return size
     return max(size, cfg.store_size or round(size * 8 / 7))
 

@@ -34,21 +34,12 @@ from imgclf.errors import (
     shown,
 )
 from imgclf.files import atomic_write_text, claim_run_folder, remove_temporaries
-from imgclf.metrics import summary
 from imgclf.models import checked_model_name, refuse_misfit
-from imgclf.optim import (
-    Lookahead,
-    balancing_weights,
-    build_loss,
-    build_optimizer,
-    build_scheduler,
-    clip_norm,
-    ema_update,
-    staged_groups,
-)
+from imgclf.optim import Lookahead, build_optimizer, build_scheduler, clip_norm, ema_update, staged_groups
 from imgclf.pipeline import RunParts, build_run, load_data_ranked, set_stage
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import ImageData, imbalance_warning
+from imgclf.tasks import Task, training_task
 from imgclf.tracking import RunRecord, Tracker
 
 
@@ -101,34 +92,34 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
         _start_run_folder(cfg, parts, tracker, device=device, precision=precision, world=dist.world_size,
                           fresh=ckpt is None)
     run_record.start(resumed=ckpt is not None)
-    loss_fn, autocast = _loss(cfg, data, device), autocast_factory(device, precision)
+    task, autocast = training_task(cfg, data, device), autocast_factory(device, precision)
     check_every = 1 if device.type == "cpu" else 32  # reading a loss makes the host wait for the GPU
     with StopFlag(dist, device) as stop:
         for invocation_epochs, epoch in enumerate(range(state.epoch, epochs), start=1):
             tracker.start_epoch(epoch, epochs, start_step=state.step)
             set_stage(parts.model, parts.head, cfg, epoch)
-            stats = _train_epoch(state, parts, cfg, epoch=epoch, loss_fn=loss_fn, autocast=autocast, dist=dist,
-                                 hooks=_RunHooks(state, tracker, stop), check_every=check_every, run_dir=run_dir)
+            stats = _train_epoch(state, parts, cfg, task, epoch=epoch, autocast=autocast, dist=dist, run_dir=run_dir,
+                                 hooks=_RunHooks(state, tracker, stop), check_every=check_every)
             if stats["stopped_at"] is not None:
                 _stop_mid_epoch(cfg, parts, state, stats, stop=stop, dist=dist, epoch=epoch)
             final = epoch + 1 == epochs
             # test-time augmentation costs 6 passes: only the final figure (and `imgclf eval`) pays for it;
             # the final probabilities are kept for the run's pictures (one process holds them all)
-            val = evaluate(state.eval_model, parts.val, num_classes=len(data.classes), autocast=autocast,
-                           dist=dist, tta=cfg.run.tta and final, keep_probs=final and not dist.enabled)
+            val = evaluate(state.eval_model, parts.val, task=task, autocast=autocast, dist=dist,
+                           tta=cfg.run.tta and final, keep_probs=final and not dist.enabled)
             _refuse_non_finite(state, val, epoch=epoch, run_dir=run_dir)  # never saved, never "best"
-            record = epoch_record(epoch, stats, val, lr=state.optimizer.param_groups[0]["lr"], data=data)
+            record = epoch_record(epoch, stats, val, lr=state.optimizer.param_groups[0]["lr"], data=data, task=task)
             tracker.end_epoch(record)
-            _save(cfg, parts, state, dist=dist, best=state.end_epoch(record, cfg.optim.monitor))
+            _save(cfg, parts, state, dist=dist, best=state.end_epoch(record, cfg.optim.monitor, task))
             if on_epoch is not None and dist.is_main:  # after the save: a Stopped raised here keeps this epoch
                 on_epoch(record)
             if _patience_spent(cfg, state, tracker):
                 break
             _stop_between_epochs(cfg, stop, invocation_epochs, epoch=epoch, run_dir=run_dir)
     if parts.test is not None:
-        record = tracker.amend_last(_final_test(cfg, parts, state, autocast=autocast, dist=dist))
+        record = tracker.amend_last(_final_test(cfg, parts, state, task=task, autocast=autocast, dist=dist))
     if dist.is_main:  # curves.png, confusion.png, mistakes.png and TensorBoard pictures; never fails the run
-        _report(cfg, parts, state, tracker, device=device, autocast=autocast, result=val)
+        _report(cfg, parts, state, tracker, task=task, device=device, autocast=autocast, result=val)
     tracker.close()
     return record
 
@@ -175,14 +166,6 @@ def _auto_batch(cfg: TrainConfig, data: ImageData, *, device, dist, precision, m
     return cfg
 
 
-def _loss(cfg: TrainConfig, data: ImageData, device: torch.device):
-    """The loss, with per-class weights under --balance loss."""
-    weights = None
-    if cfg.data.balance == "loss":
-        weights = balancing_weights(data.train.labels, len(data.classes)).to(device)
-    return build_loss(cfg.optim, weights)
-
-
 def _stop_mid_epoch(cfg: TrainConfig, parts: RunParts, state: TrainState, stats: dict, *, stop, dist,
                     epoch: int) -> None:
     """A signal arrived during the epoch: save where it stopped (with the partial sums), then raise Stopped."""
@@ -192,11 +175,11 @@ def _stop_mid_epoch(cfg: TrainConfig, parts: RunParts, state: TrainState, stats:
                   f"imgclf train --resume {cfg.run.out}", _exit_code(stop.name))
 
 
-def _report(cfg: TrainConfig, parts: RunParts, state: TrainState, tracker: Tracker, *, device, autocast,
-            result: dict) -> None:
+def _report(cfg: TrainConfig, parts: RunParts, state: TrainState, tracker: Tracker, *, task: Task, device,
+            autocast, result: dict) -> None:
     from imgclf.report import report_after_training
 
-    report_after_training(Path(cfg.run.out), cfg=cfg, data=parts.data, model=state.eval_model,
+    report_after_training(Path(cfg.run.out), cfg=cfg, data=parts.data, task=task, model=state.eval_model,
                           transform=parts.transform, device=device, autocast=autocast, records=tracker.records,
                           writer=tracker.writer, result=result)
 
@@ -289,11 +272,13 @@ def _train_state(cfg: TrainConfig, parts: RunParts, *, device, precision, dist) 
                       lookahead=Lookahead(model) if cfg.optim.lookahead else None)
 
 
-def _train_epoch(state: TrainState, parts: RunParts, cfg: TrainConfig, *, run_dir: Path, **kwargs) -> dict:
-    """`train_one_epoch` with --clip-grad and --accumulate, a diverged loss told to the user in one line."""
+def _train_epoch(state: TrainState, parts: RunParts, cfg: TrainConfig, task: Task, *, run_dir: Path,
+                 **kwargs) -> dict:
+    """`train_one_epoch` with the task's loss and hits, --clip-grad and --accumulate; a diverged loss told to
+    the user in one line."""
     try:
-        return train_one_epoch(state, parts.train, clip_grad=clip_norm(cfg.optim.clip_grad, state.model),
-                               accumulate=cfg.optim.accumulate, **kwargs)
+        return train_one_epoch(state, parts.train, loss_fn=task.loss, hits=task.hits, accumulate=cfg.optim.accumulate,
+                               clip_grad=clip_norm(cfg.optim.clip_grad, state.model), **kwargs)
     except Diverged as err:
         raise _diverged(str(err), run_dir) from None
     except ValueError as err:
@@ -348,22 +333,17 @@ def _exit_code(signal_name: str | None) -> int:
     return {"SIGTERM": EXIT_SIGTERM, "SIGINT": EXIT_SIGINT}.get(signal_name, 0)
 
 
-def epoch_record(epoch: int, stats: dict, val: dict, *, lr: float, data: ImageData) -> dict:
+def epoch_record(epoch: int, stats: dict, val: dict, *, lr: float, data: ImageData, task: Task) -> dict:
     """One line of metrics.jsonl from `train_one_epoch`'s and `evaluate`'s results (epoch counted from 0)."""
     return {"epoch": epoch + 1, "train_loss": stats["loss"], "train_acc": stats["acc"],
-            **split_figures("val", val, data.classes), "lr": lr,
+            **split_figures("val", val, task), "lr": lr,
             "images_per_s": stats["images"] / max(stats["seconds"], 1e-9), "train_seconds": stats["seconds"],
             "epoch_seconds": stats["seconds"] + val["seconds"], "skipped_files": len(data.skipped), "time": time.time()}
 
 
-def split_figures(prefix: str, result: dict, classes: list[str]) -> dict:
-    """`evaluate`'s result as metrics.jsonl keys: loss, accuracy, count, top-5 (over five classes), macro
-    precision / recall / F1 and each class's figures, each key led by `prefix` (val or test)."""
-    out = {"loss": result["loss"], "acc": result["acc"], "count": result["count"]}
-    if "top5" in result:
-        out["top5"] = result["top5"]
-    out.update(summary(result["confusion"], classes))
-    return {f"{prefix}_{key}": value for key, value in out.items()}
+def split_figures(prefix: str, result: dict, task: Task) -> dict:
+    """`evaluate`'s result as metrics.jsonl keys, as `task.figures` names them, each led by `prefix` (val or test)."""
+    return {f"{prefix}_{key}": value for key, value in task.figures(result).items()}
 
 
 def _patience_spent(cfg: TrainConfig, state: TrainState, tracker: Tracker) -> bool:
@@ -376,7 +356,7 @@ def _patience_spent(cfg: TrainConfig, state: TrainState, tracker: Tracker) -> bo
     return True
 
 
-def _final_test(cfg: TrainConfig, parts: RunParts, state: TrainState, *, autocast, dist) -> dict:
+def _final_test(cfg: TrainConfig, parts: RunParts, state: TrainState, *, task: Task, autocast, dist) -> dict:
     """The test split, evaluated once at the end with best.pt's weights; it never chooses anything."""
     distributed.barrier(dist)  # best.pt is written by the main process
     best = Path(cfg.run.out) / "checkpoints" / "best.pt"
@@ -385,9 +365,8 @@ def _final_test(cfg: TrainConfig, parts: RunParts, state: TrainState, *, autocas
     ckpt = load_checkpoint(best)
     (state.ema.module if state.ema is not None else state.model).load_state_dict(
         ckpt.get("ema_state_dict") or ckpt["state_dict"])
-    test = evaluate(state.eval_model, parts.test, num_classes=len(parts.data.classes), autocast=autocast,
-                    dist=dist, tta=cfg.run.tta)
-    return {**split_figures("test", test, parts.data.classes), "test_of_epoch": ckpt["epoch"]}
+    test = evaluate(state.eval_model, parts.test, task=task, autocast=autocast, dist=dist, tta=cfg.run.tta)
+    return {**split_figures("test", test, task), "test_of_epoch": ckpt["epoch"]}
 
 
 def _start_run_folder(cfg: TrainConfig, parts: RunParts, tracker: Tracker, *, device, precision, world: int,

@@ -2,19 +2,21 @@
 
 The pipeline is split where it is cheapest: every picture is decoded once by `load_image` (made upright,
 converted to the model's channels, short side resized to `size`, centre-cropped to size x size) into uint8;
-whole batches are then augmented and normalised as tensors by `BatchTransform`, on the training device.
+whole batches are then augmented (imgclf.augment's operations) and normalised as tensors by `BatchTransform`,
+on the training device.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from imgclf.augment import Augmentation, Draws, build
 
 # Published per-channel statistics of the built-in data sets (pixels scaled to 0..1).
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -116,81 +118,6 @@ def compute_mean_std(images: torch.Tensor, chunk: int | None = None) -> tuple[tu
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(max(v, 1e-3), 4) for v in std.tolist())
 
 
-# ---------------------------------------------------------------- the photo recipe (random-resized crops and more)
-
-AUTO_AUGMENTS = ("none", "trivialaugment", "randaugment")
-
-
-@functools.cache
-def _policy(name: str):
-    from torchvision.transforms import v2
-
-    return {"trivialaugment": v2.TrivialAugmentWide, "randaugment": v2.RandAugment}[name]()
-
-
-@dataclass(frozen=True)
-class PhotoAugment:
-    """The photo recipe's training augmentation, for uint8 pictures stored at a side S >= `size`.
-
-    Each picture gets a random-resized crop (an area `scale` of the stored square, aspect `ratio`, as
-    torchvision's RandomResizedCrop draws them), mirrored at random and resized to `size` (one grid_sample
-    for the whole batch); then an auto-augment `policy` (torchvision.transforms.v2, on uint8); then, with
-    probability `erasing`, one rectangle filled with the mean colour `fill` (0 once normalised, as timm's
-    RandomErasing fills by default). Every random number of a picture comes from its own seed, so a process
-    can augment only its share of a global batch and still get what one process would.
-    """
-
-    size: int
-    scale: tuple[float, float] = (0.25, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    policy: str = "trivialaugment"
-    erasing: float = 0.25
-    fill: tuple[int, ...] = (128, 128, 128)
-
-    def __call__(self, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        """uint8 (N, C, S, S) and one seed per picture -> uint8 (N, C, size, size)."""
-        u = torch.stack([torch.rand(10, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-                         for s in seeds])  # (N, 10): every draw of each picture
-        x = self._crop_flip(images, u)
-        if self.policy != "none":
-            with torch.random.fork_rng(devices=[]):  # the policy draws from the global generator: seed it
-                for i, seed in enumerate(seeds):
-                    torch.default_generator.manual_seed(seed)  # torch.manual_seed also seeds every GPU: slower
-                    x[i] = _policy(self.policy)(x[i])
-        return self._erase(x, u) if self.erasing > 0 else x
-
-    def _crop_flip(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        n, c, side, _ = images.shape
-        lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
-        area = self.scale[0] + u[:, 0] * (self.scale[1] - self.scale[0])  # share of the stored square
-        aspect = torch.exp(lo + u[:, 1] * (hi - lo))
-        w, h = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)  # of the side
-        cx, cy = w / 2 + u[:, 2] * (1 - w), h / 2 + u[:, 3] * (1 - h)  # centres, in [0, 1]
-        mirror = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
-        theta = torch.zeros(n, 2, 3, dtype=torch.float64)  # output [-1, 1] -> input [-1, 1]
-        theta[:, 0, 0], theta[:, 0, 2] = w * mirror, 2 * cx - 1
-        theta[:, 1, 1], theta[:, 1, 2] = h, 2 * cy - 1
-        theta = theta.to(device=images.device, dtype=torch.float32)
-        grid = torch.nn.functional.affine_grid(theta, [n, c, self.size, self.size], align_corners=False)
-        out = torch.nn.functional.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border",
-                                              align_corners=False)  # (N, C, size, size)
-        return out.round_().clamp_(0, 255).to(torch.uint8)
-
-    def _erase(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        n, c, side, _ = x.shape
-        area = (0.02 + u[:, 6] * (1 / 3 - 0.02)) * side * side  # RandomErasing's default ranges
-        aspect = torch.exp(math.log(0.3) + u[:, 7] * (math.log(1 / 0.3) - math.log(0.3)))
-        eh = (area * aspect).sqrt().round().clamp(1, side)
-        ew = (area / aspect).sqrt().round().clamp(1, side)
-        top, left = (u[:, 8] * (side - eh + 1)).floor(), (u[:, 9] * (side - ew + 1)).floor()
-        ys = torch.arange(side, dtype=torch.float64).view(1, side, 1)
-        xs = torch.arange(side, dtype=torch.float64).view(1, 1, side)
-        hole = ((ys >= top.view(n, 1, 1)) & (ys < (top + eh).view(n, 1, 1)) & (xs >= left.view(n, 1, 1))
-                & (xs < (left + ew).view(n, 1, 1)) & (u[:, 5] < self.erasing).view(n, 1, 1))
-        fill = torch.tensor(self.fill[:c], dtype=torch.uint8, device=x.device).view(1, c, 1, 1)
-        return torch.where(hole.unsqueeze(1).to(x.device), fill, x)
-
-
 @dataclass(frozen=True)
 class Mixer:
     """Mixup (`mixup` > 0: its Beta alpha) and/or CutMix (`cutmix` > 0) of a normalised batch, with soft
@@ -223,10 +150,12 @@ class Mixer:
 class BatchTransform:
     """uint8 (N, C, H, W) batch -> normalised float batch, with the train preset's augmentation.
 
-    Augmentation is per sample (each picture its own flip and shift) and driven only by the generator
-    passed in (the photo recipe: by one seed per picture), so a run is repeatable and resumable from any step.
-    `size`: the side the model sees; pictures stored larger (the photo recipe keeps its training pictures
-    at a larger side, for random-resized crops) are centre-cropped to it outside training.
+    `augment`: a preset of `imgclf.augment.PRESETS`, run with `pad` (flip-crop's largest shift), crops to
+    `size` and `options` (op name -> {option: value}, imgclf.augment.options) as its operations' options.
+    Augmentation is per sample and driven only by `draws` (each operation its own stream of them), so a run is
+    repeatable and resumable from any step. `size`: the side the model sees; pictures stored larger (the photo
+    recipe keeps its training pictures at a larger side, for random-resized crops) are centre-cropped to it
+    outside training (and after a preset that keeps their side).
     """
 
     mean: tuple[float, ...]
@@ -234,17 +163,22 @@ class BatchTransform:
     augment: str = "none"
     pad: int = 4
     size: int | None = None
-    photo: PhotoAugment | None = None  # with augment "photo"
+    options: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    augmentation: Augmentation = field(init=False, repr=False, compare=False)
 
-    def __call__(self, images: torch.Tensor, *, train: bool, generator: torch.Generator | None = None,
-                 flip: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-                 memory_format: torch.memory_format = torch.contiguous_format,
-                 seeds: list[int] | None = None) -> torch.Tensor:
+    def __post_init__(self):
+        given = {"crop": {"pad": self.pad}, "resized-crop": {"size": self.size}}
+        merged = {op: {**given.get(op, {}), **self.options.get(op, {})} for op in {*given, *self.options}}
+        object.__setattr__(self, "augmentation", build(self.augment, merged))
+
+    def __call__(self, images: torch.Tensor, *, train: bool, draws: Draws | None = None,
+                 generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+        """`draws` (imgclf.augment.Draws): the batch's random streams; without them, one `generator` (torch's
+        global one when None) leads every draw."""
         x = images
-        if train and self.augment == "photo":
-            x = self.photo(x, seeds)
-        elif train and self.augment != "none":  # on uint8: a quarter of the bytes of float
-            x = augment_batch(x, self.augment, pad=self.pad, generator=generator, flip=flip)
+        if train and self.augmentation.ops:  # on uint8: a quarter of the bytes of float
+            x = self.augmentation(x, draws or Draws.from_generator(generator, len(x)))
         if self.size is not None and x.shape[-1] > self.size:
             x = center_crop(x, self.size)
         # (x / 255 - mean) / std as one multiply-add, converted straight into the layout the model wants
@@ -282,31 +216,10 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def augment_batch(x: torch.Tensor, kind: str, *, pad: int, generator: torch.Generator | None,
                   flip: torch.Tensor | None = None) -> torch.Tensor:
-    """Horizontal flips (of the samples where the bool `flip` is true; without it, of a random half), then
-    (for flip-crop*) random shifts of up to `pad` pixels (reflect-padded borders), then (for *cutout) one
-    grey square, each per sample; for uint8 or float (N, C, H, W) batches. Random numbers are drawn on the
-    generator's device (the CPU without one)."""
-    n, _, h, w = x.shape
-    dev = x.device
-    rng = dict(generator=generator, device=generator.device if generator is not None else "cpu")
-    if flip is None:
-        flip = torch.rand(n, **rng) < 0.5
-    x = torch.where(flip.to(dev).view(n, 1, 1, 1), x.flip(3), x)
-    if kind.startswith("flip-crop") and pad > 0:
-        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")  # (N, C, H+2p, W+2p)
-        dy = torch.randint(0, 2 * pad + 1, (n,), **rng).to(dev)
-        dx = torch.randint(0, 2 * pad + 1, (n,), **rng).to(dev)
-        windows = padded.unfold(2, h, 1).unfold(3, w, 1)  # a view: (N, C, 2p+1, 2p+1, H, W)
-        x = windows[torch.arange(n, device=dev), :, dy, dx]  # one window per sample: (N, C, H, W)
-    if kind.endswith("cutout"):
-        size = max(1, h // 4)
-        cy = torch.randint(0, h, (n,), **rng).to(dev).view(n, 1, 1)
-        cx = torch.randint(0, w, (n,), **rng).to(dev).view(n, 1, 1)
-        ys = torch.arange(h, device=dev).view(1, h, 1)
-        xs = torch.arange(w, device=dev).view(1, 1, w)
-        hole = ((ys - cy).abs() <= size // 2) & ((xs - cx).abs() <= size // 2)
-        x = x.masked_fill(hole.unsqueeze(1), 0.5 if x.is_floating_point() else 128)
-    return x
+    """Preset `kind` (none, flip, flip-crop, flip-crop-cutout: imgclf.augment.PRESETS) on a uint8 or float
+    (N, C, H, W) batch, with shifts of up to `pad` pixels, every draw led by `generator` (torch's global one when
+    None); `flip`: the rows to mirror (without it, a random half)."""
+    return build(kind, {"crop": {"pad": pad}})(x, Draws.from_generator(generator, len(x), flip=flip))
 
 
 def eval_preset(*, size: int, mean, std):

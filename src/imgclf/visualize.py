@@ -385,6 +385,7 @@ def features(target: str, image, *, input_shape: tuple[int, int, int] = (3, 32, 
     layer's output, at most `max_channels` channels each, as PNGs and TensorBoard images in `out`
     (default features/<picture name>)."""
     from imgclf.models import model_from_checkpoint
+    from imgclf.tasks import checkpoint_task
     from imgclf.transforms import BatchTransform
 
     ckpt = _checkpoint_or_random(target, input_shape=input_shape, seed=seed)
@@ -396,9 +397,9 @@ def features(target: str, image, *, input_shape: tuple[int, int, int] = (3, 32, 
     maps, logits = feature_maps(model, x)
     if not maps:
         raise UserError(f"{ckpt['model']['name']} has no convolution, activation or pooling layers to draw")
-    probs = logits.float().softmax(1)[0]
-    top = int(probs.argmax())
-    label = (f"predicted {ckpt['classes'][top]} {float(probs[top]):.1%}" if ckpt["classes"]
+    task = checkpoint_task(ckpt)
+    [(top, p)] = task.decode(task.activation(logits.float())[0], 1)
+    label = (f"predicted {ckpt['classes'][top]} {p:.1%}" if ckpt["classes"]
              else f"random weights (seed {seed}), no prediction")
     folder = Path(out) if out else Path("features") / image_path.stem
     title = f"{image_path.name} as the model sees it ({inp['channels']}x{inp['size']}x{inp['size']})"
