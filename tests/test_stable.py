@@ -68,6 +68,16 @@ def test_accumulation_is_the_big_batchs_step_to_float_rounding(accumulate, case)
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_accumulation_with_the_tasks_class_weighted_loss():
+    """The loss as training passes it (a task's method, --balance loss's class weights inside)."""
+    from imgclf.tasks import SingleLabel
+
+    task = SingleLabel(["a", "b", "c"], label_smoothing=0.1, class_weights=torch.tensor([1.0, 3.0, 0.5]))
+    whole, split = trained(1, task.loss), trained(3, task.loss)
+    for a, b in zip(whole.parameters(), split.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
 def test_accumulate_one_is_the_plain_step_bit_for_bit():
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
     a, b = trained(1, loss_fn), state_of(plain_net())
