@@ -97,3 +97,39 @@ def test_checkpoint_class_names_with_control_characters_are_escaped_on_load(tmp_
                             mean=[0.5] * 3, std=[0.5] * 3, config={}, state={"state_dict": {"w": torch.zeros(1)}})
     save_checkpoint(tmp_path / "m.pt", ckpt)
     assert load_checkpoint(tmp_path / "m.pt")["classes"] == ["cat\\x1b[31m", "dog\\rforged"]
+
+
+# ---------------------------------------------------------------- 16: IDX pictures too small, or not square
+
+def idx_folder(folder: Path, height: int, width: int) -> Path:
+    import struct
+
+    def idx(a: np.ndarray) -> bytes:
+        return struct.pack(">HBB", 0, 8, a.ndim) + struct.pack(f">{a.ndim}I", *a.shape) + a.astype(np.uint8).tobytes()
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("t10k", 4)):
+        (folder / f"{split}-images-idx3-ubyte").write_bytes(idx(rng.integers(0, 255, (n, height, width))))
+        (folder / f"{split}-labels-idx1-ubyte").write_bytes(idx(np.arange(n) % 2))
+    return folder
+
+
+def test_idx_pictures_under_the_smallest_side_are_refused_in_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"are 2x2 pixels, under the smallest side a network takes \(8\); give "
+                                        r"--img-size 8 or more"):
+        load_data(DataConfig(data=str(idx_folder(tmp_path / "idx", 2, 2))))
+    assert load_data(DataConfig(data=str(tmp_path / "idx"), img_size=8)).img_size == 8
+
+
+def test_a_folder_of_tiny_pictures_is_refused_in_one_line(tmp_path):
+    from conftest import write_class_folder
+
+    write_class_folder(tmp_path / "tiny", ["a", "b"], 4, size=2)
+    with pytest.raises(UserError, match=r"are 2x2 pixels, under the smallest side"):
+        load_data(DataConfig(data=str(tmp_path / "tiny"), cache_dir=str(tmp_path / "cache")), progress=False)
+
+
+def test_idx_pictures_that_are_not_square_are_made_square(tmp_path):
+    data = load_data(DataConfig(data=str(idx_folder(tmp_path / "idx", 28, 10))))
+    assert data.img_size == 28 and tuple(data.train.images.shape[1:]) == tuple(data.val.images.shape[1:]) == (1, 28, 28)

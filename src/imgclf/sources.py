@@ -97,8 +97,25 @@ def load_data(cfg: DataConfig, *, img_size: int | None = None, channels: int | N
         raise UserError(f"--data {cfg.data!r} is {kind}; give a folder of class folders or a built-in name")
     _read_folder(root)  # "cannot read ROOT: permission denied" before anything else looks inside
     if _idx_files(root):
-        return _finish(_load_idx(root), size=size, channels=channels, name=root.name.lower())
+        data = _load_idx(root)
+        height, width = data.train.images.shape[2:]
+        return _finish(data, size=size or native_side(root, height, width), channels=channels,
+                       name=root.name.lower())
     return _load_folder(root, cfg, size=size, channels=channels, progress=progress, whole=whole)
+
+
+MIN_SIDE = 8  # the smallest --img-size: below it a network's poolings leave nothing
+
+
+def native_side(root: Path, height: int, width: int) -> int:
+    """The side a model sees when --img-size is not given, for pictures of `height` x `width` stored in
+    `root`: their side, or the longer one when they are not square (resized and centre-cropped as any picture
+    is). UserError when it is under MIN_SIDE: --img-size enlarges them."""
+    side = max(height, width)
+    if side < MIN_SIDE:
+        raise UserError(f"the pictures of {shown(root)} are {height}x{width} pixels, under the smallest side a "
+                        f"network takes ({MIN_SIDE}); give --img-size {MIN_SIDE} or more to enlarge them")
+    return side
 
 
 def imbalance_warning(labels: torch.Tensor, classes: list[str]) -> str | None:
@@ -473,7 +490,7 @@ def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int
     classes, held_out = lists.pop("classes"), layout.val or layout.test
     val_name = held_out.name if held_out is not None else ("all" if whole else "val")
     photos = _are_photos(lists["train"][0])
-    size = size or (224 if photos else _native_side(lists["train"][0]))
+    size = size or (224 if photos else native_side(root, *[_native_side(lists["train"][0])] * 2))
     channels = channels or _default_channels(lists["train"][0])
     store = store_size(cfg, size, photos)
     if cfg.strict:
