@@ -133,3 +133,92 @@ def test_a_folder_of_tiny_pictures_is_refused_in_one_line(tmp_path):
 def test_idx_pictures_that_are_not_square_are_made_square(tmp_path):
     data = load_data(DataConfig(data=str(idx_folder(tmp_path / "idx", 28, 10))))
     assert data.img_size == 28 and tuple(data.train.images.shape[1:]) == tuple(data.val.images.shape[1:]) == (1, 28, 28)
+
+
+# ---------------------------------------------------------------- 8: a run's config.yaml and its FILE.py network
+
+NET = """import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes=2, in_channels=3, img_size=8):
+        super().__init__()
+        self.f = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * img_size * img_size, num_classes))
+
+    def forward(self, x):
+        return self.f(x)
+"""
+
+
+def run_config_with_code(tmp_path: Path, monkeypatch) -> Path:
+    """proj/net.py and proj/run/config.yaml as a run started in proj/ with --model net.py:Net writes it."""
+    from imgclf.configfile import RUN_HEADER, config_yaml
+    from imgclf.resolve import resolve
+
+    (tmp_path / "proj" / "run").mkdir(parents=True)
+    (tmp_path / "proj" / "net.py").write_text(NET)
+    monkeypatch.chdir(tmp_path / "proj")
+    cfg = resolve({("model", "name"): "net.py:Net", ("data", "data"): "flat", ("run", "out"): "run"})
+    (tmp_path / "proj" / "run" / "config.yaml").write_text(config_yaml(cfg, RUN_HEADER, folder="run"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "proj" / "run" / "config.yaml"
+
+
+def test_a_runs_config_names_its_network_file_relative_to_itself(tmp_path, monkeypatch):
+    from imgclf.resolve import user_values
+
+    config = run_config_with_code(tmp_path, monkeypatch)
+    assert "model: ../net.py:Net\nmodel_sha256: " in config.read_text()
+    name = user_values(config, {})["model", "name"]
+    assert Path(name.rpartition(":")[0]).samefile(tmp_path / "proj" / "net.py")
+
+
+def test_a_runs_config_refuses_a_changed_network_file_unless_trusted(tmp_path, monkeypatch):
+    from imgclf.resolve import user_values
+
+    config = run_config_with_code(tmp_path, monkeypatch)
+    (tmp_path / "proj" / "net.py").write_text(NET + "# changed\n")
+    with pytest.raises(UserError, match=r"refused .*net.py: its sha256 .* differs from the .* that .*config.yaml "
+                                        r"records .*; pass --trust-changed-code"):
+        user_values(config, {})
+    assert user_values(config, {}, trust_changed_code=True)["model", "name"].endswith("net.py:Net")
+    assert user_values(config, {("model", "name"): "tutorial_cnn"})["model", "name"] == "tutorial_cnn"
+
+
+@pytest.mark.slow
+def test_rerunning_a_runs_config_from_elsewhere_checks_its_network(tmp_path):
+    from conftest import run_cli, write_class_folder
+
+    proj = tmp_path / "proj"
+    write_class_folder(proj / "data", ["a", "b"], 4, size=8)
+    (proj / "net.py").write_text(NET)
+    first = run_cli("train", "--data", "data", "--model", "net.py:Net", "--epochs", "1", "--out", "run", cwd=proj)
+    assert first.returncode == 0, first.stderr
+    again = run_cli("train", "--config", "proj/run/config.yaml", "--data", "proj/data", "--out", "again",
+                    cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    (proj / "net.py").write_text(NET + "# changed\n")
+    changed = run_cli("train", "--config", "proj/run/config.yaml", "--data", "proj/data", "--out", "third",
+                      cwd=tmp_path)
+    assert changed.returncode == 2 and changed.stderr.count("\n") == 1, changed.stderr
+    assert "pass --trust-changed-code" in changed.stderr and not (tmp_path / "third").exists()
+
+
+# ---------------------------------------------------------------- 18: YAML values JSON cannot hold
+
+@pytest.mark.parametrize("value, words", [
+    ("{drop_rate: !!binary aGVsbG8=}", "Object of type bytes is not JSON serializable"),
+    ("{when: 2024-01-01}", "Object of type date is not JSON serializable"),
+    ("{x: [1, {at: 2024-01-01T10:00:00}]}", "Object of type datetime is not JSON serializable"),
+    ("{2024-01-01: 1}", "keys must be str, int, float, bool or None, not datetime.date"),
+    ("!!binary aGVsbG8=", "model_args: b'hello' is not a string"),
+    ("2024-01-01", "model_args: datetime.date(2024, 1, 1) is not a string"),
+    ("!!set {a: null}", "model_args: {'a'} is not a string"),
+])
+def test_model_args_that_json_cannot_hold_are_one_line(tmp_path, value, words):
+    from imgclf.resolve import user_values
+
+    (tmp_path / "c.yaml").write_text(f"model: timm/resnet18\nmodel_args: {value}\n")
+    with pytest.raises(UserError, match=r"c.yaml: model_args: ") as err:
+        user_values(tmp_path / "c.yaml", {})
+    assert words in str(err.value) and "\n" not in str(err.value)

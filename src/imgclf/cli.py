@@ -269,7 +269,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig of a command's training flags (resolve.resolve): --recipe's values, --config's over
     them, the flags given over those; with --resume RUN, the run's own configuration instead of the recipe's
     (a network from the user's .py file rebuilt only from --model-code, checked against its recorded hash)."""
-    layer = user_values(getattr(args, "config", None), flag_values(args))
+    layer = user_values(getattr(args, "config", None), flag_values(args),
+                        trust_changed_code=getattr(args, "trust_changed_code", False))
     if getattr(args, "resume", None):
         return resume(args.resume, layer, recipe=args.recipe, model_code=args.model_code,
                       trust_changed_code=args.trust_changed_code)
