@@ -222,3 +222,28 @@ def test_model_args_that_json_cannot_hold_are_one_line(tmp_path, value, words):
     with pytest.raises(UserError, match=r"c.yaml: model_args: ") as err:
         user_values(tmp_path / "c.yaml", {})
     assert words in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- 9: a huge network named by a small checkpoint
+
+@pytest.mark.slow
+def test_a_checkpoint_naming_a_huge_regnet_is_refused_on_the_meta_device():
+    from imgclf.models.rebuild import check_fits
+
+    ckpt = {"model": {"name": "regnet_y_128gf"}, "classes": ["a", "b"], "input": {"channels": 3, "size": 32},
+            "state_dict": {"w": torch.zeros(1)}}
+    with pytest.raises(UserError, match=r"do not fit regnet_y_128gf: the network's stem.0.weight \(and 625 more\) "
+                                        r"is missing"):
+        check_fits(ckpt)
+
+
+@pytest.mark.slow
+def test_every_torchvision_classifier_builds_on_the_meta_device():
+    import torchvision
+
+    from imgclf.models import build_model, on_meta
+
+    for name in torchvision.models.list_models(module=torchvision.models):
+        with on_meta():
+            model = build_model(name, num_classes=2, in_channels=3, img_size=224)
+        assert all(p.is_meta for p in model.parameters()), name
