@@ -247,3 +247,20 @@ def test_every_torchvision_classifier_builds_on_the_meta_device():
         with on_meta():
             model = build_model(name, num_classes=2, in_channels=3, img_size=224)
         assert all(p.is_meta for p in model.parameters()), name
+
+
+# ---------------------------------------------------------------- 24: libtiff's own lines on stderr
+
+def test_a_damaged_tiff_is_refused_without_libtiffs_own_line(tmp_path, capfd):
+    from imgclf.transforms import BadImage, load_image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "p.tif",
+                                                                             compression="tiff_deflate")
+    data = bytearray((tmp_path / "p.tif").read_bytes())
+    data[100:3000] = bytes(b ^ 0x55 for b in data[100:3000])  # the compressed strip, not the header
+    (tmp_path / "p.tif").write_bytes(data)
+    capfd.readouterr()
+    with pytest.raises(BadImage):
+        load_image(tmp_path / "p.tif", size=16, channels=3)
+    assert capfd.readouterr().err == ""  # libtiff wrote "ZIPDecode: Decoding error at scanline 0, ..." here
