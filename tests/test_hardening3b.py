@@ -264,3 +264,32 @@ def test_a_damaged_tiff_is_refused_without_libtiffs_own_line(tmp_path, capfd):
     with pytest.raises(BadImage):
         load_image(tmp_path / "p.tif", size=16, channels=3)
     assert capfd.readouterr().err == ""  # libtiff wrote "ZIPDecode: Decoding error at scanline 0, ..." here
+
+
+# ---------------------------------------------------------------- 24: OpenVINO's reason, not its source locations
+
+def test_reason_of_leaves_out_a_native_librarys_source_locations():
+    from imgclf.errors import reason_of
+
+    err = RuntimeError("Exception from src/inference/src/cpp/core.cpp:84:\nException from src/inference/src/"
+                       "model_reader.cpp:148:\nUnable to read the model: \"m.xml\"\n\n")
+    assert reason_of(err) == 'Unable to read the model: "m.xml"'
+    check = RuntimeError("Check 'res.status == pugi::status_ok' failed at src/frontends/ir/src/input_model.cpp:219:\n"
+                         "No document element found at offset 14\n")
+    assert reason_of(check) == "No document element found at offset 14"
+    assert reason_of(RuntimeError("Exception from src/a.cpp:1:")) == "Exception from src/a.cpp:1:"
+    assert reason_of(ValueError("")) == "ValueError" and reason_of(ValueError("a\x1b[2Kb")) == "a\\x1b[2Kb"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, words", [("m.xml", "No document element found"), ("m.onnx", "can't be parsed")])
+def test_a_damaged_exported_model_says_why_in_one_line_and_nothing_else(tmp_path, capfd, name, words):
+    pytest.importorskip("openvino")
+    from imgclf.predict import open_graph
+
+    (tmp_path / name).write_text("not a model at all")
+    capfd.readouterr()
+    with pytest.raises(UserError, match=words) as err:
+        open_graph(tmp_path / name, "openvino")
+    assert "Exception from" not in str(err.value) and "\n" not in str(err.value)
+    assert capfd.readouterr().err == ""  # OpenVINO's TensorFlow frontend printed its parse errors here

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from imgclf import __version__
-from imgclf.errors import UserError
+from imgclf.errors import UserError, reason_of
 
 FORMATS = {"torchscript": ".torchscript.pt", "onnx": ".onnx", "openvino": ".xml", "safetensors": ".safetensors"}
 INT8_FORMATS = ("onnx", "openvino")
@@ -231,8 +231,7 @@ def _openvino_model(onnx_data: bytes, meta: dict):
     try:
         model = openvino.convert_model(io.BytesIO(onnx_data))
     except Exception as err:  # noqa: BLE001 - the converter raises its own kinds
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        raise UserError(f"OpenVINO conversion of {meta['model']['name']} failed: {first}") from None
+        raise UserError(f"OpenVINO conversion of {meta['model']['name']} failed: {reason_of(err)}") from None
     return _with_metadata(model, meta)
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from imgclf.checkpoint import load_checkpoint
-from imgclf.errors import UserError, shown
+from imgclf.errors import UserError, reason_of, shown
 from imgclf.files import not_regular
 from imgclf.models import base_fits, model_from_checkpoint
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
@@ -202,8 +202,7 @@ def open_graph(model, runtime: str, *, precision: str = "fp32"):
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - both runtimes raise their own kinds for every bad file
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot read {where}: not an exported model, or damaged ({first})") from None
+        raise UserError(f"cannot read {shown(where)}: not an exported model, or damaged ({reason_of(err)})") from None
 
 
 def _onnxruntime_graph(model):
@@ -222,8 +221,10 @@ def _openvino_graph(model, precision: str):
     core = openvino.Core()
     if isinstance(model, bytes):
         model = openvino.convert_model(io.BytesIO(model))
-    elif not isinstance(model, openvino.Model):
-        model = core.read_model(str(model))
+    elif isinstance(model, openvino.Model):
+        pass
+    else:
+        model = _read_graph(Path(model))
     # An IR written by imgclf export keeps its metadata at the top; an ONNX graph's lands under "framework".
     key = next((k for k in (["imgclf"], ["framework", "imgclf"]) if model.has_rt_info(k)), None)
     meta = _json_or_empty(model.get_rt_info(key).astype(str) if key else "")
@@ -232,6 +233,16 @@ def _openvino_graph(model, precision: str):
         config["INFERENCE_PRECISION_HINT"] = "f32"  # OpenVINO would compute bf16 on CPUs that have it
     compiled = core.compile_model(model, "CPU", config)
     return (lambda x: compiled(x)[0]), meta
+
+
+def _read_graph(path: Path):
+    """An OpenVINO IR (.xml and its .bin) or an ONNX file, read by the frontend of its kind alone:
+    `Core.read_model` tries every frontend on a damaged file, TensorFlow's printing its own parse errors on
+    stderr, and then says only that no frontend could read it."""
+    from openvino.frontend import FrontEndManager
+
+    frontend = FrontEndManager().load_by_framework("ir" if path.suffix.lower() == ".xml" else "onnx")
+    return frontend.convert(frontend.load(str(path)))
 
 
 def _json_or_empty(text: str) -> dict:
