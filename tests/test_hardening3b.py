@@ -293,3 +293,24 @@ def test_a_damaged_exported_model_says_why_in_one_line_and_nothing_else(tmp_path
         open_graph(tmp_path / name, "openvino")
     assert "Exception from" not in str(err.value) and "\n" not in str(err.value)
     assert capfd.readouterr().err == ""  # OpenVINO's TensorFlow frontend printed its parse errors here
+
+
+# ---------------------------------------------------------------- 24: a weights name for a network that has none
+
+@pytest.mark.parametrize("name", ["tutorial_cnn", "fastnet"])
+def test_a_weights_name_for_imgclfs_own_networks_says_they_have_none(tmp_path, monkeypatch, name):
+    from imgclf.models import build_model
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=rf"--pretrained IMAGENET1K_V1: no such file, and {name} has no named "
+                                        r"weights such as IMAGENET1K_V1 \(torchvision classifiers and timm/NAME"):
+        build_model(name, num_classes=2, in_channels=3, img_size=32, pretrained="IMAGENET1K_V1")
+
+
+def test_a_weights_name_for_the_users_network_says_it_has_none(tmp_path, monkeypatch):
+    from imgclf.models import build_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "net.py").write_text(NET)
+    with pytest.raises(UserError, match=r"no such file, and net.py:Net has no named weights"):
+        build_model("net.py:Net", num_classes=2, in_channels=3, img_size=8, pretrained="DEFAULT")
