@@ -63,6 +63,18 @@ def test_a_file_with_two_labels_is_refused_in_one_line(tmp_path):
         labelled(tmp_path, ALL_ROWS + [("./a0.png", "b")])
 
 
+def test_labels_rows_naming_a_held_out_picture_are_refused(tmp_path):
+    from conftest import write_class_folder
+
+    write_class_folder(tmp_path / "tv" / "train", ["a", "b"], 3, size=8)
+    write_class_folder(tmp_path / "tv" / "val", ["a", "b"], 2, size=8, seed=1)
+    rows = [(f"train/{c}/{i:04d}.png", c) for c in "ab" for i in range(3)] + [("val/b/0001.png", "b")]
+    rows_csv(tmp_path / "labels.csv", rows)
+    with pytest.raises(UserError, match=r"names .*val/b/0001.png, a picture of the validation or test folder"):
+        load_data(DataConfig(data=str(tmp_path / "tv"), labels=str(tmp_path / "labels.csv"),
+                             cache_dir=str(tmp_path / "cache")), progress=False)
+
+
 # ---------------------------------------------------------------- 17: absolute names beside a relative --data
 
 def test_absolute_labels_rows_beside_a_relative_data_folder(tmp_path, monkeypatch):

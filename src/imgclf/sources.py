@@ -535,6 +535,8 @@ def _file_lists(root: Path, layout: FolderLayout, cfg: DataConfig, *, whole: boo
         if layout.val is not None and layout.test is not None:
             lists["test"] = _scan(layout.test, classes, walk)[1:]
     train = list(csv_rows[1:3] if csv_rows else _scan(layout.train, None, walk)[1:])
+    if csv_rows and held_out is not None:
+        _refuse_held_out_rows(cfg.labels, csv_rows[1], walk)
     if csv_rows and csv_rows[3]:
         walk.notes.append(f"--labels {shown(cfg.labels)} names the same file with the same label more than once "
                           f"({csv_rows[3]} repeated row(s)); each file is used once")
@@ -548,6 +550,16 @@ def _file_lists(root: Path, layout: FolderLayout, cfg: DataConfig, *, whole: boo
         files, labels, val_files, val_labels = stratified_split(*train, fraction=cfg.val_fraction, seed=0)
         train, lists["val"] = [files, labels], [val_files, val_labels]
     return {"classes": classes, "train": train, **lists}, walk
+
+
+def _refuse_held_out_rows(labels: str, files: list[Path], walk: PictureWalk) -> None:
+    """UserError when a --labels row names a picture of the held-out folders (`walk` found them, known by
+    their identity): it would be trained on and validated on at once."""
+    for file in files:
+        st = file.stat()
+        if (st.st_dev, st.st_ino) in walk.files:
+            raise UserError(f"--labels {shown(labels)} names {shown(file)}, a picture of the validation or test "
+                            f"folder: it would be trained and validated on; list training pictures only")
 
 
 def store_size(cfg: DataConfig, size: int, photos: bool) -> int:
