@@ -326,3 +326,32 @@ def test_a_weights_name_for_the_users_network_says_it_has_none(tmp_path, monkeyp
     (tmp_path / "net.py").write_text(NET)
     with pytest.raises(UserError, match=r"no such file, and net.py:Net has no named weights"):
         build_model("net.py:Net", num_classes=2, in_channels=3, img_size=8, pretrained="DEFAULT")
+
+
+# ---------------------------------------------------------------- 7: class names of an exported model, printed
+
+@pytest.mark.slow
+def test_predict_escapes_the_class_names_of_a_hand_made_exported_model(tmp_path, capsys):
+    onnx = pytest.importorskip("onnx")
+    import json
+
+    from imgclf.checkpoint import build_checkpoint, save_checkpoint
+    from imgclf.cli import main
+    from imgclf.export import export_checkpoint
+    from imgclf.models import build_model
+
+    model = build_model("tutorial_cnn", num_classes=2, in_channels=3, img_size=8)
+    save_checkpoint(tmp_path / "m.pt", build_checkpoint(
+        model_name="tutorial_cnn", classes=["a", "b"], channels=3, size=8, mean=[0.5] * 3, std=[0.5] * 3,
+        config={}, state={"state_dict": model.state_dict()}))
+    export_checkpoint(tmp_path / "m.pt", "onnx", tmp_path / "m.onnx")
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    meta = json.loads(proto.metadata_props[0].value)
+    meta["classes"] = ["a\x1b[2K\rforged: 100%", "b\n"]
+    proto.metadata_props[0].value = json.dumps(meta)
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    Image.new("RGB", (8, 8)).save(tmp_path / "p.png")
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "m.onnx"), str(tmp_path / "p.png"), "--topk", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "\x1b" not in out and "\r" not in out and "a\\x1b[2K\\rforged" in out

@@ -415,10 +415,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                                       for lab, p in zip(r.labels, r.probs, strict=True)]}))
         elif writer:
             for rank, (lab, p) in enumerate(zip(r.labels, r.probs, strict=True), start=1):
-                writer.writerow([shown(r.path), rank, lab, f"{p:.6f}"])
+                writer.writerow([shown(r.path), rank, shown(lab), f"{p:.6f}"])
         else:
-            tops = "  ".join(f"{lab} {p:.1%}" for lab, p in zip(r.labels, r.probs, strict=True))
-            print(f"{shown(r.path)}  {tops}")  # one line, whatever bytes the file name holds
+            tops = "  ".join(f"{shown(lab)} {p:.1%}" for lab, p in zip(r.labels, r.probs, strict=True))
+            print(f"{shown(r.path)}  {tops}")  # one line, whatever bytes the file name or an exported model's class holds
         sys.stdout.flush()  # each answer as soon as it is known, also into a pipe
     return EXIT_PARTIAL if failed else EXIT_OK
 
