@@ -195,10 +195,10 @@ def print_predictions(results, style: str = "text", out=None, err=None) -> bool:
                                                       for lab, p in zip(r.labels, r.probs, strict=True)]}), file=out)
         elif writer:
             for rank, (lab, p) in enumerate(zip(r.labels, r.probs, strict=True), start=1):
-                writer.writerow([shown(r.path), rank, lab, f"{p:.6f}"])
+                writer.writerow([shown(r.path), rank, shown(lab), f"{p:.6f}"])
         else:
-            tops = "  ".join(f"{lab} {p:.1%}" for lab, p in zip(r.labels, r.probs, strict=True))
-            print(f"{shown(r.path)}  {tops}", file=out)  # one line, whatever bytes the file name holds
+            tops = "  ".join(f"{shown(lab)} {p:.1%}" for lab, p in zip(r.labels, r.probs, strict=True))
+            print(f"{shown(r.path)}  {tops}", file=out)  # one line, whatever bytes the file name or an exported model's class holds
         out.flush()  # each answer as soon as it is known, also into a pipe
     return failed
 

@@ -355,7 +355,7 @@ def finish(study, search: Search, monitor: str) -> dict:
               f"{monitor} {best.value:.6g}\n# (its run: {search.out / f'trial-{best.number}'}). "
               f"`imgclf train --config best.yaml` trains it again, into {cfg.run.out}.\n")
     path = search.out / "best.yaml"
-    atomic_write_text(path, config_yaml(cfg, header))
+    atomic_write_text(path, config_yaml(cfg, header, folder=search.out))  # FILE.py: relative to it, hashed
     summary["files"] = [path, *plots(study, search.out)]
     return summary
 
