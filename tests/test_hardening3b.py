@@ -297,12 +297,12 @@ def test_reason_of_leaves_out_a_native_librarys_source_locations():
 @pytest.mark.parametrize("name, words", [("m.xml", "No document element found"), ("m.onnx", "can't be parsed")])
 def test_a_damaged_exported_model_says_why_in_one_line_and_nothing_else(tmp_path, capfd, name, words):
     pytest.importorskip("openvino")
-    from imgclf.predict import open_graph
+    from imgclf.formats import open_graph
 
     (tmp_path / name).write_text("not a model at all")
     capfd.readouterr()
     with pytest.raises(UserError, match=words) as err:
-        open_graph(tmp_path / name, "openvino")
+        open_graph(tmp_path / name, "openvino", "fp32")
     assert "Exception from" not in str(err.value) and "\n" not in str(err.value)
     assert capfd.readouterr().err == ""  # OpenVINO's TensorFlow frontend printed its parse errors here
 

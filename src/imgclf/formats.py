@@ -258,7 +258,7 @@ def _onnx_open(source, runtime: str, precision: str = "fp32"):
     """A .onnx file (or a ModelProto) in ONNX Runtime or OpenVINO."""
     if not isinstance(source, str | Path):
         source = source.SerializeToString()
-    return _open_graph(source, runtime, precision)
+    return open_graph(source, runtime, precision)
 
 
 def _onnx_quantize(proto, calibration):
@@ -306,7 +306,7 @@ def _openvino_save(model, meta: dict, out: Path) -> None:
 
 
 def _openvino_open(source, runtime: str, precision: str = "fp32"):
-    return _open_graph(source, runtime, precision)
+    return open_graph(source, runtime, precision)
 
 
 def _openvino_quantize(model, calibration):
@@ -336,7 +336,7 @@ def _write_bytes(data: bytes, out: Path) -> None:
     atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def _open_graph(source, runtime: str, precision: str):
+def open_graph(source, runtime: str, precision: str):
     """(run, meta) for an ONNX or OpenVINO graph: a file, ONNX bytes or an openvino.Model."""
     where = shown(source) if isinstance(source, str | Path) else "the model"
     try:
