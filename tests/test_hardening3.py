@@ -1,0 +1,63 @@
+"""The third hardening pass (issue 24): each test reproduces what a careless or hostile user did."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from conftest import write_class_folder
+
+from imgclf.cache import cached_split
+from imgclf.cli import main
+from imgclf.config import DataConfig
+from imgclf.sources import load_data
+
+LONG_AGO = 1_000_000_000  # 2001: older than any --older-than
+
+
+def _age(path: Path) -> None:
+    for p in [*path.rglob("*"), path]:
+        os.utime(p, (LONG_AGO, LONG_AGO), follow_symlinks=False)
+
+
+# ---------------------------------------------------------------- 24.1, 24.3: cache prune deletes only its own
+
+def test_cache_prune_deletes_only_imgclfs_own_caches(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    load_data(DataConfig(data=str(write_class_folder(tmp_path / "d", ["a", "b"], 4)), cache_dir=str(cache)),
+              progress=False)
+    ours = [p.parent for p in cache.glob("*/meta.json")]
+    # a user's old folders in a mistyped --cache-dir: one with a meta.json, one named like a cache but holding
+    # a photo too, one like a cache's meta.json but missing fields; and a stats-like note
+    user = {"photos2019": {"meta.json": "{}", "a.jpg": "x"},
+            "0123456789abcdef01234567": {"meta.json": (ours[0] / "meta.json").read_text(), "a.jpg": "x"},
+            "89abcdef0123456789abcdef": {"meta.json": json.dumps({"count": 0, "labels": [], "files": []})}}
+    for name, files in user.items():
+        for file, text in files.items():
+            (cache / name).mkdir(exist_ok=True)
+            (cache / name / file).write_text(text)
+    (cache / "stats-notes.json").write_text("{}")
+    _age(cache)
+    assert main(["cache", "prune", "--older-than", "1", "--cache-dir", str(cache)]) == 0
+    err = capsys.readouterr().err
+    assert ours and not any(p.exists() for p in ours) and f"{len(ours)} caches" in err
+    assert all((cache / name / file).is_file() for name, files in user.items() for file in files)
+    assert (cache / "stats-notes.json").is_file() and not list(cache.glob("stats-*[0-9].json"))
+    assert "imgclf: left alone 3 folder(s) in " in err and "that are not imgclf caches: 0123" in err
+
+
+def test_cache_prune_and_builds_never_follow_a_partial_symlink(tmp_path, capsys):
+    cache, victim = tmp_path / "cache", tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious")
+    (victim / "progress.json").write_text("{}")
+    cache.mkdir()
+    (cache / ".partial-0123456789abcdef01234567").symlink_to(victim, target_is_directory=True)
+    _age(victim)
+    files = sorted(write_class_folder(tmp_path / "d", ["a"], 3).rglob("*.png"))
+    cached_split(files, [0] * 3, size=12, channels=3, cache_root=cache, progress=True)  # removes stale partials
+    assert main(["cache", "prune", "--older-than", "0", "--cache-dir", str(cache)]) == 0
+    assert sorted(p.name for p in victim.iterdir()) == ["keep.txt", "progress.json"]
+    assert (cache / ".partial-0123456789abcdef01234567").is_symlink()
+    assert "0123456789abcdef01234567" not in capsys.readouterr().out
