@@ -61,3 +61,25 @@ def test_cache_prune_and_builds_never_follow_a_partial_symlink(tmp_path, capsys)
     assert sorted(p.name for p in victim.iterdir()) == ["keep.txt", "progress.json"]
     assert (cache / ".partial-0123456789abcdef01234567").is_symlink()
     assert "0123456789abcdef01234567" not in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- 24.12: YAML that expands without end
+
+BOMB = "model:\n  args:\n    a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"    {n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True))
+
+
+def test_a_config_of_nested_aliases_or_deep_nesting_is_one_line(tmp_path, capsys):
+    for name, text, said in [("bomb.yaml", BOMB, "line 4: YAML aliases (*a) are not accepted in a configuration "
+                                                  "file; write the value out in full"),
+                             ("deep.yaml", "model:\n  args:\n    a: " + "[" * 3000 + "]" * 3000,
+                              "line 3: values nested over 64 deep are not accepted in a configuration file"),
+                             ("space.yaml", "lr: &r [0.1, 0.2]\nbatch_size: *r\n", "line 2: YAML aliases (*r)")]:
+        (tmp_path / name).write_text(text)
+        command = ["tune", "--space", str(tmp_path / name)] if name == "space.yaml" else ["train", "--config"]
+        if name != "space.yaml":
+            command.append(str(tmp_path / name))
+        assert main([*command, "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"imgclf: error: {tmp_path / name} {said}") and err.count("\n") == 1, err
+        assert not (tmp_path / "run").exists()
