@@ -83,3 +83,63 @@ def test_a_config_of_nested_aliases_or_deep_nesting_is_one_line(tmp_path, capsys
         err = capsys.readouterr().err
         assert err.startswith(f"imgclf: error: {tmp_path / name} {said}") and err.count("\n") == 1, err
         assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- 24.15, 24.19, 24.24: imgclf runs
+
+def _fake_run(folder: Path, *, status=None, metrics: str = "") -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model": {"name": "m"}, "optim": {"epochs": 2}}))
+    (folder / "metrics.jsonl").write_text(metrics)
+    if status is not None:
+        (folder / "status.json").write_text(json.dumps(status))
+    return folder
+
+
+def test_runs_lists_every_run_around_hostile_ones(tmp_path, capsys, monkeypatch):
+    record = {"epoch": 1, "val_acc": 0.5, "epoch_seconds": 0.25}
+    _fake_run(tmp_path / "list", status=[1])  # status.json a list
+    _fake_run(tmp_path / "deep", metrics="[" * 100_000 + "]" * 100_000 + "\n" + json.dumps(record) + "\n")
+    _fake_run(tmp_path / "absurd", metrics=json.dumps({**record, "epoch_seconds": 1e300, "val_acc": 10**400}))
+    _fake_run(tmp_path / "types", status={"status": "finished", "started": "x"},
+              metrics=json.dumps({**record, "epoch_seconds": "x"}))
+    (tmp_path / "types" / "config.json").write_text(json.dumps({"model": 5, "optim": {"epochs": 1e300,
+                                                                                      "monitor": [1]}}))
+    _fake_run(tmp_path / "fine", status={"status": "finished"}, metrics=json.dumps(record))
+    assert main(["runs", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert sorted(rows) == ["absurd", "deep", "fine", "list", "types"] and err == f"5 runs under {tmp_path}\n"
+    assert rows["deep"][3:] == ["1/2", "val_acc", "0.5000", "(epoch", "1)", "0s", "crashed"]
+    assert rows["absurd"][3:] == ["1/2", "-", "?", "crashed"]  # was 300 digits of hours; then a traceback
+    assert rows["types"][1:] == ["?", "?", "1/?", "val_acc", "0.5000", "(epoch", "1)", "0s", "finished"]
+
+    from imgclf import runs
+
+    real = runs.summarize
+
+    def failing(folder, root):
+        if folder.name == "fine":
+            raise ValueError("torn")
+        return real(folder, root)
+
+    monkeypatch.setattr(runs, "summarize", failing)
+    assert main(["runs", str(tmp_path), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 4 and err == f"imgclf: skipping the run {tmp_path / 'fine'}: its files " \
+                                                 f"cannot be read (ValueError: torn)\n"
+
+
+def test_a_run_is_running_only_while_a_process_holds_its_lock(tmp_path, capsys):
+    import socket
+
+    from imgclf.files import RUN_MARK, claim_run_folder
+
+    # status.json says running, by a process that is alive (this one): its PID, reused say, is no proof
+    run = _fake_run(tmp_path / "r", status={"status": "running", "pid": os.getpid(), "host": socket.gethostname()})
+    (run / RUN_MARK).write_text("1\n")
+    assert main(["runs", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "crashed"
+    with claim_run_folder(run):
+        assert main(["runs", str(tmp_path), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["status"] == "running"
