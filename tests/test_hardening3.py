@@ -143,3 +143,70 @@ def test_a_run_is_running_only_while_a_process_holds_its_lock(tmp_path, capsys):
     with claim_run_folder(run):
         assert main(["runs", str(tmp_path), "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["status"] == "running"
+
+
+# ---------------------------------------------------------------- 24.10, 24.24: URLs and standard input
+
+def _trickling_server(first: bytes):
+    """A server that answers each connection with `first`, then a byte every 50 ms for as long as it is read."""
+    import socket
+    import threading
+    import time
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def answer(conn):
+        with conn:
+            conn.recv(65536)
+            try:
+                conn.sendall(first)
+                while True:
+                    time.sleep(0.05)
+                    conn.sendall(b"x")
+            except OSError:
+                return
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
+def test_a_slow_server_cannot_keep_a_download_going(monkeypatch):
+    import time
+
+    import pytest
+
+    from imgclf import predict
+    from imgclf.transforms import BadImage
+
+    monkeypatch.setattr(predict, "DOWNLOAD_TIMEOUT", 0.4)
+    for first in (b"HTTP/1.0 200 OK\r\nX-Slow: ", b"HTTP/1.0 200 OK\r\nContent-Length: 100000\r\n\r\n"):
+        server = _trickling_server(first)  # slow in its headers, then in its body
+        start = time.monotonic()
+        with pytest.raises(BadImage, match=r"^could not fetch it \(not downloaded within 0.4 s\)$"):
+            predict.fetch(f"http://127.0.0.1:{server.getsockname()[1]}/a.png")
+        assert time.monotonic() - start < 1.5  # each read came within the socket's timeout: it waited for ever
+        server.close()
+
+
+def test_standard_input_over_the_limit_and_file_objects_never_named(monkeypatch):
+    import io
+    import sys
+    import types
+
+    from imgclf import predict
+
+    monkeypatch.setattr(predict, "MAX_DOWNLOAD", 1 << 20)
+    decode = predict.Predictor._decode
+    shape = types.SimpleNamespace(size=16, channels=3)
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=io.BytesIO(b"\x89PNG\r\n\x1a\n" + bytes(2 << 20))))
+    assert decode(shape, "-") == "over the 1 MB limit for a picture read from standard input"  # was: truncated
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=io.BytesIO(b"no picture")))
+    assert decode(shape, "-") == "not a readable picture (cannot identify image file)"  # was: <_io.BytesIO ...>
