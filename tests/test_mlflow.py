@@ -160,3 +160,21 @@ def test_a_server_that_does_not_answer_is_one_line_at_once(tiny, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"no MLflow tracking server answers at http://127.0.0.1:{port}" in err[0], err
     assert time.monotonic() - started < 30 and not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow  # MLflow's import and stores: a few seconds each
+@pytest.mark.parametrize(("uri", "said"), [
+    ("notascheme://x", "MLflow knows no such kind of store"),
+    ("sqlite:///{tmp}/a-file/mlflow.db", "File exists"),  # a folder that cannot be made: a file is there
+    ("file://{tmp}/mlruns", "MLflow refuses a file store unless MLFLOW_ALLOW_FILE_STORE=true is set"),
+    ("{tmp}/mlruns", "MLflow refuses a file store unless MLFLOW_ALLOW_FILE_STORE=true is set")])
+def test_a_store_mlflow_cannot_use_is_one_line_before_the_run(tiny, tmp_path, monkeypatch, capsys, uri, said):
+    """Issue 24.21: these were tracebacks, after the run folder was written."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    (tmp_path / "a-file").write_text("")
+    uri = uri.format(tmp=tmp_path)
+    assert train(tiny, tmp_path / "r", "--epochs", 1, "--mlflow", uri) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"imgclf: error: MLflow cannot log to --mlflow {uri}: ") and \
+        said in err[0], err
+    assert not (tmp_path / "r").exists()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from imgclf import __version__
 from imgclf.config import TrainConfig
-from imgclf.errors import UserError
+from imgclf.errors import UserError, shown
 from imgclf.files import atomic_write_text
 from imgclf.report import flatten_config
 from imgclf.runs import read_records
@@ -52,12 +52,16 @@ def import_mlflow():
 
 
 def check_reachable(uri: str, timeout: float = 10.0) -> None:
-    """For an http(s) tracking server: one UserError line at once when nothing answers there (MLflow's own
-    client retries for minutes). Any HTTP answer, even an error status, counts as answering."""
+    """One UserError line at once, before the run begins, when MLflow cannot log to `uri`. An http(s)
+    tracking server must answer (MLflow's own client retries for minutes; any HTTP answer, even an error
+    status, counts); any other URI (a database, a folder) must be one MLflow opens: a scheme it knows, a
+    database it can create or read, a file store it accepts (MLflow 3 refuses one unless
+    MLFLOW_ALLOW_FILE_STORE=true)."""
     import urllib.error
     import urllib.request
 
     if not uri.startswith(("http://", "https://")):
+        _check_store(uri)
         return
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()  # noqa: S310 - http(s) only
@@ -67,6 +71,24 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
         reason = getattr(err, "reason", err)
         raise UserError(f"no MLflow tracking server answers at {uri} ({reason}); start it (mlflow server), or "
                         f"check --mlflow") from None
+
+
+def _check_store(uri: str) -> None:
+    """Open MLflow's store at `uri` (not http) and read from it; one UserError line when MLflow cannot."""
+    mlflow = import_mlflow()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is the user's
+            mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - MLflow, SQLAlchemy and the file system raise many kinds
+        text = str(err).strip()
+        if "MLFLOW_ALLOW_FILE_STORE" in text:
+            reason = ("MLflow refuses a file store unless MLFLOW_ALLOW_FILE_STORE=true is set; give a database "
+                      "(sqlite:///mlflow.db) or a server (http://HOST:5000), or set it")
+        elif "unsupported URI" in text or "registered tracking store" in text:
+            reason = "MLflow knows no such kind of store; give sqlite:///mlflow.db, http://HOST:5000, ..."
+        else:
+            reason = (text.splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"MLflow cannot log to --mlflow {shown(uri)}: {shown(reason)}") from None
 
 
 def metric_key(name: str) -> str:
