@@ -210,3 +210,14 @@ def test_standard_input_over_the_limit_and_file_objects_never_named(monkeypatch)
     assert decode(shape, "-") == "over the 1 MB limit for a picture read from standard input"  # was: truncated
     monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=io.BytesIO(b"no picture")))
     assert decode(shape, "-") == "not a readable picture (cannot identify image file)"  # was: <_io.BytesIO ...>
+
+
+def test_a_hostile_mlflow_json_is_no_state(tmp_path):
+    """A sibling of 24.19: RUN/mlflow.json a list, or nested thousands deep, was a traceback on --resume."""
+    from imgclf.mlflowrun import read_state
+
+    for text in ("[1]", "[" * 100_000 + "]" * 100_000, '"x"'):
+        (tmp_path / "mlflow.json").write_text(text)
+        assert read_state(tmp_path) is None
+    (tmp_path / "mlflow.json").write_text('{"run_id": "r", "tracking_uri": "u"}')
+    assert read_state(tmp_path) == {"run_id": "r", "tracking_uri": "u"}

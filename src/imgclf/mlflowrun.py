@@ -113,7 +113,7 @@ class MlflowRun:
         client = mlflow.MlflowClient(tracking_uri=uri)
         state = read_state(run_dir) if resumed else None
         try:
-            if state is not None and state.get("tracking_uri") == uri:
+            if state is not None and state.get("tracking_uri") == uri and isinstance(state.get("run_id"), str):
                 run = cls(client, state["run_id"], uri)
                 client.update_run(run.run_id, status="RUNNING")
                 run.log_params(cfg, known=client.get_run(run.run_id).data.params)
@@ -200,9 +200,10 @@ class MlflowRun:
 
 
 def read_state(run_dir: Path) -> dict | None:
-    """RUN/mlflow.json, or None when the run has none (or it cannot be read)."""
+    """RUN/mlflow.json, or None when the run has none (or it cannot be read, or is not a JSON object)."""
     try:
-        return json.loads((Path(run_dir) / STATE).read_text())
-    except (OSError, ValueError):
+        state = json.loads((Path(run_dir) / STATE).read_text())
+    except (OSError, ValueError, RecursionError):
         return None
+    return state if isinstance(state, dict) else None
 
