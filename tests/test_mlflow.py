@@ -178,3 +178,22 @@ def test_a_store_mlflow_cannot_use_is_one_line_before_the_run(tiny, tmp_path, mo
     assert len(err) == 1 and err[0].startswith(f"imgclf: error: MLflow cannot log to --mlflow {uri}: ") and \
         said in err[0], err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_hostile_earlier_record_is_logged_without_a_traceback():
+    """A sibling of 24.19/24.24: a resumed run's earlier metrics.jsonl records go to MLflow; an absurd time or
+    an int beyond a float's range was an OverflowError. NaN (a diverged run's loss) is still logged."""
+    import math
+
+    from imgclf.mlflowrun import MlflowRun
+
+    class Client:
+        def log_batch(self, run_id, metrics=()):
+            self.metrics = metrics
+
+    run = MlflowRun(Client(), "r", "u")
+    before = int(time.time() * 1000)
+    run.log_epoch({"epoch": 1, "time": 1e300, "val_acc": 10**400, "val_loss": float("nan"), "note": "x"})
+    (metric,) = run.client.metrics
+    assert metric.key == "val_loss" and math.isnan(metric.value) and metric.timestamp >= before
+    assert not run.broken

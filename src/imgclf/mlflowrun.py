@@ -158,10 +158,11 @@ class MlflowRun:
         """metrics.jsonl's record of one epoch: each number under its own key, at step = epoch."""
         from mlflow.entities import Metric
 
-        stamp, step = int(record.get("time", time.time()) * 1000), int(record["epoch"])
+        when = _float(record.get("time"))  # (a resumed run's earlier records: whatever its file holds)
+        stamp, step = int((when if when is not None and 0 <= when < 1e11 else time.time()) * 1000), record["epoch"]
         flat = flatten_config(record, sep="/")  # val_per_class: {cat: {f1: ...}} -> val_per_class/cat/f1
-        metrics = [Metric(metric_key(key), float(value), stamp, step) for key, value in flat.items()
-                   if key not in NOT_LOGGED and isinstance(value, int | float) and not isinstance(value, bool)]
+        metrics = [Metric(metric_key(key), _float(value), stamp, step) for key, value in flat.items()
+                   if key not in NOT_LOGGED and _float(value) is not None]
         self._safely(lambda: [self.client.log_batch(self.run_id, metrics=metrics[i:i + BATCH])
                               for i in range(0, len(metrics), BATCH)])
 
@@ -197,6 +198,17 @@ class MlflowRun:
             self.broken = True
             print(f"imgclf: warning: MLflow at {self.uri} failed ({str(err).strip().splitlines()[0][:160]}); "
                   f"the run goes on without it", file=sys.stderr, flush=True)
+
+
+def _float(value) -> float | None:
+    """`value` as a float when it is a number (NaN and infinities too: a diverged run's), else None (a bool,
+    a string, an int beyond a float's range)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
 
 
 def read_state(run_dir: Path) -> dict | None:
