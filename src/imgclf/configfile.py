@@ -53,12 +53,41 @@ def read_yaml(path, *, what: str = "configuration file"):
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"cannot read the {what} {path}: {getattr(err, 'strerror', None) or err}") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_loader_without_aliases(path, what))  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise UserError(f"{path} is not valid YAML{where}: {problem}") from None
+
+
+MAX_YAML_DEPTH = 64  # lists and mappings within each other in a configuration file
+
+
+def _loader_without_aliases(path: Path, what: str):
+    """yaml.SafeLoader refusing, in one line, aliases (`*name`, `<<: *name`): nested ones expand exponentially
+    (a 500-byte file can stand for billions of values), and a configuration has no need of them; and values
+    nested over MAX_YAML_DEPTH deep."""
+    import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent):
+                raise UserError(f"{path} line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are "
+                                f"not accepted in a {what}; write the value out in full")
+            if self.depth >= MAX_YAML_DEPTH:  # (Python's own recursion limit would end in a traceback)
+                raise UserError(f"{path} line {event.start_mark.line + 1}: values nested over {MAX_YAML_DEPTH} "
+                                f"deep are not accepted in a {what}")
+            self.depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return NoAliases
 
 
 def read_config(path) -> dict[tuple[str, str], object]:
