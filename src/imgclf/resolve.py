@@ -38,15 +38,16 @@ def user_values(config: str | os.PathLike | None, given: dict[tuple[str, str], o
 
 
 def resolve(*layers: dict[tuple[str, str], object], recipe: str = "default",
-            base: TrainConfig | None = None) -> TrainConfig:
+            base: TrainConfig | None = None, typed: frozenset | None = None) -> TrainConfig:
     """The TrainConfig of `layers` (a later one winning) over `recipe`'s values, or over `base` (a resumed
-    run's configuration, where only resumable options may change). An unknown recipe, a bad value or a
+    run's configuration, where only resumable options may change). An unknown recipe, a bad value, an
+    option that would do nothing (`typed`: the options typed as flags, see config.settled) or a
     contradiction of the resumed run is one UserError line."""
     if recipe not in RECIPES:
         raise UserError(f"unknown recipe {recipe!r}; choose one of {', '.join(sorted(RECIPES))}")
     if base is not None:
         return TrainConfig.from_sources({}, *layers, base=base)
-    return TrainConfig.from_sources(RECIPES[recipe], *layers)
+    return TrainConfig.from_sources(RECIPES[recipe], *layers, typed=typed)
 
 
 def resume(folder, *layers: dict[tuple[str, str], object], recipe: str = "default", check_code: bool = True,
