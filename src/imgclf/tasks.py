@@ -88,6 +88,7 @@ class SingleLabel:
     def __init__(self, classes: Sequence[str], *, label_smoothing: float = 0.0,
                  class_weights: torch.Tensor | None = None):
         self.classes = list(classes)
+        self.class_weights = class_weights  # the divisor of the loss's mean (engine.loss_shares)
         self._criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
