@@ -39,7 +39,7 @@ def test_pretrained_weights_resolve_the_finetune_recipe(tmp_path):
     for key, expected in RECIPE.items():
         assert value(cfg, key) == expected, key
     scratch = resolved("--model", "timm/tf_efficientnet_lite0")  # from scratch: the default recipe, unchanged
-    assert scratch == TrainConfig(model=scratch.model, data=scratch.data)
+    assert scratch == resolved("--model", "timm/tf_efficientnet_lite0", "--recipe", "default")
     assert (scratch.optim.optimizer, scratch.optim.lr, scratch.data.batch_size, scratch.model.head_init) == \
         ("sgd", 0.05, 128, "default")
 
