@@ -13,7 +13,7 @@ from imgclf.config import TrainConfig
 from imgclf.engine import train_mode
 from imgclf.errors import UserError
 from imgclf.models import adapter_for, build_model
-from imgclf.pipeline import _network, describe_finetune, normalization
+from imgclf.pipeline import describe_finetune, normalization, run_network
 from imgclf.resolve import chosen_recipe, resolve
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,10 +101,10 @@ def test_the_new_head_starts_as_head_init_says(tmp_path):
     for init, check in (("zero", lambda w: not w.any()), ("small", lambda w: 0 < w.std() < 0.02),
                         ("default", lambda w: w.std() > 0.02)):
         cfg = resolved("--model", "resnet18", "--pretrained", weights, "--head-init", init, "--img-size", 32)
-        model = _network(cfg, Data(), fresh=True)
+        model = run_network(cfg, Data(), fresh=True)
         assert check(model.fc.weight), init
         assert model.fc.weight.shape == (3, 512)
-    resumed = _network(resolved("--model", "resnet18", "--head-init", "zero"), Data(), fresh=False)
+    resumed = run_network(resolved("--model", "resnet18", "--head-init", "zero"), Data(), fresh=False)
     assert resumed.fc.weight.any()  # a resumed run's head comes from its checkpoint, not from --head-init
 
 

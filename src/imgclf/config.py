@@ -368,6 +368,8 @@ def idle_options(cfg: TrainConfig) -> dict[str, str]:
         "--val-fraction": builtin and f"{d.data} has its own test split, used for validation",
         "--strict-data": builtin and f"{d.data} is read by torchvision, not from picture files",
         "--cache-dir": builtin and f"{d.data} is read by torchvision, not decoded into the cache",
+        "--normalize": not m.pretrained and d.normalize != "weights" and  # weights: refused when the run is built
+                       "without --pretrained weights the training pictures' statistics normalise them",
         "--freeze-epochs": m.freeze_backbone and "--freeze-backbone keeps the backbone frozen for the whole run",
         "--backbone-lr-scale": not (m.freeze_epochs and not m.freeze_backbone) and
                                "it sets the backbone's rate once it trains after --freeze-epochs",

@@ -47,11 +47,7 @@ def build_run(cfg: TrainConfig, data: ImageData, *, device: torch.device, dist: 
     instead. `model`: a network object to use instead of building `cfg.model.name` (the Python API).
     RunParts.data is `data` with the mean and std the pictures are normalised by (`normalization`)."""
     dist = dist or DistInfo()
-    if model is not None:  # the Python API's object: one line now, rather than a traceback in the first step
-        check_output(model, type(model).__name__, num_classes=len(data.classes), in_channels=data.channels,
-                     img_size=data.img_size)
-    else:
-        model = _network(cfg, data, fresh=fresh)
+    model = run_network(cfg, data, fresh=fresh, model=model)
     contract = normalization(cfg, data.channels)
     if contract is not None:
         data = dataclasses.replace(data, mean=contract.mean, std=contract.std)
@@ -82,13 +78,17 @@ def build_run(cfg: TrainConfig, data: ImageData, *, device: torch.device, dist: 
                     val, test, contract)
 
 
-def _network(cfg: TrainConfig, data: ImageData, *, fresh: bool) -> nn.Module:
-    """`cfg.model.name` built for `data`; a new run's from --pretrained weights, its new head set as
-    --head-init says."""
-    model = build_model(cfg.model.name, num_classes=len(data.classes), in_channels=data.channels,
-                        img_size=data.img_size, pretrained=cfg.model.pretrained if fresh else None,
-                        freeze_backbone=cfg.model.freeze_backbone or cfg.model.freeze_epochs > 0,
-                        model_args=cfg.model.args)
+def run_network(cfg: TrainConfig, data: ImageData, *, fresh: bool, model: nn.Module | None = None) -> nn.Module:
+    """The run's network: `model` (the Python API's object, checked against `data`) or `cfg.model.name` built for
+    `data`, a new run's from --pretrained weights; a new run's head then starts as --head-init says."""
+    if model is not None:  # the Python API's object: one line now, rather than a traceback in the first step
+        check_output(model, type(model).__name__, num_classes=len(data.classes), in_channels=data.channels,
+                     img_size=data.img_size)
+    else:
+        model = build_model(cfg.model.name, num_classes=len(data.classes), in_channels=data.channels,
+                            img_size=data.img_size, pretrained=cfg.model.pretrained if fresh else None,
+                            freeze_backbone=cfg.model.freeze_backbone or cfg.model.freeze_epochs > 0,
+                            model_args=cfg.model.args)
     if fresh and cfg.model.head_init != "default":
         adapter_for(cfg.model.name).init_head(model, cfg.model.head_init)
     return model
