@@ -117,7 +117,7 @@ class Exported:
         size_mb = sum(f.stat().st_size for f in files) / 1e6
         if not fmt.graph:
             return (f"wrote {self.path} ({size_mb:.1f} MB): weights of {meta['model']['name']} for "
-                    f"{len(meta['classes'])} classes, input float32 {shape} normalised; metadata in the header")
+                    f"{len(meta['classes'])} classes, input float32 {shape} normalised; metadata inside the file")
         weights = "".join(f" and {f.name}" for f in files[1:])
         head = (f"wrote {self.path}{weights} ({size_mb:.1f} MB{', int8' if self.int8 else ''}): input uint8 {shape} "
                 f"-> probabilities (N, {len(meta['classes'])})")
