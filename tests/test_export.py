@@ -428,3 +428,20 @@ def test_damaged_export_metadata_is_refused_in_one_line(tiny_run, torchscript_ex
         captured = capsys.readouterr()
         assert code == 2 and captured.out == "", (argv[0], captured)
         assert captured.err.count("\n") == 1 and words in captured.err, (argv[0], captured.err)
+
+
+def test_the_exported_graph_ends_with_the_tasks_activation(tiny_run, tmp_path, monkeypatch):
+    import torch
+
+    from imgclf.tasks import SingleLabel
+
+    ckpt = tiny_run[0]
+    x = torch.randint(0, 256, (4, 3, 24, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    outputs = []
+    for activation in (SingleLabel.activation, lambda self, logits: logits.sigmoid()):
+        monkeypatch.setattr(SingleLabel, "activation", activation)
+        out = export.export_checkpoint(ckpt, "torchscript", tmp_path / f"m{len(outputs)}.torchscript.pt")
+        outputs.append(torch.jit.load(str(out.path))(x))
+        assert out.max_diff < 1e-5  # its self-check compares with the same task's activation
+    assert torch.allclose(outputs[0].sum(1), torch.ones(4))  # softmax: the single-label task's
+    assert torch.allclose(outputs[1], outputs[1].clamp(0, 1)) and not torch.allclose(outputs[1].sum(1), torch.ones(4))
