@@ -343,7 +343,7 @@ def _start_run_folder(cfg: TrainConfig, parts: RunParts, tracker: Tracker, *, de
     run_dir, data = Path(cfg.run.out), parts.data
     remove_temporaries(run_dir)
     atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-    atomic_write_text(run_dir / "config.yaml", config_yaml(cfg, RUN_HEADER))  # the same, for `train --config`
+    atomic_write_text(run_dir / "config.yaml", config_yaml(cfg, RUN_HEADER, folder=run_dir))  # for `train --config`
     tracker.message(f"imgclf {__version__}: {cfg.model.name} on {cfg.data.data} ({data.describe()}, "
                     f"{len(data.classes)} classes, "
                     f"{data.channels}x{data.img_size}x{data.img_size}) on {device}, {str(precision)[6:]}, "
