@@ -27,7 +27,9 @@ AUTO_AUGMENTS = ("none", "trivialaugment", "randaugment")
 LONG_RUN = 10
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BALANCES = ("none", "sampler", "loss")
-MONITORS = ("val_acc", "val_loss", "val_macro_f1")  # imgclf.metrics.MONITORS says which way is better
+# What --monitor may watch -> whether a larger value is better: declared once, here (no torch here, so the
+# tasks import it): each task of imgclf.tasks monitors the figures of this table it computes (Task.monitors).
+MONITORS = {"val_acc": True, "val_loss": False, "val_macro_f1": True}
 # Upper bounds of numeric flags: far beyond any sensible value, low enough that nothing overflows.
 MAX_SIDE = 4096  # pixels, a side of an input picture
 MAX_CHANNELS = 64  # channels of an input picture (--input-size)
@@ -65,7 +67,8 @@ def flag_of(f: dataclasses.Field) -> str:
 
 @dataclass(frozen=True)
 class DataConfig:
-    data: str = option("cifar10", "cifar10, cifar100, mnist, fashion-mnist, or a folder (see README)",
+    data: str = option("cifar10", "fashion-mnist-mini (inside imgclf, no download), cifar10, cifar100, mnist, "
+                                  "fashion-mnist, or a folder (docs/usage.md: Data layouts)",
                        resumable=True)
     data_root: str = option("data", "where built-in data sets are downloaded and found", resumable=True)
     img_size: int | None = option(None, "side of the square input", none="native; photos 224",
@@ -141,7 +144,7 @@ class OptimConfig:
     epochs: int = option(10, "epochs in all", resumable=True, low=1, high=MAX_EPOCHS)
     patience: int | None = option(None, "end the run after this many epochs without a better --monitor figure",
                                   none="never", resumable=True, low=1, high=MAX_EPOCHS)
-    monitor: str = option("val_acc", "validation figure that chooses best.pt and early stopping", choices=MONITORS)
+    monitor: str = option("val_acc", "validation figure that chooses best.pt and early stopping", choices=tuple(MONITORS))
     lookahead: bool = option(False, "every 5 steps, average the weights and continue from the average")
     lr_base_batch: int | None = option(None, "the batch size --lr is meant for: at another --batch-size the learning "
                                              "rate is scaled by batch/N (SGD) or its square root (Adam, AdamW), as "
