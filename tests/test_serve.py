@@ -510,3 +510,25 @@ def test_page_in_chromium_labels_an_ants_photo(hymenoptera_dir, browser, tmp_pat
         label, _ = classify_in_page(page, url, photo, tmp_path / "ants-bees.png")
         page.close()
     assert label == photo.parent.name
+
+
+def test_answers_are_decoded_by_the_predictors_task():
+    """serve labels a picture as its predictor's task decodes the probabilities (not by a top-k of its own)."""
+    import torch
+
+    from imgclf.serve import create_app
+
+    class EveryLabelOverAHalf:  # a task whose decoding is no top-k: another kind of labelling
+        def decode(self, probs, k):
+            return [(i, p) for i, p in enumerate(probs.tolist()) if p > 0.5][:k]
+
+    class Fixed:
+        classes, size, channels, task = ["a", "b", "c"], 8, 3, EveryLabelOverAHalf()
+
+        def probabilities(self, batch):
+            return torch.tensor([[0.9, 0.2, 0.7]]).expand(len(batch), 3)
+
+    with serving_in_this_process(create_app(Fixed(), model_name="fixed")) as url:
+        answer = httpx.post(f"{url}/predict?topk=3", content=png_of("RGB", 8), timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"top": [{"label": "a", "probability": 0.9}, {"label": "c", "probability": 0.7}]}

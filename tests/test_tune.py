@@ -191,6 +191,16 @@ def test_each_trial_a_torchrun_job(tiny, tmp_path):
     assert len(records(out / "trial-1")) < 40
 
 
+def test_the_search_direction_is_the_tasks(monkeypatch):
+    from imgclf.tasks import SingleLabel
+    from imgclf.tune import direction_of
+
+    assert (direction_of("val_loss"), direction_of("val_acc"), direction_of("val_macro_f1")) == (
+        "minimize", "maximize", "maximize")
+    monkeypatch.setattr(SingleLabel, "monitors", {"val_loss": True})  # the task says, not the figure's name
+    assert direction_of("val_loss") == "maximize"
+
+
 OPEN_AT = """
 import sys, time
 from pathlib import Path

@@ -198,7 +198,7 @@ def _add_train(sub, common) -> None:
 def _add_config_file(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml",
                    help="options from a YAML file (keys: these flags without the dashes, e.g. `lr: 0.01`); "
-                        "applied over --recipe, and flags given here win (README: Configuration files)")
+                        "applied over --recipe, and flags given here win (docs/usage.md: Configuration files)")
 
 
 SECTION_TITLES = {"data": "data", "model": "model", "optim": "optimisation", "run": "run"}
@@ -459,7 +459,7 @@ def _add_export(sub, common) -> None:
     p = _command(sub, common, "export", cmd_export,
                  help="write a checkpoint as ONNX, OpenVINO, TorchScript or safetensors (--int8: quantized)",
                  description="Write a checkpoint in a format usable without imgclf; class names and "
-                             "preprocessing are stored inside the file (see README, Export and serve).")
+                             "preprocessing are stored inside the file (docs/usage.md: Export and serve).")
     p.add_argument("checkpoint")
     _add_model_code(p)
     p.add_argument("--format", required=True, choices=tuple(FORMATS), dest="export_format",
@@ -654,7 +654,7 @@ def _add_tune(sub, common) -> None:
                              "for `imgclf train --config`, OUT/history.png and OUT/importances.png.")
     p.add_argument("--space", required=True, metavar="FILE.yaml",
                    help="the search space: option: {low: X, high: Y[, log: true][, step: S]} or option: [a, b] "
-                        "(README: Hyper-parameter search)")
+                        "(docs/usage.md: Hyper-parameter search with Optuna)")
     p.add_argument("--recipe", choices=recipe_choices(), default=AUTO_RECIPE, help="as `imgclf train --recipe`")
     _add_config_file(p)
     p.add_argument("--out", dest="tune_out", default="runs/tune", metavar="FOLDER",

@@ -27,13 +27,15 @@ AUTO_AUGMENTS = ("none", "trivialaugment", "randaugment")
 LONG_RUN = 10
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BALANCES = ("none", "sampler", "loss")
-MONITORS = ("val_acc", "val_loss", "val_macro_f1")
+# What --monitor may watch -> whether a larger value is better: declared once, here (no torch here, so the
+# tasks import it): each task of imgclf.tasks monitors the figures of this table it computes (Task.monitors).
+MONITORS = {"val_acc": True, "val_loss": False, "val_macro_f1": True}
 # How a new head's weights start (imgclf.models.adapter.init_layers says what each does)
 HEAD_INITS = ("default", "zero", "small")
 # Pixel normalisation: auto takes the pretrained weights' input contract where they have one, else the data's
 NORMALIZE = ("auto", "data", "weights")
 # BatchNorm's running statistics while training: updated (PyTorch's way), or frozen at the pretrained values
-BN_STATS = ("update", "frozen")  # imgclf.metrics.MONITORS says which way is better
+BN_STATS = ("update", "frozen")
 # Upper bounds of numeric flags: far beyond any sensible value, low enough that nothing overflows.
 MAX_SIDE = 4096  # pixels, a side of an input picture
 MAX_CHANNELS = 64  # channels of an input picture (--input-size)
@@ -71,7 +73,8 @@ def flag_of(f: dataclasses.Field) -> str:
 
 @dataclass(frozen=True)
 class DataConfig:
-    data: str = option("cifar10", "cifar10, cifar100, mnist, fashion-mnist, or a folder (see README)",
+    data: str = option("cifar10", "fashion-mnist-mini (inside imgclf, no download), cifar10, cifar100, mnist, "
+                                  "fashion-mnist, or a folder (docs/usage.md: Data layouts)",
                        resumable=True)
     data_root: str = option("data", "where built-in data sets are downloaded and found", resumable=True)
     img_size: int | None = option(None, "side of the square input", none="native; photos 224",
@@ -155,7 +158,7 @@ class OptimConfig:
     epochs: int = option(10, "epochs in all", resumable=True, low=1, high=MAX_EPOCHS)
     patience: int | None = option(None, "end the run after this many epochs without a better --monitor figure",
                                   none="never", resumable=True, low=1, high=MAX_EPOCHS)
-    monitor: str = option("val_acc", "validation figure that chooses best.pt and early stopping", choices=MONITORS)
+    monitor: str = option("val_acc", "validation figure that chooses best.pt and early stopping", choices=tuple(MONITORS))
     lookahead: bool = option(False, "every 5 steps, average the weights and continue from the average")
     lr_base_batch: int | None = option(None, "the batch size --lr is meant for: at another --batch-size the learning "
                                              "rate is scaled by batch/N (SGD) or its square root (Adam, AdamW), as "
@@ -164,7 +167,7 @@ class OptimConfig:
     # By default (optim.clip_norm) 10, as Ultralytics, for a network without BatchNorm: far above its healthy
     # steps' norms (0.4-1.3 measured for tutorial_cnn on CIFAR, whose runs it leaves bit for bit), far below a
     # diverging one's (3 -> 161 -> 2e5 in four steps). Off with BatchNorm, whose healthy norms on photos sit at
-    # 10-20 (ResNet-18), where it would act at every step (README: Stable training)
+    # 10-20 (ResNet-18), where it would act at every step (docs/usage.md: Stable training)
     clip_grad: float | None = option(None, "scale the gradients down to this global norm before each step; 0: off",
                                      metavar="NORM", low=0, none="10 for a network without BatchNorm, else off")
     accumulate: int = option(1, "split each batch into N micro-batches whose gradients add up before one step: "

@@ -23,6 +23,7 @@ Each format's building, writing, reading and checking is its entry in the table 
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,11 +60,12 @@ PREPROCESSING = [
 
 
 class ExportWrapper(nn.Module):
-    """uint8 pixels (N, C, S, S) -> class probabilities (N, classes): normalisation, network, softmax."""
+    """uint8 pixels (N, C, S, S) -> class probabilities (N, classes): normalisation, network, and the task's
+    `activation` of the logits (tasks.Task.activation; single-label: softmax)."""
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float], activation: Callable):
         super().__init__()
-        self.model = model
+        self.model, self.activation = model, activation
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
@@ -72,7 +74,7 @@ class ExportWrapper(nn.Module):
         # out as three float32 operations; BatchTransform folds it into one multiply-add with constants
         # computed in float64, so the two agree up to float32 rounding, not bit for bit.
         x = images.to(torch.float32) / 255.0
-        return self.model((x - self.mean) / self.std).softmax(1)
+        return self.activation(self.model((x - self.mean) / self.std))
 
 
 def export_metadata(ckpt: dict, fmt: str) -> dict:
@@ -117,7 +119,7 @@ class Exported:
         size_mb = sum(f.stat().st_size for f in files) / 1e6
         if not fmt.graph:
             return (f"wrote {self.path} ({size_mb:.1f} MB): weights of {meta['model']['name']} for "
-                    f"{len(meta['classes'])} classes, input float32 {shape} normalised; metadata in the header")
+                    f"{len(meta['classes'])} classes, input float32 {shape} normalised; metadata inside the file")
         weights = "".join(f" and {f.name}" for f in files[1:])
         head = (f"wrote {self.path}{weights} ({size_mb:.1f} MB{', int8' if self.int8 else ''}): input uint8 {shape} "
                 f"-> probabilities (N, {len(meta['classes'])})")
@@ -139,6 +141,7 @@ def export_checkpoint(checkpoint, fmt: str, out=None, *, int8: bool = False, cal
     from imgclf.checkpoint import load_checkpoint
     from imgclf.formats import get
     from imgclf.models import model_from_checkpoint
+    from imgclf.tasks import checkpoint_task
 
     form = get(fmt)
     _check_options(form, int8, calibration_data or eval_data or calibration_size)
@@ -150,7 +153,8 @@ def export_checkpoint(checkpoint, fmt: str, out=None, *, int8: bool = False, cal
     meta = export_metadata(ckpt, fmt)
     sample = _int8_data(ckpt, calibration_data, eval_data, calibration_size) if int8 else None  # fails first
     model = model_from_checkpoint(ckpt).float().cpu()
-    module = ExportWrapper(model, meta["input"]["mean"], meta["input"]["std"]).eval() if form.graph else model
+    activation = checkpoint_task(ckpt).activation
+    module = ExportWrapper(model, meta["input"]["mean"], meta["input"]["std"], activation).eval() if form.graph else model
     c, s = meta["input"]["channels"], meta["input"]["size"]
     example = torch.randint(0, 256, (2, c, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     artefact = form.build(module, example, meta)

@@ -304,8 +304,7 @@ class Service:
             return JSONResponse({"error": no.message}, status_code=no.status)
         probs = await self.queue.probabilities(image.transpose(2, 0, 1))
         classes = self.predictor.classes
-        p, idx = probs.topk(min(k, len(classes)))
-        top = [{"label": classes[i], "probability": round(v, 6)} for v, i in zip(p.tolist(), idx.tolist(), strict=True)]
+        top = [{"label": classes[i], "probability": round(v, 6)} for i, v in self.predictor.task.decode(probs, k)]
         return JSONResponse({"top": top} if filename is None else {"top": top, "filename": filename})
 
     async def picture(self, request):

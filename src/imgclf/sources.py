@@ -433,7 +433,7 @@ def _scan(folder: Path, classes: list[str] | None = None,
           walk: PictureWalk | None = None) -> tuple[list[str], list[Path], list[int]]:
     names = find_classes(folder)
     if not names:
-        raise UserError(f"{shown(folder)} has no class folders; expected {shown(folder)}/<class>/<picture> (see README)")
+        raise UserError(f"{shown(folder)} has no class folders; expected {shown(folder)}/<class>/<picture> (docs/usage.md: Data layouts)")
     if classes is not None and names != classes:
         raise UserError(f"the classes in {shown(folder)} ({', '.join(names)}) differ from train's ({', '.join(classes)})")
     walk = walk or PictureWalk()

@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from imgclf.config import MONITORS
 from imgclf.distributed import DistInfo, all_reduce_sum
 from imgclf.errors import UserError
 from imgclf.metrics import accuracy, confusion_matrix, improved, per_class_accuracy, summary
@@ -42,7 +43,7 @@ class Task(Protocol):
 
     name: str
     classes: list[str]
-    monitors: Mapping[str, bool]  # what --monitor may watch -> whether a larger value is better
+    monitors: Mapping[str, bool]  # the figures --monitor may watch -> larger is better (from config.MONITORS)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The training loss, mean over the batch; `targets` as the loader gives them (soft under mixup)."""
@@ -83,7 +84,7 @@ class SingleLabel:
     confusion matrix."""
 
     name = "single-label"
-    monitors: Mapping[str, bool] = {"val_acc": True, "val_loss": False, "val_macro_f1": True}
+    monitors: Mapping[str, bool] = {figure: MONITORS[figure] for figure in ("val_acc", "val_loss", "val_macro_f1")}
 
     def __init__(self, classes: Sequence[str], *, label_smoothing: float = 0.0,
                  class_weights: torch.Tensor | None = None):

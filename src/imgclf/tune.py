@@ -337,8 +337,12 @@ def train_torchrun(cfg: TrainConfig, nproc: int, on_epoch, poll_s: float = 0.5) 
                         job.returncode if job.returncode == EXIT_DIVERGED else 2)
 
 
-def direction_of(monitor: str) -> str:
-    return "minimize" if monitor.endswith("loss") else "maximize"
+def direction_of(monitor: str, task: str | None = None) -> str:
+    """Optuna's direction for figure `monitor`, as task `task` (a name of tasks.TASKS; default: the default
+    task) says which way is better."""
+    from imgclf.tasks import DEFAULT, TASKS  # torch: only when a search starts
+
+    return "maximize" if TASKS[task or DEFAULT].monitors[monitor] else "minimize"
 
 
 def _say_trial(study, trial) -> None:
