@@ -7,6 +7,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,3 +83,28 @@ def tree_memory_mb(pid: int) -> tuple[float, float]:
         except (OSError, ValueError):
             continue
     return anon / 1024, rss / 1024
+
+
+def run_tree_measured(args: list[str], *, env: dict | None = None) -> tuple[float, float, subprocess.CompletedProcess]:
+    """Run `args` (environment: ours updated by `env`); (wall seconds, peak resident memory of its whole process
+    tree in MB, sampled every 0.2 s, data-loading workers included; the completed process)."""
+    start, peak = time.perf_counter(), 0.0
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(args, stdout=out, stderr=err, cwd=ROOT, env={**os.environ, **(env or {})})
+        done = threading.Event()
+
+        def sample():
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, tree_memory_mb(proc.pid)[1])
+                done.wait(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        proc.wait()
+        done.set()
+        sampler.join()
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(args, proc.returncode, out.read(), err.read())
+    return time.perf_counter() - start, peak, result

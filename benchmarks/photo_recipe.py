@@ -28,39 +28,14 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from _common import PYTHON, ROOT, machine, tree_memory_mb
+from _common import PYTHON, ROOT, machine, run_tree_measured
 
 SHARED = ROOT.parent / "shared" / "data"
 COMMON = "--model resnet18 --optimizer sgd --lr 0.05 --momentum 0.9 --weight-decay 5e-4 --label-smoothing 0.1 " \
          "--schedule onecycle --warmup-epochs 1"
-
-
-def run_tree_measured(args: list[str]) -> tuple[float, float, subprocess.CompletedProcess]:
-    """Run `args`; (wall seconds, peak memory of its process tree in MB, the completed process)."""
-    start, peak = time.perf_counter(), 0.0
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(args, stdout=out, stderr=err, cwd=ROOT)
-        done = threading.Event()
-
-        def sample():
-            nonlocal peak
-            while not done.is_set():
-                peak = max(peak, tree_memory_mb(proc.pid)[1])
-                done.wait(0.2)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        proc.wait()
-        done.set()
-        sampler.join()
-        out.seek(0)
-        err.seek(0)
-        result = subprocess.CompletedProcess(args, proc.returncode, out.read(), err.read())
-    return time.perf_counter() - start, peak, result
 
 
 def imgclf_variant(data: Path, out: Path, args, extra: str) -> dict:

@@ -57,6 +57,9 @@ RULES = {
     ("data", "balance"): (["none", "loss"], ["oversample"]),
     ("data", "auto_augment"): (["none", "randaugment"], ["autoaugment-v9"]),
     ("optim", "monitor"): (["val_acc", "val_macro_f1"], ["test_acc"]),
+    ("data", "normalize"): (["auto", "weights"], ["imagenet"]),
+    ("model", "head_init"): (["zero", "small"], ["xavier"]),
+    ("model", "bn_stats"): (["update", "frozen"], ["reestimate"]),
 }
 FLAGS = {(section, f.name): flag for section, f, flag in config_fields()}
 TYPES = {(section, f.name): f.type.split(" | ")[0] for section, f, _ in config_fields()}

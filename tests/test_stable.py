@@ -264,6 +264,7 @@ IDLE = [  # (options, the flag refused): every combination where an option would
     ({"epochs": 3, "stop_after": 3}, "--stop-after"),
     ({"ema_decay": 0.9}, "--ema-decay"),
     ({"mlflow_experiment": "mine"}, "--mlflow-experiment"),
+    ({"normalize": "data"}, "--normalize"),
 ]
 ACTING = [  # the same options where they act
     {"optimizer": "sgd", "momentum": 0.5, "nesterov": False},
@@ -278,6 +279,7 @@ ACTING = [  # the same options where they act
     {"batch_size": 4, "accumulate": 4},
     {"ema": True, "ema_decay": 0.9},
     {"mlflow": "sqlite:///m.db", "mlflow_experiment": "mine"},
+    {"pretrained": "w.pth", "normalize": "data"},
 ]
 # The augmentation options: switch their preset on or are refused by imgclf.augment.choose (tests/test_photo.py).
 AUGMENTATION = {"--crop-pad", "--crop-scale", "--auto-augment", "--random-erasing"}
@@ -286,7 +288,7 @@ ALWAYS_ACT = {"--data", "--img-size", "--augment", "--mixup",
               "--cutmix", "--progressive-resize", "--batch-size", "--balance", "--eval-batch-size", "--model",
               "--pretrained", "--freeze-backbone", "--model-args", "--optimizer", "--lr", "--weight-decay",
               "--schedule", "--warmup-epochs", "--label-smoothing", "--epochs", "--monitor", "--lookahead",
-              "--lr-base-batch", "--clip-grad", "--out", "--device", "--seed", "--precision", "--channels-last",
+              "--lr-base-batch", "--clip-grad", "--head-init", "--bn-stats", "--out", "--device", "--seed", "--precision", "--channels-last",
               "--compile", "--log-every", "--ema", "--tta", "--mlflow"}
 
 
@@ -325,7 +327,7 @@ def test_defaults_in_a_configuration_file_are_not_refused():
 
 def test_idle_options_of_the_default_run():
     assert set(idle_options(resolved(data=FOLDER))) == {"--backbone-lr-scale", "--ema-decay", "--mix-switch",
-                                                         "--mlflow-experiment", "--data-root"}
+                                                         "--mlflow-experiment", "--data-root", "--normalize"}
 
 
 def test_the_cli_refuses_in_one_line(tmp_path):

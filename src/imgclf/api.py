@@ -38,7 +38,7 @@ _ARGUMENTS = ("recipe", "resume", "on_epoch", "config")  # fit's keywords beside
 _TIMING = ("images_per_s", "train_seconds", "epoch_seconds", "time")  # metrics.jsonl fields that vary run to run
 
 
-def fit(model, data, *, recipe: str = "default", resume: bool | str | os.PathLike = False,
+def fit(model, data, *, recipe: str = "auto", resume: bool | str | os.PathLike = False,
         on_epoch: Callable[[dict], object] | None = None, config: str | os.PathLike | None = None,
         **options) -> Run:
     """Train `model` on `data` as `imgclf train` does, writing the run folder `out`; return its Run.

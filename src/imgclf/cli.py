@@ -29,7 +29,6 @@ from imgclf.config import (
     flag_of,
     parse_size,
 )
-from imgclf.configfile import RECIPES
 from imgclf.errors import (
     EXIT_DISTRIBUTED,
     EXIT_OK,
@@ -40,7 +39,7 @@ from imgclf.errors import (
     UserError,
     shown,
 )
-from imgclf.resolve import refuse_existing_run, resolve, resume, user_values
+from imgclf.resolve import AUTO_RECIPE, recipe_choices, refuse_existing_run, resolve, resume, user_values
 
 
 def entry() -> None:
@@ -183,8 +182,10 @@ def _number(p: argparse.ArgumentParser, flag: str, kind: type, low=None, high=No
 def _add_train(sub, common) -> None:
     p = _command(sub, common, "train", cmd_train, help="train a model (notes 26-30)",
                  description="Train a model; defaults come from --recipe, any flag given overrides them.")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="default",
-                   help="default: a recipe that trains well; notes: exactly the notes' SGD 0.01, batch 64, no "
+    p.add_argument("--recipe", choices=recipe_choices(), default=AUTO_RECIPE,
+                   help="auto: finetune with --pretrained, else default; default: a recipe that trains well from "
+                        "scratch; finetune: AdamW, the head alone first, then the whole network at discriminative "
+                        "rates (README: Fine-tuning); notes: exactly the notes' SGD 0.01, batch 64, no "
                         "augmentation; fast: the CIFAR speed records' recipe for fastnet")
     p.add_argument("--resume", metavar="RUN", help="continue RUN/checkpoints/last.pt exactly where it stopped")
     _add_config_file(p)
@@ -577,7 +578,7 @@ def _add_lr_find(sub, common) -> None:
                  description="Sweep the learning rate exponentially over a few training steps, plot the loss "
                              "against it and suggest a learning rate for `imgclf train --lr`. The training "
                              "flags mean what they mean to `imgclf train`.")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="default", help="as `imgclf train --recipe`")
+    p.add_argument("--recipe", choices=recipe_choices(), default=AUTO_RECIPE, help="as `imgclf train --recipe`")
     _number(p, "--start-lr", float, 0, low_open=True, default=1e-7, help="first learning rate (%(default)g)")
     _number(p, "--end-lr", float, 0, low_open=True, default=10.0, help="last learning rate (%(default)g)")
     _number(p, "--steps", int, 10, default=100, help="training steps of the sweep (%(default)s)")
@@ -654,7 +655,7 @@ def _add_tune(sub, common) -> None:
     p.add_argument("--space", required=True, metavar="FILE.yaml",
                    help="the search space: option: {low: X, high: Y[, log: true][, step: S]} or option: [a, b] "
                         "(docs/usage.md: Hyper-parameter search with Optuna)")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="default", help="as `imgclf train --recipe`")
+    p.add_argument("--recipe", choices=recipe_choices(), default=AUTO_RECIPE, help="as `imgclf train --recipe`")
     _add_config_file(p)
     p.add_argument("--out", dest="tune_out", default="runs/tune", metavar="FOLDER",
                    help="folder of the trials' runs, best.yaml and the plots (%(default)s)")

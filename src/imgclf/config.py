@@ -30,6 +30,12 @@ BALANCES = ("none", "sampler", "loss")
 # What --monitor may watch -> whether a larger value is better: declared once, here (no torch here, so the
 # tasks import it): each task of imgclf.tasks monitors the figures of this table it computes (Task.monitors).
 MONITORS = {"val_acc": True, "val_loss": False, "val_macro_f1": True}
+# How a new head's weights start (imgclf.models.adapter.init_layers says what each does)
+HEAD_INITS = ("default", "zero", "small")
+# Pixel normalisation: auto takes the pretrained weights' input contract where they have one, else the data's
+NORMALIZE = ("auto", "data", "weights")
+# BatchNorm's running statistics while training: updated (PyTorch's way), or frozen at the pretrained values
+BN_STATS = ("update", "frozen")
 # Upper bounds of numeric flags: far beyond any sensible value, low enough that nothing overflows.
 MAX_SIDE = 4096  # pixels, a side of an input picture
 MAX_CHANNELS = 64  # channels of an input picture (--input-size)
@@ -101,6 +107,9 @@ class DataConfig:
                                                   "to --img-size by three quarters of the run (cheaper early "
                                                   "epochs); evaluation stays at full size", none="off",
                                             metavar="PIXELS", low=8, high=MAX_SIDE, words=f"8..{MAX_SIDE}")
+    normalize: str = option("auto", "pixel normalisation: the mean and std of the pretrained weights' input contract "
+                                    "(weights), or of the training pictures (data); auto: weights with --pretrained "
+                                    "weights that have one, else data", choices=NORMALIZE)
     batch_size: int | str = option(128, "global batch size, split across processes; auto: the largest that fits in "
                                         "GPU memory (imgclf.batchsize)", low=1, high=MAX_BATCH, also=("auto",),
                                    metavar="N|auto")
@@ -125,6 +134,11 @@ class ModelConfig:
                                    "then the whole network", low=0, high=MAX_EPOCHS)
     backbone_lr_scale: float = option(1.0, "staged fine-tuning: the backbone's learning rate as a share of --lr "
                                            "once it trains (e.g. 0.1)", low=0, high=1, low_open=True, words="in (0, 1]")
+    head_init: str = option("default", "initial weights of the new classifier head: default (the layer's "
+                                       "library's), zero (every class equally likely at first) or small "
+                                       "(N(0, 0.01^2))", choices=HEAD_INITS)
+    bn_stats: str = option("update", "BatchNorm running statistics while training: update them, or keep them "
+                                     "frozen at their starting (pretrained) values", choices=BN_STATS)
     args: str | None = option(None, "keyword arguments for the constructor of a timm/NAME model or of "
                                     "--model FILE.py:ClassName, as a JSON object", flag="--model-args",
                               metavar="JSON")
@@ -357,6 +371,8 @@ def idle_options(cfg: TrainConfig) -> dict[str, str]:
         "--val-fraction": builtin and f"{d.data} has its own test split, used for validation",
         "--strict-data": builtin and f"{d.data} is read by torchvision, not from picture files",
         "--cache-dir": builtin and f"{d.data} is read by torchvision, not decoded into the cache",
+        "--normalize": not m.pretrained and d.normalize != "weights" and  # weights: refused when the run is built
+                       "without --pretrained weights the training pictures' statistics normalise them",
         "--freeze-epochs": m.freeze_backbone and "--freeze-backbone keeps the backbone frozen for the whole run",
         "--backbone-lr-scale": not (m.freeze_epochs and not m.freeze_backbone) and
                                "it sets the backbone's rate once it trains after --freeze-epochs",

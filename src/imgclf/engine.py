@@ -58,6 +58,7 @@ class TrainState:
     best_epoch: int = 0  # the epoch (counted from 1) that reached it
     metrics: dict = field(default_factory=dict)  # the last epoch's record
     partial: list[float] | None = None  # (loss sum, correct, seen) of the first `step` steps of epoch `epoch`
+    bn_frozen: bool = False  # --bn-stats frozen: every BatchNorm keeps its running statistics while training
 
     def __post_init__(self):
         self.net = self.net or self.model
@@ -117,13 +118,15 @@ class TrainState:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
 
 
-def train_mode(model: nn.Module) -> None:
-    """model.train(), except BatchNorm layers whose parameters are all frozen: they keep their running
-    statistics (eval mode), so a frozen backbone stays exactly as it was trained (note 24)."""
+def train_mode(model: nn.Module, *, bn_frozen: bool = False) -> None:
+    """model.train(), except BatchNorm layers whose parameters are all frozen (or every BatchNorm layer, with
+    `bn_frozen`): they keep their running statistics and normalise by them (eval mode), so a frozen backbone
+    stays exactly as it was trained (note 24); their scale and shift still train where not frozen."""
     model.train()
     for module in model.modules():
         params = list(module.parameters(recurse=False))
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+                bn_frozen or (params and not any(p.requires_grad for p in params))):
             module.eval()
 
 
@@ -145,7 +148,7 @@ def train_one_epoch(state: TrainState, loader, *, epoch: int, loss_fn, autocast:
     stopped epoch's first steps) the figures cover all of the epoch, exactly as if it had not stopped."""
     hooks, dist = hooks or Hooks(), dist or DistInfo()
     model = state.net
-    train_mode(model)
+    train_mode(model, bn_frozen=state.bn_frozen)
     world, device, steps = getattr(loader, "world", 1), _device(model), len(loader)
     carry = state.partial if state.step else None
     base = carry if carry and dist.is_main else [0.0, 0.0, 0.0]  # counted once

@@ -6,6 +6,7 @@ they see for the same flags cannot drift apart.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from imgclf.config import LONG_RUN, DataConfig, TrainConfig
 from imgclf.distributed import DistInfo
 from imgclf.errors import UserError
 from imgclf.loader import BatchLoader
-from imgclf.models import build_model
+from imgclf.models import InputContract, adapter_for, build_model
 from imgclf.optim import balancing_weights
 from imgclf.sources import ImageData, load_data
 from imgclf.transforms import BatchTransform, Mixer, progressive_side
@@ -36,21 +37,20 @@ class RunParts:
     train: BatchLoader
     val: BatchLoader  # evaluated after every epoch
     test: BatchLoader | None  # evaluated once at the end, when the data set has a test split beside val
+    contract: InputContract | None = None  # the pretrained weights' input contract, when it normalises the pictures
 
 
 def build_run(cfg: TrainConfig, data: ImageData, *, device: torch.device, dist: DistInfo | None = None,
               fresh: bool = True, model: nn.Module | None = None) -> RunParts:
     """Model, transform and loaders of a run on `data`. `fresh`: initialise the weights (pretrained file,
-    fastnet's whitening) as a new run does; a resumed run takes them from its checkpoint instead.
-    `model`: a network object to use instead of building `cfg.model.name` (the Python API)."""
+    head initialisation, fastnet's whitening) as a new run does; a resumed run takes them from its checkpoint
+    instead. `model`: a network object to use instead of building `cfg.model.name` (the Python API).
+    RunParts.data is `data` with the mean and std the pictures are normalised by (`normalization`)."""
     dist = dist or DistInfo()
-    if model is not None:  # the Python API's object: one line now, rather than a traceback in the first step
-        check_output(model, type(model).__name__, num_classes=len(data.classes), in_channels=data.channels,
-                     img_size=data.img_size)
-    model = model if model is not None else build_model(cfg.model.name, num_classes=len(data.classes), in_channels=data.channels,
-                        img_size=data.img_size, pretrained=cfg.model.pretrained if fresh else None,
-                        freeze_backbone=cfg.model.freeze_backbone or cfg.model.freeze_epochs > 0,
-                        model_args=cfg.model.args)
+    model = run_network(cfg, data, fresh=fresh, model=model)
+    contract = normalization(cfg, data.channels)
+    if contract is not None:
+        data = dataclasses.replace(data, mean=contract.mean, std=contract.std)
     if cfg.model.freeze_epochs and dist.enabled:
         raise UserError("--freeze-epochs is not supported with several processes yet (DistributedDataParallel "
                         "fixes the trainable weights when it starts); train the stages as two runs")
@@ -75,7 +75,57 @@ def build_run(cfg: TrainConfig, data: ImageData, *, device: torch.device, dist: 
     if fresh and hasattr(model, "init_whitening"):
         model.init_whitening(whitening_batch(data.train, transform, device))
     return RunParts(data, place_model(model, device, channels_last=cfg.run.channels_last), head, transform, train,
-                    val, test)
+                    val, test, contract)
+
+
+def run_network(cfg: TrainConfig, data: ImageData, *, fresh: bool, model: nn.Module | None = None) -> nn.Module:
+    """The run's network: `model` (the Python API's object, checked against `data`) or `cfg.model.name` built for
+    `data`, a new run's from --pretrained weights; a new run's head then starts as --head-init says."""
+    if model is not None:  # the Python API's object: one line now, rather than a traceback in the first step
+        check_output(model, type(model).__name__, num_classes=len(data.classes), in_channels=data.channels,
+                     img_size=data.img_size)
+    else:
+        model = build_model(cfg.model.name, num_classes=len(data.classes), in_channels=data.channels,
+                            img_size=data.img_size, pretrained=cfg.model.pretrained if fresh else None,
+                            freeze_backbone=cfg.model.freeze_backbone or cfg.model.freeze_epochs > 0,
+                            model_args=cfg.model.args)
+    if fresh and cfg.model.head_init != "default":
+        adapter_for(cfg.model.name).init_head(model, cfg.model.head_init)
+    return model
+
+
+def describe_finetune(cfg: TrainConfig, contract: InputContract | None) -> str:
+    """One line on how a run from --pretrained weights trains: stages, optimiser, head, normalisation."""
+    m, o = cfg.model, cfg.optim
+    if m.freeze_backbone:
+        stages = "the new head alone"
+    elif m.freeze_epochs:
+        stages = (f"the new head alone for {m.freeze_epochs} epoch{'s' if m.freeze_epochs > 1 else ''}, then the "
+                  f"whole network (backbone at {m.backbone_lr_scale:g}x the rate)")
+    else:
+        stages = "the whole network"
+    norm = (f"mean {contract.mean} std {contract.std} ({contract.source})" if contract is not None
+            else "the training pictures' mean and std")
+    return (f"fine-tuning from {m.pretrained}: {stages}; {o.optimizer} lr {o.lr:g}, {o.schedule}, batch "
+            f"{cfg.data.batch_size}; head init {m.head_init}; BatchNorm statistics {m.bn_stats}; pictures "
+            f"normalised by {norm}")
+
+
+def normalization(cfg: TrainConfig, channels: int) -> InputContract | None:
+    """The input contract of the run's pretrained weights when the pictures are to be normalised by its mean
+    and std (--normalize weights, or auto with --pretrained weights whose contract is known: timm's
+    pretrained_cfg, torchvision's weights); None where the data's own statistics normalise them. Pure in
+    `cfg`: a resumed run, `lr-find` and the report normalise as the run did."""
+    if cfg.data.normalize == "data":
+        return None
+    contract = adapter_for(cfg.model.name).input_contract(cfg.model.pretrained) if cfg.model.pretrained else None
+    if contract is None and cfg.data.normalize == "weights":
+        if not cfg.model.pretrained:
+            raise UserError("--normalize weights needs --pretrained weights; without them the data's statistics "
+                            "normalise the pictures (--normalize data)")
+        raise UserError(f"--normalize weights: imgclf knows no input contract (mean and std) of the weights "
+                        f"{cfg.model.pretrained} for {cfg.model.name}; use --normalize data")
+    return None if contract is None else contract.for_channels(channels)
 
 
 def _sides(cfg: TrainConfig, data: ImageData, model: nn.Module):

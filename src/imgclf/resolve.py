@@ -37,20 +37,37 @@ def user_values(config: str | os.PathLike | None, given: dict[tuple[str, str], o
     return {**values, **{key: value for key, value in given.items() if value is not None}}
 
 
-def resolve(*layers: dict[tuple[str, str], object], recipe: str = "default",
+AUTO_RECIPE = "auto"  # finetune with --pretrained weights, else default
+
+
+def recipe_choices() -> list[str]:
+    """What --recipe takes: auto, then the recipes shipped in imgclf/recipes/."""
+    return [AUTO_RECIPE, *sorted(RECIPES)]
+
+
+def chosen_recipe(recipe: str, *layers: dict[tuple[str, str], object]) -> str:
+    """The recipe `recipe` names; auto: finetune when a layer sets --pretrained (training from pretrained
+    weights wants other defaults than training from scratch: README, Fine-tuning), else default."""
+    if recipe != AUTO_RECIPE:
+        return recipe
+    pretrained = any(layer.get(("model", "pretrained")) for layer in layers)
+    return "finetune" if pretrained else "default"
+
+
+def resolve(*layers: dict[tuple[str, str], object], recipe: str = AUTO_RECIPE,
             base: TrainConfig | None = None, typed: frozenset | None = None) -> TrainConfig:
-    """The TrainConfig of `layers` (a later one winning) over `recipe`'s values, or over `base` (a resumed
-    run's configuration, where only resumable options may change). An unknown recipe, a bad value, an
-    option that would do nothing (`typed`: the options typed as flags, see config.settled) or a
-    contradiction of the resumed run is one UserError line."""
-    if recipe not in RECIPES:
-        raise UserError(f"unknown recipe {recipe!r}; choose one of {', '.join(sorted(RECIPES))}")
+    """The TrainConfig of `layers` (a later one winning) over the values of `recipe` (`chosen_recipe`), or
+    over `base` (a resumed run's configuration, where only resumable options may change). An unknown recipe,
+    a bad value, an option that would do nothing (`typed`: the options typed as flags, see config.settled)
+    or a contradiction of the resumed run is one UserError line."""
+    if recipe != AUTO_RECIPE and recipe not in RECIPES:
+        raise UserError(f"unknown recipe {recipe!r}; choose one of {', '.join(recipe_choices())}")
     if base is not None:
         return TrainConfig.from_sources({}, *layers, base=base)
-    return TrainConfig.from_sources(RECIPES[recipe], *layers, typed=typed)
+    return TrainConfig.from_sources(RECIPES[chosen_recipe(recipe, *layers)], *layers, typed=typed)
 
 
-def resume(folder, *layers: dict[tuple[str, str], object], recipe: str = "default", check_code: bool = True,
+def resume(folder, *layers: dict[tuple[str, str], object], recipe: str = AUTO_RECIPE, check_code: bool = True,
            model_code: str | None = None, trust_changed_code: bool = False) -> TrainConfig:
     """The configuration to continue the run in `folder` with: its own (read from its last checkpoint and
     checked as the flags are: a damaged one is one UserError line), with `layers` over it. `check_code`,

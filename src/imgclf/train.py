@@ -36,7 +36,7 @@ from imgclf.errors import (
 from imgclf.files import atomic_write_text, claim_run_folder, remove_temporaries
 from imgclf.models import checked_model_name, refuse_misfit
 from imgclf.optim import Lookahead, build_optimizer, build_scheduler, clip_norm, ema_update, staged_groups
-from imgclf.pipeline import RunParts, build_run, load_data_ranked, set_stage
+from imgclf.pipeline import RunParts, build_run, describe_finetune, load_data_ranked, set_stage
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import ImageData, imbalance_warning
 from imgclf.tasks import Task, training_task
@@ -269,7 +269,8 @@ def _train_state(cfg: TrainConfig, parts: RunParts, *, device, precision, dist) 
     return TrainState(model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg.optim, steps),
                       total_steps=cfg.optim.epochs * steps, ema=ema, net=_wrap(model, cfg, dist, device),
                       scaler=torch.amp.GradScaler(device.type) if precision == torch.float16 else None,
-                      lookahead=Lookahead(model) if cfg.optim.lookahead else None)
+                      lookahead=Lookahead(model) if cfg.optim.lookahead else None,
+                      bn_frozen=cfg.model.bn_stats == "frozen")
 
 
 def _train_epoch(state: TrainState, parts: RunParts, cfg: TrainConfig, task: Task, *, run_dir: Path,
@@ -381,6 +382,8 @@ def _start_run_folder(cfg: TrainConfig, parts: RunParts, tracker: Tracker, *, de
                     f"{len(data.classes)} classes, "
                     f"{data.channels}x{data.img_size}x{data.img_size}) on {device}, {str(precision)[6:]}, "
                     f"world size {world}; run folder {run_dir}")
+    if fresh and cfg.model.pretrained:
+        tracker.message(describe_finetune(cfg, parts.contract))
     if len(data.train) < cfg.data.batch_size and cfg.optim.lr_base_batch == len(data.train):  # _batch_size's
         tracker.message(f"{len(data.train)} training pictures, fewer than --batch-size {cfg.data.batch_size}: --lr "
                         f"{cfg.optim.lr:.4g}, for the {len(data.train)} pictures a step")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from imgclf.config import HEAD_INITS
 from imgclf.errors import UserError, shown
 
 # How a new head's weights start (`Adapter.init_head`): "default", as the layer's library initialises it (what
@@ -25,7 +26,6 @@ from imgclf.errors import UserError, shown
 # equally likely (a linear head still learns: its gradient is (p - y) x^T, which differs per class); "small",
 # weights ~ N(0, 0.01^2) and bias 0: first logits near 0 without being equal. Large first logits (timm's
 # uniform +-1/sqrt(classes), +-0.71 for two classes) push a pretrained backbone hard in the first steps.
-HEAD_INITS = ("default", "zero", "small")
 SMALL_INIT_STD = 0.01
 
 
