@@ -40,7 +40,7 @@ def test_the_default_task_is_single_label_and_old_checkpoints_get_it():
 
 
 def test_an_unknown_task_is_one_line():
-    with pytest.raises(UserError, match=r"^unknown task 'multi-colour'; imgclf knows single-label$"):
+    with pytest.raises(UserError, match=r"^unknown task 'multi-colour'; imgclf knows single-label, multilabel$"):
         make_task("multi-colour", ["x"])
 
 
