@@ -3,9 +3,15 @@ set of 2x2 CIFAR-10 mosaics trained, evaluated, predicted and exported end to en
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from conftest import shared_dataset
 
+from imgclf.cli import main
 from imgclf.metrics import average_precision, best_f1_threshold, f1_figures, multilabel_counts
 from imgclf.tasks import MultiLabel, checkpoint_task, make_task
 
@@ -62,3 +68,111 @@ def test_damaged_thresholds_are_one_line():
     with pytest.raises(UserError, match="thresholds are damaged"):
         checkpoint_task({"classes": ["a", "b"], "task": "multilabel", "thresholds": [0.5]})
     assert isinstance(checkpoint_task({"classes": ["a", "b"], "task": "multilabel"}), MultiLabel)
+
+
+# ---------------------------------------------------------------- real pictures: 2x2 mosaics of CIFAR-10
+
+MOSAIC_CLASSES = ("airplane", "automobile", "bird", "cat", "ship")
+
+
+def make_mosaics(cifar: Path, out: Path, *, count: int, seed: int = 0, start: int = 0) -> list[list[str]]:
+    """`count` 32x32 pictures out/m<i>.png, each four 16x16 tiles: a CIFAR-10 training picture of one of
+    MOSAIC_CLASSES (downscaled) or, a quarter of the time, a blank grey tile; the labels of a mosaic are the
+    classes it shows (none when all four are blank). Returns [file name, sorted labels] per picture."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pools = {name: sorted((cifar / "train" / name).iterdir())[start:] for name in MOSAIC_CLASSES}
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        mosaic, shown = Image.new("RGB", (32, 32), (128, 128, 128)), set()
+        for k in range(4):
+            if rng.random() < 0.25:
+                continue
+            name = MOSAIC_CLASSES[rng.integers(len(MOSAIC_CLASSES))]
+            pool = pools[name]
+            tile = Image.open(pool[int(rng.integers(len(pool)))]).convert("RGB").resize((16, 16), Image.BILINEAR)
+            mosaic.paste(tile, (16 * (k % 2), 16 * (k // 2)))
+            shown.add(name)
+        mosaic.save(out / f"m{i:04d}.png")
+        rows.append([f"m{i:04d}.png", sorted(shown)])
+    return rows
+
+
+def write_csv(path: Path, rows: list[list], *, columns: bool = False) -> Path:
+    if columns:
+        lines = ["filename," + ",".join(MOSAIC_CLASSES)]
+        lines += [f"{f}," + ",".join("1" if c in labels else "0" for c in MOSAIC_CLASSES) for f, labels in rows]
+    else:
+        lines = ["image_name,tags"] + [f"{f},{' '.join(labels)}" for f, labels in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def mosaics(tmp_path_factory):
+    """400 training mosaics (a fifth held out for validation) and 100 test mosaics from other CIFAR
+    pictures, with their CSVs."""
+    cifar = shared_dataset("cifar10")
+    root = tmp_path_factory.mktemp("mosaics")
+    rows = make_mosaics(cifar, root / "pictures", count=400, seed=0)
+    test_rows = make_mosaics(cifar, root / "test", count=100, seed=1, start=4000)  # pictures training never sees
+    return {"root": root / "pictures", "csv": write_csv(root / "labels.csv", rows), "rows": rows,
+            "test": root / "test", "test_csv": write_csv(root / "test.csv", test_rows), "test_rows": test_rows,
+            "cache": root / "cache"}
+
+
+def test_mosaics_train_eval_predict_export(mosaics, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(mosaics["root"]), "--labels", str(mosaics["csv"]), "--epochs", "15",
+                 "--batch-size", "32", "--optimizer", "adamw", "--lr", "0.003", "--weight-decay", "0.01",
+                 "--monitor", "val_map", "--device", "cpu", "--precision", "fp32",
+                 "--cache-dir", str(mosaics["cache"]), "--out", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    assert "multi-label (several labels in a cell of" in out + err  # detected, and said in the first line
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, 16))
+    assert "done: validation mAP" in out + err
+    assert records[-1]["val_count"] == 80 and set(records[-1]["val_per_class"]) == set(MOSAIC_CLASSES)
+    best = max(r["val_map"] for r in records)
+    # chance is each class's share of pictures, 1 - 0.85^4 = 0.48; 0.76 measured
+    assert best > 0.7, [r["val_map"] for r in records]
+    ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert ckpt["task"] == "multilabel" and ckpt["classes"] == sorted(MOSAIC_CLASSES)
+    assert ckpt["thresholds"] == records[ckpt["epoch"] - 1]["val_thresholds"]  # chosen on validation
+
+    # eval on mosaics of pictures training never saw, at the checkpoint's thresholds
+    assert main(["eval", str(run / "checkpoints" / "best.pt"), "--data", str(mosaics["test"]), "--labels",
+                 str(mosaics["test_csv"]), "--json", "--device", "cpu"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["task"] == "multilabel" and summary["count"] == 100
+    assert summary["thresholds"] == ckpt["thresholds"] and summary["thresholds_from"] == "the checkpoint"
+    assert summary["map"] > 0.62, summary["map"]  # 0.68 measured
+    assert main(["eval", str(run / "checkpoints" / "best.pt"), "--data", str(mosaics["test"]), "--labels",
+                 str(mosaics["test_csv"]), "--device", "cpu"]) == 0
+    assert "mAP" in capsys.readouterr().out
+
+    # predict: every label over its threshold, and all scores in JSON
+    pictures = sorted(mosaics["test"].glob("*.png"))[:20]
+    assert main(["predict", str(run / "checkpoints" / "best.pt"), *map(str, pictures), "--json",
+                 "--device", "cpu"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    thresholds = dict(zip(ckpt["classes"], ckpt["thresholds"], strict=True))
+    for row in rows:
+        assert set(row["scores"]) == set(MOSAIC_CLASSES)
+        over = {c for c, p in row["scores"].items() if p >= thresholds[c]}
+        assert {t["label"] for t in row["top"]} == over
+
+    # ONNX: the sigmoid inside the graph, the thresholds in its metadata, the same answers
+    onnx = tmp_path / "model.onnx"
+    assert main(["export", str(run / "checkpoints" / "best.pt"), "--format", "onnx", "--out", str(onnx)]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(onnx), *map(str, pictures), "--json"]) == 0
+    exported = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for a, b in zip(rows, exported, strict=True):
+        assert [t["label"] for t in a["top"]] == [t["label"] for t in b["top"]]
+        assert all(abs(a["scores"][c] - b["scores"][c]) < 1e-4 for c in MOSAIC_CLASSES)
+    assert main(["eval", str(onnx), "--data", str(mosaics["test"]), "--labels", str(mosaics["test_csv"]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["map"] == pytest.approx(summary["map"], abs=1e-3)

@@ -27,7 +27,8 @@ AUTO_AUGMENTS = ("none", "trivialaugment", "randaugment")
 LONG_RUN = 10
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BALANCES = ("none", "sampler", "loss")
-MONITORS = ("val_acc", "val_loss", "val_macro_f1")  # imgclf.metrics.MONITORS says which way is better
+MONITORS = ("val_acc", "val_loss", "val_macro_f1", "val_map")  # each task's `monitors` say which way is better
+TASK_CHOICES = ("auto", "single-label", "multilabel")  # imgclf.tasks.TASKS, and auto: as the data say
 # Upper bounds of numeric flags: far beyond any sensible value, low enough that nothing overflows.
 MAX_SIDE = 4096  # pixels, a side of an input picture
 MAX_CHANNELS = 64  # channels of an input picture (--input-size)
@@ -69,6 +70,10 @@ class DataConfig:
                                   low=8, high=MAX_SIDE, words=f"8..{MAX_SIDE}")
     labels: str | None = option(None, "a CSV of filename,label rows naming the class of each picture under --data "
                                       "(Kaggle's layout)", none="class folders", metavar="FILE.csv")
+    task: str = option("auto", "single-label: one class per picture; multilabel: any number (a --labels CSV of "
+                                "filename,labels with the labels separated by spaces, or one 0/1 column per "
+                                "class); auto: multilabel where the --labels CSV is in one of those layouts",
+                       choices=TASK_CHOICES)
     val_fraction: float = option(0.2, "held-out share of a single folder of classes",
                                  low=0, high=1, low_open=True, high_open=True, words="between 0 and 1")
     augment: str = option("auto", "training augmentation; auto: photo for photos, flip-crop for small square "

@@ -12,7 +12,8 @@ model name, the exact preprocessing; see `export_metadata`):
 - safetensors: the weights alone (no code, no pickle), for rebuilding the network yourself; metadata under the
   key `imgclf` of the header's `__metadata__`.
 
-The torchscript, onnx and openvino graphs include the normalisation and the softmax. Their input contract:
+The torchscript, onnx and openvino graphs include the normalisation and the task's activation (softmax; a
+multi-label model's sigmoid, with its per-class "thresholds" in the metadata). Their input contract:
 `images`, uint8, shape (N, C, S, S), pixels 0..255, RGB (or one grey channel), prepared exactly as imgclf
 prepares a picture (`PREPROCESSING`: decoding, EXIF orientation, 16-bit and transparent pictures, resize,
 crop); output `probabilities`, float32, shape (N, classes), in the order of the metadata's `classes`.
@@ -33,6 +34,7 @@ from imgclf import __version__
 from imgclf.errors import UserError, shown
 from imgclf.files import not_regular
 from imgclf.formats import FORMATS, Format, quiet_deprecations
+from imgclf.tasks import DEFAULT, MULTILABEL
 
 RESIZE_RULE = ("EXIF orientation applied; converted to RGB (3 channels) or L (1 channel), 16-bit pictures scaled "
                "to 8 bits and transparent ones composited on white; shorter side resized to size with bilinear "
@@ -59,11 +61,12 @@ PREPROCESSING = [
 
 
 class ExportWrapper(nn.Module):
-    """uint8 pixels (N, C, S, S) -> class probabilities (N, classes): normalisation, network, softmax."""
+    """uint8 pixels (N, C, S, S) -> class probabilities (N, classes): normalisation, network, and the task's
+    activation (`sigmoid` True: one sigmoid per class, a multi-label model's; else the softmax)."""
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float], *, sigmoid: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.sigmoid = model, sigmoid
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
@@ -72,7 +75,8 @@ class ExportWrapper(nn.Module):
         # out as three float32 operations; BatchTransform folds it into one multiply-add with constants
         # computed in float64, so the two agree up to float32 rounding, not bit for bit.
         x = images.to(torch.float32) / 255.0
-        return self.model((x - self.mean) / self.std).softmax(1)
+        logits = self.model((x - self.mean) / self.std)
+        return logits.sigmoid() if self.sigmoid else logits.softmax(1)
 
 
 def export_metadata(ckpt: dict, fmt: str) -> dict:
@@ -88,9 +92,15 @@ def export_metadata(ckpt: dict, fmt: str) -> dict:
                   "mean": list(inp["mean"]), "std": list(inp["std"]), "resize": RESIZE_RULE,
                   "preprocessing": list(PREPROCESSING),
                   "normalisation": "inside the graph" if graph else "x = (pixels / 255 - mean) / std, per channel"},
-        "output": ({"name": "probabilities", "meaning": "softmax over classes, (N, len(classes))"} if graph
+        "output": ({"name": "probabilities", "meaning": OUTPUT_MEANING[ckpt.get("task", DEFAULT)]} if graph
                    else {"meaning": "the network returns logits (N, len(classes))"}),
+        **{key: ckpt[key] for key in ("task", "thresholds") if key in ckpt},  # a multi-label model's
     }
+
+
+OUTPUT_MEANING = {DEFAULT: "softmax over classes, (N, len(classes))",
+                  MULTILABEL: "one sigmoid per class, (N, len(classes)); a picture shows each class whose "
+                              "probability reaches its entry of thresholds (chosen on the validation split)"}
 
 
 
@@ -148,9 +158,14 @@ def export_checkpoint(checkpoint, fmt: str, out=None, *, int8: bool = False, cal
     check_out(out, checkpoint, form, force=force)
     ckpt = load_checkpoint(checkpoint)
     meta = export_metadata(ckpt, fmt)
+    if int8 and ckpt.get("task") == MULTILABEL:
+        raise UserError("--int8 measures the quantized model's accuracy as a single-label one; export a "
+                        "multi-label model in float (drop --int8)")
     sample = _int8_data(ckpt, calibration_data, eval_data, calibration_size) if int8 else None  # fails first
     model = model_from_checkpoint(ckpt).float().cpu()
-    module = ExportWrapper(model, meta["input"]["mean"], meta["input"]["std"]).eval() if form.graph else model
+    sigmoid = ckpt.get("task") == MULTILABEL
+    module = ExportWrapper(model, meta["input"]["mean"], meta["input"]["std"], sigmoid=sigmoid).eval() \
+        if form.graph else model
     c, s = meta["input"]["channels"], meta["input"]["size"]
     example = torch.randint(0, 256, (2, c, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     artefact = form.build(module, example, meta)

@@ -21,6 +21,7 @@ from imgclf.loader import BatchLoader
 from imgclf.models import build_model
 from imgclf.optim import balancing_weights
 from imgclf.sources import ImageData, load_data
+from imgclf.tasks import refuse_misfits
 from imgclf.transforms import BatchTransform, Mixer, progressive_side
 from imgclf.usercode import check_output
 
@@ -44,6 +45,7 @@ def build_run(cfg: TrainConfig, data: ImageData, *, device: torch.device, dist: 
     fastnet's whitening) as a new run does; a resumed run takes them from its checkpoint instead.
     `model`: a network object to use instead of building `cfg.model.name` (the Python API)."""
     dist = dist or DistInfo()
+    refuse_misfits(cfg, data)  # before a network is built for options the task cannot honour
     if model is not None:  # the Python API's object: one line now, rather than a traceback in the first step
         check_output(model, type(model).__name__, num_classes=len(data.classes), in_channels=data.channels,
                      img_size=data.img_size)

@@ -405,9 +405,28 @@ def training_task(cfg, data, device: torch.device) -> Task:
     N / (K * its count)."""
     from imgclf.optim import balancing_weights  # the sampler's weights too (--balance sample)
 
+    refuse_misfits(cfg, data)
     if data.task == MULTILABEL:
         return make_task(MULTILABEL, data.classes, label_smoothing=cfg.optim.label_smoothing)
     weights = None
     if cfg.data.balance == "loss":
         weights = balancing_weights(data.train.labels, len(data.classes)).to(device)
     return make_task(DEFAULT, data.classes, label_smoothing=cfg.optim.label_smoothing, class_weights=weights)
+
+
+def refuse_misfits(cfg, data) -> None:
+    """One UserError line for an option of training run `cfg` that `data.task` cannot honour: a --monitor
+    figure the task does not have; under multilabel, mixup / CutMix (torchvision's mixing takes one class
+    per picture) and --balance (a picture has no single class to weigh)."""
+    name = data.task
+    monitors = TASKS[name].monitors
+    if cfg.optim.monitor not in monitors:
+        raise UserError(f"--monitor {cfg.optim.monitor} is not a figure of {name} training; choose one of "
+                        f"{', '.join(monitors)}")
+    if name != MULTILABEL:
+        return
+    if cfg.data.mixup > 0 or cfg.data.cutmix > 0:
+        raise UserError("--mixup and --cutmix take one class per picture; multi-label training runs without them")
+    if cfg.data.balance != "none":
+        raise UserError(f"--balance {cfg.data.balance} weighs pictures by their class, and a multi-label picture "
+                        f"has any number; multi-label training runs without it")
