@@ -176,3 +176,78 @@ def test_mosaics_train_eval_predict_export(mosaics, tmp_path, capsys):
         assert all(abs(a["scores"][c] - b["scores"][c]) < 1e-4 for c in MOSAIC_CLASSES)
     assert main(["eval", str(onnx), "--data", str(mosaics["test"]), "--labels", str(mosaics["test_csv"]), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["map"] == pytest.approx(summary["map"], abs=1e-3)
+
+
+# ---------------------------------------------------------------- the CSV layouts and bad inputs, one line each
+
+@pytest.fixture
+def pictures(tmp_path):
+    """Twelve small pictures a0.png ... in tmp_path/pics."""
+    from PIL import Image
+
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i in range(12):
+        Image.new("RGB", (16, 16), (20 * i, 100, 200 - 10 * i)).save(folder / f"a{i}.png")
+    return folder
+
+
+def test_both_layouts_read_the_same_targets(pictures, tmp_path):
+    from imgclf.labelsets import labels_task, read_multilabel_csv
+
+    rows = [[f"a{i}.png", [c for k, c in enumerate(MOSAIC_CLASSES[:3]) if (i >> k) & 1]] for i in range(12)]
+    spaced = write_csv(tmp_path / "spaced.csv", rows)
+    text = spaced.read_text().replace(".png,", ",")  # Planet's names come without a suffix
+    (tmp_path / "planet.csv").write_text(text)
+    columns = tmp_path / "columns.csv"
+    columns.write_text("filename,airplane,automobile,bird\n" + "".join(
+        f"{f},{','.join('1' if c in labels else '0' for c in MOSAIC_CLASSES[:3])}\n" for f, labels in rows))
+    read = [read_multilabel_csv(p, pictures) for p in (spaced, tmp_path / "planet.csv", columns)]
+    assert all(r[0] == ["airplane", "automobile", "bird"] for r in read)
+    assert all(r[1] == [pictures / f"a{i}.png" for i in range(12)] for r in read)
+    assert all(torch.equal(r[2], read[0][2]) for r in read)
+    assert read[0][2][0].tolist() == [0, 0, 0]  # a0 shows none of them: allowed, a negative of every class
+    assert read[0][2][7].tolist() == [1, 1, 1] and read[0][2].dtype == torch.uint8
+    assert labels_task("auto", str(spaced))[0] == "multilabel"
+    assert labels_task("auto", str(columns))[0] == "multilabel"
+    (tmp_path / "single.csv").write_text("filename,label\na0.png,cat\na1.png,dog\n")
+    assert labels_task("auto", str(tmp_path / "single.csv")) == ("single-label", "")
+    assert labels_task("multilabel", str(tmp_path / "single.csv"))[0] == "multilabel"
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("filename,labels\na0.png,cat dog\na1.png,horse\n", "row 3 names the class horse, which the model does not know"),
+    ("filename,labels\na0.png,cat dog\nnothere.png,dog\n", "row 3 names .*nothere.png, which does not exist"),
+    ("filename,labels\na0.png,cat dog\na0.png,dog\n", "names .*a0.png twice \\(rows 2 and 3\\)"),
+    ("filename,cat,dog\na0.png,1,0\na1.png,2,1\n", "row 3 has 2 for cat, not 0 or 1"),
+    ("filename,cat,dog\na0.png,1,0\na1.png,1\n", "row 3 has 1 class cells where the header names 2 classes"),
+])
+def test_bad_rows_are_one_line(pictures, tmp_path, text, words):
+    from imgclf.errors import UserError
+    from imgclf.labelsets import read_multilabel_csv
+
+    (tmp_path / "bad.csv").write_text(text)
+    with pytest.raises(UserError, match=words):
+        read_multilabel_csv(tmp_path / "bad.csv", pictures, ["cat", "dog"] if "horse" in text else None)
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--mixup", "0.2"], "--mixup and --cutmix take one class per picture"),
+    (["--balance", "sampler"], "--balance sampler weighs pictures by their class"),
+    (["--task", "single-label", "--monitor", "val_map"], "--monitor val_map is not a figure of single-label"),
+])
+def test_options_that_do_not_fit_are_one_line(pictures, tmp_path, capsys, flags, words):
+    write_csv(tmp_path / "labels.csv", [[f"a{i}.png", ["cat", "dog"][: i % 3]] for i in range(12)])
+    if "single-label" in flags:
+        (tmp_path / "labels.csv").write_text("".join(f"a{i}.png,{'cat' if i % 2 else 'dog'}\n" for i in range(12)))
+    code = main(["train", "--data", str(pictures), "--labels", str(tmp_path / "labels.csv"), "--epochs", "1",
+                 "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), *flags])
+    err = capsys.readouterr().err
+    assert code != 0 and words in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("imgclf: error")]) <= 1
+
+
+def test_multilabel_needs_a_labels_csv(pictures, tmp_path, capsys):
+    assert main(["train", "--data", str(pictures), "--task", "multilabel", "--epochs", "1", "--device", "cpu",
+                 "--out", str(tmp_path / "run")]) != 0
+    assert "--task multilabel needs --labels FILE.csv" in capsys.readouterr().err

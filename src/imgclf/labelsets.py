@@ -49,11 +49,10 @@ def read_multilabel_csv(path: Path, root: Path, classes: list[str] | None = None
     `classes` (a checkpoint's): the classes to read the rows against, in their order; a row naming another is
     one UserError line. Every bad row, a file named twice or missing, is one UserError line naming it."""
     rows = _rows(path)
-    columns = _column_layout(rows)
-    if columns:
+    if rows and len(rows[0]) >= 3:  # a header naming the classes, then one 0/1 column for each
         header, body = rows[0], rows[1:]
         names = [c.strip() for c in header[1:]]
-        found = [[name for name, cell in zip(names, r[1:], strict=False) if cell.strip() == "1"] for r in body]
+        found = [_ones(r, names, path, row) for row, r in enumerate(body, start=2)]
         start = 2
     else:
         body = rows[1:] if rows and _is_header(rows[0], root) else rows
@@ -79,6 +78,17 @@ def _rows(path: Path) -> list[list[str]]:
         return [r for r in csv.reader(path.read_text(encoding="utf-8-sig").splitlines()) if r and any(r)]
     except (UnicodeDecodeError, csv.Error) as err:
         raise UserError(f"--labels {shown(path)}: not a readable CSV file ({err})") from None
+
+
+def _ones(row: list[str], names: list[str], path: Path, number: int) -> list[str]:
+    """The classes whose cell is 1 in `row` of the 0/1 layout; one UserError line for any other cell."""
+    cells = [c.strip() for c in row[1:]]
+    bad = next((i for i, c in enumerate(cells) if c not in ("0", "1")), None)
+    if len(cells) != len(names) or bad is not None:
+        what = (f"has {len(cells)} class cells where the header names {len(names)} classes"
+                if len(cells) != len(names) else f"has {shown(cells[bad])} for {shown(names[bad])}, not 0 or 1")
+        raise UserError(f"--labels {shown(path)}: row {number} {what}")
+    return [name for name, cell in zip(names, cells, strict=True) if cell == "1"]
 
 
 def _column_layout(rows: list[list[str]]) -> bool:
