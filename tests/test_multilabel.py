@@ -176,6 +176,25 @@ def test_mosaics_train_eval_predict_export(mosaics, tmp_path, capsys):
         assert all(abs(a["scores"][c] - b["scores"][c]) < 1e-4 for c in MOSAIC_CLASSES)
     assert main(["eval", str(onnx), "--data", str(mosaics["test"]), "--labels", str(mosaics["test_csv"]), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["map"] == pytest.approx(summary["map"], abs=1e-3)
+    served(onnx, pictures[:3], rows[:3])
+
+
+def served(model: Path, pictures: list[Path], predicted: list[dict]) -> None:
+    """`imgclf serve`'s answers (from `model`, over HTTP) are predict's: the labels over their thresholds and
+    every class's score."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    from test_serve import serving_in_this_process
+
+    from imgclf.predict import Predictor
+    from imgclf.serve import create_app
+
+    predictor = Predictor.from_path(model)
+    with serving_in_this_process(create_app(predictor, model_name="tutorial_cnn")) as url:
+        answers = [httpx.post(f"{url}/predict", content=p.read_bytes(), timeout=60).json() for p in pictures]
+    for answer, row in zip(answers, predicted, strict=True):
+        assert [t["label"] for t in answer["top"]] == [t["label"] for t in row["top"]]
+        assert all(abs(answer["scores"][c] - row["scores"][c]) < 1e-4 for c in MOSAIC_CLASSES)
 
 
 # ---------------------------------------------------------------- the CSV layouts and bad inputs, one line each

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from imgclf.errors import UserError
+from imgclf.tasks import MULTILABEL
 
 REQUIRES = {"starlette": "starlette", "uvicorn": "uvicorn", "python_multipart": "python-multipart"}
 MULTIPART_SLACK = 64 * 1024  # room for multipart boundaries and part headers around a file at the limit
@@ -184,6 +185,18 @@ async def read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def labelled(predictor, probs, k: int) -> dict:
+    """One picture's answer: {"top": the `k` most probable classes}, or for a multi-label model {"top": every
+    class over its threshold, "scores": every class's probability}, as `imgclf predict --json` prints them."""
+    classes, task = predictor.classes, getattr(predictor, "task", None)
+    if getattr(task, "name", None) == MULTILABEL:
+        top = [{"label": classes[i], "probability": round(v, 6)} for i, v in task.decode(probs, k)]
+        return {"top": top, "scores": {c: round(v, 6) for c, v in zip(classes, probs.tolist(), strict=True)}}
+    p, idx = probs.topk(min(k, len(classes)))
+    return {"top": [{"label": classes[i], "probability": round(v, 6)}
+                    for v, i in zip(p.tolist(), idx.tolist(), strict=True)]}
+
+
 def describe(predictor, queue) -> dict:
     """What /health says of the model and of the batching so far."""
     return {"classes": predictor.classes, "input": {"size": predictor.size, "channels": predictor.channels},
@@ -260,10 +273,8 @@ class Service:
                 return Response(status_code=no.status)
             return JSONResponse({"error": no.message}, status_code=no.status)
         probs = await self.queue.probabilities(image.transpose(2, 0, 1))
-        classes = self.predictor.classes
-        p, idx = probs.topk(min(k, len(classes)))
-        top = [{"label": classes[i], "probability": round(v, 6)} for v, i in zip(p.tolist(), idx.tolist(), strict=True)]
-        return JSONResponse({"top": top} if filename is None else {"top": top, "filename": filename})
+        answer = labelled(self.predictor, probs, k)
+        return JSONResponse(answer if filename is None else {**answer, "filename": filename})
 
     async def upload(self, request) -> tuple[int, bytes, str | None]:
         """(topk asked, the picture's bytes, its file name or None) of a request; Refused when it has none."""
