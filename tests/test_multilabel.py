@@ -270,3 +270,36 @@ def test_multilabel_needs_a_labels_csv(pictures, tmp_path, capsys):
     assert main(["train", "--data", str(pictures), "--task", "multilabel", "--epochs", "1", "--device", "cpu",
                  "--out", str(tmp_path / "run")]) != 0
     assert "--task multilabel needs --labels FILE.csv" in capsys.readouterr().err
+
+
+def test_small_run_resumes_keeps_its_thresholds_and_shows_its_pictures(pictures, tmp_path, capsys):
+    from dataclasses import replace
+
+    from imgclf.config import DataConfig
+    from imgclf.sources import load_data
+    from imgclf.visualize import class_count_table, samples_figure
+
+    csv = write_csv(tmp_path / "labels.csv", [[f"a{i}.png", ["cat", "dog"][: i % 3]] for i in range(12)])
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    common = ["--device", "cpu", "--precision", "fp32", "--batch-size", "4", "--cache-dir", str(cache)]
+    assert main(["train", "--data", str(pictures), "--labels", str(csv), "--epochs", "3", "--stop-after", "1",
+                 "--monitor", "val_map", "--out", str(run), *common]) == 0
+    first = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert first["task"] == "multilabel" and len(first["thresholds"]) == 2
+    assert main(["train", "--resume", str(run)]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3] and all("val_map" in r for r in records)
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert last["thresholds"] == records[-1]["val_thresholds"]
+    assert "Traceback" not in capsys.readouterr().err
+
+    data = load_data(replace(DataConfig(), data=str(pictures), labels=str(csv), cache_dir=str(cache)))
+    assert data.task == "multilabel" and data.train.labels.shape[1] == 2 and data.train.labels.dtype == torch.uint8
+    assert len(data.train) + len(data.val) == 12  # a fifth held out at random
+    table = class_count_table(data)
+    assert table.splitlines()[1].split()[0] == "cat" and "12" not in table.splitlines()[1]
+    samples_figure(data, name="pics")  # captioned with each picture's labels, "(none)" for none
+
+    plot = tmp_path / "lr.png"
+    assert main(["lr-find", "--data", str(pictures), "--labels", str(csv), "--steps", "10", "--out", str(plot),
+                 *common]) == 0, capsys.readouterr().err

@@ -230,8 +230,10 @@ def split_names(data) -> dict[str, str]:
 
 
 def class_counts(data) -> list[tuple]:
-    """(class, count in train, count in val[, count in test]) for each class."""
-    columns = [torch.bincount(split.labels, minlength=len(data.classes)).tolist() for split in data.splits().values()]
+    """(class, count in train, count in val[, count in test]) for each class (multi-label: the pictures that
+    show it)."""
+    columns = [(split.labels.sum(0) if split.labels.ndim == 2 else
+                torch.bincount(split.labels, minlength=len(data.classes))).tolist() for split in data.splits().values()]
     return list(zip(data.classes, *columns, strict=True))
 
 
@@ -268,12 +270,16 @@ def samples_figure(data, *, name: str, split: str = "train", per_class: int | No
     if split == "test" and data.test is None:  # the test split serves as validation, or there is none
         split = "val"
     chosen, split_name = data.splits()[split], split_names(data)[split]
+    multilabel = chosen.labels.ndim == 2  # (N, classes) 0/1: a picture is drawn once, captioned with all its labels
+    if multilabel and random is None:
+        per_class, random = None, min(64, 8 * (per_class or 8))
     if per_class is None and random is None:
         per_class, random = (8, None) if len(data.classes) <= 20 else (None, 64)
     idx = pick_samples(chosen.labels, num_classes=len(data.classes), per_class=per_class, random=random,
                        seed=seed)
     images = [np.asarray(chosen.images[i]) for i in idx]
-    names = [data.classes[int(chosen.labels[i])] for i in idx]
+    names = [" ".join(data.classes[c] for c in chosen.labels[i].nonzero().flatten().tolist()) or "(none)"
+             if multilabel else data.classes[int(chosen.labels[i])] for i in idx]
     if per_class is None:
         return image_grid(images, names, ncols=min(8, len(images)),
                           title=f"{name}: {len(images)} random {split_name} pictures")
@@ -299,7 +305,7 @@ def show(data_cfg, *, per_class: int | None = None, random: int | None = None, s
     data = load_data(replace(data_cfg, augment="none"))  # every split at the model's side
     fig = samples_figure(data, name=_data_name(data_cfg.data), split=split, per_class=per_class, random=random,
                          seed=seed)
-    warning = imbalance_warning(data.train.labels, data.classes)
+    warning = imbalance_warning(data.train.labels, data.classes) if data.train.labels.ndim == 1 else None
     return class_count_table(data) + (f"\n{warning}" if warning else ""), save_png(fig, Path(out))
 
 
