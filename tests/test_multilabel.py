@@ -177,6 +177,13 @@ def test_mosaics_train_eval_predict_export(mosaics, tmp_path, capsys):
     assert main(["eval", str(onnx), "--data", str(mosaics["test"]), "--labels", str(mosaics["test_csv"]), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["map"] == pytest.approx(summary["map"], abs=1e-3)
     served(onnx, pictures[:3], rows[:3])
+    pytest.importorskip("openvino")
+    xml = tmp_path / "model.xml"
+    assert main(["export", str(run / "checkpoints" / "best.pt"), "--format", "openvino", "--out", str(xml)]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(xml), *map(str, pictures), "--json"]) == 0
+    for a, b in zip(rows, map(json.loads, capsys.readouterr().out.splitlines()), strict=True):
+        assert [t["label"] for t in a["top"]] == [t["label"] for t in b["top"]]
 
 
 def served(model: Path, pictures: list[Path], predicted: list[dict]) -> None:
