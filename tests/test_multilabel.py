@@ -276,7 +276,7 @@ def test_options_that_do_not_fit_are_one_line(pictures, tmp_path, capsys, flags,
 def test_multilabel_needs_a_labels_csv(pictures, tmp_path, capsys):
     assert main(["train", "--data", str(pictures), "--task", "multilabel", "--epochs", "1", "--device", "cpu",
                  "--out", str(tmp_path / "run")]) != 0
-    assert "--task multilabel needs --labels FILE.csv" in capsys.readouterr().err
+    assert "(--task multilabel, or a multi-label model) need --labels FILE.csv" in capsys.readouterr().err
 
 
 def test_small_run_resumes_keeps_its_thresholds_and_shows_its_pictures(pictures, tmp_path, capsys):
@@ -299,6 +299,10 @@ def test_small_run_resumes_keeps_its_thresholds_and_shows_its_pictures(pictures,
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert last["thresholds"] == records[-1]["val_thresholds"]
     assert "Traceback" not in capsys.readouterr().err
+    tuned = tmp_path / "tuned"  # fine-tuning from those weights, the last layer alone first
+    assert main(["train", "--data", str(pictures), "--labels", str(csv), "--epochs", "2", "--freeze-epochs", "1",
+                 "--pretrained", str(run / "checkpoints" / "last.pt"), "--out", str(tuned), *common]) == 0
+    assert torch.load(tuned / "checkpoints" / "last.pt", weights_only=True)["task"] == "multilabel"
 
     data = load_data(replace(DataConfig(), data=str(pictures), labels=str(csv), cache_dir=str(cache)))
     assert data.task == "multilabel" and data.train.labels.shape[1] == 2 and data.train.labels.dtype == torch.uint8

@@ -90,8 +90,9 @@ def load_data(cfg: DataConfig, *, img_size: int | None = None, channels: int | N
     `classes` (a checkpoint's): the classes a multi-label --labels CSV is read against."""
     size = img_size or cfg.img_size
     if cfg.task == MULTI and not cfg.labels:
-        raise UserError("--task multilabel needs --labels FILE.csv naming the labels of each picture (filename,"
-                        "labels with the labels separated by spaces, or one 0/1 column per class)")
+        raise UserError("multi-label pictures (--task multilabel, or a multi-label model) need --labels FILE.csv "
+                        "naming the labels of each picture (filename,labels with the labels separated by spaces, "
+                        "or one 0/1 column per class)")
     if cfg.data in BUILTINS:
         return _load_builtin(cfg, size=size, channels=channels)
     root = Path(cfg.data).expanduser()
