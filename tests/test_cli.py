@@ -39,6 +39,7 @@ ACCEPTED = {
     ("train", "--log-every"): {"huge"}, ("train", "--stop-after"): set(),
     ("train", "--freeze-epochs"): {"0"}, ("train", "--backbone-lr-scale"): set(),
     ("train", "--ema-decay"): {"0"},
+    ("train", "--lr-base-batch"): set(), ("train", "--clip-grad"): {"0", "huge"}, ("train", "--accumulate"): set(),
     ("lr-find", "--freeze-epochs"): {"0"}, ("lr-find", "--backbone-lr-scale"): set(),
     ("cache", "--older-than"): {"0", "huge"},
     ("eval", "--val-fraction"): set(), ("eval", "--batch-size"): set(),
@@ -70,8 +71,8 @@ def subcommands() -> dict:
 
 
 def numeric_flags() -> dict[tuple[str, str], type]:
-    return {(name, a.option_strings[0]): a.type for name, p in subcommands().items()
-            for a in p._actions if a.type in (int, float)}  # noqa: SLF001
+    return {(name, a.option_strings[0]): getattr(a.type, "number", a.type) for name, p in subcommands().items()
+            for a in p._actions if getattr(a.type, "number", a.type) in (int, float)}  # noqa: SLF001 (number: --batch-size N|auto)
 
 
 def one_line(capsys, run) -> str:

@@ -35,7 +35,7 @@ def one_error_line(capsys, *argv) -> str:
 
 def test_print_config_round_trips_to_the_same_configuration(tmp_path, capsys):
     argv = ["--recipe", "fast", "--lr", "0.1", "--img-size", "40", "--model-args", '{"width": 8}', "--no-tta",
-            "--patience", "3", "--data", "some folder: with colon", "--out", tmp_path / "r"]
+            "--patience", "2", "--data", "some folder: with colon", "--out", tmp_path / "r"]
     text = printed(capsys, *argv)
     (tmp_path / "a.yaml").write_text(text)
     assert resolved("--config", tmp_path / "a.yaml") == resolved(*argv)

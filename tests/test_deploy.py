@@ -174,6 +174,7 @@ def test_int8_on_ants_and_bees_photos_loses_at_most_a_point(hymenoptera_dir, tmp
         assert q["float_accuracy"] - q["int8_accuracy"] <= 0.01 + 1e-9, q
 
 
+@pytest.mark.slow  # an OpenVINO conversion: several seconds
 def test_openvino_never_replaces_a_bin_it_was_not_asked_to(run, tmp_path, capsys):
     """Issue 24.2: `--out NAME.xml` also writes NAME.bin: an existing one (the user's, or a checkpoint) is
     refused in one line unless --force, and a checkpoint named NAME.bin even with it."""
@@ -192,6 +193,7 @@ def test_openvino_never_replaces_a_bin_it_was_not_asked_to(run, tmp_path, capsys
     assert code == 0 and out.startswith(f"wrote {tmp_path / 'm.xml'} and m.bin (")
 
 
+@pytest.mark.slow  # an OpenVINO conversion: several seconds
 def test_a_fifo_beside_an_openvino_model_is_refused_not_read(run, tmp_path, capsys):
     """Issue 24.11: NAME.bin a FIFO beside NAME.xml: predict and eval say so in one line instead of waiting
     for ever on it (serve loads through the same Predictor.from_path)."""

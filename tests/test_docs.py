@@ -50,3 +50,14 @@ def test_the_readme_is_a_front_door():
         assert f"\n{heading}\n" in text
     for page in ("docs/usage.md", "docs/guide.md", "docs/results.md", "docs/architecture.md"):
         assert f"]({page})" in text, page
+
+
+def test_the_code_points_to_sections_of_usage_that_exist():
+    """Help texts and messages say where to read more as `docs/usage.md: Heading`; each such heading exists."""
+    headings = set(re.findall(r"^#{1,6} (.+?)\s*$", FENCE.sub("", (ROOT / "docs" / "usage.md").read_text()), re.M))
+    cited = {m for f in (ROOT / "src" / "imgclf").rglob("*.py")
+             for m in re.findall(r"docs/usage\.md: ([^)\"]+?)\)", f.read_text())}
+    assert cited, "no help text points into docs/usage.md"
+    assert cited <= headings, cited - headings
+    old = [f.name for f in (ROOT / "src" / "imgclf").rglob("*.py") if re.search(r"see README|README[:,] ", f.read_text())]
+    assert not old, f"{old} send the reader to the README for text now in docs/"

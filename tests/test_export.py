@@ -168,7 +168,7 @@ def test_every_format_runs_without_imgclf_and_agrees_with_predict(tiny_run, tmp_
         printed = capsys.readouterr().out
         weights = " and model.bin" if fmt == "openvino" else ""
         assert printed.startswith(f"wrote {models[fmt]}{weights} (")
-        if fmt != "safetensors":
+        if form.graph:  # a weights-alone format prints its own line
             assert "input uint8 (N, 3, 24, 24) -> probabilities (N, 3)" in printed
             assert float(printed.rsplit("checkpoint ", 1)[1]) < 1e-4  # the exporter's own check ran
     exported = run_standalone(tmp_path, models, images)
@@ -428,3 +428,20 @@ def test_damaged_export_metadata_is_refused_in_one_line(tiny_run, torchscript_ex
         captured = capsys.readouterr()
         assert code == 2 and captured.out == "", (argv[0], captured)
         assert captured.err.count("\n") == 1 and words in captured.err, (argv[0], captured.err)
+
+
+def test_the_exported_graph_ends_with_the_tasks_activation(tiny_run, tmp_path, monkeypatch):
+    import torch
+
+    from imgclf.tasks import SingleLabel
+
+    ckpt = tiny_run[0]
+    x = torch.randint(0, 256, (4, 3, 24, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    outputs = []
+    for activation in (SingleLabel.activation, lambda self, logits: logits.sigmoid()):
+        monkeypatch.setattr(SingleLabel, "activation", activation)
+        out = export.export_checkpoint(ckpt, "torchscript", tmp_path / f"m{len(outputs)}.torchscript.pt")
+        outputs.append(torch.jit.load(str(out.path))(x))
+        assert out.max_diff < 1e-5  # its self-check compares with the same task's activation
+    assert torch.allclose(outputs[0].sum(1), torch.ones(4))  # softmax: the single-label task's
+    assert torch.allclose(outputs[1], outputs[1].clamp(0, 1)) and not torch.allclose(outputs[1].sum(1), torch.ones(4))

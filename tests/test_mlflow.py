@@ -160,3 +160,40 @@ def test_a_server_that_does_not_answer_is_one_line_at_once(tiny, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"no MLflow tracking server answers at http://127.0.0.1:{port}" in err[0], err
     assert time.monotonic() - started < 30 and not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow  # MLflow's import and stores: a few seconds each
+@pytest.mark.parametrize(("uri", "said"), [
+    ("notascheme://x", "MLflow knows no such kind of store"),
+    ("sqlite:///{tmp}/a-file/mlflow.db", "File exists"),  # a folder that cannot be made: a file is there
+    ("file://{tmp}/mlruns", "MLflow refuses a file store unless MLFLOW_ALLOW_FILE_STORE=true is set"),
+    ("{tmp}/mlruns", "MLflow refuses a file store unless MLFLOW_ALLOW_FILE_STORE=true is set")])
+def test_a_store_mlflow_cannot_use_is_one_line_before_the_run(tiny, tmp_path, monkeypatch, capsys, uri, said):
+    """Issue 24.21: these were tracebacks, after the run folder was written."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    (tmp_path / "a-file").write_text("")
+    uri = uri.format(tmp=tmp_path)
+    assert train(tiny, tmp_path / "r", "--epochs", 1, "--mlflow", uri) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"imgclf: error: MLflow cannot log to --mlflow {uri}: ") and \
+        said in err[0], err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_hostile_earlier_record_is_logged_without_a_traceback():
+    """A sibling of 24.19/24.24: a resumed run's earlier metrics.jsonl records go to MLflow; an absurd time or
+    an int beyond a float's range was an OverflowError. NaN (a diverged run's loss) is still logged."""
+    import math
+
+    from imgclf.mlflowrun import MlflowRun
+
+    class Client:
+        def log_batch(self, run_id, metrics=()):
+            self.metrics = metrics
+
+    run = MlflowRun(Client(), "r", "u")
+    before = int(time.time() * 1000)
+    run.log_epoch({"epoch": 1, "time": 1e300, "val_acc": 10**400, "val_loss": float("nan"), "note": "x"})
+    (metric,) = run.client.metrics
+    assert metric.key == "val_loss" and math.isnan(metric.value) and metric.timestamp >= before
+    assert not run.broken

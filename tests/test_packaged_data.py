@@ -111,3 +111,15 @@ def test_the_subset_is_what_its_script_makes(tmp_path):
                     str(tmp_path)], check=True, capture_output=True)
     for made in sorted(tmp_path.glob("*.gz")):
         assert made.read_bytes() == (MINI / made.name).read_bytes(), made.name
+
+
+def test_int8_calibration_finds_the_packaged_pictures_wherever_it_runs(tmp_path, monkeypatch):
+    """A checkpoint trained on fashion-mnist-mini calibrates --int8 on the pictures inside imgclf, with no data
+    root in the working folder; another built-in data set still needs its data root."""
+    from imgclf.quantize import _reachable
+
+    monkeypatch.chdir(tmp_path)  # no ./data here
+    assert _reachable(DataConfig(data="fashion-mnist-mini"))
+    assert not _reachable(DataConfig(data="cifar10"))
+    (tmp_path / "data").mkdir()
+    assert _reachable(DataConfig(data="cifar10"))

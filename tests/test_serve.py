@@ -373,6 +373,53 @@ def test_concurrent_large_pixel_uploads_keep_the_server_under_a_memory_bound(mod
 
 
 @pytest.mark.slow
+def test_many_concurrent_large_uploads_keep_the_server_under_a_memory_bound(model, tmp_path):
+    """Issue 24.6: 64 concurrent uploads of 3.9 MB (a picture and padding Pillow ignores) are read a few at
+    a time (serve.UPLOADS_IN_FLIGHT of the largest size), the others waiting unread: the server's peak
+    resident memory rises by a few of them, not by all (before: every upload was read whole at once)."""
+    from imgclf import serve
+
+    ckpt, images, _ = model
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux /proc")
+    mb, count = 4, 64
+    body = images[0].read_bytes()
+    body += bytes(int((mb - 0.1) * 1e6) - len(body))
+    with serving_process(ckpt, tmp_path / "serve.log", "--max-upload-mb", str(mb)) as (url, proc):
+        assert httpx.post(f"{url}/predict", content=body, timeout=60).status_code == 200  # warm
+        idle = status_kb(proc.pid, "VmHWM")
+        with concurrent.futures.ThreadPoolExecutor(max_workers=count) as pool:
+            answers = list(pool.map(lambda _: httpx.post(f"{url}/predict", content=body, timeout=300),
+                                    range(count)))
+        peak = status_kb(proc.pid, "VmHWM")
+    assert all(r.status_code == 200 and r.json()["top"] for r in answers)
+    rise = (peak - idle) / 1024
+    bound = 3 * serve.UPLOADS_IN_FLIGHT * mb * 1e6 / 2**20 + 40  # held, joined, in Pillow's buffer; + slack
+    print(f"{count} concurrent {len(body) / 1e6:.1f} MB uploads: peak resident memory rose by {rise:.0f} MB "
+          f"(all of them: {count * len(body) / 2**20:.0f} MB; bound {bound:.0f} MB)")
+    assert rise < bound, f"peak rose by {rise:.0f} MB, bound {bound:.0f} MB"
+
+
+@pytest.mark.slow
+def test_an_upload_trickled_for_ever_gives_up_its_share(model, monkeypatch):
+    """A client sending its body a byte now and then would hold its share of the uploads in flight for ever:
+    after serve.UPLOAD_SECONDS it is answered 408, and the budget is whole again."""
+    from imgclf import serve
+    from imgclf.predict import Predictor
+
+    ckpt, images, _ = model
+    monkeypatch.setattr(serve, "UPLOAD_SECONDS", 0.5)
+    app = serve.create_app(Predictor.from_checkpoint(ckpt, device="cpu"), model_name="tutorial_cnn")
+    with serving_in_this_process(app) as url, socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) \
+            as client:
+        client.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nab")
+        client.settimeout(30)
+        answer = client.recv(65536).decode()
+        assert httpx.post(f"{url}/predict", content=images[0].read_bytes()).status_code == 200
+    assert answer.startswith("HTTP/1.1 408 ") and answer.endswith('{"error":"the upload did not all come within 0.5 s"}')
+
+
+@pytest.mark.slow
 def test_a_client_gone_mid_upload_is_one_line_in_the_log(model, tmp_path):
     ckpt, images, _ = model
     log = tmp_path / "serve.log"
@@ -463,3 +510,25 @@ def test_page_in_chromium_labels_an_ants_photo(hymenoptera_dir, browser, tmp_pat
         label, _ = classify_in_page(page, url, photo, tmp_path / "ants-bees.png")
         page.close()
     assert label == photo.parent.name
+
+
+def test_answers_are_decoded_by_the_predictors_task():
+    """serve labels a picture as its predictor's task decodes the probabilities (not by a top-k of its own)."""
+    import torch
+
+    from imgclf.serve import create_app
+
+    class EveryLabelOverAHalf:  # a task whose decoding is no top-k: another kind of labelling
+        def decode(self, probs, k):
+            return [(i, p) for i, p in enumerate(probs.tolist()) if p > 0.5][:k]
+
+    class Fixed:
+        classes, size, channels, task = ["a", "b", "c"], 8, 3, EveryLabelOverAHalf()
+
+        def probabilities(self, batch):
+            return torch.tensor([[0.9, 0.2, 0.7]]).expand(len(batch), 3)
+
+    with serving_in_this_process(create_app(Fixed(), model_name="fixed")) as url:
+        answer = httpx.post(f"{url}/predict?topk=3", content=png_of("RGB", 8), timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"top": [{"label": "a", "probability": 0.9}, {"label": "c", "probability": 0.7}]}

@@ -116,6 +116,8 @@ def test_which_figure_is_better():
     t = task()
     assert set(t.monitors) <= set(MONITORS)  # every --monitor choice has a direction, in the tasks that have it
     assert set().union(*(kind.monitors for kind in TASKS.values())) == set(MONITORS)
+    for kind in TASKS.values():  # each task's figures and their directions are config.MONITORS'
+        assert kind.monitors.items() <= MONITORS.items()
     assert t.improved(0.6, 0.5, "val_acc") and not t.improved(0.5, 0.5, "val_acc")
     assert t.improved(0.4, 0.5, "val_loss") and not t.improved(0.6, 0.5, "val_loss")
     assert t.improved(0.1, None, "val_macro_f1")

@@ -189,3 +189,40 @@ def test_each_trial_a_torchrun_job(tiny, tmp_path):
     # pruned after epoch 1, its job stopped by SIGTERM well before its 40th: saved, resumable
     assert json.loads((out / "trial-1" / "status.json").read_text())["status"] == "stopped", r.stderr[-3000:]
     assert len(records(out / "trial-1")) < 40
+
+
+def test_the_search_direction_is_the_tasks(monkeypatch):
+    from imgclf.tasks import SingleLabel
+    from imgclf.tune import direction_of
+
+    assert (direction_of("val_loss"), direction_of("val_acc"), direction_of("val_macro_f1")) == (
+        "minimize", "maximize", "maximize")
+    monkeypatch.setattr(SingleLabel, "monitors", {"val_loss": True})  # the task says, not the figure's name
+    assert direction_of("val_loss") == "maximize"
+
+
+OPEN_AT = """
+import sys, time
+from pathlib import Path
+from imgclf.errors import UserError
+from imgclf.tune import Search, open_study
+search = Search(given={}, recipe="", space=[], fixed={}, out=Path("."), storage=sys.argv[1], study="s")
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+try:
+    open_study(search, "maximize")
+    print("ok")
+except UserError as err:
+    print(err)
+"""
+
+
+@pytest.mark.slow  # processes importing Optuna: about 10 s
+def test_workers_started_together_on_a_new_database_all_open_the_study(tmp_path):
+    """Issue 24.22: all but one stopped with "table alembic_version already exists" (or its UNIQUE)."""
+    for attempt in range(2):
+        url, at = f"sqlite:///{tmp_path / f'new{attempt}.db'}", time.time() + 8  # after every import
+        workers = [subprocess.Popen([sys.executable, "-c", OPEN_AT, url, str(at)], stdout=subprocess.PIPE,
+                                    text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                   for _ in range(4)]
+        said = [w.communicate(timeout=120)[0].strip() for w in workers]
+        assert said == ["ok"] * 4, said

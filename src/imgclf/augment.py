@@ -233,7 +233,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "flip": ("flip",),
     "flip-crop": ("flip", "crop"),  # CIFAR's measured recipe (and the short-run default for photos)
     "flip-crop-cutout": ("flip", "crop", "cutout"),
-    "photo": ("resized-crop", "flip", "policy", "erase"),  # the photo recipe (README: Your own photos)
+    "photo": ("resized-crop", "flip", "policy", "erase"),  # the photo recipe (docs/usage.md: Your own photos)
 }
 
 # DataConfig fields that set an operation's option: (the operation, the value with which it does nothing).

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -238,11 +239,9 @@ def _remove_stale_partials(folder: Path, source: str, size: int, channels: int, 
     build replaces (the same source folder, side and channels, but other files: the data changed since)
     or that nobody has continued for STALE_PARTIAL_S; a killed build is never left for ever."""
     for work in folder.parent.glob(".partial-*"):
-        if work.name == f".partial-{folder.name}" or not work.is_dir():
+        state = own_cache(work)  # never a symbolic link, nor a folder imgclf did not make
+        if work.name == f".partial-{folder.name}" or state is None:
             continue
-        state = {}
-        with contextlib.suppress(OSError, ValueError):
-            state = json.loads((work / "progress.json").read_text())
         same = isinstance(state, dict) and (state.get("source"), state.get("size"), state.get("channels")) == \
             (source, size, channels)
         with contextlib.suppress(OSError):
@@ -373,29 +372,71 @@ def check_all(files: list[Path], *, size: int, channels: int) -> None:
 
 # ---------------------------------------------------------------- `imgclf cache list | prune`
 
+KEY_CHARS, KEY_LENGTH = frozenset("0123456789abcdef"), 24  # a cache's folder is named by its fingerprint
+CACHE_FILES = frozenset({"meta.json", "images.npy", "lock", "progress.json"})  # all a cache folder ever holds
+META_KEYS = frozenset({"count", "labels", "files", "bad", "source", "size", "channels"})  # what _build_in records
+
+
+def _is_key(name: str) -> bool:
+    return len(name) == KEY_LENGTH and set(name) <= KEY_CHARS
+
+
+def own_cache(folder: Path) -> dict | None:
+    """The record of `folder` (its meta.json, or progress.json for an unfinished build) when it is one of
+    imgclf's caches, else None. Only such a folder may ever be deleted, so it must be all of: a real folder
+    (never a symbolic link, whose target could be anything), named by a fingerprint (`KEY`, or
+    `.partial-KEY` for an unfinished build), holding nothing but regular files `_build_in` writes, and, when
+    finished, a meta.json with every field `_build_in` records. A user's folder given as --cache-dir by
+    mistake fails at least one of these."""
+    partial = folder.name.startswith(".partial-")
+    try:
+        if not (_is_key(folder.name.removeprefix(".partial-")) and stat.S_ISDIR(folder.lstat().st_mode)):
+            return None
+        entries = {p.name: p.lstat().st_mode for p in folder.iterdir()}
+        if not (set(entries) <= CACHE_FILES and all(stat.S_ISREG(m) for m in entries.values())):
+            return None
+        record = folder / ("progress.json" if partial else "meta.json")
+        if partial and record.name not in entries:
+            return {}  # killed before its first chunk was recorded
+        meta = json.loads(record.read_bytes()[: 1 << 30])
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(meta, dict) or not (partial or set(meta) >= META_KEYS):
+        return None
+    return meta
+
+
+def _scan(cache_root: Path) -> tuple[list[dict], list[str]]:
+    """(imgclf's caches under `cache_root` as `list_caches` describes them, names of the other folders)."""
+    found, foreign = [], []
+    with contextlib.suppress(OSError):
+        for folder in sorted(Path(cache_root).iterdir()):
+            meta = own_cache(folder)
+            if meta is None:
+                if folder.is_dir():
+                    foreign.append(folder.name)
+                continue
+            with contextlib.suppress(OSError):
+                stats = [p.stat() for p in folder.iterdir()]
+                found.append({"key": folder.name.removeprefix(".partial-"), "path": str(folder),
+                              "partial": folder.name.startswith(".partial-"), "source": meta.get("source", "?"),
+                              "pictures": meta.get("count", meta.get("done", 0)), "side": meta.get("size"),
+                              "bytes": sum(s.st_size for s in stats),
+                              "last_used": max((s.st_mtime for s in stats), default=folder.stat().st_mtime)})
+    return sorted(found, key=lambda c: -c["last_used"]), foreign
+
+
 def list_caches(cache_root: Path) -> list[dict]:
-    """Every decoded-folder cache under `cache_root`, newest use first: key, source folder, pictures, side,
-    bytes on disk, last use (a time stamp), and whether it is an unfinished (killed) build."""
-    found = []
-    for folder in sorted(p for p in Path(cache_root).glob("*") if p.is_dir()):
-        partial = folder.name.startswith(".partial-")
-        if not partial and not (folder / "meta.json").is_file():
-            continue
-        meta, record = {}, folder / ("progress.json" if partial else "meta.json")
-        with contextlib.suppress(OSError, ValueError):
-            meta = json.loads(record.read_text()) if record.is_file() else {}  # (a FIFO would never end)
-        meta = meta if isinstance(meta, dict) else {}
-        stamp = max((p.stat().st_mtime for p in folder.iterdir()), default=folder.stat().st_mtime)
-        found.append({"key": folder.name.removeprefix(".partial-"), "path": str(folder), "partial": partial,
-                      "source": meta.get("source", "?"), "pictures": meta.get("count", meta.get("done", 0)),
-                      "side": meta.get("size"), "bytes": sum(p.stat().st_size for p in folder.iterdir()),
-                      "last_used": stamp})
-    return sorted(found, key=lambda c: -c["last_used"])
+    """Every decoded-folder cache of imgclf's (`own_cache`) under `cache_root`, newest use first: key, source
+    folder, pictures, side, bytes on disk, last use (a time stamp), and whether it is an unfinished (killed)
+    build. Anything else there is not listed."""
+    return _scan(cache_root)[0]
 
 
 def prune_caches(cache_root: Path, *, older_than_days: float = 30.0) -> list[dict]:
     """Delete the caches not used for `older_than_days` (0: all) and unfinished builds that no process is
-    working on; return what was deleted (as `list_caches` describes it)."""
+    working on; return what was deleted (as `list_caches` describes it). Only imgclf's own caches
+    (`own_cache`, checked again just before deleting) and stats files are ever deleted."""
     cutoff = time.time() - older_than_days * 86400
     removed = []
     for cache in list_caches(cache_root):
@@ -407,11 +448,16 @@ def prune_caches(cache_root: Path, *, older_than_days: float = 30.0) -> list[dic
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue
+            if own_cache(folder) is None:  # changed since it was listed
+                continue
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(cache)
-    for stats in Path(cache_root).glob("stats-*.json"):  # a few bytes each; rebuilt when needed
-        if stats.stat().st_mtime < cutoff:
-            stats.unlink(missing_ok=True)
+    for path in Path(cache_root).glob("stats-*.json"):  # a few bytes each; rebuilt when needed
+        with contextlib.suppress(OSError):
+            st = path.lstat()
+            if _is_key(path.name[6:-5]) and stat.S_ISREG(st.st_mode) and st.st_size < 4096 and \
+                    st.st_mtime < cutoff:
+                path.unlink()
     return removed
 
 
@@ -428,4 +474,7 @@ def caches_output(caches: list[dict], root: Path, action: str, *, as_json: bool 
                      f"{state}used {age:.1f} days ago  {shown(c['source'])}\n")
     total = sum(c["bytes"] for c in caches) / 2**20
     verb = "in" if action == "list" else "deleted from"
-    return "".join(lines), f"{len(caches)} caches, {total:.1f} MB {verb} {root}\n"
+    foreign = _scan(root)[1]
+    note = f"imgclf: left alone {len(foreign)} folder(s) in {shown(root)} that are not imgclf caches: " \
+           f"{', '.join(shown(name) for name in foreign[:3])}{', ...' if len(foreign) > 3 else ''}\n" if foreign else ""
+    return "".join(lines), f"{note}{len(caches)} caches, {total:.1f} MB {verb} {root}\n"

@@ -208,6 +208,9 @@ def load_checkpoint(path) -> dict:
                             f"values): the run that saved it diverged; use an earlier checkpoint, or train again "
                             f"with a lower --lr")
     ckpt["state_dict"] = strip_prefixes(ckpt["state_dict"])
+    # as training names them (folder names and --labels escaped by `shown`): a control character in a
+    # hand-made or older checkpoint's class name never reaches the terminal, whichever command prints it
+    ckpt["classes"] = [shown(c) for c in ckpt["classes"]]
     return ckpt
 
 

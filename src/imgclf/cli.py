@@ -197,7 +197,7 @@ def _add_train(sub, common) -> None:
 def _add_config_file(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml",
                    help="options from a YAML file (keys: these flags without the dashes, e.g. `lr: 0.01`); "
-                        "applied over --recipe, and flags given here win (README: Configuration files)")
+                        "applied over --recipe, and flags given here win (docs/usage.md: Configuration files)")
 
 
 SECTION_TITLES = {"data": "data", "model": "model", "optim": "optimisation", "run": "run"}
@@ -252,10 +252,21 @@ def _flag_kwargs(f: dataclasses.Field) -> dict:
     if kind == "bool":
         kwargs["action"] = argparse.BooleanOptionalAction
     else:
-        kwargs.update(type={"int": int, "float": float, "str": str}[kind], choices=meta["choices"],
+        number = {"int": int, "float": float, "str": str}[kind]
+        kwargs.update(type=_number_or(number, meta["also"]) if meta["also"] else number, choices=meta["choices"],
                       metavar=meta["metavar"] or (None if meta["choices"] else
                                                   {"int": "N", "float": "X"}.get(kind, f.name.upper())))
     return kwargs
+
+
+def _number_or(number, words: tuple[str, ...]):
+    """An argparse type: one of `words` as it is, else `number(text)` (argparse's message when neither)."""
+    def convert(text: str):
+        return text if text in words else number(text)
+
+    convert.__name__ = number.__name__  # argparse names the type in its error: "invalid int value"
+    convert.number = number
+    return convert
 
 
 def flag_values(args: argparse.Namespace) -> dict[tuple[str, str], object]:
@@ -267,11 +278,12 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig of a command's training flags (resolve.resolve): --recipe's values, --config's over
     them, the flags given over those; with --resume RUN, the run's own configuration instead of the recipe's
     (a network from the user's .py file rebuilt only from --model-code, checked against its recorded hash)."""
-    layer = user_values(getattr(args, "config", None), flag_values(args))
+    flags = flag_values(args)
+    layer = user_values(getattr(args, "config", None), flags)
     if getattr(args, "resume", None):
         return resume(args.resume, layer, recipe=args.recipe, model_code=args.model_code,
                       trust_changed_code=args.trust_changed_code)
-    return resolve(layer, recipe=args.recipe)
+    return resolve(layer, recipe=args.recipe, typed=frozenset(key for key, value in flags.items() if value is not None))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -446,7 +458,7 @@ def _add_export(sub, common) -> None:
     p = _command(sub, common, "export", cmd_export,
                  help="write a checkpoint as ONNX, OpenVINO, TorchScript or safetensors (--int8: quantized)",
                  description="Write a checkpoint in a format usable without imgclf; class names and "
-                             "preprocessing are stored inside the file (see README, Export and serve).")
+                             "preprocessing are stored inside the file (docs/usage.md: Export and serve).")
     p.add_argument("checkpoint")
     _add_model_code(p)
     p.add_argument("--format", required=True, choices=tuple(FORMATS), dest="export_format",
@@ -571,11 +583,15 @@ def _add_lr_find(sub, common) -> None:
     _number(p, "--steps", int, 10, default=100, help="training steps of the sweep (%(default)s)")
     p.add_argument("--out", dest="plot", default="lr_find.png", help="PNG to write (%(default)s)")
     add_config_flags(p, skip=("--out", "--lr", "--epochs", "--patience", "--monitor", "--stop-after", "--log-every",
-                              "--ema", "--ema-decay", "--tta"), required=("--data",))
+                              "--ema", "--ema-decay", "--tta", "--lr-base-batch", "--clip-grad", "--accumulate"),
+                     required=("--data",))
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
     cfg = train_config(args)
+    if cfg.data.batch_size == "auto":
+        raise UserError("lr-find takes a number for --batch-size (auto is imgclf train's); give the batch of "
+                        "the runs to come")
     from imgclf.lrfind import lr_find, lr_find_output
 
     test, suggested, out = lr_find(cfg, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps,
@@ -637,7 +653,7 @@ def _add_tune(sub, common) -> None:
                              "for `imgclf train --config`, OUT/history.png and OUT/importances.png.")
     p.add_argument("--space", required=True, metavar="FILE.yaml",
                    help="the search space: option: {low: X, high: Y[, log: true][, step: S]} or option: [a, b] "
-                        "(README: Hyper-parameter search)")
+                        "(docs/usage.md: Hyper-parameter search with Optuna)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="default", help="as `imgclf train --recipe`")
     _add_config_file(p)
     p.add_argument("--out", dest="tune_out", default="runs/tune", metavar="FOLDER",

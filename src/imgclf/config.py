@@ -27,7 +27,9 @@ AUTO_AUGMENTS = ("none", "trivialaugment", "randaugment")
 LONG_RUN = 10
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BALANCES = ("none", "sampler", "loss")
-MONITORS = ("val_acc", "val_loss", "val_macro_f1", "val_map")  # each task's `monitors` say which way is better
+# What --monitor may watch -> whether a larger value is better: declared once, here (no torch here, so the
+# tasks import it): each task of imgclf.tasks monitors the figures of this table it computes (Task.monitors).
+MONITORS = {"val_acc": True, "val_loss": False, "val_macro_f1": True, "val_map": True}
 TASK_CHOICES = ("auto", "single-label", "multilabel")  # imgclf.tasks.TASKS, and auto: as the data say
 # Upper bounds of numeric flags: far beyond any sensible value, low enough that nothing overflows.
 MAX_SIDE = 4096  # pixels, a side of an input picture
@@ -41,17 +43,20 @@ KIND_WORDS = {"bool": "true or false", "int": "a whole number", "float": "a numb
 
 def option(default, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
            resumable: bool = False, metavar: str | None = None, none: str = "none", const: str | None = None,
-           low=None, high=None, low_open: bool = False, high_open: bool = False, words: str | None = None):
+           low=None, high=None, low_open: bool = False, high_open: bool = False, words: str | None = None,
+           also: tuple[str, ...] = ()):
     """A configuration field, its command-line flag and its rule in one declaration: `imgclf.cli` builds the
     flag (`--field-name` unless `flag` says otherwise), its help and its shown default from this, so `--help`
     cannot disagree with the code, and `check_option` checks every value of it (flag, file, fit option,
     recipe, resumed run) against the same rule. `resumable`: the flag may differ from the run being
     resumed; `none`: what a default of None means, for the help; `const`: the value of the flag given
     without one; `choices`: the values allowed; `low`, `high`, `low_open`, `high_open`, `words`: the bounds
-    of a number, as `check_number` takes them."""
+    of a number, as `check_number` takes them. `also`: words a number flag takes
+    besides numbers (`--batch-size auto`).
+    """
     return field(default=default, metadata={"help": help, "flag": flag, "choices": choices,
                                             "resumable": resumable, "metavar": metavar, "none": none,
-                                            "const": const, "bounds": {"low": low, "high": high,
+                                            "const": const, "also": also, "bounds": {"low": low, "high": high,
                                                                        "low_open": low_open,
                                                                        "high_open": high_open, "words": words}})
 
@@ -63,7 +68,8 @@ def flag_of(f: dataclasses.Field) -> str:
 
 @dataclass(frozen=True)
 class DataConfig:
-    data: str = option("cifar10", "cifar10, cifar100, mnist, fashion-mnist, or a folder (see README)",
+    data: str = option("cifar10", "fashion-mnist-mini (inside imgclf, no download), cifar10, cifar100, mnist, "
+                                  "fashion-mnist, or a folder (docs/usage.md: Data layouts)",
                        resumable=True)
     data_root: str = option("data", "where built-in data sets are downloaded and found", resumable=True)
     img_size: int | None = option(None, "side of the square input", none="native; photos 224",
@@ -100,7 +106,9 @@ class DataConfig:
                                                   "to --img-size by three quarters of the run (cheaper early "
                                                   "epochs); evaluation stays at full size", none="off",
                                             metavar="PIXELS", low=8, high=MAX_SIDE, words=f"8..{MAX_SIDE}")
-    batch_size: int = option(128, "global batch size, split across processes", low=1, high=MAX_BATCH)
+    batch_size: int | str = option(128, "global batch size, split across processes; auto: the largest that fits in "
+                                        "GPU memory (imgclf.batchsize)", low=1, high=MAX_BATCH, also=("auto",),
+                                   metavar="N|auto")
     balance: str = option("none", "unbalanced classes: sampler draws pictures inversely to their class's size; "
                                   "loss weights the loss so", choices=BALANCES)
     eval_batch_size: int | None = option(None, "batch size for evaluation", resumable=True,
@@ -141,8 +149,22 @@ class OptimConfig:
     epochs: int = option(10, "epochs in all", resumable=True, low=1, high=MAX_EPOCHS)
     patience: int | None = option(None, "end the run after this many epochs without a better --monitor figure",
                                   none="never", resumable=True, low=1, high=MAX_EPOCHS)
-    monitor: str = option("val_acc", "validation figure that chooses best.pt and early stopping", choices=MONITORS)
+    monitor: str = option("val_acc", "validation figure that chooses best.pt and early stopping", choices=tuple(MONITORS))
     lookahead: bool = option(False, "every 5 steps, average the weights and continue from the average")
+    lr_base_batch: int | None = option(None, "the batch size --lr is meant for: at another --batch-size the learning "
+                                             "rate is scaled by batch/N (SGD) or its square root (Adam, AdamW), as "
+                                             "timm's --lr-base-size", metavar="N", low=1, high=MAX_BATCH,
+                                       none="the recipe's batch when --lr is not given, else --batch-size")
+    # By default (optim.clip_norm) 10, as Ultralytics, for a network without BatchNorm: far above its healthy
+    # steps' norms (0.4-1.3 measured for tutorial_cnn on CIFAR, whose runs it leaves bit for bit), far below a
+    # diverging one's (3 -> 161 -> 2e5 in four steps). Off with BatchNorm, whose healthy norms on photos sit at
+    # 10-20 (ResNet-18), where it would act at every step (README: Stable training)
+    clip_grad: float | None = option(None, "scale the gradients down to this global norm before each step; 0: off",
+                                     metavar="NORM", low=0, none="10 for a network without BatchNorm, else off")
+    accumulate: int = option(1, "split each batch into N micro-batches whose gradients add up before one step: "
+                                "the same training in 1/N of the activation memory (exact without BatchNorm, "
+                                "which normalises each micro-batch by its own statistics)", metavar="N",
+                             resumable=True, low=1, high=MAX_BATCH)
 
 
 @dataclass(frozen=True)
@@ -204,12 +226,13 @@ class TrainConfig:
 
     @classmethod
     def from_sources(cls, defaults: dict, *layers: dict[tuple[str, str], object],
-                     base: TrainConfig | None = None) -> TrainConfig:
+                     base: TrainConfig | None = None, typed: frozenset | None = None) -> TrainConfig:
         """The one way from what a user set to a TrainConfig: `defaults` (a recipe's section -> {field: value})
         or, resuming, `base` (the run's own configuration), then each of `layers` in turn, (section, field) ->
         value, None meaning not set, a later layer winning (a --config file's values, then the flags or fit's
         options). With `base`, a value that differs from the run's where the option is not resumable is one
-        UserError line. Every value passes `check_option`."""
+        UserError line. Every value passes `check_option`. A new run is then `settled` (`typed`: the options
+        the user typed, None for all that are set)."""
         given = {key: value for layer in layers for key, value in layer.items() if value is not None}
         if base is None:
             sections = {name: dict(values) for name, values in defaults.items()}
@@ -222,7 +245,8 @@ class TrainConfig:
                                     f"flag, or start a new run with --out")
         for (section, name), value in given.items():
             sections.setdefault(section, {})[name] = value
-        return cls.from_dict(sections)
+        cfg = cls.from_dict(sections)
+        return cfg if base is not None else settled(cfg, cls.from_dict(defaults), given, typed)
 
     def validated(self) -> TrainConfig:
         """Return self, or raise UserError naming the first invalid value and what the flag accepts."""
@@ -253,6 +277,8 @@ def check_option(f: dataclasses.Field, value, what: str | None = None, *, bounds
         return None
     flag, kind = flag_of(f), f.type.split(" | ")[0]
     what = what or f"{flag} {value!r}"
+    if isinstance(value, str) and value in f.metadata["also"]:  # --batch-size auto
+        return value
     if kind == "str" and isinstance(value, os.PathLike):
         value = os.fspath(value)
     if f.name == "args" and isinstance(value, dict):  # --model-args: a mapping is its JSON text
@@ -274,6 +300,90 @@ def check_option(f: dataclasses.Field, value, what: str | None = None, *, bounds
     if bounds and kind in ("int", "float"):
         check_number(flag, value, **f.metadata["bounds"])
     return value
+
+
+def settled(cfg: TrainConfig, recipe: TrainConfig, given: dict[tuple[str, str], object],
+            typed: frozenset | None) -> TrainConfig:
+    """A new run's cross-option rules, over `cfg` as the user set it on top of `recipe`: an option set where it
+    would do nothing is one UserError line (`refuse_idle`): one in `typed` (the flags typed; None: all of
+    `given`) however set, another (a configuration file's) when it differs from the recipe's value, so that
+    a run's own config.yaml stays valid as --config; then the learning rate follows the batch size
+    (`lr_for_batch`)."""
+    explicit = {key for key, value in given.items()
+                if typed is None or key in typed or value != getattr(getattr(recipe, key[0]), key[1])}
+    refuse_idle(cfg, explicit)
+    return lr_for_batch(cfg, lr_given=("optim", "lr") in given, base_given=("optim", "lr_base_batch") in given,
+                        recipe_batch=recipe.data.batch_size)
+
+
+def lr_for_batch(cfg: TrainConfig, *, lr_given: bool, base_given: bool, recipe_batch) -> TrainConfig:
+    """timm's lr-base rule: --lr is meant for --lr-base-batch pictures a step, by default the recipe's batch
+    when --lr is not given (a recipe's learning rate goes with its batch), else the batch it is given with;
+    `scaled_lr` then moves it to --batch-size, so that a smaller batch does not take the large steps of a
+    large one (measured: the notes' network on 48 pictures at batch 16 diverged at lr 0.05). Afterwards
+    lr_base_batch is the batch the lr is for: --batch-size, or with --batch-size auto the base to scale
+    from once the batch is known (None: a given --lr, taken as it is)."""
+    base = cfg.optim.lr_base_batch if base_given else (cfg.data.batch_size if lr_given else recipe_batch)
+    if base == "auto":  # --lr given with --batch-size auto, or a recipe of auto: the lr is taken as it is
+        base = None
+    optim = scaled_lr(dataclasses.replace(cfg.optim, lr_base_batch=base), cfg.data.batch_size)
+    return dataclasses.replace(cfg, optim=optim)
+
+
+def scaled_lr(optim: OptimConfig, batch) -> OptimConfig:
+    """`optim` with its lr moved from `optim.lr_base_batch` pictures a step to `batch`: times batch/base for
+    SGD, times its square root for Adam and AdamW (timm's linear and sqrt rules); then lr_base_batch is
+    `batch`. Unchanged without lr_base_batch, or while `batch` is "auto" (scaled once it is known)."""
+    base = optim.lr_base_batch
+    if base is None or batch == "auto" or batch == base:
+        return optim
+    ratio = batch / base
+    factor = ratio if optim.optimizer == "sgd" else math.sqrt(ratio)
+    return dataclasses.replace(optim, lr=optim.lr * factor, lr_base_batch=batch)
+
+
+def idle_options(cfg: TrainConfig) -> dict[str, str]:
+    """Flag -> why it would change nothing in the run `cfg` describes, for every option whose value is not
+    used there (whatever its value): what `refuse_idle` refuses when the user set it. The augmentation
+    options (--crop-pad, --crop-scale, --auto-augment, --random-erasing) are imgclf.augment.choose's."""
+    d, m, o, r = cfg.data, cfg.model, cfg.optim, cfg.run
+    builtin = d.data in ("cifar10", "cifar100", "mnist", "fashion-mnist")  # sources.BUILTINS (no torch here)
+    adam = o.optimizer != "sgd"
+    rules = {
+        "--momentum": adam and f"--optimizer {o.optimizer} has no momentum term (its betas are fixed)",
+        "--nesterov": o.nesterov and ((adam and f"--optimizer {o.optimizer} has no Nesterov momentum") or
+                                      (o.momentum == 0 and "Nesterov momentum needs --momentum above 0")),
+        "--mix-switch": not (d.mixup > 0 and d.cutmix > 0) and "it chooses between mixup and CutMix: give both "
+                                                                "--mixup and --cutmix",
+        "--store-size": d.augment not in ("auto", "photo") and f"--augment {d.augment} takes no random-resized "
+                                                               f"crops (photo does)",
+        "--data-root": not builtin and "it is where the built-in data sets live, and --data is a folder",
+        "--labels": builtin and f"{d.data} has its own labels",
+        "--val-fraction": builtin and f"{d.data} has its own test split, used for validation",
+        "--strict-data": builtin and f"{d.data} is read by torchvision, not from picture files",
+        "--cache-dir": builtin and f"{d.data} is read by torchvision, not decoded into the cache",
+        "--freeze-epochs": m.freeze_backbone and "--freeze-backbone keeps the backbone frozen for the whole run",
+        "--backbone-lr-scale": not (m.freeze_epochs and not m.freeze_backbone) and
+                               "it sets the backbone's rate once it trains after --freeze-epochs",
+        "--patience": o.patience is not None and o.patience >= o.epochs - 1 and  # epoch 1 sets the first mark
+                      f"a run of --epochs {o.epochs} ends before it could wait {o.patience} epochs for a better one",
+        "--accumulate": isinstance(d.batch_size, int) and o.accumulate > d.batch_size and
+                        f"a batch of {d.batch_size} cannot be cut into {o.accumulate} micro-batches",
+        "--stop-after": r.stop_after is not None and r.stop_after >= o.epochs and
+                        f"the run ends after its {o.epochs} epochs anyway",
+        "--ema-decay": not r.ema and "it is the decay of --ema's average, which is off",
+        "--mlflow-experiment": r.mlflow is None and "it names the experiment of --mlflow, which is off",
+    }
+    return {flag: why for flag, why in rules.items() if why}
+
+
+def refuse_idle(cfg: TrainConfig, explicit: set[tuple[str, str]]) -> None:
+    """One UserError line for the first option in `explicit` ((section, field) keys) that `idle_options`
+    finds unused: an option given either acts or is refused, never silently ignored."""
+    idle = idle_options(cfg)
+    for section, f, flag in config_fields():
+        if (section, f.name) in explicit and flag in idle:
+            raise UserError(f"{flag} would change nothing here: {idle[flag]}; drop it")
 
 
 def check_number(flag: str, value, low=None, high=None, *, low_open: bool = False, high_open: bool = False,

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import os
+import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -27,6 +29,9 @@ HEADER = ("# imgclf train configuration: rerun it with `imgclf train --config FI
 RUN_HEADER = ("# The configuration of this run (config.json's, as YAML): `imgclf train --config config.yaml --out NEW`\n"
               "# trains it again; `imgclf train --resume RUN` continues it.\n")
 SECTION_TITLES = {"data": "data", "model": "model", "optim": "optimisation", "run": "run"}
+# In a run's config.yaml, beside `model: FILE.py:Class`: the SHA-256 of the code the run imported. Its
+# presence also says that FILE.py is relative to the configuration file's folder (the run's), not the current one.
+CODE_KEY = "model_sha256"
 
 
 def option_keys() -> dict[str, tuple[str, dataclasses.Field, str]]:
@@ -48,7 +53,7 @@ def read_yaml(path, *, what: str = "configuration file"):
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"cannot read the {what} {path}: {getattr(err, 'strerror', None) or err}") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_loader_without_aliases(path, what))  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -56,9 +61,58 @@ def read_yaml(path, *, what: str = "configuration file"):
         raise UserError(f"{path} is not valid YAML{where}: {problem}") from None
 
 
+MAX_YAML_DEPTH = 64  # lists and mappings within each other in a configuration file
+
+
+def _loader_without_aliases(path: Path, what: str):
+    """yaml.SafeLoader refusing, in one line, aliases (`*name`, `<<: *name`): nested ones expand exponentially
+    (a 500-byte file can stand for billions of values), and a configuration has no need of them; and values
+    nested over MAX_YAML_DEPTH deep."""
+    import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent):
+                raise UserError(f"{path} line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are "
+                                f"not accepted in a {what}; write the value out in full")
+            if self.depth >= MAX_YAML_DEPTH:  # (Python's own recursion limit would end in a traceback)
+                raise UserError(f"{path} line {event.start_mark.line + 1}: values nested over {MAX_YAML_DEPTH} "
+                                f"deep are not accepted in a {what}")
+            self.depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return NoAliases
+
+
 def read_config(path) -> dict[tuple[str, str], object]:
     """The options a configuration file sets, as config.TrainConfig.from_sources takes them: (section, field) -> value."""
-    return parse_options(read_yaml(path), str(path))
+    return read_config_pinned(path)[0]
+
+
+def read_config_pinned(path) -> tuple[dict[tuple[str, str], object], str | None]:
+    """`read_config`'s values, and the SHA-256 the file records for its `model: FILE.py:Class` network (CODE_KEY,
+    written into a run's config.yaml), or None. With that record, FILE.py is taken relative to the file's
+    folder: the model value returned names it from the current folder."""
+    doc = read_yaml(path)
+    pinned = doc.pop(CODE_KEY, None) if isinstance(doc, dict) else None
+    values = parse_options(doc, str(path))
+    if pinned is None:
+        return values, None
+    name = str(values.get(("model", "name")))
+    file, _, class_name = name.rpartition(":")
+    if not (isinstance(pinned, str) and re.fullmatch(r"[0-9a-f]{64}", pinned)):
+        raise UserError(f"{path}: {CODE_KEY}: {pinned!r} is not the SHA-256 of a file (64 hexadecimal digits)")
+    if not file.endswith(".py"):
+        raise UserError(f"{path}: {CODE_KEY} records the code of a FILE.py:Class network, but model is {name!r}")
+    folder = os.path.dirname(os.fspath(Path(path).expanduser()))
+    values["model", "name"] = f"{os.path.join(folder, file)}:{class_name}"  # joined, not resolved: links hold
+    return values, pinned
 
 
 def parse_options(doc, source: str) -> dict[tuple[str, str], object]:
@@ -109,9 +163,11 @@ def option_value(source: str, key: str, f: dataclasses.Field, value, *, bounds: 
     return check_option(f, value, what=f"{source}: {key}: {value!r}", bounds=bounds)
 
 
-def config_yaml(cfg: TrainConfig, header: str = HEADER) -> str:
+def config_yaml(cfg: TrainConfig, header: str = HEADER, *, folder: str | os.PathLike | None = None) -> str:
     """`cfg` as a configuration file: every option, in `imgclf train --help`'s order, under a comment per
-    section. Reading it back (`read_config`) gives `cfg` again."""
+    section. Reading it back (`read_config`) gives `cfg` again. `folder`: where the file is written (a run's
+    folder): a FILE.py:Class network is then named relative to it, with the SHA-256 of its code (CODE_KEY),
+    so that the file trains the same code again from any folder, and refuses a changed one."""
     import yaml
 
     lines, current = [header.rstrip("\n")] if header else [], None
@@ -119,10 +175,24 @@ def config_yaml(cfg: TrainConfig, header: str = HEADER) -> str:
         if section != current:
             lines.append(f"\n# {SECTION_TITLES[section]}")
             current = section
-        value = getattr(getattr(cfg, section), f.name)
-        lines.append(yaml.safe_dump({key_of(flag): value}, default_flow_style=False, width=10**9,
-                                    allow_unicode=True).rstrip("\n"))
+        pairs = {key_of(flag): getattr(getattr(cfg, section), f.name)}
+        if folder is not None and (section, f.name) == ("model", "name"):
+            pairs = _pinned_code(pairs["model"], folder) or pairs
+        lines += [yaml.safe_dump({key: value}, default_flow_style=False, width=10**9,
+                                 allow_unicode=True).rstrip("\n") for key, value in pairs.items()]
     return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _pinned_code(name: str, folder) -> dict | None:
+    """{"model": FILE.py:Class relative to `folder`, CODE_KEY: its SHA-256} for a network from a .py file
+    (the code imported in this process, see usercode.code_identity), else None."""
+    from imgclf.usercode import code_identity, parse_code_name  # torch: only where a FILE.py network trains
+
+    ref = parse_code_name(name)
+    if ref is None:
+        return None
+    relative = os.path.relpath(ref.path.absolute(), Path(folder).absolute())
+    return {"model": f"{relative}:{ref.class_name}", CODE_KEY: code_identity(name, None)["sha256"]}
 
 
 # ---------------------------------------------------------------- recipes: configuration files shipped with imgclf

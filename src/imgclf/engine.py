@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -132,8 +133,10 @@ def _cpu(state: dict) -> dict:
 
 def train_one_epoch(state: TrainState, loader, *, epoch: int, loss_fn, autocast: Callable[[], AbstractContextManager],
                     hooks: Hooks | None = None, dist: DistInfo | None = None, check_every: int = 1,
-                    hits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = argmax_hits) -> dict:
-    """Train `state.net` over `loader.epoch(epoch)`, from `state.step` when the epoch was begun before.
+                    hits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = argmax_hits,
+                    clip_grad: float | None = None, accumulate: int = 1) -> dict:
+    """Train `state.net` over `loader.epoch(epoch)`, from `state.step` when the epoch was begun before; each
+    step as `train_step` makes it (`clip_grad`, `accumulate`).
 
     Stops early (returning `stopped_at`) as soon as `hooks.should_stop()` is true after a step. Losses are
     read every `check_every` steps (1 on a CPU; more on a GPU, so that the host does not wait for the device
@@ -141,7 +144,7 @@ def train_one_epoch(state: TrainState, loader, *, epoch: int, loss_fn, autocast:
     task's) are over the global batch, summed across the processes of `dist`; with `state.partial` (the sums of a
     stopped epoch's first steps) the figures cover all of the epoch, exactly as if it had not stopped."""
     hooks, dist = hooks or Hooks(), dist or DistInfo()
-    model, optimizer, scaler = state.net, state.optimizer, state.scaler
+    model = state.net
     train_mode(model)
     world, device, steps = getattr(loader, "world", 1), _device(model), len(loader)
     carry = state.partial if state.step else None
@@ -151,22 +154,13 @@ def train_one_epoch(state: TrainState, loader, *, epoch: int, loss_fn, autocast:
     pending: list[tuple[int, torch.Tensor, int]] = []  # (step, loss on the device, pictures) not yet read
     start, stopped_at = time.perf_counter(), None
     for step, (x, y, n_global) in enumerate(loader.epoch(epoch, start_step=state.step), start=state.step):
-        with autocast():
-            logits, loss = training_loss(model(x), y, loss_fn)  # auxiliary classifiers' losses included
-            # mean over the global batch, also when each process holds a share of it
-            loss = loss * (y.shape[0] * world / n_global)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        # mean over the global batch, also when each process holds a share of it
+        loss, right = train_step(state, x, y, loss_fn=loss_fn, autocast=autocast, scale=y.shape[0] * world / n_global,
+                                 hits=hits, clip_grad=clip_grad, accumulate=accumulate)
         state.scheduler.step()
         state.after_update(epoch * steps + step + 1)
-        pending.append((step, loss.detach() * (n_global / (y.shape[0] * world)), y.shape[0]))
-        correct += hits(logits, y)
+        pending.append((step, loss * (n_global / (y.shape[0] * world)), y.shape[0]))
+        correct += right
         seen += y.shape[0]
         stop = hooks.should_stop()
         if stop or len(pending) >= check_every:
@@ -180,6 +174,82 @@ def train_one_epoch(state: TrainState, loader, *, epoch: int, loss_fn, autocast:
     return {"loss": totals[0] / max(totals[2], 1), "acc": totals[1] / max(totals[2], 1),
             "images": int(totals[2]) - int(carry[2] if carry else 0), "sums": totals,
             "seconds": time.perf_counter() - start, "stopped_at": stopped_at}
+
+
+def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, *, loss_fn,
+               autocast: Callable[[], AbstractContextManager], scale: float = 1.0,
+               hits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = argmax_hits,
+               clip_grad: float | None = None, accumulate: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step of `state` on the batch (x, y); returns (its loss times `scale`, its correct
+    predictions by `hits`), both on the device, without waiting for it.
+
+    The batch is cut into `accumulate` micro-batches whose gradients add up before the step, each loss
+    weighted by its share of the batch's mean (`loss_shares`): without BatchNorm the step is the whole
+    batch's, to float rounding. A BatchNorm normalises each micro-batch by its own statistics, and its
+    running averages move per micro-batch at a momentum that makes them move per step as without it.
+    `clip_grad`: the gradients' global norm is scaled down to at most this before the step (None or 0: not);
+    a norm below it leaves them bit for bit (they are multiplied by exactly 1)."""
+    model, optimizer, scaler = state.net, state.optimizer, state.scaler
+    parts = [(xc, yc) for xc, yc in zip(x.tensor_split(accumulate), y.tensor_split(accumulate), strict=True)
+             if len(yc)]
+    shares = loss_shares(loss_fn, y, [yc for _, yc in parts])
+    optimizer.zero_grad(set_to_none=True)
+    total, correct = None, None
+    with _micro_batch_momentum(model, len(parts)):
+        for i, ((xc, yc), share) in enumerate(zip(parts, shares, strict=True)):
+            with _sync_on_last(model, i + 1 == len(parts)), autocast():
+                logits, loss = training_loss(model(xc), yc, loss_fn)  # auxiliary classifiers' losses included
+                loss = loss * (share * scale)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            right = hits(logits, yc)
+            total = loss.detach() if total is None else total + loss.detach()
+            correct = right if correct is None else correct + right
+    if clip_grad:
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # the norm of the true gradients
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return total, correct
+
+
+def loss_shares(loss_fn, y: torch.Tensor, parts: list[torch.Tensor]) -> list:
+    """How much each micro-batch's mean loss weighs in the whole batch's mean: its share of the pictures, or
+    under class weights (a `weight` on the loss, hard labels) its share of the batch's total weight, the
+    divisor of a weighted cross-entropy's mean. Soft labels (mixup) are averaged over pictures either way."""
+    if len(parts) == 1:
+        return [1.0]
+    weight = getattr(loss_fn, "weight", None)
+    if weight is None:  # a task's loss method (imgclf.tasks): its class weights
+        weight = getattr(getattr(loss_fn, "__self__", None), "class_weights", None)
+    if weight is None or y.ndim > 1:
+        return [len(p) / len(y) for p in parts]
+    total = weight[y].sum()
+    return [weight[p].sum() / total for p in parts]
+
+
+@contextlib.contextmanager
+def _micro_batch_momentum(model: nn.Module, parts: int):
+    """BatchNorm momentum m as 1 - (1 - m)**(1/parts) while a batch is cut into `parts` micro-batches: the
+    running statistics then keep as much of their past per step as without accumulation."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.training and m.momentum is not None] if parts > 1 else []
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 1 - (1 - m.momentum) ** (1 / parts)
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved, strict=True):
+            m.momentum = momentum
+
+
+def _sync_on_last(model: nn.Module, last: bool) -> AbstractContextManager:
+    """DistributedDataParallel averages gradients across processes on the last micro-batch's backward only."""
+    return contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
 
 
 def _read_losses(pending: list, epoch: int, on_step: Callable[[int, float], None]) -> float:

@@ -1,6 +1,7 @@
 """The exceptions that end a command with one line for the user (UserError, Stopped), and the exit codes."""
 
 import os
+import re
 
 EXIT_OK = 0
 EXIT_PARTIAL = 1  # some inputs failed (predict), the others were handled
@@ -32,3 +33,19 @@ def shown(path) -> str:
     control characters escaped, so that a hostile file name can neither break a message nor its encoding."""
     text = os.fsdecode(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode() for c in text)
+
+
+# A line of a native library's message that only says where in its sources it was raised: OpenVINO's
+# "Exception from src/inference/src/cpp/core.cpp:84:" (one per level it passed through), or its internal
+# condition, "Check 'res.status == pugi::status_ok' failed at src/frontends/ir/src/input_model.cpp:219:".
+_SOURCE_LOCATION = re.compile(r"^(Exception from|Check .* failed at) \S+\.(cpp|hpp|cc|c|h)(:\d+)+:?$")
+
+
+def reason_of(err: BaseException, limit: int = 300) -> str:
+    """`err`'s message as one printable line for the user: the lines that only name a library's source file
+    and line left out (OpenVINO puts several before its reason) unless nothing else is said, the rest joined
+    by spaces, escaped (`shown`) and cut at `limit` characters; the exception's type when it says nothing."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    told = [line for line in lines if not _SOURCE_LOCATION.match(line)] or lines
+    text = shown(" ".join(told))
+    return (text[: limit - 3] + "..." if len(text) > limit else text) or type(err).__name__

@@ -24,6 +24,7 @@ Each format's building, writing, reading and checking is its entry in the table 
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from imgclf import __version__
 from imgclf.errors import UserError, shown
 from imgclf.files import not_regular
 from imgclf.formats import FORMATS, Format, quiet_deprecations
-from imgclf.tasks import DEFAULT, MULTILABEL
+from imgclf.tasks import DEFAULT, MULTILABEL, checkpoint_task
 
 RESIZE_RULE = ("EXIF orientation applied; converted to RGB (3 channels) or L (1 channel), 16-bit pictures scaled "
                "to 8 bits and transparent ones composited on white; shorter side resized to size with bilinear "
@@ -62,11 +63,11 @@ PREPROCESSING = [
 
 class ExportWrapper(nn.Module):
     """uint8 pixels (N, C, S, S) -> class probabilities (N, classes): normalisation, network, and the task's
-    activation (`sigmoid` True: one sigmoid per class, a multi-label model's; else the softmax)."""
+    `activation` of the logits (tasks.Task.activation; single-label: softmax)."""
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float], *, sigmoid: bool = False):
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float], activation: Callable):
         super().__init__()
-        self.model, self.sigmoid = model, sigmoid
+        self.model, self.activation = model, activation
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
@@ -75,8 +76,7 @@ class ExportWrapper(nn.Module):
         # out as three float32 operations; BatchTransform folds it into one multiply-add with constants
         # computed in float64, so the two agree up to float32 rounding, not bit for bit.
         x = images.to(torch.float32) / 255.0
-        logits = self.model((x - self.mean) / self.std)
-        return logits.sigmoid() if self.sigmoid else logits.softmax(1)
+        return self.activation(self.model((x - self.mean) / self.std))
 
 
 def export_metadata(ckpt: dict, fmt: str) -> dict:
@@ -127,7 +127,7 @@ class Exported:
         size_mb = sum(f.stat().st_size for f in files) / 1e6
         if not fmt.graph:
             return (f"wrote {self.path} ({size_mb:.1f} MB): weights of {meta['model']['name']} for "
-                    f"{len(meta['classes'])} classes, input float32 {shape} normalised; metadata in the header")
+                    f"{len(meta['classes'])} classes, input float32 {shape} normalised; metadata inside the file")
         weights = "".join(f" and {f.name}" for f in files[1:])
         head = (f"wrote {self.path}{weights} ({size_mb:.1f} MB{', int8' if self.int8 else ''}): input uint8 {shape} "
                 f"-> probabilities (N, {len(meta['classes'])})")
@@ -163,9 +163,8 @@ def export_checkpoint(checkpoint, fmt: str, out=None, *, int8: bool = False, cal
                         "multi-label model in float (drop --int8)")
     sample = _int8_data(ckpt, calibration_data, eval_data, calibration_size) if int8 else None  # fails first
     model = model_from_checkpoint(ckpt).float().cpu()
-    sigmoid = ckpt.get("task") == MULTILABEL
-    module = ExportWrapper(model, meta["input"]["mean"], meta["input"]["std"], sigmoid=sigmoid).eval() \
-        if form.graph else model
+    activation = checkpoint_task(ckpt).activation
+    module = ExportWrapper(model, meta["input"]["mean"], meta["input"]["std"], activation).eval() if form.graph else model
     c, s = meta["input"]["channels"], meta["input"]["size"]
     example = torch.randint(0, 256, (2, c, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     artefact = form.build(module, example, meta)

@@ -151,6 +151,31 @@ def refuse_if_in_use(folder: Path) -> None:
         os.close(fd)
 
 
+def run_folder_held(folder: Path) -> bool | None:
+    """Whether a process holds the run folder `folder` now (`claim_run_folder`); None when that cannot be
+    told: no RUN_MARK (a run of an imgclf before it), or no flock on this system. Asking takes a shared lock
+    for an instant, which a process claiming the folder at that very instant would see as in use."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(Path(folder) / RUN_MARK, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)  # (a FIFO: no wait)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # (releases the shared lock)
+
+
 def _lock(fd: int, folder: Path) -> None:
     try:
         import fcntl

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgclf.errors import UserError, shown
+from imgclf.errors import UserError, reason_of, shown
 from imgclf.files import atomic_write, not_regular
 
 METADATA_KEY = "imgclf"  # the key (or extra-file stem) under which every format stores the metadata JSON
@@ -170,11 +170,6 @@ def read_metadata(text: str) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def first_line(err: BaseException, limit: int = 300) -> str:
-    """The first line of an error from a converter or runtime (they raise their own kinds), for one-line messages."""
-    return str(err).strip().splitlines()[0][:limit] if str(err).strip() else type(err).__name__
-
-
 # ---------------------------------------------------------------- TorchScript
 
 @contextlib.contextmanager
@@ -244,7 +239,7 @@ def _onnx_build(module, example, meta: dict):
                                         output_names=["probabilities"], dynamic_shapes={"images": {0: batch}},
                                         dynamo=True, external_data=False, verbose=False)
     except Exception as err:  # the exporter raises many types; the user needs one line and the model name
-        raise UserError(f"ONNX export of {meta['model']['name']} failed: {first_line(err)}") from None
+        raise UserError(f"ONNX export of {meta['model']['name']} failed: {reason_of(err)}") from None
     return program.model_proto
 
 
@@ -263,7 +258,7 @@ def _onnx_open(source, runtime: str, precision: str = "fp32"):
     """A .onnx file (or a ModelProto) in ONNX Runtime or OpenVINO."""
     if not isinstance(source, str | Path):
         source = source.SerializeToString()
-    return _open_graph(source, runtime, precision)
+    return open_graph(source, runtime, precision)
 
 
 def _onnx_quantize(proto, calibration):
@@ -289,7 +284,7 @@ def _openvino_build(module, example, meta: dict):
     try:
         return openvino.convert_model(io.BytesIO(data))
     except Exception as err:  # noqa: BLE001 - the converter raises its own kinds
-        raise UserError(f"OpenVINO conversion of {meta['model']['name']} failed: {first_line(err)}") from None
+        raise UserError(f"OpenVINO conversion of {meta['model']['name']} failed: {reason_of(err)}") from None
 
 
 def _openvino_save(model, meta: dict, out: Path) -> None:
@@ -303,7 +298,7 @@ def _openvino_save(model, meta: dict, out: Path) -> None:
         try:
             openvino.save_model(model, str(Path(tmp) / "model.xml"), compress_to_fp16=False)  # float32 stays so
         except Exception as err:  # noqa: BLE001 - OpenVINO raises RuntimeError for a failed write
-            raise UserError(f"could not write {shown(out)}: {first_line(err)}; check the free space and try "
+            raise UserError(f"could not write {shown(out)}: {reason_of(err)}; check the free space and try "
                             f"again (any previous version of the files is kept)") from None
         for suffix in (".bin", ".xml"):
             written = Path(tmp) / f"model{suffix}"
@@ -311,7 +306,7 @@ def _openvino_save(model, meta: dict, out: Path) -> None:
 
 
 def _openvino_open(source, runtime: str, precision: str = "fp32"):
-    return _open_graph(source, runtime, precision)
+    return open_graph(source, runtime, precision)
 
 
 def _openvino_quantize(model, calibration):
@@ -341,7 +336,7 @@ def _write_bytes(data: bytes, out: Path) -> None:
     atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def _open_graph(source, runtime: str, precision: str):
+def open_graph(source, runtime: str, precision: str):
     """(run, meta) for an ONNX or OpenVINO graph: a file, ONNX bytes or an openvino.Model."""
     where = shown(source) if isinstance(source, str | Path) else "the model"
     try:
@@ -351,7 +346,7 @@ def _open_graph(source, runtime: str, precision: str):
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - both runtimes raise their own kinds for every bad file
-        raise UserError(f"cannot read {where}: not an exported model, or damaged ({first_line(err, 160)})") from None
+        raise UserError(f"cannot read {where}: not an exported model, or damaged ({reason_of(err, 160)})") from None
 
 
 def _onnxruntime_graph(source):
@@ -371,7 +366,7 @@ def _openvino_graph(model, precision: str):
     if isinstance(model, bytes):
         model = openvino.convert_model(io.BytesIO(model))
     elif not isinstance(model, openvino.Model):
-        model = core.read_model(str(model))
+        model = _read_graph(Path(model))
     # An IR written by imgclf export keeps its metadata at the top; an ONNX graph's lands under "framework".
     key = next((k for k in ([METADATA_KEY], ["framework", METADATA_KEY]) if model.has_rt_info(k)), None)
     meta = read_metadata(model.get_rt_info(key).astype(str) if key else "")
@@ -380,6 +375,16 @@ def _openvino_graph(model, precision: str):
         config["INFERENCE_PRECISION_HINT"] = "f32"  # OpenVINO would compute bf16 on CPUs that have it
     compiled = core.compile_model(model, "CPU", config)
     return (lambda x: compiled(x)[0]), meta
+
+
+def _read_graph(path: Path):
+    """An OpenVINO IR (.xml and its .bin) or an ONNX file, read by the frontend of its kind alone:
+    `Core.read_model` tries every frontend on a damaged file, TensorFlow's printing its own parse errors on
+    stderr, and then says only that no frontend could read it."""
+    from openvino.frontend import FrontEndManager
+
+    frontend = FrontEndManager().load_by_framework("ir" if path.suffix.lower() == ".xml" else "onnx")
+    return frontend.convert(frontend.load(str(path)))
 
 
 @contextlib.contextmanager

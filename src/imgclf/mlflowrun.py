@@ -20,7 +20,7 @@ from pathlib import Path
 
 from imgclf import __version__
 from imgclf.config import TrainConfig
-from imgclf.errors import UserError
+from imgclf.errors import UserError, shown
 from imgclf.files import atomic_write_text
 from imgclf.report import flatten_config
 from imgclf.runs import read_records
@@ -52,12 +52,16 @@ def import_mlflow():
 
 
 def check_reachable(uri: str, timeout: float = 10.0) -> None:
-    """For an http(s) tracking server: one UserError line at once when nothing answers there (MLflow's own
-    client retries for minutes). Any HTTP answer, even an error status, counts as answering."""
+    """One UserError line at once, before the run begins, when MLflow cannot log to `uri`. An http(s)
+    tracking server must answer (MLflow's own client retries for minutes; any HTTP answer, even an error
+    status, counts); any other URI (a database, a folder) must be one MLflow opens: a scheme it knows, a
+    database it can create or read, a file store it accepts (MLflow 3 refuses one unless
+    MLFLOW_ALLOW_FILE_STORE=true)."""
     import urllib.error
     import urllib.request
 
     if not uri.startswith(("http://", "https://")):
+        _check_store(uri)
         return
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()  # noqa: S310 - http(s) only
@@ -67,6 +71,24 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
         reason = getattr(err, "reason", err)
         raise UserError(f"no MLflow tracking server answers at {uri} ({reason}); start it (mlflow server), or "
                         f"check --mlflow") from None
+
+
+def _check_store(uri: str) -> None:
+    """Open MLflow's store at `uri` (not http) and read from it; one UserError line when MLflow cannot."""
+    mlflow = import_mlflow()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is the user's
+            mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - MLflow, SQLAlchemy and the file system raise many kinds
+        text = str(err).strip()
+        if "MLFLOW_ALLOW_FILE_STORE" in text:
+            reason = ("MLflow refuses a file store unless MLFLOW_ALLOW_FILE_STORE=true is set; give a database "
+                      "(sqlite:///mlflow.db) or a server (http://HOST:5000), or set it")
+        elif "unsupported URI" in text or "registered tracking store" in text:
+            reason = "MLflow knows no such kind of store; give sqlite:///mlflow.db, http://HOST:5000, ..."
+        else:
+            reason = (text.splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"MLflow cannot log to --mlflow {shown(uri)}: {shown(reason)}") from None
 
 
 def metric_key(name: str) -> str:
@@ -91,7 +113,7 @@ class MlflowRun:
         client = mlflow.MlflowClient(tracking_uri=uri)
         state = read_state(run_dir) if resumed else None
         try:
-            if state is not None and state.get("tracking_uri") == uri:
+            if state is not None and state.get("tracking_uri") == uri and isinstance(state.get("run_id"), str):
                 run = cls(client, state["run_id"], uri)
                 client.update_run(run.run_id, status="RUNNING")
                 run.log_params(cfg, known=client.get_run(run.run_id).data.params)
@@ -136,10 +158,11 @@ class MlflowRun:
         """metrics.jsonl's record of one epoch: each number under its own key, at step = epoch."""
         from mlflow.entities import Metric
 
-        stamp, step = int(record.get("time", time.time()) * 1000), int(record["epoch"])
+        when = _float(record.get("time"))  # (a resumed run's earlier records: whatever its file holds)
+        stamp, step = int((when if when is not None and 0 <= when < 1e11 else time.time()) * 1000), record["epoch"]
         flat = flatten_config(record, sep="/")  # val_per_class: {cat: {f1: ...}} -> val_per_class/cat/f1
-        metrics = [Metric(metric_key(key), float(value), stamp, step) for key, value in flat.items()
-                   if key not in NOT_LOGGED and isinstance(value, int | float) and not isinstance(value, bool)]
+        metrics = [Metric(metric_key(key), _float(value), stamp, step) for key, value in flat.items()
+                   if key not in NOT_LOGGED and _float(value) is not None]
         self._safely(lambda: [self.client.log_batch(self.run_id, metrics=metrics[i:i + BATCH])
                               for i in range(0, len(metrics), BATCH)])
 
@@ -177,10 +200,22 @@ class MlflowRun:
                   f"the run goes on without it", file=sys.stderr, flush=True)
 
 
-def read_state(run_dir: Path) -> dict | None:
-    """RUN/mlflow.json, or None when the run has none (or it cannot be read)."""
-    try:
-        return json.loads((Path(run_dir) / STATE).read_text())
-    except (OSError, ValueError):
+def _float(value) -> float | None:
+    """`value` as a float when it is a number (NaN and infinities too: a diverged run's), else None (a bool,
+    a string, an int beyond a float's range)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
+def read_state(run_dir: Path) -> dict | None:
+    """RUN/mlflow.json, or None when the run has none (or it cannot be read, or is not a JSON object)."""
+    try:
+        state = json.loads((Path(run_dir) / STATE).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return state if isinstance(state, dict) else None
 

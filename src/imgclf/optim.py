@@ -69,6 +69,19 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, groups: list[dict] | 
     return torch.optim.AdamW(groups, lr=cfg.lr, **fused)
 
 
+AUTO_CLIP = 10.0  # --clip-grad's default for networks without BatchNorm (config.OptimConfig.clip_grad says why)
+
+
+def clip_norm(setting: float | None, model: nn.Module) -> float:
+    """The gradient norm a step clips to (0: none): --clip-grad's `setting`, or by default AUTO_CLIP for a
+    network without BatchNorm, whose diverging steps it stops, and 0 for one with it, whose healthy steps
+    already reach that norm (measured: README, Stable training)."""
+    if setting is not None:
+        return setting
+    has_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return 0.0 if has_norm else AUTO_CLIP
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int):
     total = cfg.epochs * steps_per_epoch
     warmup = min(total - 1, round(cfg.warmup_epochs * steps_per_epoch))

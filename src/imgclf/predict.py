@@ -122,8 +122,8 @@ class Predictor:
             return str(err)
         try:
             return load_image(source, size=self.size, channels=self.channels).transpose(2, 0, 1)
-        except BadImage as err:
-            return f"not a readable picture ({err})"
+        except BadImage as err:  # Pillow names a file object by its repr: the user knows it as "-" or the URL
+            return f"not a readable picture ({str(err).replace(' ' + repr(source), '')})"
 
 
 class ExportedPredictor(Predictor):
@@ -197,35 +197,36 @@ def print_predictions(results, style: str = "text", out=None, err=None) -> bool:
                               **scores}), file=out)
         elif writer:
             for rank, (lab, p) in enumerate(zip(r.labels, r.probs, strict=True), start=1):
-                writer.writerow([shown(r.path), rank, lab, f"{p:.6f}"])
+                writer.writerow([shown(r.path), rank, shown(lab), f"{p:.6f}"])
         else:
-            tops = "  ".join(f"{lab} {p:.1%}" for lab, p in zip(r.labels, r.probs, strict=True))
+            tops = "  ".join(f"{shown(lab)} {p:.1%}" for lab, p in zip(r.labels, r.probs, strict=True))
             if r.scores is not None and not r.labels:
                 tops = "(no label over its threshold)"
-            print(f"{shown(r.path)}  {tops}", file=out)  # one line, whatever bytes the file name holds
+            print(f"{shown(r.path)}  {tops}", file=out)  # one line, whatever bytes the file name or an exported model's class holds
         out.flush()  # each answer as soon as it is known, also into a pipe
     return failed
 
 
-MAX_DOWNLOAD = 50 << 20  # bytes of one picture fetched from a URL
-DOWNLOAD_TIMEOUT = 20.0  # seconds
+MAX_DOWNLOAD = 50 << 20  # bytes of one picture fetched from a URL or read from standard input
+DOWNLOAD_TIMEOUT = 20.0  # seconds for the whole of one download
 
 
 def fetch(path: str):
     """What `load_image` reads for one input: a file's path, the bytes of an http(s) URL (at most
-    MAX_DOWNLOAD, DOWNLOAD_TIMEOUT seconds), or standard input for "-". BadImage says why it cannot."""
+    MAX_DOWNLOAD, DOWNLOAD_TIMEOUT seconds in all), or standard input for "-" (at most MAX_DOWNLOAD).
+    BadImage says why it cannot."""
     if path == "-":
-        return io.BytesIO(sys.stdin.buffer.read(MAX_DOWNLOAD + 1)[: MAX_DOWNLOAD + 1])
+        data = sys.stdin.buffer.read(MAX_DOWNLOAD + 1)
+        if len(data) > MAX_DOWNLOAD:
+            raise BadImage(f"over the {MAX_DOWNLOAD >> 20} MB limit for a picture read from standard input")
+        return io.BytesIO(data)
     if path.startswith(("http://", "https://")):
-        import urllib.error
-        import urllib.request
+        from imgclf.download import DownloadFailed, download
 
         try:
-            with urllib.request.urlopen(path, timeout=DOWNLOAD_TIMEOUT) as response:  # noqa: S310 - user's URL
-                data = response.read(MAX_DOWNLOAD + 1)
-        except (urllib.error.URLError, OSError, ValueError) as err:
-            reason = getattr(err, "reason", None) or err
-            raise BadImage(f"could not fetch it ({str(reason).splitlines()[0][:160]})") from None
+            data = download(path, max_bytes=MAX_DOWNLOAD, seconds=DOWNLOAD_TIMEOUT)
+        except DownloadFailed as err:
+            raise BadImage(f"could not fetch it ({err})") from None
         if len(data) > MAX_DOWNLOAD:
             raise BadImage(f"over the {MAX_DOWNLOAD >> 20} MB limit for a picture fetched from a URL")
         return io.BytesIO(data)

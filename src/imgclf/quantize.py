@@ -113,9 +113,12 @@ def _recorded_config(ckpt: dict):
 
 
 def _reachable(cfg) -> bool:
-    """Whether the data set can be read here without a download (a built-in one must be in its data root)."""
-    from imgclf.sources import BUILTINS
+    """Whether the data set can be read here without a download (one packaged inside imgclf always; another
+    built-in one must be in its data root)."""
+    from imgclf.sources import BUILTINS, PACKAGED
 
+    if cfg.data in PACKAGED:
+        return True
     if cfg.data in BUILTINS:
         return Path(cfg.data_root).expanduser().is_dir()
     return Path(cfg.data).expanduser().is_dir()

@@ -16,28 +16,38 @@ import os
 from pathlib import Path
 
 from imgclf.config import TrainConfig
-from imgclf.configfile import RECIPES, read_config
+from imgclf.configfile import RECIPES, read_config_pinned
 from imgclf.errors import UserError
 from imgclf.files import refuse_if_in_use
 
 
-def user_values(config: str | os.PathLike | None, given: dict[tuple[str, str], object]) -> dict:
+def user_values(config: str | os.PathLike | None, given: dict[tuple[str, str], object], *,
+                trust_changed_code: bool = False) -> dict:
     """The layer of a configuration file (`config`, None for none) with the values of `given` that are set
-    (not None) over it: `--config FILE` under the flags, `fit(config=FILE)` under fit's keywords."""
-    values = read_config(config) if config is not None else {}
+    (not None) over it: `--config FILE` under the flags, `fit(config=FILE)` under fit's keywords.
+
+    A run's config.yaml records the SHA-256 of its FILE.py network: when that network is the one to train
+    (no model given over it), a file whose code changed since is one UserError line unless
+    `trust_changed_code` (--trust-changed-code), as a resumed run's is."""
+    values, pinned = read_config_pinned(config) if config is not None else ({}, None)
+    if pinned is not None and given.get(("model", "name")) is None:
+        from imgclf.usercode import check_pinned_code  # torch: a FILE.py network is about to be built anyway
+
+        check_pinned_code(str(values["model", "name"]), pinned, source=str(config), trust=trust_changed_code)
     return {**values, **{key: value for key, value in given.items() if value is not None}}
 
 
 def resolve(*layers: dict[tuple[str, str], object], recipe: str = "default",
-            base: TrainConfig | None = None) -> TrainConfig:
+            base: TrainConfig | None = None, typed: frozenset | None = None) -> TrainConfig:
     """The TrainConfig of `layers` (a later one winning) over `recipe`'s values, or over `base` (a resumed
-    run's configuration, where only resumable options may change). An unknown recipe, a bad value or a
+    run's configuration, where only resumable options may change). An unknown recipe, a bad value, an
+    option that would do nothing (`typed`: the options typed as flags, see config.settled) or a
     contradiction of the resumed run is one UserError line."""
     if recipe not in RECIPES:
         raise UserError(f"unknown recipe {recipe!r}; choose one of {', '.join(sorted(RECIPES))}")
     if base is not None:
         return TrainConfig.from_sources({}, *layers, base=base)
-    return TrainConfig.from_sources(RECIPES[recipe], *layers)
+    return TrainConfig.from_sources(RECIPES[recipe], *layers, typed=typed)
 
 
 def resume(folder, *layers: dict[tuple[str, str], object], recipe: str = "default", check_code: bool = True,

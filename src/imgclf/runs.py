@@ -8,13 +8,14 @@ checkpoints. No torch here.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
 from pathlib import Path
 
 from imgclf.errors import UserError, shown
-from imgclf.files import atomic_write_text
+from imgclf.files import atomic_write_text, run_folder_held
 
 STATUS_FILE = "status.json"
 STATES = ("running", "finished", "stopped", "crashed")
@@ -25,7 +26,7 @@ def write_status(run_dir: Path, status: str, *, message: str | None = None) -> N
     """RUN/status.json: `status` (one of STATES), this process and host, when; written atomically."""
     path = Path(run_dir) / STATUS_FILE
     now = time.time()
-    started = now if status == "running" else (_read_json(path) or {}).get("started", now)
+    started = now if status == "running" else _read_object(path).get("started", now)
     atomic_write_text(path, json.dumps({"status": status, "pid": os.getpid(), "host": socket.gethostname(),
                                         "started": started, "updated": now, "message": message}) + "\n")
 
@@ -38,53 +39,88 @@ def find_runs(root: Path) -> list[Path]:
 
 def summarize(run_dir: Path, root: Path) -> dict:
     """One run's row: name (its path under `root`), model, data, epochs done and planned, the best figure
-    of its --monitor and the epoch of it, the test accuracy when there is one, training time, status."""
+    of its --monitor and the epoch of it, the test accuracy when there is one, training time, status.
+    What the run's files hold is taken only where it has the type it should (a field of another type, or a
+    number that is not finite, is unknown: None), so that no edited or hostile file can break the listing."""
     run_dir = Path(run_dir)
-    cfg = _read_json(run_dir / "config.json") or {}
-    optim = cfg.get("optim", {})
+    cfg = _read_object(run_dir / "config.json")
+    optim = _object(cfg.get("optim"))
     records = read_records(run_dir / "metrics.jsonl", lenient=True)
-    monitor, planned = optim.get("monitor", "val_acc"), optim.get("epochs")
-    scored = [r for r in records if isinstance(r.get(monitor), int | float)]
+    monitor, planned = _text(optim.get("monitor")) or "val_acc", _number(optim.get("epochs"))
+    scored = [r for r in records if _number(r.get(monitor)) is not None]
     lower = monitor.endswith("loss")
-    best = (min if lower else max)(scored, key=lambda r: r[monitor]) if scored else None
+    best = (min if lower else max)(scored, key=lambda r: _number(r[monitor])) if scored else None
     name = str(run_dir.relative_to(root)) if run_dir != Path(root) else run_dir.name
-    return {"name": name, "path": str(run_dir), "model": cfg.get("model", {}).get("name"),
-            "data": cfg.get("data", {}).get("data"), "epochs": len(records), "planned_epochs": planned,
-            "monitor": monitor, "best": best[monitor] if best else None, "best_epoch": best["epoch"] if best else None,
-            "lower_is_better": lower, "test_acc": records[-1].get("test_acc") if records else None,
-            "time": sum(r.get("epoch_seconds", 0.0) for r in records), "status": status(run_dir, cfg, records),
-            "started": (_read_json(run_dir / STATUS_FILE) or {}).get("started")}
+    return {"name": name, "path": str(run_dir), "model": _text(_object(cfg.get("model")).get("name")),
+            "data": _text(_object(cfg.get("data")).get("data")), "epochs": len(records),
+            "planned_epochs": int(planned) if planned is not None and planned.is_integer() else None,
+            "monitor": monitor, "best": _number(best[monitor]) if best else None,
+            "best_epoch": best["epoch"] if best and 0 <= best["epoch"] < 1e9 else None, "lower_is_better": lower,
+            "test_acc": _number(records[-1].get("test_acc")) if records else None,
+            "time": sum(_number(r.get("epoch_seconds")) or 0.0 for r in records),
+            "status": status(run_dir, cfg, records), "started": _number(_read_object(run_dir / STATUS_FILE).get("started"))}
+
+
+def _object(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _number(value) -> float | None:
+    """`value` as a float when it is a finite number (not a bool, not an int beyond a float's range)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def status(run_dir: Path, cfg: dict, records: list[dict]) -> str:
     """finished, stopped, crashed or running (see the module's docstring)."""
-    recorded = _read_json(Path(run_dir) / STATUS_FILE)
-    if recorded and recorded.get("status") in STATES:
-        if recorded["status"] == "running" and not _alive(recorded):
+    recorded = _read_object(Path(run_dir) / STATUS_FILE)
+    if recorded.get("status") in STATES:
+        if recorded["status"] == "running" and not _alive(Path(run_dir), recorded):
             return "crashed"
         return recorded["status"]
-    optim = cfg.get("optim", {})
+    optim = _object(cfg.get("optim"))
     if records and records[-1].get("epoch") == optim.get("epochs"):
         return "finished"
     return "stopped" if (Path(run_dir) / "checkpoints" / "last.pt").is_file() else "crashed"
 
 
 def list_runs(root: Path, *, sort: str = "name") -> list[dict]:
-    """The rows of every run under `root`, sorted by `sort` (a COLUMNS key; best: the best figure first)."""
-    rows = [summarize(d, Path(root)) for d in find_runs(root)]
+    """The rows of every run under `root`, sorted by `sort` (a COLUMNS key; best: the best figure first);
+    then, for each run whose files could not be read at all, {"name", "path", "skipped": why}."""
+    rows, skipped = [], []
+    for folder in find_runs(root):
+        try:
+            rows.append(summarize(folder, Path(root)))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError, OverflowError) as err:
+            skipped.append({"name": str(folder.relative_to(root)), "path": str(folder),
+                            "skipped": f"{type(err).__name__}: {str(err)[:200]}"})
     if sort == "best":
-        return sorted(rows, key=lambda r: (r["best"] is None, (r["best"] or 0) * (1 if r["lower_is_better"] else -1)))
-    if sort == "time":
-        return sorted(rows, key=lambda r: -r["time"])
-    return sorted(rows, key=lambda r: (r[sort] is None, r[sort] if r[sort] is not None else 0))
+        rows.sort(key=lambda r: (r["best"] is None, (r["best"] or 0) * (1 if r["lower_is_better"] else -1)))
+    elif sort == "time":
+        rows.sort(key=lambda r: -r["time"])
+    else:
+        rows.sort(key=lambda r: (r[sort] is None, r[sort] if r[sort] is not None else 0))
+    return rows + skipped
 
 
 def runs_output(rows: list[dict], root, *, as_json: bool = False) -> tuple[str, str]:
     """What `imgclf runs` prints: (standard output, standard error): the table (or one JSON object per run)
-    and how many runs there are under `root`."""
+    and how many runs there are under `root`; a line on standard error for each run skipped."""
+    listed = [row for row in rows if "skipped" not in row]
+    skipped = "".join(f"imgclf: skipping the run {shown(row['path'])}: its files cannot be read "
+                      f"({shown(row['skipped'])})\n" for row in rows if "skipped" in row)
     if as_json:
-        return "".join(json.dumps(row) + "\n" for row in rows), ""
-    return (format_table(rows) + "\n" if rows else ""), f"{len(rows)} runs under {root}\n"
+        return "".join(json.dumps(row) + "\n" for row in listed), skipped
+    return (format_table(listed) + "\n" if listed else ""), f"{skipped}{len(listed)} runs under {root}\n"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -113,13 +149,16 @@ def _cells(r: dict) -> dict:
     data = r["data"] or "?"
     if os.sep in data:  # a folder: its name says enough in a table (--json has it whole)
         data = Path(data).name
-    best = "-" if r["best"] is None else f"{r['monitor']} {r['best']:.4f} (epoch {r['best_epoch']})"
-    planned = r["planned_epochs"] if r["planned_epochs"] is not None else "?"
-    return {"name": r["name"], "model": r["model"] or "?", "data": data, "epochs": f"{r['epochs']}/{planned}",
-            "best": best, "time": _duration(r["time"]), "status": r["status"]}
+    epoch = r["best_epoch"] if r["best_epoch"] is not None else "?"
+    best = "-" if r["best"] is None else f"{shown(r['monitor'])} {r['best']:.4f} (epoch {epoch})"
+    planned = r["planned_epochs"] if r["planned_epochs"] is not None and r["planned_epochs"] < 1e9 else "?"
+    return {"name": shown(r["name"]), "model": shown(r["model"] or "?"), "data": shown(data),
+            "epochs": f"{r['epochs']}/{planned}", "best": best, "time": _duration(r["time"]), "status": r["status"]}
 
 
 def _duration(seconds: float) -> str:
+    if not 0 <= seconds < 1e9:  # over 31 years: a time stamp written by hand, not a duration
+        return "?"
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds}s"
@@ -128,10 +167,16 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
 
 
-def _alive(recorded: dict) -> bool:
-    """Whether the process status.json names still runs; on another host it cannot be told: assumed so."""
+def _alive(run_dir: Path, recorded: dict) -> bool:
+    """Whether the process training `run_dir` still runs: whether a process holds the run folder's lock
+    (files.claim_run_folder); for a run without one (an imgclf before it), whether the process status.json
+    names runs (a PID the system may have given to another process since). On another host it cannot be
+    told: assumed so."""
     if recorded.get("host") != socket.gethostname():
         return True
+    held = run_folder_held(run_dir)
+    if held is not None:
+        return held
     try:
         os.kill(int(recorded["pid"]), 0)
     except ProcessLookupError:
@@ -141,11 +186,13 @@ def _alive(recorded: dict) -> bool:
     return True
 
 
-def _read_json(path: Path):
+def _read_object(path: Path) -> dict:
+    """The JSON object in `path`; {} when there is none (no file, not JSON, nested too deep, not an object)."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return _object(value)
 
 
 def read_records(path: Path, *, lenient: bool = False) -> list[dict]:
@@ -165,7 +212,7 @@ def read_records(path: Path, *, lenient: bool = False) -> list[dict]:
             continue
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: lists nested thousands deep
             record = None
         if not isinstance(record, dict) or type(record.get("epoch")) is not int:
             if lenient:

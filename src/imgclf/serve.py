@@ -5,7 +5,9 @@ Endpoints:
   upload (the first file field); `?topk=N` optional. Answers `{"top": [{"label", "probability"}, ...]}`, most
   probable first, or a 4xx with `{"error": "<one line>"}`: 400 empty or malformed body or bad topk, 413 over
   the upload limit or over the pixel limit (read from the picture's header, before decoding), 415 not a
-  readable picture. Decodes run a few at a time (`DecodeGate`), so concurrent uploads cannot take the memory.
+  readable picture, 408 an upload that has not all come within UPLOAD_SECONDS. Uploads are read a few at a
+  time (`Budget`: UPLOADS_IN_FLIGHT of the largest size, more smaller ones; the others wait unread) and
+  decoded a few at a time (`DecodeGate`), so concurrent uploads cannot take the memory.
 - `GET /health`: `{"status": "ok", ...}` with the model, classes, input and limits, and batching counters.
 - `GET /`: a page where a person picks or drops a picture and sees the top-k with bars.
 
@@ -40,10 +42,37 @@ from imgclf.tasks import MULTILABEL
 REQUIRES = {"starlette": "starlette", "uvicorn": "uvicorn", "python_multipart": "python-multipart"}
 MULTIPART_SLACK = 64 * 1024  # room for multipart boundaries and part headers around a file at the limit
 MAX_PIXELS = 40_000_000  # largest picture decoded by default (pixels as decoded: a JPEG's reduced scale counts)
+UPLOADS_IN_FLIGHT = 4  # uploads of the largest size held at once (smaller ones: more, as their bytes allow)
+UPLOAD_SECONDS = 60.0  # for the whole of one upload: a client trickling its body gives up its share then
 
 
 class UploadTooLarge(Exception):
     pass
+
+
+class UploadTooSlow(Exception):
+    pass
+
+
+class Budget:
+    """At most `total` units (bytes of uploads held) taken at once; a request for more than what is left
+    waits its turn, one for more than all of it is admitted alone."""
+
+    def __init__(self, total: int):
+        self.total, self.taken = total, 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def take(self, amount: int):
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.taken == 0 or self.taken + amount <= self.total)
+            self.taken += amount
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.taken -= amount
+                self._changed.notify_all()
 
 
 class TooManyPixels(ValueError):
@@ -172,29 +201,41 @@ class BatchQueue:
 
 
 async def read_body(request, limit: int) -> bytes:
-    """The request body, refused with UploadTooLarge as soon as it is known to exceed `limit` bytes."""
+    """The request body, refused with UploadTooLarge as soon as it is known to exceed `limit` bytes, and
+    with UploadTooSlow when it has not all come within UPLOAD_SECONDS."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise UploadTooLarge
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise UploadTooLarge
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(UPLOAD_SECONDS):
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > limit:
+                    raise UploadTooLarge
+                chunks.append(chunk)
+    except TimeoutError:
+        raise UploadTooSlow from None
     return b"".join(chunks)
 
 
 def labelled(predictor, probs, k: int) -> dict:
-    """One picture's answer: {"top": the `k` most probable classes}, or for a multi-label model {"top": every
-    class over its threshold, "scores": every class's probability}, as `imgclf predict --json` prints them."""
-    classes, task = predictor.classes, getattr(predictor, "task", None)
-    if getattr(task, "name", None) == MULTILABEL:
-        top = [{"label": classes[i], "probability": round(v, 6)} for i, v in task.decode(probs, k)]
-        return {"top": top, "scores": {c: round(v, 6) for c, v in zip(classes, probs.tolist(), strict=True)}}
-    p, idx = probs.topk(min(k, len(classes)))
-    return {"top": [{"label": classes[i], "probability": round(v, 6)}
-                    for v, i in zip(p.tolist(), idx.tolist(), strict=True)]}
+    """One picture's answer, as `imgclf predict --json` prints it: {"top": its labels (the task's decoding: the
+    `k` most probable classes, or a multi-label model's every class over its threshold)}, and for a
+    multi-label model "scores": every class's probability."""
+    classes, task = predictor.classes, predictor.task
+    answer = {"top": [{"label": classes[i], "probability": round(v, 6)} for i, v in task.decode(probs, k)]}
+    if task.name == MULTILABEL:
+        answer["scores"] = {c: round(v, 6) for c, v in zip(classes, probs.tolist(), strict=True)}
+    return answer
+
+
+def held_bytes(request, max_upload_bytes: int) -> int:
+    """The bytes an upload will hold: its Content-Length when declared (within the limit), else the most
+    it may be (a chunked upload)."""
+    most = max_upload_bytes + MULTIPART_SLACK
+    declared = request.headers.get("content-length", "")
+    return min(int(declared), most) if declared.isdigit() else most
 
 
 def describe(predictor, queue) -> dict:
@@ -255,6 +296,7 @@ class Service:
     predictor: object
     queue: BatchQueue
     gate: DecodeGate
+    uploads: Budget  # bytes of uploads held at once, from the first byte read to the end of their decode
     model_name: str
     max_upload_bytes: int
     topk: int
@@ -266,8 +308,8 @@ class Service:
         from starlette.responses import JSONResponse, Response
 
         try:
-            k, data, filename = await self.upload(request)
-            image = await self.decode(data)
+            async with self.uploads.take(held_bytes(request, self.max_upload_bytes)):
+                k, image, filename = await self.picture(request)
         except Refused as no:
             if no.message is None:
                 return Response(status_code=no.status)
@@ -275,6 +317,12 @@ class Service:
         probs = await self.queue.probabilities(image.transpose(2, 0, 1))
         answer = labelled(self.predictor, probs, k)
         return JSONResponse(answer if filename is None else {**answer, "filename": filename})
+
+    async def picture(self, request):
+        """(topk asked, the decoded picture, its file name or None) of a request; Refused when it has none.
+        The upload's bytes are let go on return."""
+        k, data, filename = await self.upload(request)
+        return k, await self.decode(data), filename
 
     async def upload(self, request) -> tuple[int, bytes, str | None]:
         """(topk asked, the picture's bytes, its file name or None) of a request; Refused when it has none."""
@@ -286,6 +334,8 @@ class Service:
         except UploadTooLarge:
             raise Refused(413, f"upload is over the {self.max_upload_bytes / 1e6:g} MB limit "
                                f"(imgclf serve --max-upload-mb)") from None
+        except UploadTooSlow:
+            raise Refused(408, f"the upload did not all come within {UPLOAD_SECONDS:g} s") from None
         except ValueError as err:
             raise Refused(400, str(err)) from None
         except ClientDisconnect:  # nobody is left to answer: one line in the log, not a traceback
@@ -333,13 +383,16 @@ def create_app(predictor, *, model_name: str, max_upload_bytes: int = 10_000_000
                max_batch: int = 32, max_pixels: int = MAX_PIXELS, decode_slots: int | None = None):
     """The Starlette application serving `predictor` (an imgclf.predict.Predictor). Pictures over
     `max_pixels` are refused from their header; decodes run `decode_slots` (the CPU count) at a time and
-    at most two of the largest pictures' pixels together (see DecodeGate)."""
+    at most two of the largest pictures' pixels together (see DecodeGate). Uploads are read, and held
+    until decoded, UPLOADS_IN_FLIGHT of the largest size at a time (more of smaller ones: `Budget`); the
+    others wait unread, in the connection's buffers."""
     from starlette.applications import Starlette
     from starlette.responses import HTMLResponse
     from starlette.routing import Route
 
     service = Service(predictor, BatchQueue(predictor, max_batch=max_batch),
-                      DecodeGate(decode_slots or len(os.sched_getaffinity(0)), 2 * max_pixels), model_name,
+                      DecodeGate(decode_slots or len(os.sched_getaffinity(0)), 2 * max_pixels),
+                      Budget(UPLOADS_IN_FLIGHT * (max_upload_bytes + MULTIPART_SLACK)), model_name,
                       max_upload_bytes, topk, max_batch, max_pixels)
     page = (resources.files("imgclf") / "static" / "index.html").read_text(encoding="utf-8")
 

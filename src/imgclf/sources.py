@@ -23,6 +23,7 @@ from PIL import Image
 
 from imgclf.augment import choose
 from imgclf.cache import Split, cached_split, cached_stats, check_all, default_cache_dir
+from imgclf.checkpoint import MAX_CLASSES, MAX_NAME
 from imgclf.config import DataConfig
 from imgclf.errors import UserError, shown
 from imgclf.files import not_regular, special_kind
@@ -108,8 +109,26 @@ def load_data(cfg: DataConfig, *, img_size: int | None = None, channels: int | N
         raise UserError(f"--data {cfg.data!r} is {kind}; give a folder of class folders or a built-in name")
     _read_folder(root)  # "cannot read ROOT: permission denied" before anything else looks inside
     if _idx_files(root):
-        return _finish(_load_idx(root), size=size, channels=channels, name=root.name.lower())
-    return _load_folder(root, cfg, size=size, channels=channels, progress=progress, whole=whole, classes=classes)
+        data = _load_idx(root)
+        height, width = data.train.images.shape[2:]
+        return _finish(data, size=size or native_side(root, height, width), channels=channels,
+                       name=root.name.lower())
+    return _load_folder(root, cfg, size=size, channels=channels, progress=progress, whole=whole,
+                        classes=classes)
+
+
+MIN_SIDE = 8  # the smallest --img-size: below it a network's poolings leave nothing
+
+
+def native_side(root: Path, height: int, width: int) -> int:
+    """The side a model sees when --img-size is not given, for pictures of `height` x `width` stored in
+    `root`: their side, or the longer one when they are not square (resized and centre-cropped as any picture
+    is). UserError when it is under MIN_SIDE: --img-size enlarges them."""
+    side = max(height, width)
+    if side < MIN_SIDE:
+        raise UserError(f"the pictures of {shown(root)} are {height}x{width} pixels, under the smallest side a "
+                        f"network takes ({MIN_SIDE}); give --img-size {MIN_SIDE} or more to enlarge them")
+    return side
 
 
 def imbalance_warning(labels: torch.Tensor, classes: list[str]) -> str | None:
@@ -267,6 +286,18 @@ def _idx_classes(splits: list[Split], files: dict[str, Path]) -> int:
 
 # ---------------------------------------------------------------- folders of pictures (note 06)
 
+def check_class_names(classes: list[str], where: str) -> None:
+    """UserError, at training time, for classes a checkpoint could not hold (see checkpoint.MAX_NAME and
+    MAX_CLASSES): a run would train and then have its own checkpoint refused by every other command."""
+    if len(classes) > MAX_CLASSES:
+        raise UserError(f"{shown(where)} has {len(classes):,} classes, more than the {MAX_CLASSES:,} a checkpoint "
+                        f"holds")
+    long = next((c for c in classes if len(c) > MAX_NAME), None)
+    if long is not None:
+        raise UserError(f"{shown(where)} has a class name of {len(long):,} characters ({long[:40]}...), over the "
+                        f"{MAX_NAME:,} a checkpoint holds; shorten it")
+
+
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
@@ -322,6 +353,7 @@ class PictureWalk:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     not_followed: list[tuple[str, str]] = field(default_factory=list)  # (link, why)
     repeated_files: int = 0  # pictures met a second time (hard links, links inside one folder), used once
+    notes: list[str] = field(default_factory=list)  # other lines for the user (repeated --labels rows)
 
     def pictures(self, folder: Path) -> list[Path]:
         """Picture files under `folder`, recursively, depth first in name order, hidden entries left out."""
@@ -397,6 +429,8 @@ class PictureWalk:
         if self.repeated_files:
             print(f"imgclf: {self.repeated_files} picture(s) met a second time (through links) were used once",
                   file=sys.stderr)
+        for note in self.notes:
+            print(f"imgclf: {note}", file=sys.stderr)
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -409,7 +443,7 @@ def _scan(folder: Path, classes: list[str] | None = None,
           walk: PictureWalk | None = None) -> tuple[list[str], list[Path], list[int]]:
     names = find_classes(folder)
     if not names:
-        raise UserError(f"{shown(folder)} has no class folders; expected {shown(folder)}/<class>/<picture> (see README)")
+        raise UserError(f"{shown(folder)} has no class folders; expected {shown(folder)}/<class>/<picture> (docs/usage.md: Data layouts)")
     if classes is not None and names != classes:
         raise UserError(f"the classes in {shown(folder)} ({', '.join(names)}) differ from train's ({', '.join(classes)})")
     walk = walk or PictureWalk()
@@ -478,7 +512,7 @@ def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int
     classes, held_out = lists.pop("classes"), layout.val or layout.test
     val_name = held_out.name if held_out is not None else ("all" if whole else "val")
     photos = _are_photos(lists["train"][0])
-    size = size or (224 if photos else _native_side(lists["train"][0]))
+    size = size or (224 if photos else native_side(root, *[_native_side(lists["train"][0])] * 2))
     channels = channels or _default_channels(lists["train"][0])
     store = store_size(cfg, size, photos)
     if cfg.strict:
@@ -544,6 +578,7 @@ def _file_lists(root: Path, layout: FolderLayout, cfg: DataConfig, *, whole: boo
     held-out folder and train/ is held out, never trained on."""
     csv_rows = read_labels_csv(Path(cfg.labels).expanduser(), root) if cfg.labels else None
     classes = csv_rows[0] if csv_rows else find_classes(layout.train)
+    check_class_names(classes, f"--labels {cfg.labels}" if cfg.labels else str(layout.train))
     splits = [p for p in (layout.train, layout.val, layout.test) if p is not None]
     fences = {os.path.realpath(p) for split in splits for p in _subfolders(split)}  # (links to a split or the
     # data folder itself lead up to a class folder being walked, or down into the others: fenced either way)
@@ -558,7 +593,12 @@ def _file_lists(root: Path, layout: FolderLayout, cfg: DataConfig, *, whole: boo
         lists["val"] = _scan(held_out, classes, walk)[1:]
         if layout.val is not None and layout.test is not None:
             lists["test"] = _scan(layout.test, classes, walk)[1:]
-    train = list(csv_rows[1:] if csv_rows else _scan(layout.train, None, walk)[1:])
+    train = list(csv_rows[1:3] if csv_rows else _scan(layout.train, None, walk)[1:])
+    if csv_rows and held_out is not None:
+        _refuse_held_out_rows(cfg.labels, csv_rows[1], walk)
+    if csv_rows and csv_rows[3]:
+        walk.notes.append(f"--labels {shown(cfg.labels)} names the same file with the same label more than once "
+                          f"({csv_rows[3]} repeated row(s)); each file is used once")
     if len(classes) == 1 and not whole:
         where = f"--labels {cfg.labels}" if cfg.labels else str(layout.train)
         raise UserError(f"{shown(where)} has a single class ({shown(classes[0])}); a classifier needs at least "
@@ -569,6 +609,16 @@ def _file_lists(root: Path, layout: FolderLayout, cfg: DataConfig, *, whole: boo
         files, labels, val_files, val_labels = stratified_split(*train, fraction=cfg.val_fraction, seed=0)
         train, lists["val"] = [files, labels], [val_files, val_labels]
     return {"classes": classes, "train": train, **lists}, walk
+
+
+def _refuse_held_out_rows(labels: str, files: list[Path], walk: PictureWalk) -> None:
+    """UserError when a --labels row names a picture of the held-out folders (`walk` found them, known by
+    their identity): it would be trained on and validated on at once."""
+    for file in files:
+        st = file.stat()
+        if (st.st_dev, st.st_ino) in walk.files:
+            raise UserError(f"--labels {shown(labels)} names {shown(file)}, a picture of the validation or test "
+                            f"folder: it would be trained and validated on; list training pictures only")
 
 
 def store_size(cfg: DataConfig, size: int, photos: bool) -> int:
@@ -582,30 +632,55 @@ def store_size(cfg: DataConfig, size: int, photos: bool) -> int:
     return max(size, cfg.store_size or round(size * 8 / 7))
 
 
-def read_labels_csv(path: Path, root: Path) -> tuple[list[str], list[Path], list[int]]:
+def read_labels_csv(path: Path, root: Path) -> tuple[list[str], list[Path], list[int], int]:
     """A CSV of `filename,label` rows (a header row is recognised and skipped; Kaggle's layout): files are
-    relative to `root` (or absolute). Classes are the sorted distinct labels."""
+    relative to `root` (or absolute). Classes are the sorted distinct labels, escaped as folder names are
+    (`shown`: a control character cannot reach the terminal). A file named twice (under one name or two, or
+    a hard link) is used once, the count of such rows is the fourth value; named with two labels, it is
+    refused (it would train on both, or sit in training and validation at once)."""
     problem = not_regular(path)
     if problem is not None:
         raise UserError(f"--labels {shown(path)}: {problem}; give a CSV file of filename,label rows")
     try:
         rows = [r for r in csv.reader(path.read_text(encoding="utf-8-sig").splitlines()) if r and any(r)]
     except (UnicodeDecodeError, csv.Error) as err:
-        raise UserError(f"--labels {path}: not a readable CSV file ({err})") from None
+        raise UserError(f"--labels {shown(path)}: not a readable CSV file ({err})") from None
     if rows and not (root / rows[0][0]).is_file() and len(rows[0]) >= 2 and not rows[0][1].strip().isdigit():
         rows = rows[1:]  # a header such as "filename,label" or "id,class"
     bad = next((i for i, r in enumerate(rows) if len(r) < 2 or not r[0].strip() or not r[1].strip()), None)
     if bad is not None:
-        raise UserError(f"--labels {path}: row {bad + 1} is not filename,label: {','.join(rows[bad])[:80]!r}")
+        raise UserError(f"--labels {shown(path)}: row {bad + 1} is not filename,label: "
+                        f"{shown(','.join(rows[bad])[:80])!r}")
     if not rows:
-        raise UserError(f"--labels {path} holds no filename,label rows")
-    classes = sorted({r[1].strip() for r in rows})
+        raise UserError(f"--labels {shown(path)} holds no filename,label rows")
+    # one base for every row: relative names beside absolute ones under a relative root would mix relative
+    # and absolute paths in one split (the cache names a split's source folder by their common path)
+    base = root.absolute() if any(Path(r[0].strip()).is_absolute() for r in rows) else root
+    pairs = _unique_rows(path, [(base / r[0].strip(), shown(r[1].strip())) for r in rows], root)
+    classes = sorted({label for _, label in pairs})
     index = {name: i for i, name in enumerate(classes)}
-    files = [root / r[0].strip() for r in rows]
-    missing = next((f for f in files if not f.exists()), None)  # a FIFO, say, is skipped later with a reason
-    if missing is not None:
-        raise UserError(f"--labels {path} names {missing}, which does not exist (file names are relative to {root})")
-    return classes, files, [index[r[1].strip()] for r in rows]
+    return classes, [f for f, _ in pairs], [index[label] for _, label in pairs], len(rows) - len(pairs)
+
+
+def _unique_rows(path: Path, pairs: list[tuple[Path, str]], root: Path) -> list[tuple[Path, str]]:
+    """`pairs` (file, label) less the rows naming a file an earlier row names (known by its identity, so
+    `a.png` and `./a.png` are one file) with the same label; UserError for a file that does not exist, or
+    for one given two labels."""
+    seen: dict[tuple[int, int], tuple[int, str]] = {}  # (st_dev, st_ino) -> (row, label)
+    unique = []
+    for row, (file, label) in enumerate(pairs, start=1):
+        try:
+            st = file.stat()  # a FIFO, say, is skipped later with a reason
+        except OSError:
+            raise UserError(f"--labels {shown(path)} names {shown(file)}, which does not exist (file names are "
+                            f"relative to {shown(root)})") from None
+        first = seen.setdefault((st.st_dev, st.st_ino), (row, label))
+        if first[0] == row:
+            unique.append((file, label))
+        elif first[1] != label:
+            raise UserError(f"--labels {shown(path)}: row {row} labels {shown(file)} {label!r} but row {first[0]} "
+                            f"labels it {first[1]!r}; keep one label per file")
+    return unique
 
 
 def stratified_split(files: list, labels: list[int], *, fraction: float, seed: int):

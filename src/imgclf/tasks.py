@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from imgclf.config import MONITORS
 from imgclf.distributed import DistInfo, all_reduce_sum
 from imgclf.errors import UserError
 from imgclf.metrics import (
@@ -54,7 +55,7 @@ class Task(Protocol):
 
     name: str
     classes: list[str]
-    monitors: Mapping[str, bool]  # what --monitor may watch -> whether a larger value is better
+    monitors: Mapping[str, bool]  # the figures --monitor may watch -> larger is better (from config.MONITORS)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The training loss, mean over the batch; `targets` as the loader gives them (soft under mixup)."""
@@ -99,11 +100,12 @@ class SingleLabel:
     confusion matrix."""
 
     name = "single-label"
-    monitors: Mapping[str, bool] = {"val_acc": True, "val_loss": False, "val_macro_f1": True}
+    monitors: Mapping[str, bool] = {figure: MONITORS[figure] for figure in ("val_acc", "val_loss", "val_macro_f1")}
 
     def __init__(self, classes: Sequence[str], *, label_smoothing: float = 0.0,
                  class_weights: torch.Tensor | None = None):
         self.classes = list(classes)
+        self.class_weights = class_weights  # the divisor of the loss's mean (engine.loss_shares)
         self._criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -230,7 +232,8 @@ class MultiLabel:
     accuracy (and "acc") is exact match: every class of the picture decided right (at 0.5 in training)."""
 
     name = MULTILABEL
-    monitors: Mapping[str, bool] = {"val_map": True, "val_loss": False, "val_macro_f1": True, "val_acc": True}
+    monitors: Mapping[str, bool] = {figure: MONITORS[figure] for figure in ("val_map", "val_loss", "val_macro_f1",
+                                                                             "val_acc")}
 
     def __init__(self, classes: Sequence[str], *, label_smoothing: float = 0.0,
                  thresholds: Sequence[float] | None = None):

@@ -21,7 +21,7 @@ import torch
 
 from imgclf import __version__, distributed
 from imgclf.checkpoint import build_checkpoint, load_checkpoint, non_finite, save_checkpoint
-from imgclf.config import TrainConfig
+from imgclf.config import TrainConfig, scaled_lr
 from imgclf.configfile import RUN_HEADER, config_yaml
 from imgclf.engine import Diverged, Hooks, TrainState, evaluate, train_one_epoch
 from imgclf.errors import (
@@ -35,7 +35,7 @@ from imgclf.errors import (
 )
 from imgclf.files import atomic_write_text, claim_run_folder, remove_temporaries
 from imgclf.models import checked_model_name, refuse_misfit
-from imgclf.optim import Lookahead, build_optimizer, build_scheduler, ema_update, staged_groups
+from imgclf.optim import Lookahead, build_optimizer, build_scheduler, clip_norm, ema_update, staged_groups
 from imgclf.pipeline import RunParts, build_run, load_data_ranked, set_stage
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import ImageData, imbalance_warning
@@ -81,6 +81,7 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
     if device.type == "cuda":  # every batch has the same shape: let cuDNN time its algorithms once and keep the best
         torch.backends.cudnn.benchmark = True
     precision = resolve_precision(cfg.run.precision, device)
+    cfg = _batch_size(cfg, data, device=device, dist=dist, precision=precision, model=model)
     parts = build_run(cfg, data, device=device, dist=dist, fresh=ckpt is None, model=model)
     state = _train_state(cfg, parts, device=device, precision=precision, dist=dist)
     if ckpt:
@@ -97,9 +98,8 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
         for invocation_epochs, epoch in enumerate(range(state.epoch, epochs), start=1):
             tracker.start_epoch(epoch, epochs, start_step=state.step)
             set_stage(parts.model, parts.head, cfg, epoch)
-            stats = _train_epoch(state, parts, epoch=epoch, loss_fn=task.loss, hits=task.hits, autocast=autocast,
-                                 dist=dist, hooks=_RunHooks(state, tracker, stop), check_every=check_every,
-                                 run_dir=run_dir)
+            stats = _train_epoch(state, parts, cfg, task, epoch=epoch, autocast=autocast, dist=dist, run_dir=run_dir,
+                                 hooks=_RunHooks(state, tracker, stop), check_every=check_every)
             if stats["stopped_at"] is not None:
                 _stop_mid_epoch(cfg, parts, state, stats, stop=stop, dist=dist, epoch=epoch, task=task)
             final = epoch + 1 == epochs
@@ -134,6 +134,36 @@ def _data(cfg: TrainConfig, dist, ckpt: dict | None) -> ImageData:
         raise UserError(f"{cfg.run.out} was trained on {was[0]}x{was[1]}x{was[1]} pictures, but {cfg.data.data} "
                         f"gives {now[0]}x{now[1]}x{now[1]}; resume with the run's data, or start a new run with --out")
     return data
+
+
+def _batch_size(cfg: TrainConfig, data: ImageData, *, device, dist, precision, model) -> TrainConfig:
+    """`cfg` with --batch-size auto resolved (imgclf.batchsize), and with a learning rate that follows the
+    batch (config.scaled_lr) to the pictures a step of a folder smaller than the batch; each said in one line
+    (the second once the run starts, so that a run refused while it is built says only why)."""
+    if cfg.data.batch_size == "auto":
+        return _auto_batch(cfg, data, device=device, dist=dist, precision=precision, model=model)
+    pictures = len(data.train)
+    if pictures >= cfg.data.batch_size or cfg.optim.lr_base_batch is None:
+        return cfg
+    return dataclasses.replace(cfg, optim=scaled_lr(cfg.optim, pictures))  # said by _start_run_folder
+
+
+def _auto_batch(cfg: TrainConfig, data: ImageData, *, device, dist, precision, model) -> TrainConfig:
+    from imgclf.batchsize import resolve_auto_batch
+    from imgclf.models import build_model
+
+    def build():  # the network whose steps are tried: its weights do not matter
+        return model if model is not None else build_model(
+            cfg.model.name, num_classes=len(data.classes), in_channels=data.channels, img_size=data.img_size,
+            freeze_backbone=cfg.model.freeze_backbone, model_args=cfg.model.args)
+
+    cfg = resolve_auto_batch(cfg, pictures=len(data.train), world=dist.world_size, device=device, build=build,
+                             shape=(data.channels, data.img_size, data.img_size),
+                             autocast=autocast_factory(device, precision))
+    if dist.is_main:
+        print(f"imgclf: --batch-size auto: {cfg.data.batch_size} (the largest step that fitted, less "
+              f"headroom), --lr {cfg.optim.lr:.4g}", file=sys.stderr)
+    return cfg
 
 
 def _stop_mid_epoch(cfg: TrainConfig, parts: RunParts, state: TrainState, stats: dict, *, stop, dist,
@@ -242,10 +272,13 @@ def _train_state(cfg: TrainConfig, parts: RunParts, *, device, precision, dist) 
                       lookahead=Lookahead(model) if cfg.optim.lookahead else None)
 
 
-def _train_epoch(state: TrainState, parts: RunParts, *, run_dir: Path, **kwargs) -> dict:
-    """`train_one_epoch`, with a diverged loss told to the user in one line."""
+def _train_epoch(state: TrainState, parts: RunParts, cfg: TrainConfig, task: Task, *, run_dir: Path,
+                 **kwargs) -> dict:
+    """`train_one_epoch` with the task's loss and hits, --clip-grad and --accumulate; a diverged loss told to
+    the user in one line."""
     try:
-        return train_one_epoch(state, parts.train, **kwargs)
+        return train_one_epoch(state, parts.train, loss_fn=task.loss, hits=task.hits, accumulate=cfg.optim.accumulate,
+                               clip_grad=clip_norm(cfg.optim.clip_grad, state.model), **kwargs)
     except Diverged as err:
         raise _diverged(str(err), run_dir) from None
     except ValueError as err:
@@ -344,11 +377,14 @@ def _start_run_folder(cfg: TrainConfig, parts: RunParts, tracker: Tracker, *, de
     run_dir, data = Path(cfg.run.out), parts.data
     remove_temporaries(run_dir)
     atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-    atomic_write_text(run_dir / "config.yaml", config_yaml(cfg, RUN_HEADER))  # the same, for `train --config`
+    atomic_write_text(run_dir / "config.yaml", config_yaml(cfg, RUN_HEADER, folder=run_dir))  # for `train --config`
     tracker.message(f"imgclf {__version__}: {cfg.model.name} on {cfg.data.data} ({data.describe()}, "
                     f"{len(data.classes)} classes, "
                     f"{data.channels}x{data.img_size}x{data.img_size}) on {device}, {str(precision)[6:]}, "
                     f"world size {world}; run folder {run_dir}")
+    if len(data.train) < cfg.data.batch_size and cfg.optim.lr_base_batch == len(data.train):  # _batch_size's
+        tracker.message(f"{len(data.train)} training pictures, fewer than --batch-size {cfg.data.batch_size}: --lr "
+                        f"{cfg.optim.lr:.4g}, for the {len(data.train)} pictures a step")
     warning = imbalance_warning(data.train.labels, data.classes) if data.train.labels.ndim == 1 else None
     if warning and cfg.data.balance == "none":
         tracker.message(warning)

@@ -8,6 +8,7 @@ on the training device.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ def load_image(path, *, size: int, channels: int) -> np.ndarray:
     EXIF orientation is applied; grayscale, 16-bit, CMYK, palette and alpha images are converted; the short
     side is resized to `size` and the centre cropped. Raises BadImage (never anything else for bad bytes).
     """
+    quiet_libtiff()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -59,6 +61,26 @@ def load_image(path, *, size: int, channels: int) -> np.ndarray:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise BadImage(reason) from None
     return arr.reshape(size, size, channels)
+
+
+@functools.cache
+def quiet_libtiff() -> None:
+    """Stop libtiff, Pillow's TIFF codec, printing its own warnings and errors on stderr ("ZIPDecode: Decoding
+    error at scanline 0"), lines that no option controls: a TIFF it cannot decode is told once, by imgclf's own
+    line (BadImage). libtiff's handlers are process-wide, so this is done once per process, before its first
+    picture (not on import); a Pillow without libtiff is left as it is."""
+    import ctypes
+
+    from PIL import _imaging
+
+    try:
+        codecs = ctypes.CDLL(_imaging.__file__)  # the loaded module: its symbols include the libtiff it links
+        for name in ("TIFFSetWarningHandler", "TIFFSetErrorHandler"):
+            setter = getattr(codecs, name)
+            setter.restype, setter.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+            setter(None)
+    except (OSError, AttributeError):
+        pass
 
 
 def _to_mode(img: Image.Image, channels: int) -> Image.Image:

@@ -152,9 +152,7 @@ def open_study(search: Search, direction: str, *, quiet: bool = True):
         Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # several processes wait
     try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=search.heartbeat,
-                                             grace_period=2 * search.heartbeat,
-                                             heartbeat_stale_trial_callback=_say_lost)
+        storage = _rdb_storage(optuna, url, engine, search.heartbeat)
         if url.startswith("sqlite"):
             serialize_sqlite(storage.engine)
         pruner = (optuna.pruners.MedianPruner(n_startup_trials=search.startup_trials)
@@ -167,6 +165,29 @@ def open_study(search: Search, direction: str, *, quiet: bool = True):
         raise UserError(f"the study {search.study!r} in {url} {study.direction.name.lower()}s, but --monitor "
                         f"asks to {direction}; choose another --study")
     return study
+
+
+def _rdb_storage(optuna, url: str, engine: dict, heartbeat: int, *, tries: int = 20):
+    """Optuna's RDBStorage at `url`, its tables made when absent. Workers started together on a new database
+    all find it empty and all make the tables and stamp their version: all but one fail ("table ... already
+    exists", a UNIQUE alembic_version). Such a failure is a sign another worker did it: tried again, after
+    a short random wait, until the tables are there (or `tries` are spent: then it is the user's error)."""
+    import random
+
+    from sqlalchemy.exc import IntegrityError
+
+    def storage():
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat,
+                                          grace_period=2 * heartbeat, heartbeat_stale_trial_callback=_say_lost)
+
+    for _ in range(tries - 1):
+        try:
+            return storage()
+        except Exception as err:  # noqa: BLE001 - sorted here: another worker's schema, or a real error
+            if not (isinstance(err, IntegrityError) or "already exists" in str(err)):
+                raise
+            time.sleep(random.uniform(0.05, 0.3))  # noqa: S311 - a wait, not a secret
+    return storage()
 
 
 def serialize_sqlite(engine) -> None:
@@ -316,8 +337,12 @@ def train_torchrun(cfg: TrainConfig, nproc: int, on_epoch, poll_s: float = 0.5) 
                         job.returncode if job.returncode == EXIT_DIVERGED else 2)
 
 
-def direction_of(monitor: str) -> str:
-    return "minimize" if monitor.endswith("loss") else "maximize"
+def direction_of(monitor: str, task: str | None = None) -> str:
+    """Optuna's direction for figure `monitor`, as task `task` (a name of tasks.TASKS; default: the default
+    task) says which way is better."""
+    from imgclf.tasks import DEFAULT, TASKS  # torch: only when a search starts
+
+    return "maximize" if TASKS[task or DEFAULT].monitors[monitor] else "minimize"
 
 
 def _say_trial(study, trial) -> None:
@@ -355,7 +380,7 @@ def finish(study, search: Search, monitor: str) -> dict:
               f"{monitor} {best.value:.6g}\n# (its run: {search.out / f'trial-{best.number}'}). "
               f"`imgclf train --config best.yaml` trains it again, into {cfg.run.out}.\n")
     path = search.out / "best.yaml"
-    atomic_write_text(path, config_yaml(cfg, header))
+    atomic_write_text(path, config_yaml(cfg, header, folder=search.out))  # FILE.py: relative to it, hashed
     summary["files"] = [path, *plots(study, search.out)]
     return summary
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imgclf.errors import UserError
+from imgclf.errors import UserError, shown
 
 # The model name of a network class that no .py file of the user's holds (a notebook's, a script's __main__'s),
 # trained with imgclf.fit: 'python:ClassName'. Its checkpoints are loaded in Python, with the class handed over.
@@ -163,13 +163,13 @@ def build_user_model(ref: CodeRef, args: str | dict | None, *, num_classes: int,
         params = {}
     given = dict(num_classes=num_classes, in_channels=in_channels, img_size=img_size)
     kwargs.update({k: v for k, v in given.items() if k in params and k not in kwargs})
-    shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
     try:
         model = cls(**kwargs)
     except Exception as err:  # noqa: BLE001 - the user's constructor: its error, in one line
-        raise UserError(f"{ref.class_name}({shown}) failed: {_describe(err, ref.path)}; its arguments come from "
+        raise UserError(f"{ref.class_name}({call}) failed: {_describe(err, ref.path)}; its arguments come from "
                         f"--model-args '{{...}}'") from None
-    check_output(model, f"{ref.class_name}({shown})", num_classes=num_classes, in_channels=in_channels,
+    check_output(model, f"{ref.class_name}({call})", num_classes=num_classes, in_channels=in_channels,
                  img_size=img_size)
     return model
 
@@ -243,6 +243,17 @@ def verify_code(code: dict, model_code: str | None = None,
                         f"{code['file']} the checkpoint was trained with ({code['sha256'][:12]}...); pass "
                         f"--trust-changed-code if you changed it and trust it")
     return CodeRef(path, code["class"]), digest
+
+
+def check_pinned_code(name: str, sha256: str, *, source: str, trust: bool = False) -> None:
+    """UserError, one line, when the file of the FILE.py:Class network `name` is not the code whose SHA-256
+    `source` (a run's config.yaml) recorded, unless `trust` (--trust-changed-code)."""
+    ref = parse_code_name(name)
+    digest = file_sha256(ref.path)
+    if digest != sha256 and not trust:
+        raise UserError(f"refused {shown(ref.path)}: its sha256 {digest[:12]}... differs from the "
+                        f"{sha256[:12]}... that {shown(source)} records for the run it describes; pass "
+                        f"--trust-changed-code if you changed it and trust it")
 
 
 _OBJECT: contextvars.ContextVar[nn.Module | None] = contextvars.ContextVar("imgclf_model_object", default=None)

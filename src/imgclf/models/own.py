@@ -11,7 +11,7 @@ from torch import nn
 
 from imgclf.errors import UserError
 from imgclf.models.adapter import Adapter, Say, say_on_stderr
-from imgclf.models.weights import load_weights
+from imgclf.models.weights import load_weights, refuse_weights_name
 
 
 class TutorialCNN(nn.Module):
@@ -142,6 +142,8 @@ class OwnAdapter(Adapter):
               model_args: str | dict | None = None, base: nn.Module | None = None, say: Say | None = None) -> nn.Module:
         if model_args:
             raise UserError(f"--model-args is for timm/NAME models and FILE.py:ClassName networks, not {self.name}")
+        if pretrained:
+            refuse_weights_name(pretrained, self.name)
         model = OWN_MODELS[self.name](num_classes=num_classes, in_channels=in_channels, img_size=img_size)
         if pretrained:
             report = load_weights(model, pretrained, skip_mismatched=True)

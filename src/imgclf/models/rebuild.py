@@ -78,17 +78,27 @@ def on_meta():
         yield
 
 
+# Constructors of tensors from values rather than from a shape: a network's builder computes with them (regnet's
+# block widths, timm's stochastic-depth rates: torch.linspace(...).tolist()), which meta tensors, holding no
+# values, cannot do. They are small, and made on the CPU within `on_meta`.
+_FROM_VALUES = frozenset({torch.tensor, torch.as_tensor, torch.arange, torch.range, torch.linspace, torch.logspace,
+                          torch.scalar_tensor})
+
+
 class _SkipInit(TorchFunctionMode):
     """Within it, in-place operations on meta tensors (the initialisers' normal_, uniform_, zero_...) do
     nothing: a meta build needs the shapes alone, and the meta kernels of random initialisers would import
-    sympy (seconds)."""
+    sympy (seconds). Tensors made from values (_FROM_VALUES) are made on the CPU."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _FROM_VALUES and kwargs.get("device") is None:
+            kwargs = {**kwargs, "device": "cpu"}
         name = getattr(func, "__name__", "")
         if name.endswith("_") and not name.startswith("__") and args and isinstance(args[0], torch.Tensor) \
                 and args[0].is_meta:
             return args[0]
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
 
 
 def refuse_misfit(name: str, expected: dict, state: dict) -> None:

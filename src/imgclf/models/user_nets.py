@@ -9,7 +9,7 @@ from torch import nn
 from imgclf import usercode
 from imgclf.errors import UserError
 from imgclf.models.adapter import Adapter, Say, last_layer, say_on_stderr
-from imgclf.models.weights import load_weights
+from imgclf.models.weights import load_weights, refuse_weights_name
 
 
 class UserAdapter(Adapter):
@@ -23,6 +23,8 @@ class UserAdapter(Adapter):
         if self.name.startswith(usercode.PYTHON_PREFIX):
             raise UserError(f"{self.name} is a class of a notebook or script, trained with imgclf.fit; continue it "
                             f"there: imgclf.fit({self.name[len(usercode.PYTHON_PREFIX):]}(), DATA, resume=RUN)")
+        if pretrained:
+            refuse_weights_name(pretrained, self.name)
         model = usercode.build_user_model(usercode.parse_code_name(self.name), model_args, num_classes=num_classes,
                                           in_channels=in_channels, img_size=img_size)
         if pretrained:

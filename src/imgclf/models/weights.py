@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -27,6 +28,15 @@ def load_weights(model: nn.Module, path: str, *, skip_mismatched: bool) -> LoadR
     initialised.
     """
     return load_state(model, _read_state(path), source=path, skip_mismatched=skip_mismatched)
+
+
+def refuse_weights_name(pretrained: str, model_name: str) -> None:
+    """One UserError line when `pretrained` is no file but reads as a weights name (IMAGENET1K_V1, DEFAULT)
+    given to `model_name`, a network that has no published weights (imgclf's own, the user's): only files."""
+    if re.fullmatch(r"\w+", pretrained) and not Path(pretrained).exists():
+        raise UserError(f"--pretrained {pretrained}: no such file, and {model_name} has no named weights such as "
+                        f"IMAGENET1K_V1 (torchvision classifiers and timm/NAME models do); give a file of weights "
+                        f"(.pt, .pth, .safetensors)")
 
 
 def _read_state(path: str) -> dict:
