@@ -55,7 +55,7 @@ def imgclf_map(folder: Path, args) -> dict:
 def pixels(folder: Path, rows: list) -> tuple[torch.Tensor, torch.Tensor]:
     from PIL import Image
 
-    x = torch.stack([torch.from_numpy(np.asarray(Image.open(folder / f).convert("RGB"))).permute(2, 0, 1)
+    x = torch.stack([torch.from_numpy(np.array(Image.open(folder / f).convert("RGB"))).permute(2, 0, 1)
                      for f, _ in rows]).float() / 255
     y = torch.tensor([[c in labels for c in MOSAIC_CLASSES] for _, labels in rows], dtype=torch.float32)
     return x, y
