@@ -139,6 +139,11 @@ def test_mosaics_train_eval_predict_export(mosaics, tmp_path, capsys):
     best = max(r["val_map"] for r in records)
     # chance is each class's share of pictures, 1 - 0.85^4 = 0.48; 0.76 measured
     assert best > 0.7, [r["val_map"] for r in records]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run)).Reload()  # the run folder holds the event file
+    assert {"val/map", "val/macro_f1", "val/micro_f1"} <= set(events.Tags()["scalars"])
+    assert events.Scalars("val/map")[-1].value == pytest.approx(records[-1]["val_map"], abs=1e-6)
     ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
     assert ckpt["task"] == "multilabel" and ckpt["classes"] == sorted(MOSAIC_CLASSES)
     assert ckpt["thresholds"] == records[ckpt["epoch"] - 1]["val_thresholds"]  # chosen on validation
