@@ -225,7 +225,7 @@ def labelled(predictor, probs, k: int) -> dict:
     multi-label model "scores": every class's probability."""
     classes, task = predictor.classes, predictor.task
     answer = {"top": [{"label": classes[i], "probability": round(v, 6)} for i, v in task.decode(probs, k)]}
-    if task.name == MULTILABEL:
+    if getattr(task, "name", None) == MULTILABEL:  # (a task of the Python API's own may have no name)
         answer["scores"] = {c: round(v, 6) for c, v in zip(classes, probs.tolist(), strict=True)}
     return answer
 
