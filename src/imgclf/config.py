@@ -158,7 +158,7 @@ class OptimConfig:
     # By default (optim.clip_norm) 10, as Ultralytics, for a network without BatchNorm: far above its healthy
     # steps' norms (0.4-1.3 measured for tutorial_cnn on CIFAR, whose runs it leaves bit for bit), far below a
     # diverging one's (3 -> 161 -> 2e5 in four steps). Off with BatchNorm, whose healthy norms on photos sit at
-    # 10-20 (ResNet-18), where it would act at every step (README: Stable training)
+    # 10-20 (ResNet-18), where it would act at every step (docs/usage.md: Stable training)
     clip_grad: float | None = option(None, "scale the gradients down to this global norm before each step; 0: off",
                                      metavar="NORM", low=0, none="10 for a network without BatchNorm, else off")
     accumulate: int = option(1, "split each batch into N micro-batches whose gradients add up before one step: "

@@ -75,7 +75,7 @@ AUTO_CLIP = 10.0  # --clip-grad's default for networks without BatchNorm (config
 def clip_norm(setting: float | None, model: nn.Module) -> float:
     """The gradient norm a step clips to (0: none): --clip-grad's `setting`, or by default AUTO_CLIP for a
     network without BatchNorm, whose diverging steps it stops, and 0 for one with it, whose healthy steps
-    already reach that norm (measured: README, Stable training)."""
+    already reach that norm (measured: docs/usage.md, Stable training)."""
     if setting is not None:
         return setting
     has_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
