@@ -132,6 +132,7 @@ def test_mosaics_train_eval_predict_export(mosaics, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "Traceback" not in err
     assert "multi-label (several labels in a cell of" in out + err  # detected, and said in the first line
+    assert "no run pictures" not in err and (run / "curves.png").is_file()  # (no confusion matrix: per-class AP)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == list(range(1, 16))
     assert "done: validation mAP" in out + err

@@ -37,8 +37,8 @@ def write_run_report(run_dir: Path, *, records: Sequence[dict], result: dict, da
         return written
     for key, image in pixels.items():
         writer.add_image(f"report/{key}", image, step, dataformats="HWC")
-    _, per_class = task.per_class(result)
-    writer.add_image("report/per_class", figure_array(per_class_figure(per_class, classes)), step,
+    figure, per_class = task.per_class(result)
+    writer.add_image("report/per_class", figure_array(per_class_figure(per_class, classes, figure)), step,
                      dataformats="HWC")
     for cls, figure in zip(classes, per_class, strict=True):
         writer.add_scalar(f"test_class/{cls}", figure, step)

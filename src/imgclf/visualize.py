@@ -183,7 +183,8 @@ def confusion_figure(confusion, classes: Sequence[str], *, title: str = "confusi
     return fig
 
 
-def per_class_figure(accuracies: Sequence[float], classes: Sequence[str]) -> Figure:
+def per_class_figure(accuracies: Sequence[float], classes: Sequence[str], name: str = "accuracy") -> Figure:
+    """One bar per class of its figure `name` (accuracy; a multi-label run's average precision), in %."""
     fig = _figure(figsize=(max(5, 0.35 * len(classes) + 2), 3.5), dpi=DPI)
     ax = fig.add_subplot()
     bars = ax.bar(range(len(classes)), [a * 100 for a in accuracies], color=VAL_COLOR)
@@ -191,8 +192,8 @@ def per_class_figure(accuracies: Sequence[float], classes: Sequence[str]) -> Fig
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_xticks(range(len(classes)), classes, rotation=45 if len(classes) > 4 else 0, ha="right", fontsize=8)
     ax.set_ylim(0, 108)  # room for the label of a bar at 100
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("accuracy per class")
+    ax.set_ylabel(f"{name} (%)")
+    ax.set_title(f"{name} per class")
     fig.tight_layout()
     return fig
 
