@@ -51,12 +51,13 @@ RULES = {
     # the string fields with a fixed set of values (argparse refuses others on the command line; a config read
     # from a checkpoint or a recipe is checked here)
     ("data", "augment"): (["none", "flip-crop-cutout"], ["crop"]),
+    ("data", "task"): (["auto", "multilabel"], ["multi-label"]),
     ("optim", "optimizer"): (["sgd", "adamw"], ["lbfgs"]),
     ("optim", "schedule"): (["constant", "onecycle"], ["step"]),
     ("run", "precision"): (["auto", "fp16"], ["fp8"]),
     ("data", "balance"): (["none", "loss"], ["oversample"]),
     ("data", "auto_augment"): (["none", "randaugment"], ["autoaugment-v9"]),
-    ("optim", "monitor"): (["val_acc", "val_macro_f1"], ["test_acc"]),
+    ("optim", "monitor"): (["val_acc", "val_macro_f1", "val_map"], ["test_acc"]),
     ("data", "normalize"): (["auto", "weights"], ["imagenet"]),
     ("model", "head_init"): (["zero", "small"], ["xavier"]),
     ("model", "bn_stats"): (["update", "frozen"], ["reestimate"]),

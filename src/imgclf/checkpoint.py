@@ -35,12 +35,14 @@ MAX_DEPTH = 64  # nesting of lists and dicts
 
 
 def build_checkpoint(*, model_name: str, classes: list[str], channels: int, size: int, mean, std, config: dict,
-                     state: dict) -> dict:
+                     state: dict, task: dict | None = None) -> dict:
     """The self-describing checkpoint: what the network is, what it classifies, how its input is prepared,
     the run's configuration, and `state` (`engine.TrainState.state_dict()`: weights, optimizer, progress).
 
     A network from the user's .py file (`--model FILE.py:Class`) is described by `model.code`: the file's
-    name and SHA-256, the class and its constructor arguments (`usercode.code_identity`), never the code."""
+    name and SHA-256, the class and its constructor arguments (`usercode.code_identity`), never the code.
+    `task`: the task's entries (`tasks.Task.checkpoint_entries`: "task" and a multi-label run's
+    "thresholds"; none for single-label, whose checkpoints name no task)."""
     model = {"name": model_name, "num_classes": len(classes), "in_channels": channels, "img_size": size}
     code = code_identity(model_name, (config.get("model") or {}).get("args"))
     if code is not None:
@@ -50,7 +52,7 @@ def build_checkpoint(*, model_name: str, classes: list[str], channels: int, size
         "model": model,
         "classes": list(classes),
         "input": {"channels": channels, "size": size, "mean": list(mean), "std": list(std)},
-        "config": config, **state,
+        "config": config, **state, **(task or {}),
     }
 
 

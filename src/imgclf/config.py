@@ -29,13 +29,14 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BALANCES = ("none", "sampler", "loss")
 # What --monitor may watch -> whether a larger value is better: declared once, here (no torch here, so the
 # tasks import it): each task of imgclf.tasks monitors the figures of this table it computes (Task.monitors).
-MONITORS = {"val_acc": True, "val_loss": False, "val_macro_f1": True}
+MONITORS = {"val_acc": True, "val_loss": False, "val_macro_f1": True, "val_map": True}
 # How a new head's weights start (imgclf.models.adapter.init_layers says what each does)
 HEAD_INITS = ("default", "zero", "small")
 # Pixel normalisation: auto takes the pretrained weights' input contract where they have one, else the data's
 NORMALIZE = ("auto", "data", "weights")
 # BatchNorm's running statistics while training: updated (PyTorch's way), or frozen at the pretrained values
 BN_STATS = ("update", "frozen")
+TASK_CHOICES = ("auto", "single-label", "multilabel")  # imgclf.tasks.TASKS, and auto: as the data say
 # Upper bounds of numeric flags: far beyond any sensible value, low enough that nothing overflows.
 MAX_SIDE = 4096  # pixels, a side of an input picture
 MAX_CHANNELS = 64  # channels of an input picture (--input-size)
@@ -81,6 +82,10 @@ class DataConfig:
                                   low=8, high=MAX_SIDE, words=f"8..{MAX_SIDE}")
     labels: str | None = option(None, "a CSV of filename,label rows naming the class of each picture under --data "
                                       "(Kaggle's layout)", none="class folders", metavar="FILE.csv")
+    task: str = option("auto", "single-label: one class per picture; multilabel: any number (a --labels CSV of "
+                                "filename,labels with the labels separated by spaces, or one 0/1 column per "
+                                "class); auto: multilabel where the --labels CSV is in one of those layouts",
+                       choices=TASK_CHOICES)
     val_fraction: float = option(0.2, "held-out share of a single folder of classes",
                                  low=0, high=1, low_open=True, high_open=True, words="between 0 and 1")
     augment: str = option("auto", "training augmentation; auto: photo for photos, flip-crop for small square "

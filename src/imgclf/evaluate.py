@@ -17,7 +17,7 @@ from imgclf.pipeline import eval_batch_size, eval_loader, place_model
 from imgclf.predict import ExportedPredictor, exported_kind
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import load_data
-from imgclf.tasks import DEFAULT, checkpoint_task, make_task
+from imgclf.tasks import DEFAULT, MULTILABEL, checkpoint_task, make_task
 from imgclf.transforms import BatchTransform
 
 SPLITS = ("train", "val", "test")
@@ -39,9 +39,9 @@ def evaluate_checkpoint(path, data_cfg: DataConfig, *, split: str | None = None,
     check_fits(ckpt)  # before the pictures are decoded at the checkpoint's size
     inp = ckpt["input"]
     # augment "none": every split decoded at the model's size (training's larger photo store is not needed)
-    data = load_data(replace(data_cfg, img_size=inp["size"], augment="none"), img_size=inp["size"],
-                     channels=inp["channels"],
-                     whole=split is None)
+    data = load_data(replace(data_cfg, img_size=inp["size"], augment="none", task=ckpt.get("task", DEFAULT)),
+                     img_size=inp["size"], channels=inp["channels"], whole=split is None,
+                     classes=ckpt["classes"] if ckpt.get("task") == MULTILABEL else None)
     if data.classes != ckpt["classes"]:
         raise UserError(f"{path} was trained for {len(ckpt['classes'])} classes ({preview(ckpt['classes'])}), "
                         f"but {data_cfg.data} has {len(data.classes)} ({preview(data.classes)})")
@@ -62,13 +62,14 @@ def evaluate_checkpoint(path, data_cfg: DataConfig, *, split: str | None = None,
 def _evaluate_exported(predictor: ExportedPredictor, data_cfg: DataConfig, *, split: str | None, where) -> dict:
     """As `evaluate_checkpoint`, for a model exported by `imgclf export`: uint8 pictures into its graph."""
     start = time.perf_counter()
-    data = load_data(replace(data_cfg, img_size=predictor.size, augment="none"), img_size=predictor.size,
-                     channels=predictor.channels, whole=split is None)
+    task = predictor.task
+    data = load_data(replace(data_cfg, img_size=predictor.size, augment="none", task=task.name),
+                     img_size=predictor.size, channels=predictor.channels, whole=split is None,
+                     classes=predictor.classes if task.name == MULTILABEL else None)
     if data.classes != predictor.classes:
         raise UserError(f"{where} was exported for {len(predictor.classes)} classes ({preview(predictor.classes)}), "
                         f"but {data_cfg.data} has {len(data.classes)} ({preview(data.classes)})")
     name, chosen = _choose(data, split, data_cfg.data)
-    task = predictor.task
     result = score(predictor.probabilities, chosen, len(data.classes), eval_batch_size(data_cfg, chosen), task=task)
     result.update(seconds=time.perf_counter() - start, task=task, classes=data.classes, split=name, data=data,
                   split_data=chosen)

@@ -12,7 +12,8 @@ model name, the exact preprocessing; see `export_metadata`):
 - safetensors: the weights alone (no code, no pickle), for rebuilding the network yourself; metadata under the
   key `imgclf` of the header's `__metadata__`.
 
-The torchscript, onnx and openvino graphs include the normalisation and the softmax. Their input contract:
+The torchscript, onnx and openvino graphs include the normalisation and the task's activation (softmax; a
+multi-label model's sigmoid, with its per-class "thresholds" in the metadata). Their input contract:
 `images`, uint8, shape (N, C, S, S), pixels 0..255, RGB (or one grey channel), prepared exactly as imgclf
 prepares a picture (`PREPROCESSING`: decoding, EXIF orientation, 16-bit and transparent pictures, resize,
 crop); output `probabilities`, float32, shape (N, classes), in the order of the metadata's `classes`.
@@ -34,6 +35,7 @@ from imgclf import __version__
 from imgclf.errors import UserError, shown
 from imgclf.files import not_regular
 from imgclf.formats import FORMATS, Format, quiet_deprecations
+from imgclf.tasks import DEFAULT, MULTILABEL, checkpoint_task
 
 RESIZE_RULE = ("EXIF orientation applied; converted to RGB (3 channels) or L (1 channel), 16-bit pictures scaled "
                "to 8 bits and transparent ones composited on white; shorter side resized to size with bilinear "
@@ -90,9 +92,15 @@ def export_metadata(ckpt: dict, fmt: str) -> dict:
                   "mean": list(inp["mean"]), "std": list(inp["std"]), "resize": RESIZE_RULE,
                   "preprocessing": list(PREPROCESSING),
                   "normalisation": "inside the graph" if graph else "x = (pixels / 255 - mean) / std, per channel"},
-        "output": ({"name": "probabilities", "meaning": "softmax over classes, (N, len(classes))"} if graph
+        "output": ({"name": "probabilities", "meaning": OUTPUT_MEANING[ckpt.get("task", DEFAULT)]} if graph
                    else {"meaning": "the network returns logits (N, len(classes))"}),
+        **{key: ckpt[key] for key in ("task", "thresholds") if key in ckpt},  # a multi-label model's
     }
+
+
+OUTPUT_MEANING = {DEFAULT: "softmax over classes, (N, len(classes))",
+                  MULTILABEL: "one sigmoid per class, (N, len(classes)); a picture shows each class whose "
+                              "probability reaches its entry of thresholds (chosen on the validation split)"}
 
 
 
@@ -141,7 +149,6 @@ def export_checkpoint(checkpoint, fmt: str, out=None, *, int8: bool = False, cal
     from imgclf.checkpoint import load_checkpoint
     from imgclf.formats import get
     from imgclf.models import model_from_checkpoint
-    from imgclf.tasks import checkpoint_task
 
     form = get(fmt)
     _check_options(form, int8, calibration_data or eval_data or calibration_size)
@@ -151,6 +158,9 @@ def export_checkpoint(checkpoint, fmt: str, out=None, *, int8: bool = False, cal
     check_out(out, checkpoint, form, force=force)
     ckpt = load_checkpoint(checkpoint)
     meta = export_metadata(ckpt, fmt)
+    if int8 and ckpt.get("task") == MULTILABEL:
+        raise UserError("--int8 measures the quantized model's accuracy as a single-label one; export a "
+                        "multi-label model in float (drop --int8)")
     sample = _int8_data(ckpt, calibration_data, eval_data, calibration_size) if int8 else None  # fails first
     model = model_from_checkpoint(ckpt).float().cpu()
     activation = checkpoint_task(ckpt).activation

@@ -125,7 +125,7 @@ def lr_find(cfg, *, start_lr: float, end_lr: float, steps: int, plot: Path) -> t
     from imgclf.pipeline import build_run
     from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
     from imgclf.sources import load_data
-    from imgclf.tasks import DEFAULT, make_task
+    from imgclf.tasks import make_task
     from imgclf.visualize import save_png
 
     if not 0 < start_lr < end_lr < math.inf:
@@ -145,7 +145,7 @@ def lr_find(cfg, *, start_lr: float, end_lr: float, steps: int, plot: Path) -> t
             epoch += 1
 
     test = range_test(parts.model, batches(), optimizer=build_optimizer(parts.model, cfg.optim),
-                      loss_fn=make_task(DEFAULT, parts.data.classes, label_smoothing=cfg.optim.label_smoothing).loss,
+                      loss_fn=make_task(parts.data.task, parts.data.classes, label_smoothing=cfg.optim.label_smoothing).loss,
                       start_lr=start_lr, end_lr=end_lr, num_steps=steps,
                       autocast=autocast_factory(device, resolve_precision(cfg.run.precision, device)))
     suggested = suggestions(test.lrs, test.losses)

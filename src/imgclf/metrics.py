@@ -52,3 +52,67 @@ def improved(value: float, best: float | None, *, larger_is_better: bool) -> boo
     if best is None:
         return True
     return value > best if larger_is_better else value < best
+
+
+# ---------------------------------------------------------------- multi-label (one 0/1 target per class)
+
+def _ranked(scores: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One class's pictures ranked by score, highest first, cut at each distinct score (tied pictures fall
+    on the same side of any threshold): (true positives, false positives, the score) at each cut, float64."""
+    order = scores.double().argsort(descending=True, stable=True)
+    s, t = scores.double()[order], targets.double()[order]
+    last = torch.ones_like(s, dtype=torch.bool)
+    last[:-1] = s[1:] != s[:-1]  # the last picture of each run of equal scores
+    tp = t.cumsum(0)[last]
+    fp = (1 - t).cumsum(0)[last]
+    return tp, fp, s[last]
+
+
+def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float | None:
+    """Average precision of one class (scikit-learn's, without interpolation): the precision at each
+    distinct score, weighted by the recall gained there. None when no picture is positive (undefined)."""
+    if scores.numel() == 0 or float(targets.sum()) == 0:
+        return None
+    tp, fp, _ = _ranked(scores, targets)
+    precision, recall = tp / (tp + fp), tp / tp[-1]
+    gained = torch.diff(recall, prepend=recall.new_zeros(1))
+    return float((gained * precision).sum())
+
+
+def best_f1_threshold(scores: torch.Tensor, targets: torch.Tensor, *, default: float = 0.5) -> float:
+    """The threshold (a picture is positive when its score >= it) that maximises one class's F1 on these
+    pictures: half-way between the lowest score kept and the next lower one, so that pictures scored close
+    to a cut are not decided by a hair (the highest such threshold when several tie). `default` when no
+    picture is positive, or nothing scores."""
+    if scores.numel() == 0 or float(targets.sum()) == 0:
+        return default
+    tp, fp, cut = _ranked(scores, targets)
+    f1 = 2 * tp / (2 * tp + fp + (tp[-1] - tp))
+    best = int(f1.argmax())  # the first maximum: the highest threshold
+    below = float(cut[best + 1]) if best + 1 < len(cut) else 0.0
+    return (float(cut[best]) + below) / 2
+
+
+def multilabel_counts(scores: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """(classes, 3) int64: true positives, false positives and false negatives of each class when every
+    score >= its class's threshold is a positive. `scores`, `targets`: (N, classes)."""
+    predicted = scores >= thresholds.to(scores.dtype).view(1, -1)
+    truth = targets > 0.5
+    return torch.stack([(predicted & truth).sum(0), (predicted & ~truth).sum(0), (~predicted & truth).sum(0)], 1)
+
+
+def f1_figures(counts: torch.Tensor) -> dict:
+    """Precision, recall and F1 per class (lists; 0 where a quotient is 0/0) and their macro and micro
+    averages, from `multilabel_counts`."""
+    def prf(tp, fp, fn):
+        precision = tp / (tp + fp).clamp_min(1)
+        recall = tp / (tp + fn).clamp_min(1)
+        return precision, recall, 2 * tp / (2 * tp + fp + fn).clamp_min(1)
+
+    c = counts.double()
+    per = prf(c[:, 0], c[:, 1], c[:, 2])
+    micro = prf(*c.sum(0))
+    names = ("precision", "recall", "f1")
+    return {**{name: v.tolist() for name, v in zip(names, per, strict=True)},
+            **{f"macro_{name}": float(v.mean()) for name, v in zip(names, per, strict=True)},
+            **{f"micro_{name}": float(v) for name, v in zip(names, micro, strict=True)}}

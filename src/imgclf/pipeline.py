@@ -22,6 +22,7 @@ from imgclf.loader import BatchLoader
 from imgclf.models import InputContract, adapter_for, build_model
 from imgclf.optim import balancing_weights
 from imgclf.sources import ImageData, load_data
+from imgclf.tasks import refuse_misfits
 from imgclf.transforms import BatchTransform, Mixer, progressive_side
 from imgclf.usercode import check_output
 
@@ -47,6 +48,7 @@ def build_run(cfg: TrainConfig, data: ImageData, *, device: torch.device, dist: 
     instead. `model`: a network object to use instead of building `cfg.model.name` (the Python API).
     RunParts.data is `data` with the mean and std the pictures are normalised by (`normalization`)."""
     dist = dist or DistInfo()
+    refuse_misfits(cfg, data)  # before a network is built for options the task cannot honour
     model = run_network(cfg, data, fresh=fresh, model=model)
     contract = normalization(cfg, data.channels)
     if contract is not None:

@@ -30,22 +30,22 @@ from imgclf.files import not_regular
 from imgclf.models import base_fits, model_from_checkpoint
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import PictureWalk, is_image_file
-from imgclf.tasks import DEFAULT, Task, make_task
+from imgclf.tasks import MULTILABEL, Task, stored_task
 from imgclf.transforms import BadImage, BatchTransform, load_image
 
 
 @dataclass
 class Prediction:
     path: str
-    labels: list[str] = field(default_factory=list)  # top-k, most probable first
+    labels: list[str] = field(default_factory=list)  # top-k (multi-label: every one over its threshold), most probable first
     probs: list[float] = field(default_factory=list)
     error: str | None = None  # why this file could not be predicted
+    scores: dict[str, float] | None = None  # multi-label: every class's probability (None for single-label)
 
 
 class Predictor:
     """A model with its preprocessing and class names, rebuilt from a checkpoint alone."""
 
-    task_name = DEFAULT  # the tasks.Task whose activation `probabilities` gives and whose decode labels them
 
     def __init__(self, ckpt: dict, *, device: str = "auto", precision: str = "fp32"):
         self.device = resolve_device(device)
@@ -54,15 +54,13 @@ class Predictor:
         model = _fold_batchnorm(model_from_checkpoint(ckpt, base_builder=builder))
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self.classes: list[str] = ckpt["classes"]
+        # the tasks.Task whose activation `probabilities` gives and whose decode labels them (with its thresholds)
+        self.task: Task = stored_task(ckpt, self.classes, "the checkpoint")
         self.model_name: str = name
         inp = ckpt["input"]
         self.size, self.channels = inp["size"], inp["channels"]
         self.transform = BatchTransform(tuple(inp["mean"]), tuple(inp["std"]))
         self.autocast = autocast_factory(self.device, resolve_precision(precision, self.device))
-
-    @property
-    def task(self) -> Task:
-        return make_task(self.task_name, self.classes)
 
     @classmethod
     def from_checkpoint(cls, path, **kwargs) -> Predictor:
@@ -110,8 +108,10 @@ class Predictor:
                     if isinstance(item, str):
                         yield Prediction(path, error=item)
                         continue
-                    labels = task.decode(next(rows), topk)  # rows come in the order of the decoded pictures
-                    yield Prediction(path, [self.classes[j] for j, _ in labels], [p for _, p in labels])
+                    row = next(rows)  # rows come in the order of the decoded pictures
+                    labels = task.decode(row, topk)
+                    scores = dict(zip(self.classes, row.tolist(), strict=True)) if task.name == MULTILABEL else None
+                    yield Prediction(path, [self.classes[j] for j, _ in labels], [p for _, p in labels], scores=scores)
         finally:  # also when the caller stops early: the prefetched batch is not decoded in vain
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -143,7 +143,7 @@ class ExportedPredictor(Predictor):
         self._run, meta = fmt.open(path, self.runtime, precision=precision)
         formats.check_metadata(meta, path)
         self.path, self.kind, self.classes, self.metadata = path, fmt.name, meta["classes"], meta
-        self.task_name = meta.get("task", DEFAULT)
+        self.task = stored_task(meta, self.classes, shown(path))
         self.model_name = meta["model"]["name"]
         self.size, self.channels = meta["input"]["size"], meta["input"]["channels"]
 
@@ -185,19 +185,23 @@ def print_predictions(results, style: str = "text", out=None, err=None) -> bool:
         writer.writerow(["path", "rank", "label", "probability"])
     failed = False
     for r in results:
-        if not r.error and not all(math.isfinite(p) for p in r.probs):
+        if not r.error and not all(math.isfinite(p) for p in [*r.probs, *(r.scores or {}).values()]):
             r.error, r.labels, r.probs = "the model's output is not a number (NaN or infinite)", [], []
         failed = failed or bool(r.error)
         if r.error:
             print(f"imgclf: {shown(r.path)}: {shown(str(r.error))}", file=err)
         elif style == "json":
+            scores = {} if r.scores is None else {"scores": {k: round(p, 6) for k, p in r.scores.items()}}
             print(json.dumps({"path": r.path, "top": [{"label": lab, "probability": round(p, 6)}
-                                                      for lab, p in zip(r.labels, r.probs, strict=True)]}), file=out)
+                                                      for lab, p in zip(r.labels, r.probs, strict=True)],
+                              **scores}), file=out)
         elif writer:
             for rank, (lab, p) in enumerate(zip(r.labels, r.probs, strict=True), start=1):
                 writer.writerow([shown(r.path), rank, shown(lab), f"{p:.6f}"])
         else:
             tops = "  ".join(f"{shown(lab)} {p:.1%}" for lab, p in zip(r.labels, r.probs, strict=True))
+            if r.scores is not None and not r.labels:
+                tops = "(no label over its threshold)"
             print(f"{shown(r.path)}  {tops}", file=out)  # one line, whatever bytes the file name or an exported model's class holds
         out.flush()  # each answer as soon as it is known, also into a pipe
     return failed

@@ -27,20 +27,18 @@ def write_run_report(run_dir: Path, *, records: Sequence[dict], result: dict, da
     name = run_dir.resolve().name
     classes = list(data.classes)
     step = int(records[-1]["epoch"]) if records else 0
-    figures = {
-        "curves": curves_figure(records, title=f"{name}: loss and accuracy per epoch"),
-        "confusion": confusion_figure(result["confusion"], classes,
-                                      title=f"{name}, {data.val_name} split"),
-        "mistakes": mistakes_figure(result["probs"], data.val, classes),
-    }
+    figures = {"curves": curves_figure(records, title=f"{name}: loss and accuracy per epoch")}
+    if "confusion" in result:  # one class per picture (a multi-label run has per-class figures instead)
+        figures["confusion"] = confusion_figure(result["confusion"], classes, title=f"{name}, {data.val_name} split")
+        figures["mistakes"] = mistakes_figure(result["probs"], data.val, classes)
     pixels = {key: figure_array(fig) for key, fig in figures.items()}  # rendered once, for file and TensorBoard
     written = [save_rgb_png(image, run_dir / f"{key}.png") for key, image in pixels.items()]
     if writer is None:
         return written
     for key, image in pixels.items():
         writer.add_image(f"report/{key}", image, step, dataformats="HWC")
-    _, per_class = task.per_class(result)
-    writer.add_image("report/per_class", figure_array(per_class_figure(per_class, classes)), step,
+    figure, per_class = task.per_class(result)
+    writer.add_image("report/per_class", figure_array(per_class_figure(per_class, classes, figure)), step,
                      dataformats="HWC")
     for cls, figure in zip(classes, per_class, strict=True):
         writer.add_scalar(f"test_class/{cls}", figure, step)

@@ -137,6 +137,10 @@ def format_table(rows: list[dict]) -> str:
 def format_finished(record: dict, out) -> str:
     """The line `imgclf train` ends with: the last epoch's figures and where the checkpoints are."""
     test = f", test accuracy {record['test_acc']:.2%}" if "test_acc" in record else ""
+    if "val_map" in record:  # a multi-label run: its accuracy is exact match, its headline figure the mAP
+        test = f", test mAP {record['test_map']:.4f}" if "test_map" in record else ""
+        return (f"done: validation mAP {record['val_map']:.4f}{test} after {record['epoch']} epochs; "
+                f"checkpoints in {Path(out) / 'checkpoints'}")
     return (f"done: validation accuracy {record['val_acc']:.2%}{test} after {record['epoch']} epochs; "
             f"checkpoints in {Path(out) / 'checkpoints'}")
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from imgclf.errors import UserError
+from imgclf.tasks import MULTILABEL
 
 REQUIRES = {"starlette": "starlette", "uvicorn": "uvicorn", "python_multipart": "python-multipart"}
 MULTIPART_SLACK = 64 * 1024  # room for multipart boundaries and part headers around a file at the limit
@@ -218,6 +219,17 @@ async def read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def labelled(predictor, probs, k: int) -> dict:
+    """One picture's answer, as `imgclf predict --json` prints it: {"top": its labels (the task's decoding: the
+    `k` most probable classes, or a multi-label model's every class over its threshold)}, and for a
+    multi-label model "scores": every class's probability."""
+    classes, task = predictor.classes, predictor.task
+    answer = {"top": [{"label": classes[i], "probability": round(v, 6)} for i, v in task.decode(probs, k)]}
+    if getattr(task, "name", None) == MULTILABEL:  # (a task of the Python API's own may have no name)
+        answer["scores"] = {c: round(v, 6) for c, v in zip(classes, probs.tolist(), strict=True)}
+    return answer
+
+
 def held_bytes(request, max_upload_bytes: int) -> int:
     """The bytes an upload will hold: its Content-Length when declared (within the limit), else the most
     it may be (a chunked upload)."""
@@ -303,9 +315,8 @@ class Service:
                 return Response(status_code=no.status)
             return JSONResponse({"error": no.message}, status_code=no.status)
         probs = await self.queue.probabilities(image.transpose(2, 0, 1))
-        classes = self.predictor.classes
-        top = [{"label": classes[i], "probability": round(v, 6)} for i, v in self.predictor.task.decode(probs, k)]
-        return JSONResponse({"top": top} if filename is None else {"top": top, "filename": filename})
+        answer = labelled(self.predictor, probs, k)
+        return JSONResponse(answer if filename is None else {**answer, "filename": filename})
 
     async def picture(self, request):
         """(topk asked, the decoded picture, its file name or None) of a request; Refused when it has none.

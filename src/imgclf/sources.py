@@ -27,6 +27,7 @@ from imgclf.checkpoint import MAX_CLASSES, MAX_NAME
 from imgclf.config import DataConfig
 from imgclf.errors import UserError, shown
 from imgclf.files import not_regular, special_kind
+from imgclf.labelsets import MULTI, labels_task, random_split, read_multilabel_csv
 from imgclf.transforms import IMAGE_EXTENSIONS, NORMALIZATION, compute_mean_std, resize_batch
 
 BUILTINS = ("fashion-mnist-mini", "cifar10", "cifar100", "mnist", "fashion-mnist")
@@ -56,6 +57,8 @@ class ImageData:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) of undecodable files
     test: Split | None = None
     photos: bool = False  # the pictures are photos (not small squares such as CIFAR's): the photo recipe suits them
+    task: str = "single-label"  # imgclf.tasks' name; multilabel: every split's labels are (N, classes) 0/1 targets
+    task_note: str = ""  # why the task was chosen, for the run's first line ("" when single-label by default)
 
     def splits(self) -> dict[str, Split]:
         """Every split by its role: train, val (named after its folder when that is not "val"), test."""
@@ -68,7 +71,8 @@ class ImageData:
         """'245 train / 153 val pictures' or '... / 100 test (validation) ...', for a run's first line."""
         val = f"{len(self.val)} {self.val_name}" + ("" if self.val_name in VAL_NAMES else " (as validation)")
         test = f" / {len(self.test)} test" if self.test is not None else ""
-        return f"{len(self.train)} train / {val}{test} pictures"
+        task = f", multi-label ({self.task_note})" if self.task == MULTI else ""
+        return f"{len(self.train)} train / {val}{test} pictures{task}"
 
     @property
     def channels(self) -> int:
@@ -81,10 +85,15 @@ class ImageData:
 
 
 def load_data(cfg: DataConfig, *, img_size: int | None = None, channels: int | None = None,
-              progress: bool = True, whole: bool = False) -> ImageData:
+              progress: bool = True, whole: bool = False, classes: list[str] | None = None) -> ImageData:
     """Load the data set `cfg.data` names. `img_size`/`channels` (from a checkpoint) override detection.
-    `whole`: a single folder of class folders is not split; all of it is the `val` split (see _load_folder)."""
+    `whole`: a single folder of class folders is not split; all of it is the `val` split (see _load_folder).
+    `classes` (a checkpoint's): the classes a multi-label --labels CSV is read against."""
     size = img_size or cfg.img_size
+    if cfg.task == MULTI and not cfg.labels:
+        raise UserError("multi-label pictures (--task multilabel, or a multi-label model) need --labels FILE.csv "
+                        "naming the labels of each picture (filename,labels with the labels separated by spaces, "
+                        "or one 0/1 column per class)")
     if cfg.data in BUILTINS:
         return _load_builtin(cfg, size=size, channels=channels)
     root = Path(cfg.data).expanduser()
@@ -104,7 +113,8 @@ def load_data(cfg: DataConfig, *, img_size: int | None = None, channels: int | N
         height, width = data.train.images.shape[2:]
         return _finish(data, size=size or native_side(root, height, width), channels=channels,
                        name=root.name.lower())
-    return _load_folder(root, cfg, size=size, channels=channels, progress=progress, whole=whole)
+    return _load_folder(root, cfg, size=size, channels=channels, progress=progress, whole=whole,
+                        classes=classes)
 
 
 MIN_SIDE = 8  # the smallest --img-size: below it a network's poolings leave nothing
@@ -481,15 +491,22 @@ def folder_layout(root: Path) -> FolderLayout:
 
 
 def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int | None, progress: bool,
-                 whole: bool = False) -> ImageData:
+                 whole: bool = False, classes: list[str] | None = None) -> ImageData:
     """Decode (once, cached) the splits of a folder data set; see `folder_layout`. Without a validation or
     test folder, `cfg.val_fraction` of each class is held out, or with `whole` nothing: every picture is then
-    the `val` split, named "all" (what `imgclf eval` measures on a plain folder of class folders)."""
+    the `val` split, named "all" (what `imgclf eval` measures on a plain folder of class folders). A
+    multi-label --labels CSV (imgclf.labelsets; `classes`: a checkpoint's, to read it against) gives splits
+    whose labels are (N, classes) 0/1 targets."""
     layout = folder_layout(root)
     if layout.ignored and progress:
         print(f"imgclf: warning: not reading {', '.join(layout.ignored)} in {shown(root)}: only train/, "
               f"val/ and test/ are read beside train/", file=sys.stderr)
-    lists, walk = _file_lists(root, layout, cfg, whole=whole)
+    task, why = labels_task(cfg.task, cfg.labels)
+    targets = None
+    if task == MULTI:
+        lists, walk, targets = multilabel_lists(root, layout, cfg, whole=whole, classes=classes)
+    else:
+        lists, walk = _file_lists(root, layout, cfg, whole=whole)
     if progress:
         walk.report()
     classes, held_out = lists.pop("classes"), layout.val or layout.test
@@ -501,7 +518,25 @@ def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int
     if cfg.strict:
         check_all([f for files, _ in lists.values() for f in files], size=size, channels=channels)
     cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    splits, skipped = {}, list(walk.skipped)
+    splits, skipped = _cached_splits(lists, root, val_name, size=size, store=store, channels=channels,
+                                     cache_root=cache_root, progress=progress)
+    skipped = list(walk.skipped) + skipped
+    if targets is not None:  # the cache kept each picture's row of the CSV as its label
+        splits = {role: Split(s.images, targets[s.labels], s.files) for role, s in splits.items()}
+    unreadable = [c for i, c in enumerate(classes) if not bool((splits["train"].labels == i).any())]
+    if unreadable and not whole and targets is None:  # every picture of the class was skipped: as good as none
+        raise UserError(f"class folder {shown(layout.train)}/{unreadable[0]} holds no readable pictures; fix or "
+                        f"remove them")
+    mean, std = cached_stats(splits["train"], cache_root, lists["train"][0], store, channels)
+    return ImageData(splits["train"], splits["val"], classes, mean, std, val_name, skipped, splits.get("test"),
+                     photos, task=task, task_note=why)
+
+
+def _cached_splits(lists: dict, root: Path, val_name: str, *, size: int, store: int, channels: int,
+                   cache_root: Path, progress: bool) -> tuple[dict[str, Split], list]:
+    """Each role's [files, labels] decoded through the cache (training's at the store side): the splits, and
+    the (file, reason) of every picture skipped; an empty split is one UserError line."""
+    splits, skipped = {}, []
     for role, (files, labels) in lists.items():
         side = store if role == "train" else size
         splits[role], bad = cached_split(files, labels, size=side, channels=channels, cache_root=cache_root,
@@ -509,13 +544,32 @@ def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int
         skipped += bad
         if len(splits[role]) == 0:
             raise UserError(f"no readable pictures in the {val_name if role == 'val' else role} split of {shown(root)}")
-    unreadable = [c for i, c in enumerate(classes) if not bool((splits["train"].labels == i).any())]
-    if unreadable and not whole:  # every picture of the class was skipped: as good as an empty class folder
-        raise UserError(f"class folder {shown(layout.train)}/{unreadable[0]} holds no readable pictures; fix or "
-                        f"remove them")
-    mean, std = cached_stats(splits["train"], cache_root, lists["train"][0], store, channels)
-    return ImageData(splits["train"], splits["val"], classes, mean, std, val_name, skipped, splits.get("test"),
-                     photos)
+    return splits, skipped
+
+
+def multilabel_lists(root: Path, layout: FolderLayout, cfg: DataConfig, *, whole: bool,
+                     classes: list[str] | None = None) -> tuple[dict, PictureWalk, torch.Tensor]:
+    """As `_file_lists`, for a multi-label --labels CSV: each role's [files, CSV rows] (the row stands for
+    the label in the cache; the caller maps it to its targets), the walk (nothing walked: the CSV names the
+    pictures) and the (rows, classes) 0/1 targets. A row's picture under the layout's val/ or test/ folder
+    is in that split; without val/, `cfg.val_fraction` of the others is held out at random (seed 0), or
+    with `whole` none."""
+    names, files, targets = read_multilabel_csv(Path(cfg.labels).expanduser(), root, classes)
+    roles = {"train": [], "val": [], "test": []}
+    for row, file in enumerate(files):
+        role = next((r for r, folder in (("val", layout.val), ("test", layout.test))
+                     if folder is not None and Path(os.path.realpath(file)).is_relative_to(os.path.realpath(folder))),
+                    "train")
+        roles[role].append(row)
+    if whole and not roles["val"]:
+        roles["val"] = roles["train"]
+    elif not roles["val"]:
+        keep, held = random_split(len(roles["train"]), fraction=cfg.val_fraction, seed=0)
+        roles["train"], roles["val"] = [roles["train"][i] for i in keep], [roles["train"][i] for i in held]
+    if not roles["train"]:
+        raise UserError(f"--labels {shown(cfg.labels)} names no training pictures (all are under val/ or test/)")
+    lists = {role: [[files[i] for i in rows], rows] for role, rows in roles.items() if rows}
+    return {"classes": names, **lists}, PictureWalk(), targets
 
 
 def _file_lists(root: Path, layout: FolderLayout, cfg: DataConfig, *, whole: bool) -> tuple[dict, PictureWalk]:

@@ -75,7 +75,9 @@ class Tracker:
         self.records.append(record)
         atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
         step = record["epoch"] * self.steps_per_epoch
-        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "images_per_s"):
+        multilabel = ("val_map", "val_micro_f1", "val_macro_f1") if "val_map" in record else ()
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "images_per_s",
+                    *multilabel):
             if key in record:
                 group, _, name = key.partition("_")
                 tag = f"{group}/{name}" if group in ("train", "val", "test") else key
@@ -83,6 +85,7 @@ class Tracker:
         self.writer.add_scalar("epoch/val_acc", record["val_acc"], record["epoch"])
         self.writer.flush()
         skipped = f"  skipped files {record['skipped_files']}" if record.get("skipped_files") else ""
+        skipped = (f"  mAP {record['val_map']:.4f}" if "val_map" in record else "") + skipped
         print(f"epoch {record['epoch']}/{self.total_epochs}  train loss {record['train_loss']:.4f} "
               f"acc {record['train_acc']:.2%}  |  val loss {record['val_loss']:.4f} acc {record['val_acc']:.2%}"
               f"  |  {record['images_per_s']:.0f} img/s  {record['epoch_seconds']:.1f}s{skipped}",

@@ -39,7 +39,7 @@ from imgclf.optim import Lookahead, build_optimizer, build_scheduler, clip_norm,
 from imgclf.pipeline import RunParts, build_run, describe_finetune, load_data_ranked, set_stage
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import ImageData, imbalance_warning
-from imgclf.tasks import Task, training_task
+from imgclf.tasks import Task, checkpoint_task, training_task
 from imgclf.tracking import RunRecord, Tracker
 
 
@@ -101,7 +101,7 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
             stats = _train_epoch(state, parts, cfg, task, epoch=epoch, autocast=autocast, dist=dist, run_dir=run_dir,
                                  hooks=_RunHooks(state, tracker, stop), check_every=check_every)
             if stats["stopped_at"] is not None:
-                _stop_mid_epoch(cfg, parts, state, stats, stop=stop, dist=dist, epoch=epoch)
+                _stop_mid_epoch(cfg, parts, state, stats, stop=stop, dist=dist, epoch=epoch, task=task)
             final = epoch + 1 == epochs
             # test-time augmentation costs 6 passes: only the final figure (and `imgclf eval`) pays for it;
             # the final probabilities are kept for the run's pictures (one process holds them all)
@@ -110,7 +110,7 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
             _refuse_non_finite(state, val, epoch=epoch, run_dir=run_dir)  # never saved, never "best"
             record = epoch_record(epoch, stats, val, lr=state.optimizer.param_groups[0]["lr"], data=data, task=task)
             tracker.end_epoch(record)
-            _save(cfg, parts, state, dist=dist, best=state.end_epoch(record, cfg.optim.monitor, task))
+            _save(cfg, parts, state, dist=dist, best=state.end_epoch(record, cfg.optim.monitor, task), task=task)
             if on_epoch is not None and dist.is_main:  # after the save: a Stopped raised here keeps this epoch
                 on_epoch(record)
             if _patience_spent(cfg, state, tracker):
@@ -167,10 +167,10 @@ def _auto_batch(cfg: TrainConfig, data: ImageData, *, device, dist, precision, m
 
 
 def _stop_mid_epoch(cfg: TrainConfig, parts: RunParts, state: TrainState, stats: dict, *, stop, dist,
-                    epoch: int) -> None:
+                    epoch: int, task: Task) -> None:
     """A signal arrived during the epoch: save where it stopped (with the partial sums), then raise Stopped."""
     state.step, state.partial = stats["stopped_at"], stats["sums"]
-    _save(cfg, parts, state, dist=dist, best=False)
+    _save(cfg, parts, state, dist=dist, best=False, task=task)
     raise Stopped(f"stopped by {stop.name} at epoch {epoch + 1}, step {state.step}; resume with: "
                   f"imgclf train --resume {cfg.run.out}", _exit_code(stop.name))
 
@@ -366,6 +366,7 @@ def _final_test(cfg: TrainConfig, parts: RunParts, state: TrainState, *, task: T
     ckpt = load_checkpoint(best)
     (state.ema.module if state.ema is not None else state.model).load_state_dict(
         ckpt.get("ema_state_dict") or ckpt["state_dict"])
+    task = checkpoint_task(ckpt)  # with best.pt's thresholds (a multi-label run's, chosen on validation)
     test = evaluate(state.eval_model, parts.test, task=task, autocast=autocast, dist=dist, tta=cfg.run.tta)
     return {**split_figures("test", test, task), "test_of_epoch": ckpt["epoch"]}
 
@@ -387,7 +388,7 @@ def _start_run_folder(cfg: TrainConfig, parts: RunParts, tracker: Tracker, *, de
     if len(data.train) < cfg.data.batch_size and cfg.optim.lr_base_batch == len(data.train):  # _batch_size's
         tracker.message(f"{len(data.train)} training pictures, fewer than --batch-size {cfg.data.batch_size}: --lr "
                         f"{cfg.optim.lr:.4g}, for the {len(data.train)} pictures a step")
-    warning = imbalance_warning(data.train.labels, data.classes)
+    warning = imbalance_warning(data.train.labels, data.classes) if data.train.labels.ndim == 1 else None
     if warning and cfg.data.balance == "none":
         tracker.message(warning)
     if fresh:
@@ -405,14 +406,15 @@ def _wrap(model, cfg: TrainConfig, dist, device):
     return net
 
 
-def _save(cfg: TrainConfig, parts: RunParts, state: TrainState, *, dist, best: bool) -> None:
-    """Write last.pt (and best.pt when `best`) atomically, from the main process only."""
+def _save(cfg: TrainConfig, parts: RunParts, state: TrainState, *, dist, best: bool, task: Task) -> None:
+    """Write last.pt (and best.pt when `best`) atomically, from the main process only, with what `task`
+    keeps of the last epoch's figures (a multi-label run's thresholds)."""
     if not dist.is_main:
         return
     data = parts.data
     ckpt = build_checkpoint(model_name=cfg.model.name, classes=data.classes, channels=data.channels,
                             size=data.img_size, mean=data.mean, std=data.std, config=cfg.to_dict(),
-                            state=state.state_dict())
+                            state=state.state_dict(), task=task.checkpoint_entries(state.metrics))
     folder = Path(cfg.run.out) / "checkpoints"
     if best:  # best.pt first: killed between the two, the run resumes from the older last.pt and redoes both
         save_checkpoint(folder / "best.pt", ckpt)

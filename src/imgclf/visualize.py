@@ -183,7 +183,8 @@ def confusion_figure(confusion, classes: Sequence[str], *, title: str = "confusi
     return fig
 
 
-def per_class_figure(accuracies: Sequence[float], classes: Sequence[str]) -> Figure:
+def per_class_figure(accuracies: Sequence[float], classes: Sequence[str], name: str = "accuracy") -> Figure:
+    """One bar per class of its figure `name` (accuracy; a multi-label run's average precision), in %."""
     fig = _figure(figsize=(max(5, 0.35 * len(classes) + 2), 3.5), dpi=DPI)
     ax = fig.add_subplot()
     bars = ax.bar(range(len(classes)), [a * 100 for a in accuracies], color=VAL_COLOR)
@@ -191,8 +192,8 @@ def per_class_figure(accuracies: Sequence[float], classes: Sequence[str]) -> Fig
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_xticks(range(len(classes)), classes, rotation=45 if len(classes) > 4 else 0, ha="right", fontsize=8)
     ax.set_ylim(0, 108)  # room for the label of a bar at 100
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("accuracy per class")
+    ax.set_ylabel(f"{name} (%)")
+    ax.set_title(f"{name} per class")
     fig.tight_layout()
     return fig
 
@@ -230,8 +231,10 @@ def split_names(data) -> dict[str, str]:
 
 
 def class_counts(data) -> list[tuple]:
-    """(class, count in train, count in val[, count in test]) for each class."""
-    columns = [torch.bincount(split.labels, minlength=len(data.classes)).tolist() for split in data.splits().values()]
+    """(class, count in train, count in val[, count in test]) for each class (multi-label: the pictures that
+    show it)."""
+    columns = [(split.labels.sum(0) if split.labels.ndim == 2 else
+                torch.bincount(split.labels, minlength=len(data.classes))).tolist() for split in data.splits().values()]
     return list(zip(data.classes, *columns, strict=True))
 
 
@@ -268,12 +271,16 @@ def samples_figure(data, *, name: str, split: str = "train", per_class: int | No
     if split == "test" and data.test is None:  # the test split serves as validation, or there is none
         split = "val"
     chosen, split_name = data.splits()[split], split_names(data)[split]
+    multilabel = chosen.labels.ndim == 2  # (N, classes) 0/1: a picture is drawn once, captioned with all its labels
+    if multilabel and random is None:
+        per_class, random = None, min(64, 8 * (per_class or 8))
     if per_class is None and random is None:
         per_class, random = (8, None) if len(data.classes) <= 20 else (None, 64)
     idx = pick_samples(chosen.labels, num_classes=len(data.classes), per_class=per_class, random=random,
                        seed=seed)
     images = [np.asarray(chosen.images[i]) for i in idx]
-    names = [data.classes[int(chosen.labels[i])] for i in idx]
+    names = [" ".join(data.classes[c] for c in chosen.labels[i].nonzero().flatten().tolist()) or "(none)"
+             if multilabel else data.classes[int(chosen.labels[i])] for i in idx]
     if per_class is None:
         return image_grid(images, names, ncols=min(8, len(images)),
                           title=f"{name}: {len(images)} random {split_name} pictures")
@@ -299,7 +306,7 @@ def show(data_cfg, *, per_class: int | None = None, random: int | None = None, s
     data = load_data(replace(data_cfg, augment="none"))  # every split at the model's side
     fig = samples_figure(data, name=_data_name(data_cfg.data), split=split, per_class=per_class, random=random,
                          seed=seed)
-    warning = imbalance_warning(data.train.labels, data.classes)
+    warning = imbalance_warning(data.train.labels, data.classes) if data.train.labels.ndim == 1 else None
     return class_count_table(data) + (f"\n{warning}" if warning else ""), save_png(fig, Path(out))
 
 
