@@ -289,7 +289,7 @@ ALWAYS_ACT = {"--data", "--img-size", "--augment", "--mixup",
               "--pretrained", "--freeze-backbone", "--model-args", "--optimizer", "--lr", "--weight-decay",
               "--schedule", "--warmup-epochs", "--label-smoothing", "--epochs", "--monitor", "--lookahead",
               "--lr-base-batch", "--clip-grad", "--head-init", "--bn-stats", "--out", "--device", "--seed", "--precision", "--channels-last",
-              "--compile", "--log-every", "--ema", "--tta", "--mlflow"}
+              "--compile", "--log-every", "--ema", "--tta", "--mlflow", "--task"}
 
 
 @pytest.mark.parametrize(("options", "flag"), IDLE, ids=[f"{f}:{','.join(o)}" for o, f in IDLE])
