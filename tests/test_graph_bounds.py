@@ -189,3 +189,11 @@ def test_real_exports_still_load(tmp_path, capsys):
         capsys.readouterr()
         assert main(["predict", str(tmp_path / name), str(tmp_path / "data" / "test"), "--device", "cpu"]) == 0
         assert capsys.readouterr().out.count("\n") == 4
+
+
+def test_a_url_with_control_characters_is_a_failed_download_not_a_traceback():
+    """http.client's InvalidURL is neither OSError nor ValueError: it escaped download() as a traceback."""
+    from imgclf.download import DownloadFailed, download
+
+    with pytest.raises(DownloadFailed, match="control characters"):
+        download("http://127.0.0.1:9/\x1b[31m\nx.png", max_bytes=10, seconds=5)
