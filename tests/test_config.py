@@ -159,3 +159,12 @@ def test_train_help_shows_each_field_default():
     # the switches that once showed the wrong default: 1.0 == True and 0 == False as dictionary keys
     assert actions["--warmup-epochs"].help.endswith("(default: 1.0)")
     assert actions["--seed"].help.endswith("(default: 0)")
+
+
+def test_a_float_option_given_a_whole_number_beyond_floats_range_is_one_line():
+    """fit(lr=10**400) or `lr: 999...9` in a configuration file: an OverflowError was a traceback."""
+    from imgclf.config import check_option
+
+    lr = next(f for f in dataclasses.fields(TrainConfig().optim) if f.name == "lr")
+    with pytest.raises(UserError, match="--lr must be a finite number, got a number of 401 digits"):
+        check_option(lr, 10**400)

@@ -13,7 +13,7 @@ import imgclf
 from imgclf.cli import build_parser, main, train_config
 from imgclf.config import TrainConfig
 from imgclf.configfile import RECIPES, config_yaml, read_config, recipe_folder, recipe_names
-from imgclf.errors import EXIT_USAGE
+from imgclf.errors import EXIT_USAGE, UserError
 
 
 def resolved(*argv: str) -> TrainConfig:
@@ -131,3 +131,19 @@ def test_fit_takes_a_config_file(tiny, tmp_path, capsys):
     with pytest.raises(imgclf.UserError, match="unknown key 'bacth_size'; did you mean 'batch_size'"):
         (tmp_path / "typo.yaml").write_text("bacth_size: 4\n")
         imgclf.fit("tutorial_cnn", tiny, config=tmp_path / "typo.yaml")
+
+
+def test_a_fifo_or_a_huge_file_as_configuration_is_one_line_not_a_hang(tmp_path):
+    """`train --config FIFO` waited for ever for a writer; a 50 MB file was read whole."""
+    import os
+
+    from imgclf.configfile import MAX_YAML, read_yaml
+
+    os.mkfifo(tmp_path / "fifo.yaml")
+    with pytest.raises(UserError, match=r"fifo.yaml: not a regular file \(a FIFO\)"):
+        read_yaml(tmp_path / "fifo.yaml")
+    (tmp_path / "big.yaml").write_text("# " + "x" * MAX_YAML + "\nepochs: 1\n")
+    with pytest.raises(UserError, match="over the 1,048,576 a configuration needs"):
+        read_yaml(tmp_path / "big.yaml")
+    (tmp_path / "ok.yaml").write_text("epochs: 1\n")
+    assert read_yaml(tmp_path / "ok.yaml") == {"epochs": 1}

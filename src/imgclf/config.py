@@ -305,7 +305,10 @@ def check_option(f: dataclasses.Field, value, what: str | None = None, *, bounds
           "float": isinstance(value, numbers.Real) and not isinstance(value, bool)}[kind]
     if not ok:
         raise UserError(f"{what} is not {KIND_WORDS[kind]} ({flag} takes {KIND_WORDS[kind]})")
-    value = {"int": int, "float": float}.get(kind, lambda v: v)(value)
+    try:
+        value = {"int": int, "float": float}.get(kind, lambda v: v)(value)
+    except OverflowError:  # a whole number beyond float's range (10**400) for a float option
+        raise UserError(f"{flag} must be a finite number, got a number of {len(str(int(value)))} digits") from None
     choices = f.metadata["choices"]
     if choices and value not in choices:
         close = difflib.get_close_matches(value, choices, n=1)

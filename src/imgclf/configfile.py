@@ -39,6 +39,9 @@ def option_keys() -> dict[str, tuple[str, dataclasses.Field, str]]:
     return {key_of(flag): (section, f, flag) for section, f, flag in config_fields()}
 
 
+MAX_YAML = 1 << 20  # bytes of a configuration file: a full one is a few kilobytes
+
+
 def key_of(flag: str) -> str:
     return flag[2:].replace("-", "_")
 
@@ -47,7 +50,15 @@ def read_yaml(path, *, what: str = "configuration file"):
     """The YAML document in `path`; one UserError line when it cannot be read or parsed."""
     import yaml
 
+    from imgclf.files import not_regular
+
     path = Path(path).expanduser()
+    problem = not_regular(path)  # a FIFO would hang the read
+    if problem is not None and problem != "no such file" and not path.is_dir():
+        raise UserError(f"cannot read the {what} {path}: {problem}")
+    if problem is None and path.stat().st_size > MAX_YAML:
+        raise UserError(f"the {what} {path} holds {path.stat().st_size:,} bytes: over the {MAX_YAML:,} a "
+                        f"configuration needs (is it the right file?)")
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:

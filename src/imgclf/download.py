@@ -20,6 +20,7 @@ def download(url: str, *, max_bytes: int, seconds: float) -> bytes:
     """The body at `url` (http or https, redirects followed), at most `max_bytes` + 1 bytes of it (more
     means over the limit: the caller says so), within `seconds` in all, connection and redirects included.
     DownloadFailed when it cannot be fetched or takes longer."""
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -28,7 +29,7 @@ def download(url: str, *, max_bytes: int, seconds: float) -> bytes:
     try:
         with deadline, opener.open(url, timeout=seconds) as response:
             data = response.read(max_bytes + 1)
-    except (urllib.error.URLError, OSError, ValueError) as err:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as err:  # InvalidURL, BadStatusLine...
         if deadline.expired:
             raise DownloadFailed(f"not downloaded within {seconds:g} s") from None
         reason = getattr(err, "reason", None) or err

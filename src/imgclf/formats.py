@@ -67,6 +67,7 @@ class Format:
     companions: tuple[str, ...] = ()  # suffixes of files written beside `out` (OpenVINO's .bin)
     suffixes: tuple[str, ...] = ()  # file names that are this format when read back
     sniff: Callable | None = None
+    bound: Callable | None = None  # bound(path): UserError when the file asks for more memory than MAX_CONSTANTS
 
     def files(self, out: Path) -> list[Path]:
         """Every file writing `out` creates or replaces."""
@@ -114,7 +115,9 @@ def choose_runtime(fmt: Format, requested: str = "auto", path=None) -> str:
 
 
 def check_files(fmt: Format, path: Path) -> None:
-    """UserError unless `path` and the companions beside it are regular files (a FIFO would hang the reader)."""
+    """UserError unless `path` and the companions beside it are regular files (a FIFO would hang the reader)
+    and, for a graph, what it asks the runtime to allocate is within bounds (`Format.bound`): checked before
+    any runtime reads the file, as a checkpoint's sizes are checked before it is unpickled."""
     problem = not_regular(path)
     if problem is not None:
         raise UserError(f"no such file: {shown(path)}" if problem == "no such file" else f"{shown(path)}: {problem}")
@@ -122,6 +125,8 @@ def check_files(fmt: Format, path: Path) -> None:
         problem = not_regular(companion)
         if problem is not None and problem != "no such file":  # a missing one is the runtime's to report
             raise UserError(f"{shown(companion)} (beside {shown(path.name)}): {problem}")
+    if fmt.bound is not None:
+        fmt.bound(path)
 
 
 def check_metadata(meta: dict, where) -> None:
@@ -366,7 +371,9 @@ def _openvino_graph(model, precision: str):
     if isinstance(model, bytes):
         model = openvino.convert_model(io.BytesIO(model))
     elif not isinstance(model, openvino.Model):
-        model = _read_graph(Path(model))
+        path = Path(model)
+        model = _read_graph(path)
+        _openvino_shapes_bound(model, path)  # as OpenVINO infers them: an IR's own dims may lie
     # An IR written by imgclf export keeps its metadata at the top; an ONNX graph's lands under "framework".
     key = next((k for k in ([METADATA_KEY], ["framework", METADATA_KEY]) if model.has_rt_info(k)), None)
     meta = read_metadata(model.get_rt_info(key).astype(str) if key else "")
@@ -403,6 +410,178 @@ def _quiet_quantizer():
             lg.setLevel(level)
 
 
+# ---------------------------------------------------------------- bounds before a runtime reads a graph
+# A runtime allocates what a graph declares before it runs anything: an 812-byte ONNX file whose
+# ConstantOfShape asks for 2**40 floats takes the memory it asks for. So the constants a graph holds and every
+# tensor whose size its constants fix are measured first, from the file alone. imgclf writes each graph as
+# one protobuf, which cannot exceed 2 GiB, so no graph it exported holds more constants than MAX_CONSTANTS;
+# no classifier's single tensor at one picture comes near MAX_TENSOR (resnet50's largest activation is 3 MB,
+# vit_h_14's largest weight 26 MB).
+
+MAX_CONSTANTS = 2 << 30  # bytes of weights and constants in an exported graph
+MAX_TENSOR = 1 << 30  # bytes of any one tensor the graph fixes the size of, at one picture
+MAX_IR_XML = 256 << 20  # bytes of an OpenVINO IR's .xml (the graph's description, its weights are in the .bin)
+
+
+def _too_big(path: Path, what: str, size: int, limit: int) -> UserError:
+    return UserError(f"{shown(path)} asks for {size:,} bytes for {what}, over the {limit:,} an exported "
+                     f"classifier could need: refused before it is run (a damaged or hostile file)")
+
+
+def _onnx_bound(path: Path) -> None:
+    """UserError unless the ONNX file's constants (initializers, Constant nodes, external data within its own
+    folder) total at most MAX_CONSTANTS bytes and no tensor whose size shape inference can fix from them (a
+    ConstantOfShape, Expand, Tile, Range, Resize...) at one picture exceeds MAX_TENSOR."""
+    import onnx
+
+    if path.stat().st_size > MAX_CONSTANTS + MAX_IR_XML:
+        raise _too_big(path, "the file itself", path.stat().st_size, MAX_CONSTANTS + MAX_IR_XML)
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception as err:  # noqa: BLE001 - protobuf's decode errors have several types
+        raise UserError(f"cannot read {shown(path)}: not an ONNX model, or damaged ({reason_of(err, 160)})") from None
+    total = 0
+    for tensor in _onnx_constants(model.graph):
+        size = _onnx_tensor_bytes(tensor)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            _check_external(path, tensor)
+        total += size
+        if total > MAX_CONSTANTS:
+            raise _too_big(path, "its constants", total, MAX_CONSTANTS)
+    for name, size in _onnx_inferred_sizes(path, model):
+        if size > MAX_TENSOR:
+            raise _too_big(path, f"the tensor {shown(name)}", size, MAX_TENSOR)
+
+
+def _onnx_constants(graph):
+    """Every TensorProto a graph and its subgraphs hold: initializers and Constant nodes' values."""
+    import onnx
+
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+                yield attr.sparse_tensor.values
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _onnx_constants(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _onnx_constants(sub)
+
+
+def _onnx_tensor_bytes(tensor) -> int:
+    """The bytes `tensor` declares: its dimensions' product times its element size (not what is stored)."""
+    elements = 1
+    for dim in tensor.dims:
+        elements *= max(dim, 0)
+    return elements * _onnx_item_size(tensor.data_type) + sum(map(len, tensor.string_data))
+
+
+def _onnx_item_size(data_type: int) -> int:
+    import onnx
+
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize or 1
+    except (KeyError, ValueError, TypeError):
+        return 8
+
+
+def _check_external(path: Path, tensor) -> None:
+    """UserError unless an external-data entry names a regular file inside the model's own folder."""
+    entry = {e.key: e.value for e in tensor.external_data}
+    folder = path.resolve().parent
+    target = (folder / entry.get("location", "")).resolve()
+    if not target.is_relative_to(folder) or target == folder:
+        raise UserError(f"{shown(path)}: its tensor {shown(tensor.name)} reads {shown(entry.get('location'))}, "
+                        f"outside the model's folder: refused")
+    problem = not_regular(target)
+    if problem is not None:
+        raise UserError(f"{shown(path)}: its tensor {shown(tensor.name)} reads {shown(target)}: {problem}")
+
+
+def _onnx_inferred_sizes(path: Path, model):
+    """(name, bytes) of every tensor whose shape ONNX shape inference fixes with the inputs at one picture.
+    Inference runs on a light copy: large initializers become inputs of their type and shape."""
+    import onnx
+
+    graph = model.graph
+    small = [t for t in graph.initializer if _onnx_tensor_bytes(t) <= 4096]  # shape data inference may need
+    large = [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+             for t in graph.initializer if _onnx_tensor_bytes(t) > 4096]
+    inputs = [onnx.ValueInfoProto() for _ in graph.input]
+    for copy, original in zip(inputs, graph.input, strict=True):
+        copy.CopyFrom(original)
+        for dim in copy.type.tensor_type.shape.dim:
+            if not dim.HasField("dim_value"):
+                dim.dim_value = 1  # the batch: one picture
+    light = onnx.helper.make_model(
+        onnx.helper.make_graph(graph.node, graph.name, inputs + large, graph.output, small),
+        opset_imports=model.opset_import, ir_version=model.ir_version)
+    light.functions.extend(model.functions)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True).graph
+    except Exception as err:  # noqa: BLE001 - onnx raises its own kinds for inconsistent graphs
+        raise UserError(f"cannot read {shown(path)}: its graph is inconsistent ({reason_of(err, 160)})") from None
+    for info in [*inferred.value_info, *inferred.output]:
+        dims = info.type.tensor_type.shape.dim
+        if info.type.HasField("tensor_type") and all(d.HasField("dim_value") for d in dims):
+            elements = 1
+            for d in dims:
+                elements *= max(d.dim_value, 0)
+            yield info.name, elements * _onnx_item_size(info.type.tensor_type.elem_type)
+
+
+def _openvino_bound(path: Path) -> None:
+    """UserError unless the IR's .xml is of a sane size, its .bin within MAX_CONSTANTS, every constant it
+    declares lies inside the .bin, and no port it declares holds over MAX_TENSOR bytes at one picture."""
+    import xml.etree.ElementTree as ET
+
+    weights = path.with_suffix(".bin")
+    if path.stat().st_size > MAX_IR_XML:
+        raise _too_big(path, "its graph description", path.stat().st_size, MAX_IR_XML)
+    if weights.exists() and weights.stat().st_size > MAX_CONSTANTS:
+        raise _too_big(weights, "its constants", weights.stat().st_size, MAX_CONSTANTS)
+    available = weights.stat().st_size if weights.exists() else 0
+    try:
+        root = ET.parse(path).getroot()  # expat bounds entity expansion (billion laughs) itself
+    except (ET.ParseError, ValueError) as err:
+        raise UserError(f"cannot read {shown(path)}: not an OpenVINO model, or damaged ({err})") from None
+    for data in root.iter("data"):
+        if "offset" in data.attrib and "size" in data.attrib:
+            end = _number(data.get("offset")) + _number(data.get("size"))
+            if end > available:
+                raise UserError(f"{shown(path)} declares constants up to byte {end:,} of {shown(weights.name)}, "
+                                f"which holds {available:,}: damaged, or not its weights")
+    for port in root.iter("port"):
+        elements = 1
+        for dim in port.iter("dim"):
+            elements *= max(_number(dim.text), 1)  # a dynamic dimension (-1, ?): one picture
+        if elements * 4 > MAX_TENSOR:
+            raise _too_big(path, f"a tensor of {elements:,} values", elements * 4, MAX_TENSOR)
+
+
+def _openvino_shapes_bound(model, path: Path) -> None:
+    """UserError when a tensor of the read (not yet compiled) model, its shapes as OpenVINO inferred them,
+    holds over MAX_TENSOR bytes at one picture."""
+    for op in model.get_ordered_ops():
+        for output in op.outputs():
+            elements = 1
+            for dim in output.get_partial_shape():
+                elements *= max(dim.get_length(), 0) if dim.is_static else 1
+            size = elements * max(output.get_element_type().size, 1)
+            if size > MAX_TENSOR:
+                raise _too_big(path, f"the tensor {shown(op.get_friendly_name())}", size, MAX_TENSOR)
+
+
+def _number(text) -> int:
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        return -1
+
+
 # ---------------------------------------------------------------- the table
 
 _ONNX = {"onnx": "onnx", "onnxscript": "onnxscript"}
@@ -410,12 +589,13 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("onnx", ".onnx", "an ONNX model", "onnx (onnxruntime or OpenVINO, any language)", True,
            _onnx_build, _onnx_save, _onnx_open, runtimes=("openvino", "onnxruntime"), check_runtime="onnxruntime",
            requires=_ONNX, quantize=_onnx_quantize, int8_requires={"nncf": "nncf", "onnxruntime": "onnxruntime"},
-           int8_method="NNCF post-training quantization, ONNX backend (QDQ)", suffixes=(".onnx",)),
+           int8_method="NNCF post-training quantization, ONNX backend (QDQ)", suffixes=(".onnx",),
+           bound=_onnx_bound),
     Format("openvino", ".xml", "an OpenVINO model", "openvino (OpenVINO IR: NAME.xml + NAME.bin)", True,
            _openvino_build, _openvino_save, _openvino_open, runtimes=("openvino",), check_runtime="openvino",
            requires={**_ONNX, "openvino": "openvino"}, quantize=_openvino_quantize, int8_requires={"nncf": "nncf"},
            int8_method="NNCF post-training quantization, OpenVINO backend", companions=(".bin",),
-           suffixes=(".xml",)),
+           suffixes=(".xml",), bound=_openvino_bound),
     Format("safetensors", ".safetensors", "a safetensors file", "safetensors (the weights alone)", False,
            _safetensors_build, _safetensors_save, requires={"safetensors": "safetensors"}),
     Format("torchscript", ".torchscript.pt", "a TorchScript model", "torchscript (torch.jit.load, Python or C++)",
