@@ -151,7 +151,7 @@ def test_real_processes_one_line_and_debug_traceback(tmp_path):
     r = run_cli("train", "--data", tmp_path / "nowhere", "--out", tmp_path / "r", env=ENV)
     assert r.returncode == EXIT_USAGE
     assert r.stderr.splitlines() == [f"imgclf: error: --data '{tmp_path / 'nowhere'}' is neither a built-in data "
-                                     f"set (cifar10, cifar100, mnist, fashion-mnist) nor an existing folder"]
+                                     f"set (fashion-mnist-mini, cifar10, cifar100, mnist, fashion-mnist) nor an existing folder"]
     r = run_cli("train", "--debug", "--data", tmp_path / "nowhere", "--out", tmp_path / "r", env=ENV)
     assert r.returncode != 0
     assert "Traceback (most recent call last)" in r.stderr and "UserError" in r.stderr

@@ -176,8 +176,9 @@ def trained_run(tmp_path_factory):
     write_class_folder(tmp / "data" / "train", classes, 30, seed=1)
     write_class_folder(tmp / "data" / "test", classes, 10, seed=2)
     run = tmp / "run"
-    r = run_cli("train", "--data", tmp / "data", "--epochs", "3", "--batch-size", "16", "--log-every", "2",
-                "--out", run, "--device", "cpu")
+    # --lr given: at batch 16 the rate would otherwise follow the batch (0.05 x 16/128), too slow for 3 epochs
+    r = run_cli("train", "--data", tmp / "data", "--epochs", "3", "--batch-size", "16", "--lr", "0.05",
+                "--log-every", "2", "--out", run, "--device", "cpu")
     assert r.returncode == 0, r.stderr
     return tmp / "data", run, r
 

@@ -21,7 +21,7 @@ import torch
 
 from imgclf import __version__, distributed
 from imgclf.checkpoint import build_checkpoint, load_checkpoint, non_finite, save_checkpoint
-from imgclf.config import TrainConfig, scaled_lr
+from imgclf.config import TrainConfig
 from imgclf.configfile import RUN_HEADER, config_yaml
 from imgclf.engine import Diverged, Hooks, TrainState, evaluate, train_one_epoch
 from imgclf.errors import (
@@ -137,15 +137,12 @@ def _data(cfg: TrainConfig, dist, ckpt: dict | None) -> ImageData:
 
 
 def _batch_size(cfg: TrainConfig, data: ImageData, *, device, dist, precision, model) -> TrainConfig:
-    """`cfg` with --batch-size auto resolved (imgclf.batchsize), and with a learning rate that follows the
-    batch (config.scaled_lr) to the pictures a step of a folder smaller than the batch; each said in one line
-    (the second once the run starts, so that a run refused while it is built says only why)."""
+    """`cfg` with --batch-size auto resolved (imgclf.batchsize) and the learning rate following it, said in one line."""
     if cfg.data.batch_size == "auto":
         return _auto_batch(cfg, data, device=device, dist=dist, precision=precision, model=model)
-    pictures = len(data.train)
-    if pictures >= cfg.data.batch_size or cfg.optim.lr_base_batch is None:
-        return cfg
-    return dataclasses.replace(cfg, optim=scaled_lr(cfg.optim, pictures))  # said by _start_run_folder
+    # A folder smaller than the batch keeps the recipe's (or the user's) rate: scaling it to the pictures a step
+    # changed what --lr and --recipe notes promise, and clipping (--clip-grad) already keeps such runs finite.
+    return cfg
 
 
 def _auto_batch(cfg: TrainConfig, data: ImageData, *, device, dist, precision, model) -> TrainConfig:
@@ -231,6 +228,26 @@ def _resume_problem(ckpt: dict) -> str | None:
             return f"it has no {key} state"
     if not isinstance(ckpt["rng"].get("torch"), torch.Tensor):
         return "it has no random number generator state"
+    return _schedule_problem(ckpt["optimizer"], ckpt["scheduler"])
+
+
+def _schedule_problem(optimizer: dict, scheduler: dict) -> str | None:
+    """What in the saved optimizer and scheduler states is not the numbers their `step` computes with (torch
+    would fail inside the first step, with its own traceback), or None."""
+    def numbers(values) -> bool:
+        return isinstance(values, list) and all(type(v) in (int, float) for v in values)
+
+    groups = optimizer.get("param_groups")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        return "its optimizer state has no parameter groups"
+    for key in ("lr", "initial_lr", "weight_decay", "momentum"):
+        if not numbers([g[key] for g in groups if key in g]):
+            return f"its optimizer's {key} is not a number"
+    for key in ("base_lrs", "_last_lr"):
+        if key in scheduler and not numbers(scheduler[key]):
+            return f"its scheduler's {key} are not numbers"
+    if type(scheduler.get("last_epoch", 0)) is not int:
+        return "its scheduler's step count is not a whole number"
     return None
 
 
@@ -385,9 +402,6 @@ def _start_run_folder(cfg: TrainConfig, parts: RunParts, tracker: Tracker, *, de
                     f"world size {world}; run folder {run_dir}")
     if fresh and cfg.model.pretrained:
         tracker.message(describe_finetune(cfg, parts.contract))
-    if len(data.train) < cfg.data.batch_size and cfg.optim.lr_base_batch == len(data.train):  # _batch_size's
-        tracker.message(f"{len(data.train)} training pictures, fewer than --batch-size {cfg.data.batch_size}: --lr "
-                        f"{cfg.optim.lr:.4g}, for the {len(data.train)} pictures a step")
     warning = imbalance_warning(data.train.labels, data.classes) if data.train.labels.ndim == 1 else None
     if warning and cfg.data.balance == "none":
         tracker.message(warning)

@@ -112,7 +112,7 @@ def load_class(ref: CodeRef, *, expected_sha256: str | None = None) -> type[nn.M
         found = sorted(n for n, v in vars(module).items()
                        if isinstance(v, type) and issubclass(v, nn.Module) and v.__module__ == module.__name__)
         what = "no class" if cls is None else "something that is not an nn.Module class"
-        raise UserError(f"{ref.path} has {what} named {ref.class_name}; its nn.Module classes: "
+        raise UserError(f"{shown(ref.path)} has {what} named {shown(ref.class_name)}; its nn.Module classes: "
                         f"{', '.join(found) or 'none'}")
     return cls
 
