@@ -123,6 +123,7 @@ def mosaics(tmp_path_factory):
             "cache": root / "cache"}
 
 
+@pytest.mark.slow  # 400 mosaics, 15 epochs, exports and a server: about 15 s alone
 def test_mosaics_train_eval_predict_export(mosaics, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--data", str(mosaics["root"]), "--labels", str(mosaics["csv"]), "--epochs", "15",

@@ -185,7 +185,7 @@ def _add_train(sub, common) -> None:
     p.add_argument("--recipe", choices=recipe_choices(), default=AUTO_RECIPE,
                    help="auto: finetune with --pretrained, else default; default: a recipe that trains well from "
                         "scratch; finetune: AdamW, the head alone first, then the whole network at discriminative "
-                        "rates (README: Fine-tuning); notes: exactly the notes' SGD 0.01, batch 64, no "
+                        "rates (docs/usage.md: Fine-tuning pretrained weights); notes: exactly the notes' SGD 0.01, batch 64, no "
                         "augmentation; fast: the CIFAR speed records' recipe for fastnet")
     p.add_argument("--resume", metavar="RUN", help="continue RUN/checkpoints/last.pt exactly where it stopped")
     _add_config_file(p)

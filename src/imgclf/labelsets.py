@@ -28,8 +28,8 @@ SINGLE, MULTI = "single-label", "multilabel"  # imgclf.tasks' names (tasks impor
 
 def labels_task(task: str, labels: str | None) -> tuple[str, str]:
     """(task, why) for --task `task` and --labels `labels`: an explicit task as given; "auto" is multilabel
-    when the CSV has several labels in one cell (separated by spaces) or one 0/1 column per class, else
-    single-label. `why` is a few words for the run's first line ("" for single-label by default)."""
+    when the CSV has one 0/1 column per class, or several labels in one cell (separated by spaces) under a
+    `tags` or `labels` header, else single-label. `why` is a few words for the run's first line ("" for single-label by default)."""
     if task != "auto":
         return task, "" if task == SINGLE else "--task multilabel"
     if not labels:
@@ -37,9 +37,11 @@ def labels_task(task: str, labels: str | None) -> tuple[str, str]:
     rows = _rows(Path(labels).expanduser())
     if _column_layout(rows):
         return MULTI, f"one 0/1 column per class in {shown(labels)}"
-    if any(len(r) >= 2 and len(r[1].split()) > 1 for r in rows[1:]):
-        return MULTI, (f"several labels in a cell of {shown(labels)}; a class name with spaces needs "
-                       f"--task single-label")
+    # Spaces alone are ambiguous (a class may be called "golden retriever"): several labels in a cell count
+    # only under a header that says so, as Kaggle's Planet set has it (image_name,tags).
+    named = bool(rows) and len(rows[0]) >= 2 and rows[0][1].strip().lower() in ("tags", "labels")
+    if named and any(len(r) >= 2 and len(r[1].split()) > 1 for r in rows[1:]):
+        return MULTI, f"several labels in a cell of {shown(labels)} under its '{rows[0][1].strip()}' header"
     return SINGLE, ""
 
 

@@ -47,7 +47,7 @@ def recipe_choices() -> list[str]:
 
 def chosen_recipe(recipe: str, *layers: dict[tuple[str, str], object]) -> str:
     """The recipe `recipe` names; auto: finetune when a layer sets --pretrained (training from pretrained
-    weights wants other defaults than training from scratch: README, Fine-tuning), else default."""
+    weights wants other defaults than training from scratch: docs/usage.md, Fine-tuning pretrained weights), else default."""
     if recipe != AUTO_RECIPE:
         return recipe
     pretrained = any(layer.get(("model", "pretrained")) for layer in layers)
