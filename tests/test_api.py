@@ -189,6 +189,7 @@ def test_a_notebook_class_is_loaded_with_the_class_handed_over(data_dir, named_r
 
 # ---------------------------------------------------------------- the per-epoch hook, resuming
 
+@pytest.mark.slow  # over a second (a training or a real process): the fast tier stays under a minute
 def test_on_epoch_sees_every_epoch_and_can_stop_the_run(data_dir, tmp_path):
     seen = []
 
@@ -249,6 +250,7 @@ def test_an_object_that_does_not_fit_the_data_is_one_line(tmp_path):
 
 # ---------------------------------------------------------------- load and Run: eval, predict, export
 
+@pytest.mark.slow  # over a second (a training or a real process): the fast tier stays under a minute
 def test_load_gives_what_the_commands_give(named_run, data_dir, tmp_path):
     best = named_run.folder / "checkpoints" / "best.pt"
     for opened in (imgclf.load(named_run.folder), imgclf.load(best)):

@@ -87,6 +87,7 @@ def bounded_child() -> None:
     print(json.dumps(out))
 
 
+@pytest.mark.slow  # over a second (a training or a real process): the fast tier stays under a minute
 def test_a_tiny_graph_asking_gigabytes_is_refused_in_one_line_within_a_memory_bound(tmp_path):
     pytest.importorskip("openvino")
     image = picture(tmp_path / "pics")

@@ -286,6 +286,7 @@ def test_multilabel_needs_a_labels_csv(pictures, tmp_path, capsys):
     assert "(--task multilabel, or a multi-label model) need --labels FILE.csv" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # over a second (a training or a real process): the fast tier stays under a minute
 def test_small_run_resumes_keeps_its_thresholds_and_shows_its_pictures(pictures, tmp_path, capsys):
     from dataclasses import replace
 

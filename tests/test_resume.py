@@ -78,6 +78,7 @@ def runs(folder, tmp_path_factory) -> dict:
     return {"full": out / "full", "part": out / "part", "codes": codes, "after_two": after_two}
 
 
+@pytest.mark.slow  # over a second (a training or a real process): the fast tier stays under a minute
 def test_four_epochs_equal_two_plus_two_bit_for_bit(runs):
     assert runs["codes"] == [0, 0, 0]
     assert runs["after_two"]["epoch"] == 2 and runs["after_two"]["step"] == 0

@@ -52,6 +52,7 @@ def runs(tiny, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow  # over a second (a training or a real process): the fast tier stays under a minute
 def test_each_run_has_its_status_epochs_and_best_figure(runs, capsys):
     rows = {r["name"]: r for r in listed(capsys, runs)}
     assert set(rows) == {"done", "part", "boom", "old", os.path.join("tune", "trial-0")}

@@ -66,6 +66,7 @@ def tudui_run(tmp_path_factory):
     return tmp, tmp / "run" / "checkpoints" / "last.pt"
 
 
+@pytest.mark.slow  # over a second (a training or a real process): the fast tier stays under a minute
 def test_tudui_from_its_file_trains_and_its_checkpoint_records_the_hash_not_the_code(tudui_run):
     _, path = tudui_run
     ckpt = load_checkpoint(path)

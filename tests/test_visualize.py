@@ -74,6 +74,7 @@ def test_pick_samples_per_class_and_random():
     assert len(set(pick_samples(labels, num_classes=3, per_class=None, random=7, seed=0))) == 7
 
 
+@pytest.mark.slow  # over a second (a training or a real process): the fast tier stays under a minute
 def test_curves_and_confusion_figures_render(tmp_path):
     records = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 2.2 / e, "train_acc": 0.3 * e, "val_acc": 0.25 * e}
                for e in (1, 2, 3)]
@@ -171,6 +172,7 @@ def test_feature_maps_are_taken_before_an_inplace_relu_changes_them():
     assert torch.equal(maps[1][2], maps[0][2].clamp_min(0))
 
 
+@pytest.mark.slow  # over a second (a training or a real process): the fast tier stays under a minute
 def test_features_writes_a_png_per_layer_and_tensorboard_images(trained_run, data_dir, tmp_path, capsys):
     out = tmp_path / "maps"
     picture = data_dir / "test" / "square" / "0001.png"
