@@ -355,3 +355,15 @@ def test_predict_escapes_the_class_names_of_a_hand_made_exported_model(tmp_path,
     assert main(["predict", str(tmp_path / "m.onnx"), str(tmp_path / "p.png"), "--topk", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "\x1b" not in out and "\r" not in out and "a\\x1b[2K\\rforged" in out
+
+
+# ---------------------------------------------------------------- a fresh probe: a huge --img-size on a built-in
+
+def test_a_built_in_data_set_at_a_huge_size_is_refused_before_allocating():
+    from imgclf.transforms import resize_batch
+
+    with pytest.raises(UserError, match=r"^10000 pictures of 1x4096x4096 take 167\.8 GB in memory, over half of "
+                                        r"this machine's .* GB; give a smaller --img-size$"):
+        resize_batch(torch.zeros(10000, 1, 28, 28, dtype=torch.uint8), 4096)
+    small = resize_batch(torch.full((3, 1, 28, 28), 7, dtype=torch.uint8), 56)
+    assert small.shape == (3, 1, 56, 56) and bool((small == 7).all())

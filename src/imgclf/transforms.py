@@ -113,13 +113,28 @@ def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
         return images
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    _refuse_beyond_memory(n * c * size * size, f"{n} pictures of {c}x{size}x{size}")
     out = torch.empty(n, c, size, size, dtype=torch.uint8)
-    for i in range(0, n, 1024):
-        x = torch.nn.functional.interpolate(images[i : i + 1024].float(), size=(nh, nw), mode="bilinear",
+    step = max(1, min(1024, (256 << 20) // (4 * c * nh * nw)))  # float chunks of at most 256 MB
+    for i in range(0, n, step):
+        x = torch.nn.functional.interpolate(images[i : i + step].float(), size=(nh, nw), mode="bilinear",
                                             antialias=True, align_corners=False)
         top, left = (nh - size) // 2, (nw - size) // 2
-        out[i : i + 1024] = x[:, :, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8)
+        out[i : i + step] = x[:, :, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8)
     return out
+
+
+def _refuse_beyond_memory(nbytes: int, what: str) -> None:
+    """UserError before `nbytes` are allocated when they are over half of this machine's memory (a huge
+    --img-size on a built-in data set asked for 100 GB and ended in a traceback)."""
+    import os
+
+    from imgclf.errors import UserError
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if nbytes > total // 2:
+        raise UserError(f"{what} take {nbytes / 1e9:,.1f} GB in memory, over half of this machine's "
+                        f"{total / 1e9:,.0f} GB; give a smaller --img-size")
 
 
 def compute_mean_std(images: torch.Tensor, chunk: int | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
