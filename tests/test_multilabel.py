@@ -4,6 +4,9 @@ set of 2x2 CIFAR-10 mosaics trained, evaluated, predicted and exported end to en
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +127,16 @@ def mosaics(tmp_path_factory):
 
 
 @pytest.mark.slow  # 400 mosaics, 15 epochs, exports and a server: about 15 s alone
-def test_mosaics_train_eval_predict_export(mosaics, tmp_path, capsys):
+def test_mosaics_train_eval_predict_export(request, tmp_path, capsys):
+    """Runs in a fresh pytest process: after the other tests of a whole-suite run, pytest's captured standard
+    output was found closed inside this test (ValueError on the capture's own context manager; not yet
+    understood: the in-process server helper is the suspect), which then crashed the whole test process."""
+    if not os.environ.get("IMGCLF_TEST_ALONE"):
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{request.node.name}"],
+                           env={**os.environ, "IMGCLF_TEST_ALONE": "1"}, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+        return
+    mosaics = request.getfixturevalue("mosaics")
     run = tmp_path / "run"
     assert main(["train", "--data", str(mosaics["root"]), "--labels", str(mosaics["csv"]), "--epochs", "15",
                  "--batch-size", "32", "--optimizer", "adamw", "--lr", "0.003", "--weight-decay", "0.01",
