@@ -49,3 +49,9 @@ def reason_of(err: BaseException, limit: int = 300) -> str:
     told = [line for line in lines if not _SOURCE_LOCATION.match(line)] or lines
     text = shown(" ".join(told))
     return (text[: limit - 3] + "..." if len(text) > limit else text) or type(err).__name__
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of `err`'s message, escaped (`shown`) and cut at `limit`; its type when it says nothing."""
+    text = str(err).strip().splitlines()
+    return shown(text[0][:limit]) if text else type(err).__name__

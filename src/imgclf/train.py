@@ -31,7 +31,7 @@ from imgclf.errors import (
     EXIT_SIGTERM,
     Stopped,
     UserError,
-    shown,
+    first_line,
 )
 from imgclf.files import atomic_write_text, claim_run_folder, remove_temporaries
 from imgclf.models import checked_model_name, refuse_misfit
@@ -193,7 +193,7 @@ def resumed_config(folder, *, check_code: bool = True, model_code: str | None = 
     try:
         base = TrainConfig.from_dict(ckpt["config"])
     except (KeyError, TypeError, AttributeError, ValueError, UserError) as err:
-        raise UserError(f"cannot resume from {last}: its configuration is missing or damaged ({_first_line(err)}); "
+        raise UserError(f"cannot resume from {last}: its configuration is missing or damaged ({first_line(err)}); "
                         f"start a new run with --out") from None
     model = base.model
     if check_code:
@@ -263,12 +263,9 @@ def _restore(state: TrainState, ckpt: dict, path: Path) -> None:
         state.load_state_dict(ckpt)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as err:
         raise UserError(f"cannot resume from {path}: its saved state does not fit this run "
-                        f"({_first_line(err)}); start a new run with --out") from None
+                        f"({first_line(err)}); start a new run with --out") from None
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return shown(text[0][:200]) if text else type(err).__name__
 
 
 def _train_state(cfg: TrainConfig, parts: RunParts, *, device, precision, dist) -> TrainState:
@@ -303,7 +300,7 @@ def _train_epoch(state: TrainState, parts: RunParts, cfg: TrainConfig, task: Tas
         if "Expected more than 1 value per channel when training" not in str(err):
             raise
         raise UserError(f"the network's batch normalisation needs more than one value per channel, and a batch of "
-                        f"{parts.train.batch_size} gives it one ({_first_line(err)}); use a larger --batch-size "
+                        f"{parts.train.batch_size} gives it one ({first_line(err)}); use a larger --batch-size "
                         f"(2 or more) or --img-size") from None
 
 

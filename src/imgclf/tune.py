@@ -31,7 +31,7 @@ from pathlib import Path
 
 from imgclf.config import TrainConfig
 from imgclf.configfile import config_yaml, option_keys, option_value, read_yaml, unknown_key
-from imgclf.errors import EXIT_DIVERGED, EXIT_OK, Stopped, UserError
+from imgclf.errors import EXIT_DIVERGED, EXIT_OK, Stopped, UserError, first_line
 from imgclf.files import atomic_write_text
 from imgclf.resolve import resolve
 from imgclf.runs import read_records
@@ -160,7 +160,7 @@ def open_study(search: Search, direction: str, *, quiet: bool = True):
         study = optuna.create_study(storage=storage, study_name=search.study, direction=direction,
                                     pruner=pruner, load_if_exists=True)
     except Exception as err:  # noqa: BLE001 - SQLAlchemy's and the database's errors: one line
-        raise UserError(f"cannot open the study {search.study!r} in {url}: {_first_line(err)}") from None
+        raise UserError(f"cannot open the study {search.study!r} in {url}: {first_line(err)}") from None
     if study.direction.name.lower() != direction:
         raise UserError(f"the study {search.study!r} in {url} {study.direction.name.lower()}s, but --monitor "
                         f"asks to {direction}; choose another --study")
@@ -356,9 +356,6 @@ def _shown(params: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:200]
 
 
 # ---------------------------------------------------------------- the end: table, best.yaml, plots
@@ -409,7 +406,7 @@ def plots(study, out: Path) -> list[Path]:
             atomic_write(path, lambda tmp, fig=figure: fig.savefig(tmp, format="png", dpi=100))
             written.append(path)
         except Exception as err:  # noqa: BLE001 - a plot Optuna cannot draw yet is a note, not a failure
-            print(f"imgclf: note: no {name}.png ({_first_line(err)})", file=sys.stderr)
+            print(f"imgclf: note: no {name}.png ({first_line(err)})", file=sys.stderr)
         finally:
             plt.close("all")
     return written
