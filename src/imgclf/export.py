@@ -158,9 +158,6 @@ def export_checkpoint(checkpoint, fmt: str, out=None, *, int8: bool = False, cal
     check_out(out, checkpoint, form, force=force)
     ckpt = load_checkpoint(checkpoint)
     meta = export_metadata(ckpt, fmt)
-    if int8 and ckpt.get("task") == MULTILABEL:
-        raise UserError("--int8 measures the quantized model's accuracy as a single-label one; export a "
-                        "multi-label model in float (drop --int8)")
     sample = _int8_data(ckpt, calibration_data, eval_data, calibration_size) if int8 else None  # fails first
     model = model_from_checkpoint(ckpt).float().cpu()
     activation = checkpoint_task(ckpt).activation
