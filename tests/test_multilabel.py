@@ -352,3 +352,16 @@ def test_small_run_resumes_keeps_its_thresholds_and_shows_its_pictures(pictures,
     plot = tmp_path / "lr.png"
     assert main(["lr-find", "--data", str(pictures), "--labels", str(csv), "--steps", "10", "--out", str(plot),
                  *common]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.slow  # a decode and a figure: over a second on a busy machine
+def test_show_draws_a_multilabel_data_set_from_its_csv(pictures, tmp_path, capsys):
+    csv = write_csv(tmp_path / "labels.csv", [[f"a{i}.png", ["cat", "dog"][: i % 3]] for i in range(12)])
+    out = tmp_path / "samples.png"
+    assert main(["show", str(pictures), "--labels", str(csv), "--random", "6", "--out", str(out),
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    table = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines() if line.split()}
+    # every picture with i % 3 >= 1 is a cat, with i % 3 == 2 also a dog; the train split holds some of each
+    assert "cat" in rows and "dog" in rows and int(rows["cat"][0]) >= int(rows["dog"][0]) > 0
+    assert out.is_file() and out.stat().st_size > 1000

@@ -532,15 +532,17 @@ def _add_show(sub, common) -> None:
                         "set's test split serves as validation)")
     p.add_argument("--out", default="samples.png", help="PNG to write (%(default)s)")
     _number(p, "--seed", int, 0, MAX_SEED, default=0, help="which pictures are drawn (%(default)s)")
-    add_data_flags(p, ("img_size", "data_root", "val_fraction", "cache_dir"),
-                   helps={"img_size": "side of the square pictures (default: as `train` uses)"})
+    add_data_flags(p, ("labels", "img_size", "data_root", "val_fraction", "cache_dir"),
+                   helps={"img_size": "side of the square pictures (default: as `train` uses)",
+                          "labels": "as `imgclf train --labels` (several labels per picture: each drawn once, "
+                                    "captioned with all of them)"})
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     from imgclf.visualize import show
 
     cfg = DataConfig(data=args.data, data_root=args.data_root, img_size=args.img_size,
-                     val_fraction=args.val_fraction, cache_dir=args.cache_dir)
+                     val_fraction=args.val_fraction, cache_dir=args.cache_dir, labels=args.labels)
     table, out = show(cfg, per_class=args.per_class, random=args.random, split=args.split, out=args.out,
                       seed=args.seed)
     print(table)
