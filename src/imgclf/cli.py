@@ -293,6 +293,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         from imgclf.configfile import config_yaml
 
         print(config_yaml(cfg), end="")
+        if cfg.model.pretrained:  # what the weights' input contract makes of the pictures (not a flag of its own)
+            from imgclf.pipeline import describe_input, normalization
+
+            print(f"# {describe_input(normalization(cfg, 3), cfg.data.img_size)}")
         return EXIT_OK
     if not args.resume:
         refuse_existing_run(cfg.run.out, f"resume it with --resume {cfg.run.out}", "--out")

@@ -18,7 +18,7 @@ from imgclf.predict import ExportedPredictor, exported_kind
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import load_data
 from imgclf.tasks import DEFAULT, MULTILABEL, checkpoint_task, make_task
-from imgclf.transforms import BatchTransform
+from imgclf.transforms import BatchTransform, input_decoding
 
 SPLITS = ("train", "val", "test")
 
@@ -41,7 +41,8 @@ def evaluate_checkpoint(path, data_cfg: DataConfig, *, split: str | None = None,
     # augment "none": every split decoded at the model's size (training's larger photo store is not needed)
     data = load_data(replace(data_cfg, img_size=inp["size"], augment="none", task=ckpt.get("task", DEFAULT)),
                      img_size=inp["size"], channels=inp["channels"], whole=split is None,
-                     classes=ckpt["classes"] if ckpt.get("task") == MULTILABEL else None)
+                     classes=ckpt["classes"] if ckpt.get("task") == MULTILABEL else None,
+                     decoding=input_decoding(inp), crop_train=True)  # every split as predict decodes it
     if data.classes != ckpt["classes"]:
         raise UserError(f"{path} was trained for {len(ckpt['classes'])} classes ({preview(ckpt['classes'])}), "
                         f"but {data_cfg.data} has {len(data.classes)} ({preview(data.classes)})")
@@ -65,7 +66,8 @@ def _evaluate_exported(predictor: ExportedPredictor, data_cfg: DataConfig, *, sp
     task = predictor.task
     data = load_data(replace(data_cfg, img_size=predictor.size, augment="none", task=task.name),
                      img_size=predictor.size, channels=predictor.channels, whole=split is None,
-                     classes=predictor.classes if task.name == MULTILABEL else None)
+                     classes=predictor.classes if task.name == MULTILABEL else None,
+                     decoding=predictor.decoding, crop_train=True)
     if data.classes != predictor.classes:
         raise UserError(f"{where} was exported for {len(predictor.classes)} classes ({preview(predictor.classes)}), "
                         f"but {data_cfg.data} has {len(data.classes)} ({preview(data.classes)})")

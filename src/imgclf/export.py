@@ -36,6 +36,7 @@ from imgclf.errors import UserError, shown
 from imgclf.files import not_regular
 from imgclf.formats import FORMATS, Format, quiet_deprecations
 from imgclf.tasks import DEFAULT, MULTILABEL, checkpoint_task
+from imgclf.transforms import INTERPOLATIONS, PLAIN, Decoding, input_decoding
 
 RESIZE_RULE = ("EXIF orientation applied; converted to RGB (3 channels) or L (1 channel), 16-bit pictures scaled "
                "to 8 bits and transparent ones composited on white; shorter side resized to size with bilinear "
@@ -89,13 +90,38 @@ def export_metadata(ckpt: dict, fmt: str) -> dict:
         "classes": list(ckpt["classes"]),
         "input": {"name": "images" if graph else None, "dtype": "uint8" if graph else "float32",
                   "layout": "NCHW", "channels": inp["channels"], "size": inp["size"],
-                  "mean": list(inp["mean"]), "std": list(inp["std"]), "resize": RESIZE_RULE,
-                  "preprocessing": list(PREPROCESSING),
+                  "mean": list(inp["mean"]), "std": list(inp["std"]), **decoding_entries(inp),
                   "normalisation": "inside the graph" if graph else "x = (pixels / 255 - mean) / std, per channel"},
         "output": ({"name": "probabilities", "meaning": OUTPUT_MEANING[ckpt.get("task", DEFAULT)]} if graph
                    else {"meaning": "the network returns logits (N, len(classes))"}),
         **{key: ckpt[key] for key in ("task", "thresholds") if key in ckpt},  # a multi-label model's
     }
+
+
+def decoding_entries(inp: dict) -> dict:
+    """The export's words for how a picture is resized and cropped (`resize`, `preprocessing`), and for a
+    pretrained network's input contract its entries (interpolation, crop_pct, resize_side) as the
+    checkpoint's `inp` holds them; RESIZE_RULE and PREPROCESSING themselves for imgclf's own decoding."""
+    decoding = input_decoding(inp)
+    if decoding == PLAIN:
+        return {"resize": RESIZE_RULE, "preprocessing": list(PREPROCESSING)}
+    side, size = decoding.resize_for(inp["size"]), inp["size"]
+    how = f"{side} (floor({size} / crop_pct {decoding.crop_pct:g})) with {decoding.interpolation} filtering"
+    steps = [_contract_step(step, decoding, side) for step in PREPROCESSING]
+    return {"resize": RESIZE_RULE.replace("size with bilinear filtering", how), "preprocessing": steps,
+            **decoding.record(size)}
+
+
+def _contract_step(step: str, decoding: Decoding, side: int) -> str:
+    """A step of PREPROCESSING as it reads when the shorter side is resized to `side` as `decoding` says."""
+    if step.startswith("decode with Pillow"):
+        return step.replace("(size, size)", f"({side}, {side})").replace("at least size", f"at least {side}")
+    if not step.startswith("resize so that"):
+        return step
+    name = INTERPOLATIONS[decoding.interpolation].name
+    return (f"resize so that the shorter side is {side}: new sides max({side}, round(side * {side} / shorter)), "
+            f"img.resize((w, h), Image.{name}, reducing_gap=3.0), skipped when the picture is already "
+            f"{side} x {side}")
 
 
 OUTPUT_MEANING = {DEFAULT: "softmax over classes, (N, len(classes))",

@@ -158,7 +158,9 @@ def _metadata_problem(meta: dict) -> str | None:
         return f"input channels is {_brief(channels)}, not 1 or 3"
     if type(size) is not int or not 1 <= size <= MAX_SIDE:
         return f"input size is {_brief(size)}, not a number of 1 to {MAX_SIDE}"
-    return None
+    from imgclf.transforms import decoding_problem  # a pretrained network's resize and crop, when it has one
+
+    return decoding_problem(inp)
 
 
 def _brief(value) -> str:

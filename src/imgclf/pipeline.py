@@ -23,7 +23,7 @@ from imgclf.models import InputContract, adapter_for, build_model
 from imgclf.optim import balancing_weights
 from imgclf.sources import ImageData, load_data
 from imgclf.tasks import refuse_misfits
-from imgclf.transforms import BatchTransform, Mixer, progressive_side
+from imgclf.transforms import INTERPOLATIONS, PLAIN, BatchTransform, Decoding, Mixer, progressive_side
 from imgclf.usercode import check_output
 
 WHITENING_PICTURES = 5000  # fastnet's first layer is set from the patch statistics of this many pictures
@@ -96,8 +96,9 @@ def run_network(cfg: TrainConfig, data: ImageData, *, fresh: bool, model: nn.Mod
     return model
 
 
-def describe_finetune(cfg: TrainConfig, contract: InputContract | None) -> str:
-    """One line on how a run from --pretrained weights trains: stages, optimiser, head, normalisation."""
+def describe_finetune(cfg: TrainConfig, contract: InputContract | None, side: int | None = None) -> str:
+    """One line on how a run from --pretrained weights trains: stages, optimiser, head, normalisation, and
+    evaluation's resize and crop of pictures of `side` pixels (default --img-size)."""
     m, o = cfg.model, cfg.optim
     if m.freeze_backbone:
         stages = "the new head alone"
@@ -106,11 +107,39 @@ def describe_finetune(cfg: TrainConfig, contract: InputContract | None) -> str:
                   f"whole network (backbone at {m.backbone_lr_scale:g}x the rate)")
     else:
         stages = "the whole network"
+    return (f"fine-tuning from {m.pretrained}: {stages}; {o.optimizer} lr {o.lr:g}, {o.schedule}, batch "
+            f"{cfg.data.batch_size}; head init {m.head_init}; BatchNorm statistics {m.bn_stats}; "
+            f"{describe_input(contract, side or cfg.data.img_size)}")
+
+
+def describe_input(contract: InputContract | None, side: int | None) -> str:
+    """How pictures of `side` pixels (None: not known yet) enter the network, normalised and, for evaluation
+    (and predict, serve, exports), resized and cropped, as `contract` (normalisation's, or None) says."""
     norm = (f"mean {contract.mean} std {contract.std} ({contract.source})" if contract is not None
             else "the training pictures' mean and std")
-    return (f"fine-tuning from {m.pretrained}: {stages}; {o.optimizer} lr {o.lr:g}, {o.schedule}, batch "
-            f"{cfg.data.batch_size}; head init {m.head_init}; BatchNorm statistics {m.bn_stats}; pictures "
-            f"normalised by {norm}")
+    decoding = contract_decoding(contract)
+    if decoding == PLAIN:
+        return f"pictures normalised by {norm}; evaluated with the shorter side resized (bilinear) to the side"
+    resize = f"{decoding.resize_for(side)} then the centre {side}" if side else \
+        "floor(side / crop_pct) then the centre side"
+    return (f"pictures normalised by {norm}; evaluated with the shorter side resized ({decoding.interpolation}) "
+            f"to {resize} (crop_pct {decoding.crop_pct:g})")
+
+
+def contract_decoding(contract: InputContract | None) -> Decoding:
+    """The Decoding of pictures that `contract` (normalisation's, or None) asks for: its interpolation and
+    centre crop (bilinear for an interpolation Pillow has not: INTERPOLATIONS); imgclf's own (PLAIN) without
+    one."""
+    if contract is None:
+        return PLAIN
+    known = contract.interpolation in INTERPOLATIONS
+    return Decoding(contract.interpolation if known else PLAIN.interpolation, contract.crop_pct)
+
+
+def run_decoding(cfg: TrainConfig) -> Decoding:
+    """How the run's pictures are decoded (transforms.Decoding): as the input contract that normalises them
+    asks (`normalization`), else imgclf's own. Pure in `cfg`, like `normalization`."""
+    return contract_decoding(normalization(cfg, 3))
 
 
 def normalization(cfg: TrainConfig, channels: int) -> InputContract | None:
@@ -203,13 +232,14 @@ def place_model(model: nn.Module, device: torch.device, *, channels_last: bool) 
     return model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
 
 
-def load_data_ranked(cfg: DataConfig, dist: DistInfo) -> ImageData:
+def load_data_ranked(cfg: DataConfig, dist: DistInfo, decoding: Decoding = PLAIN) -> ImageData:
     """Rank 0 decodes (and caches) first; the others then read its cache instead of decoding again. Options
-    that no augmentation preset can run together are refused before any decoding."""
+    that no augmentation preset can run together are refused before any decoding. `decoding`: the run's
+    (`run_decoding`)."""
     augment.choose(cfg, photos=False, epochs=1)  # refuses the same whatever the data and length
     if not dist.is_main:
         distributed.barrier(dist)
-    data = load_data(cfg, progress=dist.is_main)
+    data = load_data(cfg, progress=dist.is_main, decoding=decoding)
     if dist.is_main:
         distributed.barrier(dist)
     return data

@@ -31,7 +31,7 @@ from imgclf.models import base_fits, model_from_checkpoint
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import PictureWalk, is_image_file
 from imgclf.tasks import MULTILABEL, Task, stored_task
-from imgclf.transforms import BadImage, BatchTransform, load_image
+from imgclf.transforms import BadImage, BatchTransform, input_decoding, load_image
 
 
 @dataclass
@@ -59,6 +59,7 @@ class Predictor:
         self.model_name: str = name
         inp = ckpt["input"]
         self.size, self.channels = inp["size"], inp["channels"]
+        self.decoding = input_decoding(inp)  # the resize and crop evaluation used (a pretrained network's)
         self.transform = BatchTransform(tuple(inp["mean"]), tuple(inp["std"]))
         self.autocast = autocast_factory(self.device, resolve_precision(precision, self.device))
 
@@ -121,7 +122,8 @@ class Predictor:
         except BadImage as err:
             return str(err)
         try:
-            return load_image(source, size=self.size, channels=self.channels).transpose(2, 0, 1)
+            return load_image(source, size=self.size, channels=self.channels,
+                              decoding=self.decoding).transpose(2, 0, 1)
         except BadImage as err:  # Pillow names a file object by its repr: the user knows it as "-" or the URL
             return f"not a readable picture ({str(err).replace(' ' + repr(source), '')})"
 
@@ -146,6 +148,7 @@ class ExportedPredictor(Predictor):
         self.task = stored_task(meta, self.classes, shown(path))
         self.model_name = meta["model"]["name"]
         self.size, self.channels = meta["input"]["size"], meta["input"]["channels"]
+        self.decoding = input_decoding(meta["input"])
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, size, size) -> class probabilities (N, classes), computed by the exported graph;

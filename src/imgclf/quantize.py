@@ -140,10 +140,11 @@ def _config(where: str):
 def _load(cfg, ckpt: dict):
     """The data set at the checkpoint's size and channels, every split decoded as predict decodes pictures."""
     from imgclf.sources import load_data
+    from imgclf.transforms import input_decoding
 
     inp = ckpt["input"]
     return load_data(replace(cfg, img_size=inp["size"], augment="none"), img_size=inp["size"],
-                     channels=inp["channels"])
+                     channels=inp["channels"], decoding=input_decoding(inp), crop_train=True)
 
 
 def compare(float_run, int8_run, data: Int8Data, runtime: str) -> Int8Check:

@@ -355,7 +355,7 @@ class Service:
         shape = {"size": self.predictor.size, "channels": self.predictor.channels}
         try:
             pixels = await asyncio.to_thread(decoded_pixels, data, **shape, max_pixels=self.max_pixels)
-            return await self.gate.run(pixels, load_image, buffer, **shape)
+            return await self.gate.run(pixels, load_image, buffer, **shape, decoding=self.predictor.decoding)
         except TooManyPixels as err:
             raise Refused(413, str(err)) from None
         except BadImage as err:  # Pillow names the file object in its message; the user knows it as the upload

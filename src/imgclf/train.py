@@ -36,7 +36,15 @@ from imgclf.errors import (
 from imgclf.files import atomic_write_text, claim_run_folder, remove_temporaries
 from imgclf.models import checked_model_name, refuse_misfit
 from imgclf.optim import Lookahead, build_optimizer, build_scheduler, clip_norm, ema_update, staged_groups
-from imgclf.pipeline import RunParts, build_run, describe_finetune, load_data_ranked, set_stage
+from imgclf.pipeline import (
+    RunParts,
+    build_run,
+    contract_decoding,
+    describe_finetune,
+    load_data_ranked,
+    run_decoding,
+    set_stage,
+)
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import ImageData, imbalance_warning
 from imgclf.tasks import Task, checkpoint_task, training_task
@@ -125,7 +133,7 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
 
 
 def _data(cfg: TrainConfig, dist, ckpt: dict | None) -> ImageData:
-    data = load_data_ranked(cfg.data, dist)
+    data = load_data_ranked(cfg.data, dist, run_decoding(cfg))
     if ckpt and ckpt["classes"] != data.classes:
         raise UserError(f"{cfg.run.out} was trained on classes {ckpt['classes']}, but {cfg.data.data} has "
                         f"{data.classes}; start a new run with --out")
@@ -398,7 +406,7 @@ def _start_run_folder(cfg: TrainConfig, parts: RunParts, tracker: Tracker, *, de
                     f"{data.channels}x{data.img_size}x{data.img_size}) on {device}, {str(precision)[6:]}, "
                     f"world size {world}; run folder {run_dir}")
     if fresh and cfg.model.pretrained:
-        tracker.message(describe_finetune(cfg, parts.contract))
+        tracker.message(describe_finetune(cfg, parts.contract, data.img_size))
     warning = imbalance_warning(data.train.labels, data.classes) if data.train.labels.ndim == 1 else None
     if warning and cfg.data.balance == "none":
         tracker.message(warning)
@@ -425,7 +433,8 @@ def _save(cfg: TrainConfig, parts: RunParts, state: TrainState, *, dist, best: b
     data = parts.data
     ckpt = build_checkpoint(model_name=cfg.model.name, classes=data.classes, channels=data.channels,
                             size=data.img_size, mean=data.mean, std=data.std, config=cfg.to_dict(),
-                            state=state.state_dict(), task=task.checkpoint_entries(state.metrics))
+                            state=state.state_dict(), task=task.checkpoint_entries(state.metrics),
+                            decoding=contract_decoding(parts.contract))
     folder = Path(cfg.run.out) / "checkpoints"
     if best:  # best.pt first: killed between the two, the run resumes from the older last.pt and redoes both
         save_checkpoint(folder / "best.pt", ckpt)

@@ -367,12 +367,13 @@ def _checkpoint_or_random(target: str, *, input_shape: tuple[int, int, int], see
 
 def _read_picture(path: Path, inp: dict) -> np.ndarray:
     """The picture at `path` as the model sees it: uint8 (C, size, size)."""
-    from imgclf.transforms import BadImage, load_image
+    from imgclf.transforms import BadImage, input_decoding, load_image
 
     if not path.is_file():
         raise UserError(f"no such picture: {path}")
     try:
-        return load_image(path, size=inp["size"], channels=inp["channels"]).transpose(2, 0, 1)
+        return load_image(path, size=inp["size"], channels=inp["channels"],
+                          decoding=input_decoding(inp)).transpose(2, 0, 1)
     except BadImage as err:
         raise UserError(f"{path} is not a readable picture ({err})") from None
 
