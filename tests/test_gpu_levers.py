@@ -179,6 +179,7 @@ def test_a_bf16_weights_step_trains_without_autocast_and_lookahead_keeps_float32
     assert any(k.startswith("blocks.1.0") for k in moved)
 
 
+@pytest.mark.slow
 def test_every_lever_trains_end_to_end_and_resumes_exactly(tmp_path):
     """One tiny fastnet run with all the levers on, and the same run stopped after its first epoch and resumed:
     the same figures; its checkpoint predicts in float32 from bf16 weights."""
