@@ -39,6 +39,7 @@ ACCEPTED = {
     ("train", "--log-every"): {"huge"}, ("train", "--stop-after"): set(),
     ("train", "--freeze-epochs"): {"0"}, ("train", "--backbone-lr-scale"): set(),
     ("train", "--ema-decay"): {"0"},
+    ("train", "--whiten-bias-epochs"): {"0"}, ("train", "--warmup-start"): {"0"}, ("train", "--lr-end"): {"0"},
     ("train", "--lr-base-batch"): set(), ("train", "--clip-grad"): {"0", "huge"}, ("train", "--accumulate"): set(),
     ("lr-find", "--freeze-epochs"): {"0"}, ("lr-find", "--backbone-lr-scale"): set(),
     ("cache", "--older-than"): {"0", "huge"},
@@ -59,6 +60,7 @@ ACCEPTED = {
     ("lr-find", "--batch-size"): set(), ("lr-find", "--eval-batch-size"): set(), ("lr-find", "--momentum"): {"0"},
     ("lr-find", "--weight-decay"): {"0", "huge"}, ("lr-find", "--warmup-epochs"): {"0", "huge"},
     ("lr-find", "--label-smoothing"): {"0"}, ("lr-find", "--seed"): {"0"},
+    ("lr-find", "--whiten-bias-epochs"): {"0"}, ("lr-find", "--warmup-start"): {"0"}, ("lr-find", "--lr-end"): {"0"},
     ("tune", "--trials"): {"huge"}, ("tune", "--timeout"): {"huge"}, ("tune", "--startup-trials"): {"0", "huge"},
     ("tune", "--heartbeat"): set(), ("tune", "--nproc-per-node"): set(),
 }

@@ -298,7 +298,10 @@ def _train_state(cfg: TrainConfig, parts: RunParts, *, device, precision, dist) 
 def _train_epoch(state: TrainState, parts: RunParts, cfg: TrainConfig, task: Task, *, run_dir: Path,
                  **kwargs) -> dict:
     """`train_one_epoch` with the task's loss and hits, --clip-grad and --accumulate; a diverged loss told to
-    the user in one line."""
+    the user in one line. --bf16-weights: bf16 weights take bf16 batches, so the steps run without autocast
+    (nothing to cast; evaluation keeps it, for float inputs)."""
+    if cfg.run.bf16_weights:
+        kwargs["autocast"] = contextlib.nullcontext
     try:
         return train_one_epoch(state, parts.train, loss_fn=task.loss, hits=task.hits, accumulate=cfg.optim.accumulate,
                                clip_grad=clip_norm(cfg.optim.clip_grad, state.model), **kwargs)

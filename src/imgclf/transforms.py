@@ -289,12 +289,15 @@ class BatchTransform:
             x = self.augmentation(x, draws or Draws.from_generator(generator, len(x)))
         if self.size is not None and x.shape[-1] > self.size:
             x = center_crop(x, self.size)
-        # (x / 255 - mean) / std as one multiply-add, converted straight into the layout the model wants
+        # (x / 255 - mean) / std as one multiply-add, converted straight into the layout the model wants; a
+        # 16-bit batch (--bf16-weights) is computed in float32 and rounded once
+        work = dtype if dtype.itemsize >= 4 else torch.float32
         std = torch.tensor(self.std, dtype=torch.float64)
-        scale = (1.0 / (255.0 * std)).to(dtype=dtype, device=x.device).view(1, -1, 1, 1)
+        scale = (1.0 / (255.0 * std)).to(dtype=work, device=x.device).view(1, -1, 1, 1)
         shift = -torch.tensor(self.mean, dtype=torch.float64) / std
-        shift = shift.to(dtype=dtype, device=x.device).view(1, -1, 1, 1)
-        return x.to(dtype, memory_format=memory_format, copy=True).mul_(scale).add_(shift)  # never the caller's
+        shift = shift.to(dtype=work, device=x.device).view(1, -1, 1, 1)
+        x = x.to(work, memory_format=memory_format, copy=True).mul_(scale).add_(shift)  # never the caller's
+        return x if work == dtype else x.to(dtype)
 
 
 def progressive_side(epoch: int, *, epochs: int, start: int | None, full: int) -> int:
