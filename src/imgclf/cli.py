@@ -707,7 +707,7 @@ DATA_READ = ("data_root", "labels", "val_fraction", "eval_batch_size", "cache_di
 
 def _add_embedding_input(p: argparse.ArgumentParser, *, data_help: str) -> None:
     """The checkpoint, DATA and the data and device flags embed, similar, duplicates and review share."""
-    p.add_argument("checkpoint", help="an imgclf checkpoint (.pt); exported models have no head to read")
+    p.add_argument("checkpoint", help="an imgclf checkpoint (.pt) or a run folder; exported models have no head to read")
     _add_model_code(p)
     p.add_argument("data", metavar="DATA", help=data_help)
     add_data_flags(p, DATA_READ, flags={"eval_batch_size": "--batch-size"},
@@ -741,7 +741,7 @@ def _add_similar(sub, common) -> None:
     p = _command(sub, common, "similar", cmd_similar, help="the pictures of a data set nearest to a picture",
                  description="Print the pictures of a data set whose embeddings are nearest (cosine) to a "
                              "query picture's.")
-    p.add_argument("checkpoint", help="an imgclf checkpoint (.pt)")
+    p.add_argument("checkpoint", help="an imgclf checkpoint (.pt) or a run folder")
     p.add_argument("query", metavar="QUERY", help="the picture to look for (a file, an http(s) URL, - for stdin)")
     _add_model_code(p)
     p.add_argument("data", metavar="DATA", help="data set or folder to search (every split)")

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.embed import Embedded, unit_rows
-from imgclf.errors import shown
+from imgclf.errors import UserError, shown
 from imgclf.files import atomic_write
 
 BLOCK = 1024  # rows of the similarity matrix computed at a time: BLOCK x N floats of memory
+MAX_PAIRS = 1_000_000  # more near pairs than this means the threshold is too low for the network's embeddings
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,15 @@ def find_pairs(vectors: np.ndarray, hashes: list[str], *, threshold: float, want
     keeps only the pairs it accepts (within train, across splits)."""
     unit = unit_rows(vectors.astype(np.float32))
     found: dict[tuple[int, int], Pair] = {}
+    hits = 0
     for start in range(0, len(unit), BLOCK):
         sims = unit[start:start + BLOCK] @ unit.T
         rows, cols = np.nonzero(sims >= threshold)
+        hits += len(rows)
+        if hits > 2 * MAX_PAIRS + len(unit):  # each pair is met twice, and each row with itself
+            raise UserError(f"over {MAX_PAIRS:,} pairs of pictures have a cosine similarity of at least "
+                            f"{threshold:g}: this network's embeddings lie close together; raise --threshold "
+                            f"(say 0.99) or use a better-trained network")
         for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
             a = start + r
             if a < c and (wanted is None or wanted(a, c)):
@@ -140,4 +147,8 @@ def duplicates_output(emb: Embedded, pairs: list[Pair], written: tuple[Path, Pat
             lines.append(f"... {len(pairs) - shown_rows} more in the CSV")
     table, grid = written
     lines.append(f"wrote {shown(table)}" + (f" and {shown(grid)}" if grid else ""))
-    return "\n".join(lines) + "\n", ""
+    near = sum(not p.exact for p in pairs)
+    crowded = near > len(emb.paths) // 10  # far more than real data sets hold: the threshold fits not this network
+    hint = (f"imgclf: {near} near pairs for {len(emb.paths)} pictures: this network's embeddings lie close "
+            f"together; the top of the list is what to look at, or raise --threshold\n") if crowded else ""
+    return "\n".join(lines) + "\n", hint

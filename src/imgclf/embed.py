@@ -51,11 +51,12 @@ class Network:
 
 
 def open_network(path, *, device: str = "auto", precision: str = "fp32") -> Network:
-    """The checkpoint at `path` as a Network. An exported model (ONNX, OpenVINO, TorchScript) has no head to
+    """The checkpoint at `path` (or a run folder's best, else last, checkpoint) as a Network. An exported model (ONNX, OpenVINO, TorchScript) has no head to
     read and a multi-label one no single label per row: each is one UserError line."""
     if exported_kind(path) is not None:
         raise UserError(f"{shown(path)} is an exported model; embeddings are read inside the network: give its "
                         f"imgclf checkpoint (.pt)")
+    path = run_checkpoint(path)
     ckpt = load_checkpoint(path)
     if ckpt.get("task", DEFAULT) == MULTILABEL:
         raise UserError(f"{shown(path)} is a multi-label model; embed, similar, duplicates and review take "
@@ -68,6 +69,15 @@ def open_network(path, *, device: str = "auto", precision: str = "fp32") -> Netw
                    transform=BatchTransform(tuple(inp["mean"]), tuple(inp["std"])), size=inp["size"],
                    channels=inp["channels"], classes=list(ckpt["classes"]), task=checkpoint_task(ckpt), device=dev,
                    autocast=autocast_factory(dev, resolve_precision(precision, dev)), source=str(path))
+
+
+def run_checkpoint(path) -> Path:
+    """`path` itself, or for a run folder its checkpoints/best.pt, else last.pt (as `imgclf.load` chooses)."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return path
+    found = [path / "checkpoints" / name for name in ("best.pt", "last.pt")]
+    return next((p for p in found if p.is_file()), found[0])
 
 
 @torch.inference_mode()
@@ -87,6 +97,9 @@ def run_network(net: Network, images) -> tuple[np.ndarray, np.ndarray]:
             probs = net.task.activation(net.model(x).float())
     finally:
         handle.remove()
+    if not caught:  # a network whose forward pass goes around the layer its family names as the head
+        raise UserError(f"{shown(net.source)}: the classifier head {type(net.head).__name__} was not called in "
+                        f"the forward pass; its input cannot be read")
     return caught[0].cpu().numpy().astype(np.float32), probs.cpu().numpy().astype(np.float32)
 
 
