@@ -185,7 +185,7 @@ def test_cross_fitted_review_ranks_the_flipped_labels_near_the_top(flipped, tmp_
 def test_review_cli_writes_the_csv_and_grid_and_says_its_mode(flipped, tmp_path):
     r = run_cli("review", flipped["run"], flipped["data"], "--out", tmp_path / "rev")
     assert r.returncode == 0, r.stderr
-    assert "in sample" in r.stderr and "likely mislabels (confident learning)" in r.stdout
+    assert "in sample" in r.stderr and "likely mislabels (confident learning, checkpoint probabilities)" in r.stdout
     rows = list(csv.DictReader((tmp_path / "rev" / "mislabels.csv").open()))
     assert list(rows[0]) == ["path", "split", "given", "suggested", "score", "suggested_probability", "sample"]
     scores = [float(row["score"]) for row in rows]

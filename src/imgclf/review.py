@@ -15,7 +15,9 @@ Where the probabilities come from is the review's mode, and the output says whic
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -171,7 +173,8 @@ def _train_fold(config, data, keep: np.ndarray, folder: Path, *, epochs: int | N
     cfg = replace(config, data=replace(config.data, data=str(root), labels=None),
                   optim=replace(config.optim, epochs=epochs or config.optim.epochs),
                   run=replace(config.run, out=str(run), stop_after=None, mlflow=None))
-    train(cfg)
+    with contextlib.redirect_stdout(sys.stderr):  # the fold's progress beside the review's notes, not in its table
+        train(cfg)
     return run / "checkpoints" / "best.pt"
 
 
@@ -223,7 +226,7 @@ def review_output(review: Review, written: tuple[Path, Path | None], *, shown_ro
     for i in rows:
         counts[emb.splits[i]] = counts.get(emb.splits[i], 0) + 1
     per_split = ", ".join(f"{n} of {emb.splits.count(s)} {s}" for s, n in counts.items()) or "none"
-    lines = [f"likely mislabels (confident learning): {len(rows)} ({per_split})"]
+    lines = [f"likely mislabels (confident learning, {review.mode} probabilities): {len(rows)} ({per_split})"]
     if rows:
         lines.append("score  given  suggested  split  path")
         for i in rows[:shown_rows]:
