@@ -70,6 +70,91 @@ def test_nearest_is_by_cosine_not_length():
     assert np.linalg.norm(unit_rows(np.zeros((1, 3))), axis=1).tolist() == [0.0]
 
 
+# ---------------------------------------------------------------- the commands on small synthetic folders
+
+
+@pytest.fixture
+def untrained(tiny_split_folder, tmp_path) -> dict:
+    """An untrained TutorialCNN checkpoint for tiny_split_folder's 16x16 pictures of three classes, with an
+    exact copy of a training picture planted in the test split."""
+    import torch
+
+    from imgclf.checkpoint import build_checkpoint, save_checkpoint
+    from imgclf.config import TrainConfig
+    from imgclf.models import TutorialCNN
+
+    torch.manual_seed(0)
+    model = TutorialCNN(num_classes=3, in_channels=3, img_size=16)
+    ckpt = build_checkpoint(model_name="tutorial_cnn", classes=["circle", "square", "triangle"], channels=3,
+                            size=16, mean=[0.5] * 3, std=[0.25] * 3, config=TrainConfig().to_dict(),
+                            state={"state_dict": model.state_dict()})
+    save_checkpoint(tmp_path / "tiny.pt", ckpt)
+    shutil.copyfile(tiny_split_folder / "train" / "square" / "0003.png", tiny_split_folder / "test" / "square" / "x.png")
+    return {"ckpt": tmp_path / "tiny.pt", "data": tiny_split_folder, "ckpt_dict": ckpt}
+
+
+@pytest.mark.slow
+def test_embed_duplicates_and_review_run_in_process(untrained, tmp_path, capsys):
+    from imgclf.cli import main
+
+    data, ckpt = untrained["data"], untrained["ckpt"]
+    assert main(["embed", str(ckpt), str(data), "--out", str(tmp_path / "e.npy"), "--device", "cpu"]) == 0
+    vectors = np.load(tmp_path / "e.npy")
+    rows = list(csv.DictReader((tmp_path / "e.csv").open()))
+    assert vectors.shape == (48 + 25, 64) and vectors.dtype == np.float32 and len(rows) == 73
+    assert [r["split"] for r in rows].count("test") == 25
+    assert main(["duplicates", str(ckpt), str(data), "--out", str(tmp_path / "d"), "--device", "cpu",
+                 "--threshold", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "leak train/test: 1 exact, 0 near" in out and "within train" not in out
+    assert main(["review", str(ckpt), str(data), "--out", str(tmp_path / "r"), "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("likely mislabels (confident learning, checkpoint probabilities)") and "in sample" in err
+    assert (tmp_path / "r" / "mislabels.csv").read_text().startswith("path,split,given,suggested,score")
+
+
+@pytest.mark.slow
+def test_embedding_commands_refuse_other_classes_exported_models_and_multilabel(untrained, tmp_path, capsys):
+    from imgclf.checkpoint import save_checkpoint
+    from imgclf.cli import main
+
+    other = tmp_path / "other"
+    shutil.copytree(untrained["data"], other)
+    (other / "train" / "circle").rename(other / "train" / "disc")
+    (other / "test" / "circle").rename(other / "test" / "disc")
+    assert main(["embed", str(untrained["ckpt"]), str(other), "--out", str(tmp_path / "e"), "--device", "cpu"]) == 2
+    assert "was trained for the classes circle, square, triangle" in capsys.readouterr().err
+    (tmp_path / "m.onnx").write_bytes(b"not really")
+    assert main(["similar", str(tmp_path / "m.onnx"), "q.png", str(other)]) == 2
+    assert "is an exported model; embeddings are read inside the network" in capsys.readouterr().err
+    save_checkpoint(tmp_path / "multi.pt", {**untrained["ckpt_dict"], "task": "multilabel"})
+    assert main(["review", str(tmp_path / "multi.pt"), str(other), "--out", str(tmp_path / "r")]) == 2
+    assert "multi-label" in capsys.readouterr().err
+
+
+def test_a_head_reading_a_feature_map_gives_its_average():
+    import torch
+    from torch import nn
+
+    from imgclf.embed import Network, run_network
+    from imgclf.runtime import autocast_factory, resolve_precision
+    from imgclf.tasks import make_task
+    from imgclf.transforms import BatchTransform
+
+    head = nn.Conv2d(4, 2, 1)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), head, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    device = torch.device("cpu")
+    net = Network(model, head, BatchTransform((0.0,) * 3, (1.0,) * 3), 8, 3, ["a", "b"],
+                  make_task("single-label", ["a", "b"]), device, autocast_factory(device, resolve_precision("fp32", device)), "test")
+    images = np.random.default_rng(0).integers(0, 256, (5, 3, 8, 8), dtype=np.uint8)
+    vectors, probs = run_network(net, images)
+    with torch.no_grad():
+        maps = model[0](torch.as_tensor(images).float() / 255)
+    assert vectors.shape == (5, 4) and probs.shape == (5, 2)
+    assert np.allclose(vectors, maps.mean((2, 3)).numpy(), atol=1e-5)
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
 # ---------------------------------------------------------------- real pictures (CIFAR-10)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
