@@ -111,6 +111,13 @@ def test_embed_duplicates_and_review_run_in_process(untrained, tmp_path, capsys)
     out, err = capsys.readouterr()
     assert out.startswith("likely mislabels (confident learning, checkpoint probabilities)") and "in sample" in err
     assert (tmp_path / "r" / "mislabels.csv").read_text().startswith("path,split,given,suggested,score")
+    folds = ["review", str(ckpt), str(data), "--out", str(tmp_path / "f"), "--folds", "2", "--epochs", "1"]
+    assert main(folds) == 0
+    out, err = capsys.readouterr()
+    assert "cross-fitted probabilities): " in out and "(of 48 train)" not in out
+    assert sorted(p.name for p in (tmp_path / "f" / "folds").iterdir()) == ["fold-0", "fold-1"]
+    assert main(folds) == 2
+    assert "holds the fold models of an earlier review" in capsys.readouterr().err
 
 
 @pytest.mark.slow

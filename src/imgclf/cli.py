@@ -810,8 +810,12 @@ def cmd_review(args: argparse.Namespace) -> int:
     run = load(args.checkpoint, model_code=args.model_code, trust_changed_code=args.trust_changed_code)
     net = open_network(run.best, device=args.device)
     if args.folds:
-        review = review_folds(net, run.config, _data_config(args), folds=args.folds, work=Path(args.out) / "folds",
-                              epochs=args.epochs)
+        try:
+            review = review_folds(net, run.config, _data_config(args), folds=args.folds,
+                                  work=Path(args.out) / "folds", epochs=args.epochs)
+        except Stopped as stop:  # a fold's training interrupted: its run folder says how far it got
+            print(f"imgclf: review {shown(str(stop))}", file=sys.stderr)
+            return stop.code
     else:
         review = review_checkpoint(net, _data_config(args))
     _say(*review_output(review, write_review(review, args.out)))

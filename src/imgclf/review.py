@@ -130,8 +130,8 @@ def review_checkpoint(net: Network, data_cfg: DataConfig) -> Review:
 def review_folds(net: Network, config, data_cfg: DataConfig, *, folds: int, work: Path, epochs: int | None = None,
                  seed: int = 0) -> Review:
     """Cross-fitted probabilities of every training picture: `folds` models trained as `config` (the run's
-    TrainConfig; `epochs` overrides its length) on the other folds, written under `work`/fold-K, each
-    predicting its own fold; the run's held-out split validates each of them."""
+    TrainConfig; `epochs` overrides its length) on the other folds, written under `work`/fold-K (a folder
+    that must not exist yet), each predicting its own fold; the run's held-out split validates each of them."""
     data = load_for(net, data_cfg)
     if data.train.files is None or data.val.files is None:
         raise UserError(f"--folds trains on subsets of the pictures' files: give a folder data set, not the "
@@ -139,6 +139,8 @@ def review_folds(net: Network, config, data_cfg: DataConfig, *, folds: int, work
     labels = np.asarray(data.train.labels, dtype=np.int64)
     if np.bincount(labels).min() < folds:
         raise UserError(f"--folds {folds}: some class has fewer than {folds} training pictures")
+    if work.exists():  # its models were trained on the pictures and labels of then: never reused unseen
+        raise UserError(f"{shown(work)} holds the fold models of an earlier review; remove it, or give another --out")
     fold = stratified_folds(labels, folds, seed)
     probs = np.zeros((len(labels), len(data.classes)), dtype=np.float32)
     for k in range(folds):
@@ -165,11 +167,8 @@ def _train_fold(config, data, keep: np.ndarray, folder: Path, *, epochs: int | N
         for i, (file, label) in enumerate(zip(files, labels.tolist(), strict=True)):
             link = root / role / data.classes[label] / f"{i:06d}{Path(file).suffix.lower()}"
             link.parent.mkdir(parents=True, exist_ok=True)
-            if not link.is_symlink():
-                link.symlink_to(Path(file).resolve())
+            link.symlink_to(Path(file).resolve())
     run = folder / "run"
-    if (run / "checkpoints" / "best.pt").is_file():  # done by an earlier review into the same folder
-        return run / "checkpoints" / "best.pt"
     cfg = replace(config, data=replace(config.data, data=str(root), labels=None),
                   optim=replace(config.optim, epochs=epochs or config.optim.epochs),
                   run=replace(config.run, out=str(run), stop_after=None, mlflow=None))
