@@ -61,6 +61,7 @@ def test_find_pairs_finds_exact_files_and_near_vectors_worst_first():
     assert [(p.a, p.b, p.exact) for p in pairs] == [(1, 3, True), (0, 2, False)]
     assert pairs[1].similarity == pytest.approx(0.99 / np.hypot(0.99, 0.1))
     assert find_pairs(vectors, hashes, threshold=0.99, wanted=lambda a, b: a == 0) == pairs[1:]
+    assert find_pairs(vectors, hashes, threshold=1.5) == pairs[:1]  # exact pairs whatever the threshold
 
 
 def test_nearest_is_by_cosine_not_length():

@@ -45,32 +45,31 @@ def digests(emb: Embedded) -> list[str]:
 
 def find_pairs(vectors: np.ndarray, hashes: list[str], *, threshold: float, wanted=None) -> list[Pair]:
     """Every pair of rows with the same hash (exact) or of cosine similarity >= `threshold` (near), each once,
-    worst first: exact pairs, then by similarity, highest first. `wanted(a, b)` (rows a < b), when given,
-    keeps only the pairs it accepts (within train, across splits)."""
+    worst first: exact pairs, then by similarity, highest first. `wanted(a, b)` (arrays of rows, a < b
+    elementwise), when given, says which pairs to keep (within train, across splits) as a boolean array."""
     unit = unit_rows(vectors.astype(np.float32))
-    found: dict[tuple[int, int], Pair] = {}
-    hits = 0
+    codes = np.unique(np.asarray(hashes), return_inverse=True)[1]
+    found_a, found_b, hits = [], [], 0
     for start in range(0, len(unit), BLOCK):
-        sims = unit[start:start + BLOCK] @ unit.T
-        rows, cols = np.nonzero(sims >= threshold)
+        block = unit[start:start + BLOCK]
+        rows, cols = np.nonzero((block @ unit.T >= threshold) | (codes[start:start + BLOCK, None] == codes[None, :]))
         hits += len(rows)
         if hits > 2 * MAX_PAIRS + len(unit):  # each pair is met twice, and each row with itself
             raise UserError(f"over {MAX_PAIRS:,} pairs of pictures have a cosine similarity of at least "
                             f"{threshold:g}: this network's embeddings lie close together; raise --threshold "
                             f"(say 0.99) or use a better-trained network")
-        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
-            a = start + r
-            if a < c and (wanted is None or wanted(a, c)):
-                found[(a, c)] = Pair(a, c, float(sims[r, c]), hashes[a] == hashes[c])
-    groups: dict[str, list[int]] = {}
-    for i, h in enumerate(hashes):
-        groups.setdefault(h, []).append(i)
-    for rows in groups.values():
-        for i, a in enumerate(rows):
-            for b in rows[i + 1:]:
-                if (a, b) not in found and (wanted is None or wanted(a, b)):
-                    found[(a, b)] = Pair(a, b, float(unit[a] @ unit[b]), True)
-    return sorted(found.values(), key=lambda p: (not p.exact, -p.similarity, p.a, p.b))
+        a = rows + start
+        keep = a < cols
+        found_a.append(a[keep])
+        found_b.append(cols[keep])
+    a, b = np.concatenate(found_a), np.concatenate(found_b)
+    if wanted is not None and len(a):
+        keep = wanted(a, b)
+        a, b = a[keep], b[keep]
+    sims = np.einsum("ij,ij->i", unit[a], unit[b]) if len(a) else np.zeros(0, dtype=np.float32)
+    exact = codes[a] == codes[b]
+    order = np.lexsort((b, a, -sims, ~exact))  # the last key sorts first: exact, then most similar
+    return [Pair(int(a[i]), int(b[i]), float(sims[i]), bool(exact[i])) for i in order]
 
 
 def kind(emb: Embedded, pair: Pair) -> str:
@@ -81,7 +80,8 @@ def kind(emb: Embedded, pair: Pair) -> str:
 
 def involves_train(emb: Embedded):
     """The `wanted` of `find_pairs` for the report: pairs within the training split and across splits."""
-    return lambda a, b: emb.splits[a] == "train" or emb.splits[a] != emb.splits[b]
+    splits = np.asarray(emb.splits)
+    return lambda a, b: (splits[a] == "train") | (splits[a] != splits[b])
 
 
 def duplicates(emb: Embedded, *, threshold: float = 0.95) -> list[Pair]:
