@@ -71,6 +71,20 @@ def test_nearest_is_by_cosine_not_length():
     assert np.linalg.norm(unit_rows(np.zeros((1, 3))), axis=1).tolist() == [0.0]
 
 
+def test_the_runs_own_data_is_read_with_its_recorded_split_options(tmp_path):
+    from types import SimpleNamespace
+
+    from imgclf.embed import data_config
+
+    net = SimpleNamespace(recorded={"data": str(tmp_path / "pics"), "val_fraction": 0.1, "labels": "l.csv",
+                                    "data_root": "d", "augment": "photo"})
+    cfg = data_config(net, str(tmp_path / "pics" / ".." / "pics"), val_fraction=None, labels=None, cache_dir="c")
+    assert (cfg.val_fraction, cfg.labels, cfg.data_root, cfg.cache_dir, cfg.augment) == (0.1, "l.csv", "d", "c", "auto")
+    assert data_config(net, str(tmp_path / "pics"), val_fraction=0.3).val_fraction == 0.3  # given: it wins
+    other = data_config(net, str(tmp_path / "other"), val_fraction=None, labels=None)
+    assert (other.val_fraction, other.labels, other.data_root) == (0.2, None, "data")  # another data set: defaults
+
+
 # ---------------------------------------------------------------- the commands on small synthetic folders
 
 

@@ -710,14 +710,25 @@ def _add_embedding_input(p: argparse.ArgumentParser, *, data_help: str) -> None:
     p.add_argument("checkpoint", help="an imgclf checkpoint (.pt) or a run folder; exported models have no head to read")
     _add_model_code(p)
     p.add_argument("data", metavar="DATA", help=data_help)
-    add_data_flags(p, DATA_READ, flags={"eval_batch_size": "--batch-size"},
-                   helps={"labels": "as `imgclf train --labels`"})
+    _add_data_read(p)
+
+
+def _add_data_read(p: argparse.ArgumentParser) -> None:
+    """DATA_READ's flags; those that decide the held-out split default to the run's (embed.data_config)."""
+    add_data_flags(p, DATA_READ, flags={"eval_batch_size": "--batch-size"}, helps={
+        "labels": "as `imgclf train --labels` (default: the run's, when DATA is the run's data)",
+        "val_fraction": "held-out share of a single folder of classes (default: the run's, when DATA is the "
+                        "run's data, else 0.2)",
+        "data_root": "where built-in data sets are found (default: the run's)"})
+    p.set_defaults(labels=None, val_fraction=None, data_root=None)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
-def _data_config(args: argparse.Namespace) -> DataConfig:
-    return DataConfig(data=args.data, data_root=args.data_root, val_fraction=args.val_fraction,
-                      eval_batch_size=args.batch_size, cache_dir=args.cache_dir, labels=args.labels)
+def _data_config(args: argparse.Namespace, net) -> DataConfig:
+    from imgclf.embed import data_config
+
+    return data_config(net, args.data, data_root=args.data_root, val_fraction=args.val_fraction,
+                       eval_batch_size=args.batch_size, cache_dir=args.cache_dir, labels=args.labels)
 
 
 def _add_embed(sub, common) -> None:
@@ -732,7 +743,8 @@ def _add_embed(sub, common) -> None:
 def cmd_embed(args: argparse.Namespace) -> int:
     from imgclf.embed import embed_data, embed_output, open_network, write_embeddings
 
-    emb = embed_data(open_network(args.checkpoint, device=args.device), _data_config(args))
+    net = open_network(args.checkpoint, device=args.device)
+    emb = embed_data(net, _data_config(args, net))
     _say(*embed_output(emb, write_embeddings(emb, args.out)))
     return EXIT_OK
 
@@ -745,17 +757,15 @@ def _add_similar(sub, common) -> None:
     p.add_argument("query", metavar="QUERY", help="the picture to look for (a file, an http(s) URL, - for stdin)")
     _add_model_code(p)
     p.add_argument("data", metavar="DATA", help="data set or folder to search (every split)")
-    add_data_flags(p, DATA_READ, flags={"eval_batch_size": "--batch-size"},
-                   helps={"labels": "as `imgclf train --labels`"})
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    _add_data_read(p)
     _number(p, "-k", int, 1, 10_000, default=5, dest="k", help="how many pictures (%(default)s)")
 
 
 def cmd_similar(args: argparse.Namespace) -> int:
     from imgclf.embed import open_network, similar, similar_output
 
-    _say(*similar_output(*similar(open_network(args.checkpoint, device=args.device), args.query,
-                                  _data_config(args), k=args.k)))
+    net = open_network(args.checkpoint, device=args.device)
+    _say(*similar_output(*similar(net, args.query, _data_config(args, net), k=args.k)))
     return EXIT_OK
 
 
@@ -775,7 +785,8 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
     from imgclf.duplicates import duplicates, duplicates_output, write_report
     from imgclf.embed import embed_data, open_network
 
-    emb = embed_data(open_network(args.checkpoint, device=args.device), _data_config(args))
+    net = open_network(args.checkpoint, device=args.device)
+    emb = embed_data(net, _data_config(args, net))
     pairs = duplicates(emb, threshold=args.threshold)
     _say(*duplicates_output(emb, pairs, write_report(emb, pairs, args.out), threshold=args.threshold))
     return EXIT_OK
@@ -788,16 +799,15 @@ def _add_review(sub, common) -> None:
                              "trained as the run was on the other folds score every training picture; "
                              "without, the run's checkpoint scores its held-out split (out of sample) and its "
                              "training split (in sample: it saw them). Writes OUT/mislabels.csv and "
-                             "OUT/mislabels.png, worst first.")
+                             "OUT/mislabels.png, worst first "
+                             "(docs/usage.md: Embeddings, duplicates and label review).")
     p.add_argument("checkpoint", metavar="CKPT|RUN", help="a checkpoint or a run folder (its best.pt)")
     _add_model_code(p)
     p.add_argument("data", metavar="DATA", help="data set or folder the run was trained on")
-    add_data_flags(p, DATA_READ, flags={"eval_batch_size": "--batch-size"},
-                   helps={"labels": "as `imgclf train --labels`"})
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    _number(p, "--folds", int, 2, 20, help="cross-fit: train K models on K-1 folds each (default: the checkpoint's "
+    _add_data_read(p)
+    _number(p, "--folds", int, 2, 20, metavar="K", help="cross-fit: train K models on K-1 folds each (default: the checkpoint's "
                                            "own probabilities)")
-    _number(p, "--epochs", int, 1, 10_000, help="--folds: epochs of each fold's model (default: the run's)")
+    _number(p, "--epochs", int, 1, 10_000, metavar="N", help="--folds: epochs of each fold's model (default: the run's)")
     p.add_argument("--out", default="review", metavar="DIR",
                    help="folder for the CSV, the PNG and --folds' runs (%(default)s)")
 
@@ -811,12 +821,12 @@ def cmd_review(args: argparse.Namespace) -> int:
     net = open_network(run.best, device=args.device)
     if args.folds:
         try:
-            review = review_folds(net, run.config, _data_config(args), folds=args.folds,
+            review = review_folds(net, run.config, _data_config(args, net), folds=args.folds,
                                   work=Path(args.out) / "folds", epochs=args.epochs)
         except Stopped as stop:  # a fold's training interrupted: its run folder says how far it got
             print(f"imgclf: review {shown(str(stop))}", file=sys.stderr)
             return stop.code
     else:
-        review = review_checkpoint(net, _data_config(args))
+        review = review_checkpoint(net, _data_config(args, net))
     _say(*review_output(review, write_review(review, args.out)))
     return EXIT_OK

@@ -14,7 +14,7 @@ as FILE.npy + FILE.csv; `nearest` is the cosine search `imgclf similar` runs.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,7 @@ class Network:
     device: torch.device
     autocast: object
     source: str
+    recorded: dict = field(default_factory=dict)  # the run's data options as its checkpoint recorded them (config.json's "data" section)
 
 
 def open_network(path, *, device: str = "auto", precision: str = "fp32") -> Network:
@@ -68,7 +69,8 @@ def open_network(path, *, device: str = "auto", precision: str = "fp32") -> Netw
     return Network(model=model, head=adapter_for(ckpt["model"]["name"]).head(model)[0],
                    transform=BatchTransform(tuple(inp["mean"]), tuple(inp["std"])), size=inp["size"],
                    channels=inp["channels"], classes=list(ckpt["classes"]), task=checkpoint_task(ckpt), device=dev,
-                   autocast=autocast_factory(dev, resolve_precision(precision, dev)), source=str(path))
+                   autocast=autocast_factory(dev, resolve_precision(precision, dev)), source=str(path),
+                   recorded=dict((ckpt.get("config") or {}).get("data") or {}))
 
 
 def run_checkpoint(path) -> Path:
@@ -139,6 +141,21 @@ class Embedded:
     def rows(self, split: str) -> np.ndarray:
         """The row indices of the split named `split`."""
         return np.flatnonzero(np.asarray(self.splits) == split)
+
+
+READ_AS_RECORDED = ("data_root", "labels", "val_fraction")  # what decides which pictures a run held out
+
+
+def data_config(net: Network, data: str, **given) -> DataConfig:
+    """How to read `data` for `net`: the DataConfig of the options `given` (None: not given), the others of
+    READ_AS_RECORDED as the run recorded them when `data` is the run's own data set (so that its held-out
+    split is the one it held out), else their defaults."""
+    recorded = net.recorded.get("data")
+    same = isinstance(recorded, str) and (recorded == data or Path(recorded).expanduser().resolve() ==
+                                          Path(data).expanduser().resolve())
+    values = {name: net.recorded.get(name) for name in READ_AS_RECORDED if same and name in net.recorded}
+    values.update({name: value for name, value in given.items() if value is not None})
+    return DataConfig(data=data, **values)
 
 
 def load_for(net: Network, data_cfg: DataConfig):
