@@ -63,6 +63,10 @@ ACCEPTED = {
     ("lr-find", "--whiten-bias-epochs"): {"0"}, ("lr-find", "--warmup-start"): {"0"}, ("lr-find", "--lr-end"): {"0"},
     ("tune", "--trials"): {"huge"}, ("tune", "--timeout"): {"huge"}, ("tune", "--startup-trials"): {"0", "huge"},
     ("tune", "--heartbeat"): set(), ("tune", "--nproc-per-node"): set(),
+    **{(command, flag): set() for command in ("embed", "similar", "duplicates", "review")
+       for flag in ("--val-fraction", "--batch-size")},
+    ("similar", "-k"): set(), ("duplicates", "--threshold"): {"0", "-1"},
+    ("review", "--folds"): set(), ("review", "--epochs"): set(),
 }
 ACCEPTED.update({("tune", flag): values for (command, flag), values in list(ACCEPTED.items())
                  if command == "train" and flag != "--stop-after"})  # tune takes train's flags but --stop-after
@@ -127,6 +131,10 @@ def base_args(command: str, root: Path, port: int) -> list[str]:
         "show": [nowhere],
         "features": [missing, str(root / "picture.png")],
         "cache": ["list", "--cache-dir", str(root / "missing.pt")],
+        "embed": [missing, nowhere, "--out", str(root / "emb"), "--device", "cpu"],
+        "similar": [missing, str(root / "picture.png"), nowhere, "--device", "cpu"],
+        "duplicates": [missing, nowhere, "--out", str(root / "dup"), "--device", "cpu"],
+        "review": [missing, nowhere, "--out", str(root / "review"), "--device", "cpu"],
         "tune": ["--space", str(root / "missing.yaml"), "--data", nowhere, "--out", str(root / "tune"),
                  "--device", "cpu"],
     }[command]

@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for add in (_add_train, _add_eval, _add_predict, _add_samples, _add_models, _add_inspect, _add_export,
-                _add_serve, _add_show, _add_features, _add_lr_find, _add_env, _add_cache, _add_runs, _add_tune):
+                _add_serve, _add_show, _add_features, _add_lr_find, _add_env, _add_cache, _add_runs, _add_tune,
+                _add_embed, _add_similar, _add_duplicates, _add_review):
         add(sub, common)
     parser.set_defaults(debug=False)
     return parser
@@ -702,4 +703,136 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"imgclf: tune {stop}; rerun the same command to continue the study", file=sys.stderr)
         return stop.code
     _say(*tune_output(summary, search.study))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- embed, similar, duplicates, review
+
+DATA_READ = ("data_root", "labels", "val_fraction", "eval_batch_size", "cache_dir")  # as eval reads a data set
+
+
+def _add_embedding_input(p: argparse.ArgumentParser, *, data_help: str) -> None:
+    """The checkpoint, DATA and the data and device flags embed, similar, duplicates and review share."""
+    p.add_argument("checkpoint", help="an imgclf checkpoint (.pt) or a run folder; exported models have no head to read")
+    _add_model_code(p)
+    p.add_argument("data", metavar="DATA", help=data_help)
+    _add_data_read(p)
+
+
+def _add_data_read(p: argparse.ArgumentParser) -> None:
+    """DATA_READ's flags; those that decide the held-out split default to the run's (embed.data_config)."""
+    add_data_flags(p, DATA_READ, flags={"eval_batch_size": "--batch-size"}, helps={
+        "labels": "as `imgclf train --labels` (default: the run's, when DATA is the run's data)",
+        "val_fraction": "held-out share of a single folder of classes (default: the run's, when DATA is the "
+                        "run's data, else 0.2)",
+        "data_root": "where built-in data sets are found (default: the run's)"})
+    p.set_defaults(labels=None, val_fraction=None, data_root=None)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
+def _data_config(args: argparse.Namespace, net) -> DataConfig:
+    from imgclf.embed import data_config
+
+    return data_config(net, args.data, data_root=args.data_root, val_fraction=args.val_fraction,
+                       eval_batch_size=args.batch_size, cache_dir=args.cache_dir, labels=args.labels)
+
+
+def _add_embed(sub, common) -> None:
+    p = _command(sub, common, "embed", cmd_embed, help="write every picture's embedding (.npy + .csv)",
+                 description="Write the vector each picture of a data set gives at the input of the network's "
+                             "classifier head (its penultimate layer) as FILE.npy, and FILE.csv naming each row's "
+                             "picture, split and label (docs/usage.md: Embeddings, duplicates and label review).")
+    _add_embedding_input(p, data_help="data set or folder (as `train --data`): every split is embedded")
+    p.add_argument("--out", required=True, metavar="FILE", help="writes FILE.npy and FILE.csv")
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from imgclf.embed import embed_data, embed_output, open_network, write_embeddings
+
+    net = open_network(args.checkpoint, device=args.device)
+    emb = embed_data(net, _data_config(args, net))
+    _say(*embed_output(emb, write_embeddings(emb, args.out)))
+    return EXIT_OK
+
+
+def _add_similar(sub, common) -> None:
+    p = _command(sub, common, "similar", cmd_similar, help="the pictures of a data set nearest to a picture",
+                 description="Print the pictures of a data set whose embeddings are nearest (cosine) to a "
+                             "query picture's.")
+    p.add_argument("checkpoint", help="an imgclf checkpoint (.pt) or a run folder")
+    p.add_argument("query", metavar="QUERY", help="the picture to look for (a file, an http(s) URL, - for stdin)")
+    _add_model_code(p)
+    p.add_argument("data", metavar="DATA", help="data set or folder to search (every split)")
+    _add_data_read(p)
+    _number(p, "-k", int, 1, 10_000, default=5, dest="k", help="how many pictures (%(default)s)")
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    from imgclf.embed import open_network, similar, similar_output
+
+    net = open_network(args.checkpoint, device=args.device)
+    _say(*similar_output(*similar(net, args.query, _data_config(args, net), k=args.k)))
+    return EXIT_OK
+
+
+def _add_duplicates(sub, common) -> None:
+    p = _command(sub, common, "duplicates", cmd_duplicates, help="exact and near duplicates, and split leaks",
+                 description="Find pairs of pictures that are the same file (exact) or nearly the same picture "
+                             "(near: cosine of their embeddings at least --threshold), within the training split "
+                             "and across splits (leaks); print a table, write OUT/duplicates.csv and "
+                             "OUT/duplicates.png (pairs side by side, worst first).")
+    _add_embedding_input(p, data_help="data set or folder (as `train --data`)")
+    _number(p, "--threshold", float, -1, 1, default=0.95,
+            help="cosine similarity from which two pictures count as near duplicates (%(default)s)")
+    p.add_argument("--out", default="duplicates", metavar="DIR", help="folder for the CSV and PNG (%(default)s)")
+
+
+def cmd_duplicates(args: argparse.Namespace) -> int:
+    from imgclf.duplicates import duplicates, duplicates_output, write_report
+    from imgclf.embed import embed_data, open_network
+
+    net = open_network(args.checkpoint, device=args.device)
+    emb = embed_data(net, _data_config(args, net))
+    pairs = duplicates(emb, threshold=args.threshold)
+    _say(*duplicates_output(emb, pairs, write_report(emb, pairs, args.out), threshold=args.threshold))
+    return EXIT_OK
+
+
+def _add_review(sub, common) -> None:
+    p = _command(sub, common, "review", cmd_review, help="likely mislabelled pictures (confident learning)",
+                 description="Rank the pictures by how likely their label is wrong (confident learning, "
+                             "Northcutt et al. 2021) from out-of-sample probabilities: with --folds K, K models "
+                             "trained as the run was on the other folds score every training picture; "
+                             "without, the run's checkpoint scores its held-out split (out of sample) and its "
+                             "training split (in sample: it saw them). Writes OUT/mislabels.csv and "
+                             "OUT/mislabels.png, worst first "
+                             "(docs/usage.md: Embeddings, duplicates and label review).")
+    p.add_argument("checkpoint", metavar="CKPT|RUN", help="a checkpoint or a run folder (its best.pt)")
+    _add_model_code(p)
+    p.add_argument("data", metavar="DATA", help="data set or folder the run was trained on")
+    _add_data_read(p)
+    _number(p, "--folds", int, 2, 20, metavar="K", help="cross-fit: train K models on K-1 folds each (default: the checkpoint's "
+                                           "own probabilities)")
+    _number(p, "--epochs", int, 1, 10_000, metavar="N", help="--folds: epochs of each fold's model (default: the run's)")
+    p.add_argument("--out", default="review", metavar="DIR",
+                   help="folder for the CSV, the PNG and --folds' runs (%(default)s)")
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from imgclf.api import load
+    from imgclf.embed import open_network
+    from imgclf.review import review_checkpoint, review_folds, review_output, write_review
+
+    run = load(args.checkpoint, model_code=args.model_code, trust_changed_code=args.trust_changed_code)
+    net = open_network(run.best, device=args.device)
+    if args.folds:
+        try:
+            review = review_folds(net, run.config, _data_config(args, net), folds=args.folds,
+                                  work=Path(args.out) / "folds", epochs=args.epochs)
+        except Stopped as stop:  # a fold's training interrupted: its run folder says how far it got
+            print(f"imgclf: review {shown(str(stop))}", file=sys.stderr)
+            return stop.code
+    else:
+        review = review_checkpoint(net, _data_config(args, net))
+    _say(*review_output(review, write_review(review, args.out)))
     return EXIT_OK
