@@ -100,6 +100,20 @@ def flatten_config(cfg: dict, prefix: str = "", sep: str = ".") -> dict:
     return out
 
 
+def write_calibration(run_dir: Path, fitted: dict[str, dict], shown: dict) -> list[Path]:
+    """calibration.json (each checkpoint's `calibration.calibration_figures`, by file name) and reliability.png
+    (of `shown`, best.pt's) in `run_dir`; returns the files written."""
+    import json
+
+    from imgclf.files import atomic_write_text
+    from imgclf.visualize import reliability_figure, save_png
+
+    run_dir = Path(run_dir)
+    atomic_write_text(run_dir / "calibration.json", json.dumps(fitted, indent=1) + "\n")
+    title = f"{run_dir.resolve().name}: reliability on the validation split"
+    return [run_dir / "calibration.json", save_png(reliability_figure(shown, title=title), run_dir / "reliability.png")]
+
+
 def report_after_training(run_dir: Path, *, cfg, data, task, model: torch.nn.Module, transform, device, autocast,
                           records: Sequence[dict], writer, result: dict | None = None) -> None:
     """Write the run's pictures from `result` (the last evaluation, with probabilities of the whole held-out
