@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for add in (_add_train, _add_eval, _add_predict, _add_samples, _add_models, _add_inspect, _add_export,
-                _add_serve, _add_show, _add_features, _add_lr_find, _add_env, _add_cache, _add_runs, _add_tune):
+                _add_serve, _add_show, _add_features, _add_cam, _add_lr_find, _add_env, _add_cache, _add_runs, _add_tune):
         add(sub, common)
     parser.set_defaults(debug=False)
     return parser
@@ -587,6 +587,32 @@ def cmd_features(args: argparse.Namespace) -> int:
                     max_channels=args.max_channels)
     _say(*features_output(done))
     return EXIT_OK
+
+
+def _add_cam(sub, common) -> None:
+    p = _command(sub, common, "cam", cmd_cam, help="class heatmaps (Grad-CAM): where the network looked",
+                 description="Write, for each picture, its class heatmap over it (Grad-CAM or Grad-CAM++ of the "
+                             "last layer with a spatial output, or --layer), and a grid of all of them "
+                             "(docs/usage.md: Class heatmaps).")
+    p.add_argument("checkpoint", metavar="CKPT")
+    _add_model_code(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="picture files and folders, http(s):// URLs")
+    p.add_argument("--class", dest="class_name", metavar="NAME",
+                   help="the class to explain (default: each picture's most probable one)")
+    p.add_argument("--method", choices=("gradcam", "gradcam++"), default="gradcam", help="(%(default)s)")
+    p.add_argument("--layer", metavar="NAME", help="the module whose feature maps are weighed, as `imgclf inspect` "
+                                                   "names it (default: the last with a spatial output)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for NAME.cam.png and grid.png")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
+def cmd_cam(args: argparse.Namespace) -> int:
+    from imgclf.cam import cam_output, cam_pictures
+
+    result = cam_pictures(args.checkpoint, args.images, args.out, class_name=args.class_name, method=args.method,
+                          layer=args.layer, device=args.device)
+    _say(*cam_output(result))
+    return EXIT_PARTIAL if result.failed else EXIT_OK
 
 
 def _add_lr_find(sub, common) -> None:
