@@ -48,6 +48,10 @@ def normalised(pictures: list[np.ndarray]) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def square_model() -> TutorialCNN:
+    return train_square_model()
+
+
+def train_square_model() -> TutorialCNN:
     """A TutorialCNN trained for a few epochs to tell photos with a pasted square (class 1) from without."""
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
