@@ -61,6 +61,8 @@ ACCEPTED = {
     ("lr-find", "--label-smoothing"): {"0"}, ("lr-find", "--seed"): {"0"},
     ("tune", "--trials"): {"huge"}, ("tune", "--timeout"): {"huge"}, ("tune", "--startup-trials"): {"0", "huge"},
     ("tune", "--heartbeat"): set(), ("tune", "--nproc-per-node"): set(),
+    ("predict", "--reject-below"): {"0"}, ("serve", "--reject-below"): {"0"}, ("export", "--reject-below"): {"0"},
+    ("eval", "--reject-precision"): set(),
 }
 ACCEPTED.update({("tune", flag): values for (command, flag), values in list(ACCEPTED.items())
                  if command == "train" and flag != "--stop-after"})  # tune takes train's flags but --stop-after
