@@ -55,7 +55,9 @@ def test_fit_temperature_recovers_the_overconfidence():
 def test_temperature_scaling_lowers_ece_on_a_held_out_split():
     fit_logits, fit_labels = overconfident(2000, seed=1)
     held_logits, held_labels = overconfident(2000, seed=2)
-    t = fit_on(fit_logits.softmax(1), fit_labels)["temperature"]
+    fitted = fit_on(fit_logits.softmax(1), fit_labels)
+    t = fitted["temperature"]
+    assert set(fitted["reject_below_for_precision"]) == {"0.9", "0.95", "0.99"}
     before = expected_calibration_error(held_logits.softmax(1), held_labels)
     after = expected_calibration_error((held_logits / t).softmax(1), held_labels)
     assert after < before / 2, (before, after)
@@ -84,12 +86,14 @@ def tiny(tmp_path_factory) -> dict:
                   std=[0.25] * 3, config=TrainConfig().to_dict(), state={"state_dict": model.state_dict()})
     save_checkpoint(root / "old.pt", build_checkpoint(**common))
     save_checkpoint(root / "hot.pt", build_checkpoint(**common, temperature=0.05))  # sharpens: top well over 1/3
+    save_checkpoint(root / "cool.pt", build_checkpoint(**common, temperature=2.0))
     rng = np.random.default_rng(0)
     pictures = []
     for i in range(2):
         pictures.append(root / f"p{i}.png")
         Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(pictures[-1])
-    return {"root": root, "old": root / "old.pt", "hot": root / "hot.pt", "pictures": pictures}
+    return {"root": root, "old": root / "old.pt", "hot": root / "hot.pt", "cool": root / "cool.pt",
+            "pictures": pictures}
 
 
 def test_old_checkpoints_load_at_temperature_one(tiny):
@@ -138,6 +142,38 @@ def test_reject_below_answers_unknown_from_a_checkpoint_and_its_onnx_export(tiny
     exported.reject(0.0)  # the command line's --reject-below overrides the stored cut
     assert [a["unknown"] for a in answers(exported, tiny["pictures"])] == [False, False]
     assert "unknown (best: " in answers(checkpoint, tiny["pictures"], style="text")
+
+
+def test_eval_of_an_export_agrees_with_the_checkpoint(tiny, tmp_path):
+    """The export's graph applies the temperature; eval undoes it, so both give the same loss and ECE."""
+    pytest.importorskip("onnxruntime")
+    from conftest import write_class_folder
+
+    from imgclf.config import DataConfig
+    from imgclf.evaluate import evaluate_checkpoint, evaluation_summary
+    from imgclf.export import export_checkpoint
+
+    data = write_class_folder(tmp_path / "data", ["a", "b", "c"], 4, size=16)
+    export_checkpoint(tiny["cool"], "onnx", tmp_path / "cool.onnx")
+    got = [evaluation_summary(evaluate_checkpoint(m, DataConfig(data=str(data)), device="cpu"))
+           for m in (tiny["cool"], tmp_path / "cool.onnx")]
+    assert got[1]["loss"] == pytest.approx(got[0]["loss"], abs=1e-4)
+    for key in ("temperature", "ece_before", "ece_after", "nll_after"):
+        assert got[1]["calibration"][key] == pytest.approx(got[0]["calibration"][key], abs=1e-4), key
+    assert got[0]["calibration"]["temperature"] == 2.0
+
+
+def test_serve_answers_unknown(tiny):
+    from imgclf.serve import labelled
+
+    predictor = Predictor.from_path(tiny["hot"], device="cpu")
+    probs = torch.tensor([0.5, 0.3, 0.2])
+    assert "unknown" not in labelled(predictor, probs, 1)
+    predictor.reject(0.6)
+    answer = labelled(predictor, probs, 1)
+    assert answer["unknown"] is True and answer["scores"] == {"a": 0.5, "b": 0.3, "c": 0.2}
+    predictor.reject(0.5)
+    assert labelled(predictor, probs, 1)["unknown"] is False
 
 
 def test_reject_below_on_the_command_line(tiny):

@@ -75,10 +75,17 @@ def calibration_figures(raw: torch.Tensor, labels: torch.Tensor, temperature: fl
             "reliability_after": reliability_bins(calibrated, labels, bins)}
 
 
+PRECISIONS = (0.9, 0.95, 0.99)  # the --reject-below cuts training records for these precisions
+
+
 def fit_on(probs: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Fit the temperature on held-out `probs` (uncalibrated softmax) and `labels`: `calibration_figures` at it."""
+    """Fit the temperature on held-out `probs` (uncalibrated softmax) and `labels`: `calibration_figures` at
+    it, with "reject_below_for_precision": for each of PRECISIONS, the cut (and the share of pictures kept)
+    of `metrics.precision_threshold` on the calibrated probabilities, None where none reaches it."""
     t = fit_temperature(probs.double().clamp_min(1e-300).log(), labels)
-    return calibration_figures(probs, labels, t)
+    calibrated = rescaled(probs, t)
+    cuts = {str(p): precision_threshold(calibrated, labels, p) for p in PRECISIONS}
+    return {**calibration_figures(probs, labels, t), "reject_below_for_precision": cuts}
 
 
 def describe(figures: dict, where: str) -> str:

@@ -71,9 +71,13 @@ def _evaluate_exported(predictor: ExportedPredictor, data_cfg: DataConfig, *, sp
         raise UserError(f"{where} was exported for {len(predictor.classes)} classes ({preview(predictor.classes)}), "
                         f"but {data_cfg.data} has {len(data.classes)} ({preview(data.classes)})")
     name, chosen = _choose(data, split, data_cfg.data)
-    result = score(predictor.probabilities, chosen, len(data.classes), eval_batch_size(data_cfg, chosen), task=task)
+    # the graph divides the logits by the stored temperature: undone, so that the figures (the loss) and the
+    # kept probabilities are those `evaluate_checkpoint` gives of the checkpoint
+    t = getattr(task, "temperature", 1.0)
+    result = score(lambda x: rescaled(predictor.probabilities(x), 1 / t), chosen, len(data.classes),
+                   eval_batch_size(data_cfg, chosen), task=task)
     result.update(seconds=time.perf_counter() - start, task=task, classes=data.classes, split=name, data=data,
-                  split_data=chosen, calibrated=True)  # the graph's probabilities are at the stored temperature
+                  split_data=chosen)
     return result
 
 
@@ -114,9 +118,8 @@ def calibration_of(result: dict) -> dict | None:
     task = result.get("task")
     if getattr(task, "name", None) != DEFAULT or "probs" not in result or not hasattr(task, "temperature"):
         return None
-    probs, t = result["probs"], task.temperature
-    raw = rescaled(probs, 1 / t) if result.get("calibrated") else probs  # an export's graph divides by T
-    return calibration_figures(raw, result["split_data"].labels[: len(probs)], t)
+    probs, t = result["probs"], task.temperature  # uncalibrated, from a checkpoint and from an export
+    return calibration_figures(probs, result["split_data"].labels[: len(probs)], t)
 
 
 def extra_outputs(result: dict, *, reliability=None, reject_precision: float | None = None) -> str:
@@ -141,8 +144,7 @@ def extra_outputs(result: dict, *, reliability=None, reject_precision: float | N
 
 def calibrated_probs(result: dict) -> torch.Tensor:
     """The evaluated pictures' probabilities at the stored temperature (what predict answers)."""
-    probs = result["probs"]
-    return probs if result.get("calibrated") else rescaled(probs, result["task"].temperature)
+    return rescaled(result["probs"], result["task"].temperature)
 
 
 def _choose(data, split: str | None, where: str):
