@@ -124,3 +124,25 @@ def test_imgclf_cam_writes_overlays_and_a_grid(tmp_path):
                    "--device", "cpu")
     assert done.returncode == 1, done.stderr  # EXIT_PARTIAL: the others were drawn
     assert (tmp_path / "o3" / "p0.cam.png").is_file() and "missing.png" in done.stderr
+
+
+def test_mistakes_get_their_heatmaps():
+    from imgclf.cache import Split
+    from imgclf.report import mistake_overlays, mistakes_figure
+    from imgclf.transforms import BatchTransform
+
+    torch.manual_seed(0)
+    model = TutorialCNN(num_classes=2, in_channels=3, img_size=32).eval()
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    split = Split(images, torch.tensor([0, 0, 0, 0, 1]))
+    transform = BatchTransform(tuple(MEAN), tuple(STD))
+    overlays = mistake_overlays(model, split, transform, torch.device("cpu"), [3, 1])
+    assert [o.shape for o in overlays] == [(3, 32, 32)] * 2 and overlays[0].dtype == np.uint8
+    assert all(p.grad is None for p in model.parameters())  # the weights' gradients are left alone
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.05, 0.95], [0.7, 0.3]])
+    explain = lambda indices: mistake_overlays(model, split, transform, torch.device("cpu"), indices)  # noqa: E731
+    fig = mistakes_figure(probs, split, ["a", "b"], explain=explain)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts[:2] == ["true: a\npred: b 95%", "Grad-CAM of\nb"] and len(texts) == 8
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2)).eval()  # nothing spatial: no heatmaps
+    assert mistake_overlays(flat, split, transform, torch.device("cpu"), [3]) is None

@@ -78,20 +78,19 @@ def class_maps(model: nn.Module, layer: str, x: torch.Tensor, targets: torch.Ten
     kept: dict[str, torch.Tensor] = {}
 
     def hook(module, inputs, output):
-        out = output.clone()  # a later in-place operation (ReLU(inplace=True)) must not change what is kept
-        out.register_hook(lambda grad: kept.__setitem__("grad", grad))
-        kept["acts"] = out
-        return out
+        kept["acts"] = output.clone()  # a later in-place operation (ReLU(inplace=True)) must not change it
+        return kept["acts"]
 
     handle = module.register_forward_hook(hook)
     try:
         with torch.enable_grad():
-            logits = model(x.requires_grad_(True))
+            logits = model(x.detach().requires_grad_(True))  # a graph even when every weight is frozen
             chosen = logits.argmax(1) if targets is None else targets
-            logits.gather(1, chosen.view(-1, 1)).sum().backward()
+            # torch.autograd.grad, not backward(): the weights' .grad are left as they are
+            grads = torch.autograd.grad(logits.gather(1, chosen.view(-1, 1)).sum(), kept["acts"])[0]
     finally:
         handle.remove()
-    acts, grads = kept["acts"].detach().float(), kept["grad"].float()
+    acts, grads = kept["acts"].detach().float(), grads.float()
     weights = (grad_cam_weights if method == "gradcam" else grad_cam_pp_weights)(acts, grads)
     cam = torch.relu((weights[:, :, None, None] * acts).sum(1, keepdim=True))
     cam = nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
