@@ -599,7 +599,9 @@ def _add_cam(sub, common) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="picture files and folders, http(s):// URLs")
     p.add_argument("--class", dest="class_name", metavar="NAME",
                    help="the class to explain (default: each picture's most probable one)")
-    p.add_argument("--method", choices=("gradcam", "gradcam++"), default="gradcam", help="(%(default)s)")
+    p.add_argument("--method", choices=("gradcam", "gradcam++"), default="gradcam",
+                   help="gradcam: each feature map weighed by its mean gradient; gradcam++: by its positive gradients, "
+                        "position by position (better for several objects of the class) (%(default)s)")
     p.add_argument("--layer", metavar="NAME", help="the module whose feature maps are weighed, as `imgclf inspect` "
                                                    "names it (default: the last with a spatial output)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for NAME.cam.png and grid.png")
