@@ -125,6 +125,7 @@ def answers(predictor, paths, style="json") -> list[dict]:
     return [json.loads(line) for line in out.getvalue().splitlines()] if style == "json" else out.getvalue()
 
 
+@pytest.mark.slow
 def test_reject_below_answers_unknown_from_a_checkpoint_and_its_onnx_export(tiny, tmp_path):
     pytest.importorskip("onnxruntime")
     from imgclf.export import export_checkpoint
@@ -144,6 +145,7 @@ def test_reject_below_answers_unknown_from_a_checkpoint_and_its_onnx_export(tiny
     assert "unknown (best: " in answers(checkpoint, tiny["pictures"], style="text")
 
 
+@pytest.mark.slow
 def test_eval_of_an_export_agrees_with_the_checkpoint(tiny, tmp_path):
     """The export's graph applies the temperature; eval undoes it, so both give the same loss and ECE."""
     pytest.importorskip("onnxruntime")
@@ -176,6 +178,7 @@ def test_serve_answers_unknown(tiny):
     assert labelled(predictor, probs, 1)["unknown"] is False
 
 
+@pytest.mark.slow
 def test_reject_below_on_the_command_line(tiny):
     done = run_cli("predict", tiny["hot"], *tiny["pictures"], "--reject-below", "1", "--json", "--device", "cpu")
     assert done.returncode == 0, done.stderr

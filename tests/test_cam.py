@@ -126,6 +126,7 @@ def test_imgclf_cam_writes_overlays_and_a_grid(tmp_path):
     assert (tmp_path / "o3" / "p0.cam.png").is_file() and "missing.png" in done.stderr
 
 
+@pytest.mark.slow
 def test_mistakes_get_their_heatmaps():
     from imgclf.cache import Split
     from imgclf.report import mistake_overlays, mistakes_figure
