@@ -67,6 +67,8 @@ ACCEPTED = {
        for flag in ("--val-fraction", "--batch-size")},
     ("similar", "-k"): set(), ("duplicates", "--threshold"): {"0", "-1"},
     ("review", "--folds"): set(), ("review", "--epochs"): set(),
+    ("predict", "--reject-below"): {"0"}, ("serve", "--reject-below"): {"0"}, ("export", "--reject-below"): {"0"},
+    ("eval", "--reject-precision"): set(),
 }
 ACCEPTED.update({("tune", flag): values for (command, flag), values in list(ACCEPTED.items())
                  if command == "train" and flag != "--stop-after"})  # tune takes train's flags but --stop-after

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from imgclf import __version__
+from imgclf.calibration import MAX_T, MIN_T
 from imgclf.config import MAX_CHANNELS, MAX_SIDE
 from imgclf.errors import UserError, shown
 from imgclf.files import atomic_write
@@ -36,7 +37,8 @@ MAX_DEPTH = 64  # nesting of lists and dicts
 
 
 def build_checkpoint(*, model_name: str, classes: list[str], channels: int, size: int, mean, std, config: dict,
-                     state: dict, task: dict | None = None, decoding: Decoding = PLAIN) -> dict:
+                     state: dict, task: dict | None = None, decoding: Decoding = PLAIN,
+                     temperature: float | None = None) -> dict:
     """The self-describing checkpoint: what the network is, what it classifies, how its input is prepared,
     the run's configuration, and `state` (`engine.TrainState.state_dict()`: weights, optimizer, progress).
 
@@ -46,7 +48,9 @@ def build_checkpoint(*, model_name: str, classes: list[str], channels: int, size
     "thresholds"; none for single-label, whose checkpoints name no task). `decoding`: how its pictures are
     resized and cropped (transforms.Decoding, a pretrained network's input contract): "input" then holds its
     interpolation, crop_pct and resize_side (the shorter side before the crop); a PLAIN one adds nothing, so that
-    a record without them (and every older checkpoint) means imgclf's own bilinear resize to the side."""
+    a record without them (and every older checkpoint) means imgclf's own bilinear resize to the side.
+    `temperature`: a single-label model's fitted temperature (imgclf.calibration), stored only when given
+    (absent means 1)."""
     model = {"name": model_name, "num_classes": len(classes), "in_channels": channels, "img_size": size}
     code = code_identity(model_name, (config.get("model") or {}).get("args"))
     if code is not None:
@@ -58,6 +62,7 @@ def build_checkpoint(*, model_name: str, classes: list[str], channels: int, size
         "input": {"channels": channels, "size": size, "mean": list(mean), "std": list(std),
                   **decoding.record(size)},
         "config": config, **state, **(task or {}),
+        **({"temperature": float(temperature)} if temperature is not None else {}),
     }
 
 
@@ -293,6 +298,16 @@ def _schema_problem(ckpt: dict) -> str | None:
             return f"{part} is {_kind(weights)}, not a dict of named tensors"
     if not isinstance(ckpt.get("config", {}), dict):
         return f"config is {_kind(ckpt.get('config'))}, not a dict"
+    return _calibration_problem(ckpt)
+
+
+def _calibration_problem(ckpt: dict) -> str | None:
+    """What is wrong with the optional "temperature" and "reject_below" entries (imgclf.calibration), or None."""
+    t, p = ckpt.get("temperature", 1.0), ckpt.get("reject_below", 0.0)
+    if not (_real(t) and MIN_T <= t <= MAX_T):
+        return f"temperature is {_kind(t)}, not a number in [{MIN_T:g}, {MAX_T:g}]"
+    if not (_real(p) and 0 <= p <= 1):
+        return f"reject_below is {_kind(p)}, not a probability"
     return None
 
 

@@ -155,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for add in (_add_train, _add_eval, _add_predict, _add_samples, _add_models, _add_inspect, _add_export,
-                _add_serve, _add_show, _add_features, _add_lr_find, _add_env, _add_cache, _add_runs, _add_tune,
-                _add_embed, _add_similar, _add_duplicates, _add_review):
+                _add_serve, _add_show, _add_features, _add_cam, _add_lr_find, _add_env, _add_cache, _add_runs,
+                _add_tune, _add_embed, _add_similar, _add_duplicates, _add_review):
         add(sub, common)
     parser.set_defaults(debug=False)
     return parser
@@ -356,16 +356,26 @@ def _add_eval(sub, common) -> None:
                        "labels": "as `imgclf train --labels`"})
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--reliability", metavar="FILE.png",
+                   help="single-label: draw the reliability diagram, before and after the stored temperature")
+    _number(p, "--reject-precision", float, 0, 1, low_open=True, metavar="X",
+            help="single-label: print the --reject-below cut at which the pictures kept are right at precision X "
+                 "on this split (choose it on --split val)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from imgclf.evaluate import evaluate_checkpoint, evaluation_summary, evaluation_table
+    from imgclf.evaluate import evaluate_checkpoint, evaluation_summary, evaluation_table, extra_outputs
 
     cfg = DataConfig(data=args.data, data_root=args.data_root, val_fraction=args.val_fraction,
                      eval_batch_size=args.batch_size, cache_dir=args.cache_dir, labels=args.labels)
     result = evaluate_checkpoint(args.checkpoint, cfg, split=args.split, device=args.device)
     print(json.dumps(evaluation_summary(result)) if args.json else evaluation_table(result))
+    _say("", extra_outputs(result, reliability=args.reliability, reject_precision=args.reject_precision))
     return EXIT_OK
+
+
+REJECT_HELP = ("answer unknown for a picture whose top (calibrated) probability is under P (default: the model's "
+               "stored cut, if any; `imgclf eval --reject-precision` suggests one)")
 
 
 def _add_predict(sub, common) -> None:
@@ -383,12 +393,14 @@ def _add_predict(sub, common) -> None:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="one JSON object per line")
     fmt.add_argument("--csv", action="store_true", help="CSV with a header row")
+    _number(p, "--reject-below", float, 0, 1, metavar="P", help=REJECT_HELP)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from imgclf.predict import Predictor, print_predictions
 
     predictor = Predictor.from_path(args.checkpoint, device=args.device, precision=args.precision)
+    predictor.reject(args.reject_below)
     style = "json" if args.json else "csv" if args.csv else "text"
     failed = print_predictions(predictor.iter_predict(args.paths, topk=args.topk, batch_size=args.batch_size), style)
     return EXIT_PARTIAL if failed else EXIT_OK
@@ -481,6 +493,8 @@ def _add_export(sub, common) -> None:
     _number(p, "--calibration-size", int, 1, 100_000, help="training pictures to calibrate on (default 300)")
     p.add_argument("--eval-data", metavar="DATA", help="data set or folder whose held-out split --int8 is checked on "
                                                        "(default: the checkpoint's, else --calibration-data)")
+    _number(p, "--reject-below", float, 0, 1, metavar="P",
+            help="single-label: store the cut P in the metadata, so that predict and serve answer unknown under it")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -488,7 +502,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     print(export_checkpoint(args.checkpoint, args.export_format, out=args.out, int8=args.int8,
                             calibration_data=args.calibration_data, eval_data=args.eval_data,
-                            calibration_size=args.calibration_size, force=args.force).describe())
+                            calibration_size=args.calibration_size, force=args.force,
+                            reject_below=args.reject_below).describe())
     return EXIT_OK
 
 
@@ -509,6 +524,7 @@ def _add_serve(sub, common) -> None:
             help="largest picture decoded, in million pixels (a JPEG counts at its reduced decoding scale); "
                  "larger ones are refused from their header with 413 (%(default)g)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    _number(p, "--reject-below", float, 0, 1, metavar="P", help=REJECT_HELP)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -516,7 +532,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve_checkpoint(args.checkpoint, host=args.host, port=args.port, topk=args.topk,
                      max_upload_mb=args.max_upload_mb, max_batch=args.max_batch, device=args.device,
-                     max_megapixels=args.max_megapixels)
+                     max_megapixels=args.max_megapixels, reject_below=args.reject_below)
     return EXIT_OK
 
 
@@ -578,6 +594,34 @@ def cmd_features(args: argparse.Namespace) -> int:
                     max_channels=args.max_channels)
     _say(*features_output(done))
     return EXIT_OK
+
+
+def _add_cam(sub, common) -> None:
+    p = _command(sub, common, "cam", cmd_cam, help="class heatmaps (Grad-CAM): where the network looked",
+                 description="Write, for each picture, its class heatmap over it (Grad-CAM or Grad-CAM++ of the "
+                             "last layer with a spatial output, or --layer), and a grid of all of them "
+                             "(docs/usage.md: Class heatmaps).")
+    p.add_argument("checkpoint", metavar="CKPT")
+    _add_model_code(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="picture files and folders, http(s):// URLs")
+    p.add_argument("--class", dest="class_name", metavar="NAME",
+                   help="the class to explain (default: each picture's most probable one)")
+    p.add_argument("--method", choices=("gradcam", "gradcam++"), default="gradcam",
+                   help="gradcam: each feature map weighed by its mean gradient; gradcam++: by its positive gradients, "
+                        "position by position (better for several objects of the class) (%(default)s)")
+    p.add_argument("--layer", metavar="NAME", help="the module whose feature maps are weighed, as `imgclf inspect` "
+                                                   "names it (default: the last with a spatial output)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for NAME.cam.png and grid.png")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
+def cmd_cam(args: argparse.Namespace) -> int:
+    from imgclf.cam import cam_output, cam_pictures
+
+    result = cam_pictures(args.checkpoint, args.images, args.out, class_name=args.class_name, method=args.method,
+                          layer=args.layer, device=args.device)
+    _say(*cam_output(result))
+    return EXIT_PARTIAL if result.failed else EXIT_OK
 
 
 def _add_lr_find(sub, common) -> None:

@@ -217,6 +217,9 @@ class RunConfig:
                               low=0, high=1, high_open=True, words="in [0, 1)")
     tta: bool = option(False, "the last epoch's evaluation averages flipped and 1-pixel-shifted views "
                               "(6 passes; engine.tta_logits)")
+    calibrate: bool = option(True, "after training, fit a temperature on the validation split so that "
+                                   "probabilities are calibrated (single-label; stored in the checkpoints and "
+                                   "their exports; docs/usage.md: Calibrated confidence)", resumable=True)
     # MLflow beside TensorBoard (imgclf.mlflowrun); recorded, so that a resumed run goes on logging there
     mlflow: str | None = option(None, "also log the run to this MLflow tracking server (http://HOST:5000, "
                                       "sqlite:///mlflow.db, ./mlruns); --mlflow alone: $MLFLOW_TRACKING_URI's "

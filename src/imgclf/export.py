@@ -92,9 +92,11 @@ def export_metadata(ckpt: dict, fmt: str) -> dict:
                   "layout": "NCHW", "channels": inp["channels"], "size": inp["size"],
                   "mean": list(inp["mean"]), "std": list(inp["std"]), **decoding_entries(inp),
                   "normalisation": "inside the graph" if graph else "x = (pixels / 255 - mean) / std, per channel"},
-        "output": ({"name": "probabilities", "meaning": OUTPUT_MEANING[ckpt.get("task", DEFAULT)]} if graph
-                   else {"meaning": "the network returns logits (N, len(classes))"}),
+        "output": ({"name": "probabilities", "meaning": _output_meaning(ckpt)} if graph
+                   else {"meaning": "the network returns logits (N, len(classes))" + _TEMPERATURE_NOTE * (
+                       "temperature" in ckpt)}),
         **{key: ckpt[key] for key in ("task", "thresholds") if key in ckpt},  # a multi-label model's
+        **{key: ckpt[key] for key in ("temperature", "reject_below") if key in ckpt},  # imgclf.calibration
     }
 
 
@@ -122,6 +124,17 @@ def _contract_step(step: str, decoding: Decoding, side: int) -> str:
     return (f"resize so that the shorter side is {side}: new sides max({side}, round(side * {side} / shorter)), "
             f"img.resize((w, h), Image.{name}, reducing_gap=3.0), skipped when the picture is already "
             f"{side} x {side}")
+
+
+_TEMPERATURE_NOTE = "; divide them by temperature before the softmax for calibrated probabilities"
+
+
+def _output_meaning(ckpt: dict) -> str:
+    if ckpt.get("task", DEFAULT) == DEFAULT and "temperature" in ckpt:
+        return ("softmax over classes of the logits divided by temperature (fitted on the validation split: "
+                "calibrated probabilities), (N, len(classes)); with reject_below, a picture whose top "
+                "probability is under it is answered unknown")
+    return OUTPUT_MEANING[ckpt.get("task", DEFAULT)]
 
 
 OUTPUT_MEANING = {DEFAULT: "softmax over classes, (N, len(classes))",
@@ -165,13 +178,16 @@ class Exported:
 
 
 def export_checkpoint(checkpoint, fmt: str, out=None, *, int8: bool = False, calibration_data=None,
-                      eval_data=None, calibration_size: int | None = None, force: bool = False) -> Exported:
+                      eval_data=None, calibration_size: int | None = None, force: bool = False,
+                      reject_below: float | None = None) -> Exported:
     """Write `checkpoint` as `fmt` (a name in formats.FORMATS) to `out` (default beside it) and, where the
     format can be run here, run the written file on a random batch to compare it with the checkpoint's own
     model. `int8` (onnx, openvino): quantize the graph, calibrated on `calibration_size` training pictures of
     `calibration_data` (default: the checkpoint's data set), and measure it against the float graph on the
     held-out split of `eval_data` (default: the checkpoint's data set); see imgclf.quantize. An existing file
-    at `out` (or beside it, OpenVINO's .bin) is replaced only with `force`, and a checkpoint never."""
+    at `out` (or beside it, OpenVINO's .bin) is replaced only with `force`, and a checkpoint never.
+    `reject_below` (single-label): stored in the metadata, so that predict and serve answer "unknown" for a
+    picture whose top probability is under it (imgclf.calibration)."""
     from imgclf.checkpoint import load_checkpoint
     from imgclf.formats import get
     from imgclf.models import model_from_checkpoint
@@ -182,7 +198,7 @@ def export_checkpoint(checkpoint, fmt: str, out=None, *, int8: bool = False, cal
     checkpoint = Path(checkpoint).expanduser()
     out = Path(out).expanduser() if out else default_output(checkpoint, fmt, int8)
     check_out(out, checkpoint, form, force=force)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = with_reject_below(load_checkpoint(checkpoint), reject_below)
     meta = export_metadata(ckpt, fmt)
     sample = _int8_data(ckpt, calibration_data, eval_data, calibration_size) if int8 else None  # fails first
     model = model_from_checkpoint(ckpt).float().cpu()
@@ -195,6 +211,16 @@ def export_checkpoint(checkpoint, fmt: str, out=None, *, int8: bool = False, cal
         return _export_int8(form, artefact, out, meta, sample)
     form.save(artefact, meta, out)
     return Exported(out, meta, _self_check(module, form, out, c, s) if form.graph else None)
+
+
+def with_reject_below(ckpt: dict, reject_below: float | None) -> dict:
+    """`ckpt` with "reject_below" set (when given); UserError for a multi-label checkpoint."""
+    if reject_below is None:
+        return ckpt
+    if ckpt.get("task", DEFAULT) != DEFAULT:
+        raise UserError("--reject-below is for single-label models; a multi-label model's thresholds already "
+                        "answer no label")
+    return {**ckpt, "reject_below": float(reject_below)}
 
 
 def _check_options(form: Format, int8: bool, int8_options) -> None:

@@ -160,7 +160,19 @@ def _metadata_problem(meta: dict) -> str | None:
         return f"input size is {_brief(size)}, not a number of 1 to {MAX_SIDE}"
     from imgclf.transforms import decoding_problem  # a pretrained network's resize and crop, when it has one
 
-    return decoding_problem(inp)
+    return decoding_problem(inp) or _calibration_problem(meta)
+
+
+def _calibration_problem(meta: dict) -> str | None:
+    """What is wrong with the optional "temperature" and "reject_below" entries (imgclf.calibration)."""
+    from imgclf.calibration import stored_reject_below, stored_temperature
+
+    try:
+        stored_temperature(meta, "it")
+        stored_reject_below(meta, "it")
+    except UserError as err:
+        return str(err).removeprefix("it's ")
+    return None
 
 
 def _brief(value) -> str:

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from imgclf import __version__, distributed
-from imgclf.checkpoint import build_checkpoint, load_checkpoint, non_finite, save_checkpoint
+from imgclf.calibration import describe, fit_on
+from imgclf.checkpoint import build_checkpoint, load_checkpoint, non_finite, safe_load, save_checkpoint
 from imgclf.config import TrainConfig
 from imgclf.configfile import RUN_HEADER, config_yaml
 from imgclf.engine import Diverged, Hooks, TrainState, evaluate, train_one_epoch
@@ -47,7 +48,7 @@ from imgclf.pipeline import (
 )
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import ImageData, imbalance_warning
-from imgclf.tasks import Task, checkpoint_task, training_task
+from imgclf.tasks import DEFAULT, Task, checkpoint_task, training_task
 from imgclf.tracking import RunRecord, Tracker
 
 
@@ -126,8 +127,7 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
             _stop_between_epochs(cfg, stop, invocation_epochs, epoch=epoch, run_dir=run_dir)
     if parts.test is not None:
         record = tracker.amend_last(_final_test(cfg, parts, state, task=task, autocast=autocast, dist=dist))
-    if dist.is_main:  # curves.png, confusion.png, mistakes.png and TensorBoard pictures; never fails the run
-        _report(cfg, parts, state, tracker, task=task, device=device, autocast=autocast, result=val)
+    _finish(cfg, parts, state, tracker, task=task, device=device, autocast=autocast, dist=dist, val=val)
     tracker.close()
     return record
 
@@ -187,6 +187,60 @@ def _report(cfg: TrainConfig, parts: RunParts, state: TrainState, tracker: Track
     report_after_training(Path(cfg.run.out), cfg=cfg, data=parts.data, task=task, model=state.eval_model,
                           transform=parts.transform, device=device, autocast=autocast, records=tracker.records,
                           writer=tracker.writer, result=result)
+
+
+def _finish(cfg: TrainConfig, parts: RunParts, state: TrainState, tracker: Tracker, *, task: Task, device, autocast,
+            dist, val: dict) -> None:
+    """After the last epoch, main process: curves.png, confusion.png, mistakes.png and TensorBoard pictures,
+    then the calibration (`_calibrate`); neither ever fails the run."""
+    if dist.is_main:
+        _report(cfg, parts, state, tracker, task=task, device=device, autocast=autocast, result=val)
+        _calibrate(cfg, parts, state, tracker, task=task, autocast=autocast, dist=dist, val=val)
+
+
+def _calibrate(cfg: TrainConfig, parts: RunParts, state: TrainState, tracker: Tracker, *, task: Task, autocast,
+               dist, val: dict) -> None:
+    """--calibrate: fit the temperature of last.pt and of best.pt on the validation split and store it in each
+    (imgclf.calibration); write calibration.json and reliability.png (best.pt's) into the run folder and say
+    it in one line. `val`: the last epoch's evaluation (last.pt's weights), whose probabilities serve last.pt
+    and, when it is the same epoch, best.pt. Multi-label runs and torchrun jobs are skipped in one line; a
+    failure is a warning and never loses the run (the checkpoints are already saved)."""
+    from imgclf.report import write_calibration
+
+    if not cfg.run.calibrate or not dist.is_main:
+        return
+    if task.name != DEFAULT or dist.enabled:
+        tracker.message("calibration: skipped (" + ("multi-label models decide by their per-class thresholds"
+                        if task.name != DEFAULT else "not under torchrun; it needs every validation picture in "
+                        "one process") + ")")
+        return
+    try:
+        folder, fitted = Path(cfg.run.out) / "checkpoints", {}
+        for name in ("last.pt", "best.pt"):
+            if not (folder / name).is_file():
+                continue
+            ckpt = safe_load(folder / name)
+            same = [figures for epoch, figures in fitted.values() if epoch == ckpt["epoch"]]
+            probs = None if same else val.get("probs") if name == "last.pt" else None
+            if not same and probs is None:  # best.pt of an earlier epoch, or a run ended early (no kept probs)
+                probs = _val_probs(ckpt, parts, state, task, autocast)
+            figures = same[0] if same else fit_on(probs, parts.data.val.labels[: len(probs)])
+            save_checkpoint(folder / name, {**ckpt, "temperature": figures["temperature"]})
+            fitted[name] = (ckpt["epoch"], figures)
+        figures = fitted.get("best.pt", fitted.get("last.pt", (0, None)))[1]
+        if figures is not None:
+            tracker.message(describe(figures, f"best.pt, {parts.data.val_name} split"))
+            write_calibration(Path(cfg.run.out), {name: f for name, (_, f) in fitted.items()}, figures)
+    except Exception as err:  # noqa: BLE001 - calibration is added after the run; its checkpoints are saved
+        tracker.message(f"imgclf: warning: no calibration ({type(err).__name__}: {first_line(err)[:160]})")
+
+
+def _val_probs(ckpt: dict, parts: RunParts, state: TrainState, task: Task, autocast) -> torch.Tensor:
+    """The validation split's probabilities (uncalibrated) of `ckpt`'s weights, computed as training evaluates."""
+    model = state.ema.module if state.ema is not None else state.model
+    model.load_state_dict(ckpt.get("ema_state_dict") or ckpt["state_dict"])
+    return evaluate(state.eval_model, parts.val, task=task, autocast=autocast, tta=ckpt["config"]["run"]["tta"],
+                    keep_probs=True)["probs"]
 
 
 def resumed_config(folder, *, check_code: bool = True, model_code: str | None = None,
