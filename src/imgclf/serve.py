@@ -354,13 +354,14 @@ class Service:
     async def decode(self, data: bytes):
         """The picture of `data` as the predictor takes it (HWC), decoded under the gate; Refused if it is too
         large or no picture."""
-        from imgclf.transforms import BadImage, load_image
+        from imgclf.transforms import PLAIN, BadImage, load_image
 
         buffer = io.BytesIO(data)
         shape = {"size": self.predictor.size, "channels": self.predictor.channels}
+        decoding = getattr(self.predictor, "decoding", PLAIN)  # a pretrained network's resize and crop
         try:
             pixels = await asyncio.to_thread(decoded_pixels, data, **shape, max_pixels=self.max_pixels)
-            return await self.gate.run(pixels, load_image, buffer, **shape, decoding=self.predictor.decoding)
+            return await self.gate.run(pixels, load_image, buffer, **shape, decoding=decoding)
         except TooManyPixels as err:
             raise Refused(413, str(err)) from None
         except BadImage as err:  # Pillow names the file object in its message; the user knows it as the upload
