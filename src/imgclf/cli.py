@@ -300,6 +300,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_OK
     if not args.resume:
         refuse_existing_run(cfg.run.out, f"resume it with --resume {cfg.run.out}", "--out")
+    if cfg.data.folds and cfg.data.fold is None:
+        return _train_folds(cfg, resume=bool(args.resume))
     from imgclf.train import train  # torch and the rest, once the flags are known to be good
 
     try:
@@ -311,6 +313,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         from imgclf.runs import format_finished
 
         print(format_finished(record, cfg.run.out), file=sys.stderr)
+    return EXIT_OK
+
+
+def _train_folds(cfg: TrainConfig, *, resume: bool) -> int:
+    """`imgclf train --folds K`: K runs, one per fold (imgclf.crossval), then their figures' table."""
+    from imgclf.crossval import cross_validate, folds_output
+
+    try:
+        summary = cross_validate(cfg, resume=resume)
+    except Stopped as stop:
+        print(f"imgclf: {shown(str(stop))}", file=sys.stderr)
+        return stop.code
+    _say(*folds_output(summary, cfg.run.out))
     return EXIT_OK
 
 
