@@ -109,7 +109,10 @@ def summarize_folds(folder: Path, root: Path) -> dict:
                  if (folder / f"fold-{i}" / "config.json").is_file()]
     states = {row["status"] for row in fold_rows}
     state = "running" if "running" in states else "finished" if done == folds and folds else "stopped"
-    figure = lambda name, key: _number(_object(figures.get(name)).get(key))  # noqa: E731
+
+    def figure(name: str, key: str) -> float | None:  # folds.json: figures -> name -> mean, std, min, max
+        return _number(_object(figures.get(name)).get(key))
+
     return {"name": str(folder.relative_to(root)) if folder != Path(root) else folder.name, "path": str(folder),
             "model": _text(_object(cfg.get("model")).get("name")), "data": _text(_object(cfg.get("data")).get("data")),
             "epochs": int(done) if done is not None and 0 <= done <= folds else 0, "planned_epochs": folds,
