@@ -605,7 +605,8 @@ def _add_lr_find(sub, common) -> None:
     _number(p, "--steps", int, 10, default=100, help="training steps of the sweep (%(default)s)")
     p.add_argument("--out", dest="plot", default="lr_find.png", help="PNG to write (%(default)s)")
     add_config_flags(p, skip=("--out", "--lr", "--epochs", "--patience", "--monitor", "--stop-after", "--log-every",
-                              "--ema", "--ema-decay", "--tta", "--lr-base-batch", "--clip-grad", "--accumulate"),
+                              "--ema", "--ema-decay", "--tta", "--lr-base-batch", "--clip-grad", "--accumulate",
+                              "--folds", "--fold"),
                      required=("--data",))
 
 
@@ -697,7 +698,7 @@ def _add_tune(sub, common) -> None:
             help="a running trial's heartbeat; one silent for twice this is marked failed (%(default)s)")
     _number(p, "--nproc-per-node", int, 1, 1024, default=1, metavar="N",
             help="each trial a torchrun job of N processes on this machine, e.g. one per GPU (%(default)s)")
-    add_config_flags(p, skip=("--out", "--stop-after"))
+    add_config_flags(p, skip=("--out", "--stop-after", "--folds", "--fold"))  # a trial is one run
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
