@@ -169,6 +169,19 @@ def test_bad_folds_are_one_line(tmp_path, capsys):
         assert not out.exists()  # a cross-validation that trained nothing leaves nothing
 
 
+def test_a_damaged_folds_file_and_fit_without_a_fold_are_one_line(tmp_path, capsys):
+    import imgclf
+
+    parent = tmp_path / "cv"
+    parent.mkdir()
+    (parent / "folds.json").write_text("{not json")
+    assert main(["train", "--resume", str(parent)]) == 2
+    assert "cannot resume from " in capsys.readouterr().err
+    root = write_class_folder(tmp_path / "data", ["a", "b"], 3)
+    with pytest.raises(UserError, match="^--folds 3 trains 3 runs, one per fold: .*give --fold I to train fold"):
+        imgclf.fit("tutorial_cnn", str(root), folds=3, out=str(tmp_path / "run"), epochs=1)
+
+
 def test_runs_lists_a_cross_validation_with_its_folds(tmp_path):
     """`imgclf runs` on folds.json and fold folders written by hand (no training here)."""
     from imgclf.runs import list_runs, runs_output

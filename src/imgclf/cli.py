@@ -325,7 +325,8 @@ def _train_folds(cfg: TrainConfig, *, resume: bool) -> int:
     except Stopped as stop:
         print(f"imgclf: {shown(str(stop))}", file=sys.stderr)
         return stop.code
-    _say(*folds_output(summary, cfg.run.out))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once for the job
+        _say(*folds_output(summary, cfg.run.out))
     return EXIT_OK
 
 

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import statistics
 import sys
 from collections.abc import Callable
@@ -153,6 +154,8 @@ def folds_summary(cfg: TrainConfig, records: dict[int, dict]) -> dict:
 
 
 def _write(out: Path, cfg: TrainConfig, records: dict[int, dict]) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every process drives the folds; one writes
+        return
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / FOLDS_FILE, json.dumps(folds_summary(cfg, records), indent=2) + "\n")
 
