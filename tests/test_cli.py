@@ -40,6 +40,7 @@ ACCEPTED = {
     ("train", "--freeze-epochs"): {"0"}, ("train", "--backbone-lr-scale"): set(),
     ("train", "--ema-decay"): {"0"},
     ("train", "--whiten-bias-epochs"): {"0"}, ("train", "--warmup-start"): {"0"}, ("train", "--lr-end"): {"0"},
+    ("train", "--folds"): set(), ("train", "--fold"): set(),
     ("train", "--lr-base-batch"): set(), ("train", "--clip-grad"): {"0", "huge"}, ("train", "--accumulate"): set(),
     ("lr-find", "--freeze-epochs"): {"0"}, ("lr-find", "--backbone-lr-scale"): set(),
     ("cache", "--older-than"): {"0", "huge"},
@@ -71,7 +72,8 @@ ACCEPTED = {
     ("eval", "--reject-precision"): set(),
 }
 ACCEPTED.update({("tune", flag): values for (command, flag), values in list(ACCEPTED.items())
-                 if command == "train" and flag != "--stop-after"})  # tune takes train's flags but --stop-after
+                 if command == "train" and flag not in ("--stop-after", "--folds", "--fold")})  # tune takes
+# train's flags but those: a trial is one run
 
 
 def subcommands() -> dict:

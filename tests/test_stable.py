@@ -255,6 +255,8 @@ IDLE = [  # (options, the flag refused): every combination where an option would
     ({"data": FOLDER, "data_root": "elsewhere"}, "--data-root"),
     ({"data": "cifar10", "labels": "x.csv"}, "--labels"),
     ({"data": "cifar10", "val_fraction": 0.3}, "--val-fraction"),
+    ({"folds": 5, "val_fraction": 0.3}, "--val-fraction"),
+    ({"fold": 2}, "--fold"),
     ({"data": "mnist", "strict": True}, "--strict-data"),
     ({"data": "cifar10", "cache_dir": "c"}, "--cache-dir"),
     ({"freeze_backbone": True, "freeze_epochs": 2}, "--freeze-epochs"),
@@ -285,11 +287,12 @@ ACTING = [  # the same options where they act
     {"ema": True, "ema_decay": 0.9},
     {"mlflow": "sqlite:///m.db", "mlflow_experiment": "mine"},
     {"pretrained": "w.pth", "normalize": "data"},
+    {"folds": 5, "fold": 2},
 ]
 # The augmentation options: switch their preset on or are refused by imgclf.augment.choose (tests/test_photo.py).
 AUGMENTATION = {"--crop-pad", "--crop-scale", "--auto-augment", "--random-erasing"}
 # Options that act whatever else is set (read in train, pipeline, sources, engine: each changes the run).
-ALWAYS_ACT = {"--data", "--img-size", "--augment", "--mixup",
+ALWAYS_ACT = {"--data", "--img-size", "--augment", "--mixup", "--folds",
               "--cutmix", "--progressive-resize", "--batch-size", "--balance", "--eval-batch-size", "--model",
               "--pretrained", "--freeze-backbone", "--model-args", "--optimizer", "--lr", "--weight-decay",
               "--schedule", "--warmup-epochs", "--label-smoothing", "--epochs", "--monitor", "--lookahead",

@@ -301,6 +301,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_OK
     if not args.resume:
         refuse_existing_run(cfg.run.out, f"resume it with --resume {cfg.run.out}", "--out")
+    if cfg.data.folds and cfg.data.fold is None:
+        return _train_folds(cfg, resume=bool(args.resume))
     from imgclf.train import train  # torch and the rest, once the flags are known to be good
 
     try:
@@ -312,6 +314,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         from imgclf.runs import format_finished
 
         print(format_finished(record, cfg.run.out), file=sys.stderr)
+    return EXIT_OK
+
+
+def _train_folds(cfg: TrainConfig, *, resume: bool) -> int:
+    """`imgclf train --folds K`: K runs, one per fold (imgclf.crossval), then their figures' table."""
+    from imgclf.crossval import cross_validate, folds_output
+
+    try:
+        summary = cross_validate(cfg, resume=resume)
+    except Stopped as stop:
+        print(f"imgclf: {shown(str(stop))}", file=sys.stderr)
+        return stop.code
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once for the job
+        _say(*folds_output(summary, cfg.run.out))
     return EXIT_OK
 
 
@@ -635,7 +651,8 @@ def _add_lr_find(sub, common) -> None:
     _number(p, "--steps", int, 10, default=100, help="training steps of the sweep (%(default)s)")
     p.add_argument("--out", dest="plot", default="lr_find.png", help="PNG to write (%(default)s)")
     add_config_flags(p, skip=("--out", "--lr", "--epochs", "--patience", "--monitor", "--stop-after", "--log-every",
-                              "--ema", "--ema-decay", "--tta", "--lr-base-batch", "--clip-grad", "--accumulate"),
+                              "--ema", "--ema-decay", "--tta", "--lr-base-batch", "--clip-grad", "--accumulate",
+                              "--folds", "--fold"),
                      required=("--data",))
 
 
@@ -727,7 +744,7 @@ def _add_tune(sub, common) -> None:
             help="a running trial's heartbeat; one silent for twice this is marked failed (%(default)s)")
     _number(p, "--nproc-per-node", int, 1, 1024, default=1, metavar="N",
             help="each trial a torchrun job of N processes on this machine, e.g. one per GPU (%(default)s)")
-    add_config_flags(p, skip=("--out", "--stop-after"))
+    add_config_flags(p, skip=("--out", "--stop-after", "--folds", "--fold"))  # a trial is one run
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

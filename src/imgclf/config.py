@@ -43,6 +43,7 @@ MAX_CHANNELS = 64  # channels of an input picture (--input-size)
 MAX_BATCH = 65536  # pictures in one batch
 MAX_EPOCHS = 100_000
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits
+MAX_FOLDS = 20  # --folds: beyond it each fold's held-out part says too little, and the runs cost too much
 PROBABILITY = "a probability, in [0, 1]"
 KIND_WORDS = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a string"}
 
@@ -88,6 +89,15 @@ class DataConfig:
                        choices=TASK_CHOICES)
     val_fraction: float = option(0.2, "held-out share of a single folder of classes",
                                  low=0, high=1, low_open=True, high_open=True, words="between 0 and 1")
+    # k-fold cross-validation (imgclf.folds, imgclf.crossval): the run trains one ordinary run per fold
+    folds: int | None = option(None, "k-fold cross-validation: K runs OUT/fold-1 ... OUT/fold-K, each validated on "
+                                     "its K-th of the training pictures (val/ joins them; a test split is tested "
+                                     "by each), their figures' mean and std in OUT/folds.json (docs/usage.md: "
+                                     "Cross-validation)", none="off", metavar="K", low=2, high=MAX_FOLDS,
+                               words=f"2..{MAX_FOLDS}")
+    fold: int | None = option(None, "with --folds K: train fold I alone, into --out (what --folds K trains into "
+                                    "each OUT/fold-I)", none="every fold", metavar="I", low=1, high=MAX_FOLDS,
+                              words=f"1..{MAX_FOLDS}")
     augment: str = option("auto", "training augmentation; auto: photo for photos, flip-crop for small square "
                                   "pictures such as CIFAR's", choices=AUGMENTS)
     store_size: int | None = option(None, "side at which training pictures are kept decoded, for random-resized "
@@ -397,7 +407,9 @@ def idle_options(cfg: TrainConfig) -> dict[str, str]:
                                                                f"crops (photo does)",
         "--data-root": not builtin and "it is where the built-in data sets live, and --data is a folder",
         "--labels": builtin and f"{d.data} has its own labels",
-        "--val-fraction": builtin and f"{d.data} has its own test split, used for validation",
+        "--val-fraction": (builtin and f"{d.data} has its own test split, used for validation") or
+                          (d.folds and f"with --folds {d.folds} each fold holds out its own part"),
+        "--fold": d.fold is not None and d.folds is None and "it picks one fold of --folds K, which is off",
         "--strict-data": builtin and f"{d.data} is read by torchvision, not from picture files",
         "--cache-dir": builtin and f"{d.data} is read by torchvision, not decoded into the cache",
         "--normalize": not m.pretrained and d.normalize != "weights" and  # weights: refused when the run is built

@@ -27,6 +27,7 @@ from imgclf.checkpoint import MAX_CLASSES, MAX_NAME
 from imgclf.config import DataConfig
 from imgclf.errors import UserError, shown
 from imgclf.files import not_regular, special_kind
+from imgclf.folds import fold_data, fold_lists, fold_name
 from imgclf.labelsets import MULTI, labels_task, random_split, read_multilabel_csv
 from imgclf.transforms import IMAGE_EXTENSIONS, NORMALIZATION, PLAIN, Decoding, compute_mean_std, resize_batch
 
@@ -99,7 +100,7 @@ def load_data(cfg: DataConfig, *, img_size: int | None = None, channels: int | N
                         "naming the labels of each picture (filename,labels with the labels separated by spaces, "
                         "or one 0/1 column per class)")
     if cfg.data in BUILTINS:
-        return _load_builtin(cfg, size=size, channels=channels, roles=roles)
+        return _folded(_load_builtin(cfg, size=size, channels=channels, roles=roles), cfg, whole)
     root = Path(cfg.data).expanduser()
     try:
         mode = root.stat().st_mode
@@ -115,8 +116,8 @@ def load_data(cfg: DataConfig, *, img_size: int | None = None, channels: int | N
     if _idx_files(root):
         data = _load_idx(root)
         height, width = data.train.images.shape[2:]
-        return _finish(data, size=size or native_side(root, height, width), channels=channels,
-                       name=root.name.lower(), roles=roles)
+        return _folded(_finish(data, size=size or native_side(root, height, width), channels=channels,
+                               name=root.name.lower(), roles=roles), cfg, whole)
     return _load_folder(root, cfg, size=size, channels=channels, progress=progress, whole=whole,
                         classes=classes, roles=roles)
 
@@ -124,6 +125,11 @@ def load_data(cfg: DataConfig, *, img_size: int | None = None, channels: int | N
 def _role_decodings(decoding: Decoding, crop_train: bool) -> dict[str, Decoding]:
     """Each split's decoding (see `load_data`)."""
     return {"train": decoding if crop_train else decoding.for_training(), "val": decoding, "test": decoding}
+
+
+def _folded(data: ImageData, cfg: DataConfig, whole: bool) -> ImageData:
+    """`data` (read whole: built-in, IDX) as fold --fold of --folds says (imgclf.folds), or as it is."""
+    return fold_data(data, folds=cfg.folds, fold=cfg.fold) if cfg.folds and cfg.fold and not whole else data
 
 
 MIN_SIDE = 8  # the smallest --img-size: below it a network's poolings leave nothing
@@ -526,6 +532,12 @@ def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int
         walk.report()
     classes, held_out = lists.pop("classes"), layout.val or layout.test
     val_name = held_out.name if held_out is not None else ("all" if whole else "val")
+    if cfg.folds and cfg.fold and not whole:  # k-fold: train/ and val/ pooled, then cut (imgclf.folds)
+        lists, note = fold_lists(lists, folds=cfg.folds, fold=cfg.fold, test_is_val=layout.val is None and
+                                 layout.test is not None, classes=classes, targets=targets)
+        val_name = fold_name(cfg.fold, cfg.folds)
+        if note and progress:
+            print(f"imgclf: {note}", file=sys.stderr)
     photos = _are_photos(lists["train"][0])
     size = size or (224 if photos else native_side(root, *[_native_side(lists["train"][0])] * 2))
     channels = channels or _default_channels(lists["train"][0])

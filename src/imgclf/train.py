@@ -61,7 +61,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, model: torch.nn.Module | No
     (main process only); raising `imgclf.errors.Stopped` there ends the run resumably.
 
     The main process holds `cfg.run.out` (files.claim_run_folder) for the whole run: a second run into the
-    same folder, or into a folder of files imgclf did not write, is one UserError line."""
+    same folder, or into a folder of files imgclf did not write, is one UserError line. --folds K without
+    --fold I is K runs, not one (imgclf.crossval): one UserError line here."""
+    if cfg.data.folds and cfg.data.fold is None:
+        raise UserError(f"--folds {cfg.data.folds} trains {cfg.data.folds} runs, one per fold: `imgclf train "
+                        f"--folds K` or imgclf.crossval.cross_validate does; give --fold I to train fold I alone")
     dist = distributed.from_environment()
     device = resolve_device(cfg.run.device, dist)
     distributed.init(dist, device)
