@@ -8,6 +8,7 @@ on the training device.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from collections.abc import Mapping
@@ -38,15 +39,18 @@ class BadImage(ValueError):
 def load_image(path, *, size: int, channels: int) -> np.ndarray:
     """Decode one picture into a uint8 array of shape (size, size, channels).
 
-    EXIF orientation is applied; grayscale, 16-bit, CMYK, palette and alpha images are converted; the short
-    side is resized to `size` and the centre cropped. Raises BadImage (never anything else for bad bytes).
+    `path` is a file's path, a file object, or a picture already decoded (a PIL image: a video's frame),
+    which then takes the same steps from here on. EXIF orientation is applied; grayscale, 16-bit, CMYK,
+    palette and alpha images are converted; the short side is resized to `size` and the centre cropped.
+    Raises BadImage (never anything else for bad bytes).
     """
     quiet_libtiff()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on odd metadata: it decodes or fails
-            with Image.open(path) as img:
+            opened = contextlib.nullcontext(path) if isinstance(path, Image.Image) else Image.open(path)
+            with opened as img:
                 if img.width * img.height > MAX_PIXELS:
                     raise BadImage(f"{img.width}x{img.height} pixels is over the {MAX_PIXELS:,}-pixel limit")
                 img.draft("RGB" if channels == 3 else "L", (size, size))  # JPEG: decode at reduced scale
