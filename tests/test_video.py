@@ -174,3 +174,19 @@ def test_usage_mistakes_are_one_line(clip, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "av", None)  # as if PyAV were not installed: `import av` fails
     assert main([*args, str(clip["video"])]) == 2
     assert capsys.readouterr().err.strip().endswith("pip install imgclf[video]")
+
+
+def test_reject_below_answers_unknown_seconds(clip, tmp_path, capsys):
+    """An untrained network (probabilities near a third) under --reject-below 0.9: every second is unknown."""
+    torch.manual_seed(0)
+    model = TutorialCNN(num_classes=3, in_channels=3, img_size=32)
+    untrained = tmp_path / "untrained.pt"
+    save_checkpoint(untrained, build_checkpoint(model_name="tutorial_cnn", classes=CLASSES, channels=3, size=32,
+                                                mean=[0.5] * 3, std=[0.25] * 3, config=TrainConfig().to_dict(),
+                                                state={"state_dict": model.state_dict()}))
+    code = main(["predict", str(untrained), str(clip["video"]), "--device", "cpu", "--topk", "1",
+                 "--reject-below", "0.9", "--frames-csv", str(tmp_path / "unknown.csv")])
+    out, err = capsys.readouterr()
+    assert code == EXIT_OK, err
+    assert all(line.split("  ")[2].startswith("unknown (best: ") for line in out.splitlines()), out
+    assert len(out.splitlines()) == 3

@@ -27,7 +27,7 @@ import torch
 
 from imgclf.errors import UserError, shown
 from imgclf.files import atomic_write_text, not_regular
-from imgclf.transforms import BadImage, compute_mean_std, load_image
+from imgclf.transforms import PLAIN, BadImage, Decoding, compute_mean_std, load_image
 
 CACHE_FORMAT = 3
 MMAP_BYTES = 2 << 30  # caches larger than this are memory-mapped, not read whole
@@ -50,8 +50,8 @@ def default_cache_dir() -> Path:
     return Path(base) / "imgclf"
 
 
-def _fingerprint(files: list[Path], labels: list[int], size: int, channels: int) -> str:
-    h = hashlib.sha256(f"{CACHE_FORMAT}:{size}:{channels}".encode())
+def _fingerprint(files: list[Path], labels: list[int], size: int, channels: int, decoding: Decoding = PLAIN) -> str:
+    h = hashlib.sha256(f"{CACHE_FORMAT}:{size}:{channels}{decoding.tag()}".encode())
     for path, label in zip(files, labels, strict=True):
         st = path.stat()
         h.update(os.fsencode(path.resolve()) + f"\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
@@ -59,17 +59,19 @@ def _fingerprint(files: list[Path], labels: list[int], size: int, channels: int)
 
 
 def cached_split(files: list[Path], labels: list[int], *, size: int, channels: int, cache_root: Path,
-                 progress: bool) -> tuple[Split, list[tuple[str, str]]]:
-    """Decode `files` once into `cache_root/<fingerprint>/`; later calls read (or memory-map) the result.
+                 progress: bool, decoding: Decoding = PLAIN) -> tuple[Split, list[tuple[str, str]]]:
+    """Decode `files` once (as `decoding` says: transforms.load_image) into `cache_root/<fingerprint>/`; later
+    calls read (or memory-map) the result. The fingerprint covers the decoding: pictures resized another way
+    never share a cache.
 
     Pictures skipped as unreadable are tried again when the cache is reused (a file unreadable once, for
     lack of permission say, may be fixed since); if one now decodes, the cache is built anew. A damaged
     cache (a torn meta.json, a truncated images.npy) is named in one line and built anew by itself."""
-    key = _fingerprint(files, labels, size, channels)
+    key = _fingerprint(files, labels, size, channels, decoding)
     folder = cache_root / key
     for retry in (False, True):
         if not (folder / "meta.json").is_file():
-            _build(folder, files, labels, size=size, channels=channels, progress=progress)
+            _build(folder, files, labels, size=size, channels=channels, progress=progress, decoding=decoding)
         try:
             meta, images = _open(folder, size, channels)
         except DamagedCache as err:
@@ -81,7 +83,7 @@ def cached_split(files: list[Path], labels: list[int], *, size: int, channels: i
                       file=sys.stderr)
             shutil.rmtree(folder, ignore_errors=True)
             continue
-        if retry or not _skipped_now_readable(meta, size, channels):
+        if retry or not _skipped_now_readable(meta, size, channels, decoding):
             break
         shutil.rmtree(folder, ignore_errors=True)
     with contextlib.suppress(OSError):
@@ -126,14 +128,14 @@ def _open(folder: Path, size: int, channels: int) -> tuple[dict, np.ndarray]:
     return meta, images[:count]
 
 
-def _skipped_now_readable(meta: dict, size: int, channels: int) -> bool:
+def _skipped_now_readable(meta: dict, size: int, channels: int, decoding: Decoding = PLAIN) -> bool:
     """Whether a picture the build skipped decodes now. Tried again: every skipped file whose status changed
     since the build (its ctime: a chmod, say, which leaves the cache key alone), and the first 64 in any
     case (for what changed elsewhere: a folder's permissions, a codec installed)."""
     stamps = meta.get("bad_ctime") or [None] * len(meta["bad"])
     changed = [path for (path, _), was in zip(meta["bad"], stamps, strict=False) if _ctime(path) != was]
     candidates = dict.fromkeys([*changed, *(path for path, _ in meta["bad"][:64])])
-    return any(_decode_one((path, size, channels))[0] is not None for path in candidates)
+    return any(_decode_one((path, size, channels, decoding))[0] is not None for path in candidates)
 
 
 def _ctime(path: str) -> int | None:
@@ -144,12 +146,13 @@ def _ctime(path: str) -> int | None:
         return None
 
 
-def _build(folder: Path, files: list[Path], labels: list[int], *, size: int, channels: int, progress: bool) -> None:
+def _build(folder: Path, files: list[Path], labels: list[int], *, size: int, channels: int, progress: bool,
+           decoding: Decoding = PLAIN) -> None:
     """`_build_in` with a full disk, or a cache folder that cannot be written, said in one line."""
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_partials(folder, source_of(files), size, channels, progress=progress)
-        _build_in(folder, files, labels, size=size, channels=channels, progress=progress)
+        _remove_stale_partials(folder, source_of(files), size, channels, progress=progress, decoding=decoding)
+        _build_in(folder, files, labels, size=size, channels=channels, progress=progress, decoding=decoding)
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             shutil.rmtree(folder.parent / f".partial-{folder.name}", ignore_errors=True)  # give the space back
@@ -165,7 +168,7 @@ def source_of(files: list[Path]) -> str:
 
 
 def _build_in(folder: Path, files: list[Path], labels: list[int], *, size: int, channels: int,
-              progress: bool) -> None:
+              progress: bool, decoding: Decoding = PLAIN) -> None:
     """Decode `files` chunk by chunk straight into a memory-mapped file in `.partial-<key>/` beside `folder`
     (memory stays flat however many pictures there are), recording after each chunk how far it got, so that
     a build killed half-way is continued, not restarted, by the next run; then rename it to `folder`.
@@ -179,7 +182,7 @@ def _build_in(folder: Path, files: list[Path], labels: list[int], *, size: int, 
         if (folder / "meta.json").is_file():  # another process finished it while this one waited
             return
         state = _progress(work, len(files))
-        state.update(source=source_of(files), size=size, channels=channels)
+        state.update(source=source_of(files), size=size, channels=channels, **_decoding_entry(decoding))
         shape = (len(files), channels, size, size)
         if not state["done"]:
             np.lib.format.open_memmap(work / "images.npy", mode="w+", dtype=np.uint8, shape=shape).flush()
@@ -187,7 +190,7 @@ def _build_in(folder: Path, files: list[Path], labels: list[int], *, size: int, 
         meter = _Meter(len(files), state["done"], enabled=progress and len(files) > 1000)
         for start in range(state["done"], len(files), BUILD_CHUNK):
             chunk = files[start : start + BUILD_CHUNK]
-            arrays, bad = _decode_many(chunk, size=size, channels=channels, progress=False)
+            arrays, bad = _decode_many(chunk, size=size, channels=channels, progress=False, decoding=decoding)
             # mapped for this chunk only: the pages written leave this process's resident memory with it
             images = np.lib.format.open_memmap(work / "images.npy", mode="r+")
             images[state["kept"] : state["kept"] + len(arrays)] = arrays
@@ -201,7 +204,8 @@ def _build_in(folder: Path, files: list[Path], labels: list[int], *, size: int, 
             meter.update(state["done"])
         meta = {"count": state["kept"], "labels": [labels[i] for i in state["kept_index"]],
                 "files": [str(files[i]) for i in state["kept_index"]], "bad": [list(b) for b in state["bad"]],
-                "bad_ctime": state["bad_ctime"], "source": state["source"], "size": size, "channels": channels}
+                "bad_ctime": state["bad_ctime"], "source": state["source"], "size": size, "channels": channels,
+                **_decoding_entry(decoding)}
         _fsync(work / "images.npy")
         atomic_write_text(work / "meta.json", json.dumps(meta))
         (work / "progress.json").unlink()
@@ -209,6 +213,11 @@ def _build_in(folder: Path, files: list[Path], labels: list[int], *, size: int, 
         os.replace(work, folder)
         _fsync(folder.parent)
         meter.close()
+
+
+def _decoding_entry(decoding: Decoding) -> dict:
+    """What a cache's records say of its decoding: nothing for PLAIN (as before), else its tag."""
+    return {"decoding": decoding.tag()} if decoding.tag() else {}
 
 
 def _reserve(path: Path) -> None:
@@ -234,7 +243,8 @@ def _fsync(path: Path) -> None:
 STALE_PARTIAL_S = 7 * 86400  # an interrupted build no process has touched for this long is removed
 
 
-def _remove_stale_partials(folder: Path, source: str, size: int, channels: int, *, progress: bool) -> None:
+def _remove_stale_partials(folder: Path, source: str, size: int, channels: int, *, progress: bool,
+                           decoding: Decoding = PLAIN) -> None:
     """Remove interrupted builds (`.partial-*` beside `folder`) that no process is working on and that this
     build replaces (the same source folder, side and channels, but other files: the data changed since)
     or that nobody has continued for STALE_PARTIAL_S; a killed build is never left for ever."""
@@ -242,8 +252,8 @@ def _remove_stale_partials(folder: Path, source: str, size: int, channels: int, 
         state = own_cache(work)  # never a symbolic link, nor a folder imgclf did not make
         if work.name == f".partial-{folder.name}" or state is None:
             continue
-        same = isinstance(state, dict) and (state.get("source"), state.get("size"), state.get("channels")) == \
-            (source, size, channels)
+        same = isinstance(state, dict) and (state.get("source"), state.get("size"), state.get("channels"),
+                                            state.get("decoding", "")) == (source, size, channels, decoding.tag())
         with contextlib.suppress(OSError):
             if not same and time.time() - max(p.stat().st_mtime for p in (work, *work.iterdir())) < STALE_PARTIAL_S:
                 continue
@@ -302,8 +312,9 @@ class _Meter:
             self.bar.close()
 
 
-def cached_stats(split: Split, cache_root: Path, files: list[Path], size: int, channels: int):
-    path = cache_root / f"stats-{_fingerprint(files, [0] * len(files), size, channels)}.json"
+def cached_stats(split: Split, cache_root: Path, files: list[Path], size: int, channels: int,
+                 decoding: Decoding = PLAIN):
+    path = cache_root / f"stats-{_fingerprint(files, [0] * len(files), size, channels, decoding)}.json"
     try:
         stats = json.loads(path.read_text())
         mean, std = tuple(map(float, stats["mean"])), tuple(map(float, stats["std"]))
@@ -321,20 +332,20 @@ def cached_stats(split: Split, cache_root: Path, files: list[Path], size: int, c
     return mean, std
 
 
-def _decode_one(job: tuple[str, int, int]):
-    path, size, channels = job
+def _decode_one(job: tuple[str, int, int, Decoding]):
+    path, size, channels, decoding = job
     problem = not_regular(path)  # a FIFO named x.jpg would block the build forever; a device never ends
     if problem is not None:
         return None, problem
     try:
-        return load_image(path, size=size, channels=channels), None
+        return load_image(path, size=size, channels=channels, decoding=decoding), None
     except BadImage as err:
         return None, str(err)
 
 
-def _decode_many(files: list[Path], *, size: int, channels: int, progress: bool):
+def _decode_many(files: list[Path], *, size: int, channels: int, progress: bool, decoding: Decoding = PLAIN):
     """Decode pictures in worker processes into uint8 (N, C, size, size); return it and the (file, reason) skipped."""
-    jobs = [(str(f), size, channels) for f in files]
+    jobs = [(str(f), size, channels, decoding) for f in files]
     out = np.empty((len(files), channels, size, size), dtype=np.uint8)
     bad, kept = [], 0
     workers = min(len(os.sched_getaffinity(0)), max(1, len(files) // 256))  # every core, for a large set
@@ -344,7 +355,7 @@ def _decode_many(files: list[Path], *, size: int, channels: int, progress: bool)
 
         iterator = tqdm(iterator, total=len(files), desc="checking", unit="img",
                         disable=not sys.stderr.isatty(), leave=False)
-    for (path, _, _), (arr, reason) in zip(jobs, iterator, strict=True):
+    for (path, *_), (arr, reason) in zip(jobs, iterator, strict=True):
         if arr is None:
             bad.append((path, reason))
         else:

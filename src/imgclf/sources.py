@@ -28,7 +28,7 @@ from imgclf.config import DataConfig
 from imgclf.errors import UserError, shown
 from imgclf.files import not_regular, special_kind
 from imgclf.labelsets import MULTI, labels_task, random_split, read_multilabel_csv
-from imgclf.transforms import IMAGE_EXTENSIONS, NORMALIZATION, compute_mean_std, resize_batch
+from imgclf.transforms import IMAGE_EXTENSIONS, NORMALIZATION, PLAIN, Decoding, compute_mean_std, resize_batch
 
 BUILTINS = ("fashion-mnist-mini", "cifar10", "cifar100", "mnist", "fashion-mnist")
 # shipped inside the package (6,000 + 1,000 Fashion-MNIST pictures, MIT): the one data set that needs no download
@@ -85,17 +85,21 @@ class ImageData:
 
 
 def load_data(cfg: DataConfig, *, img_size: int | None = None, channels: int | None = None,
-              progress: bool = True, whole: bool = False, classes: list[str] | None = None) -> ImageData:
+              progress: bool = True, whole: bool = False, classes: list[str] | None = None,
+              decoding: Decoding = PLAIN, crop_train: bool = False) -> ImageData:
     """Load the data set `cfg.data` names. `img_size`/`channels` (from a checkpoint) override detection.
     `whole`: a single folder of class folders is not split; all of it is the `val` split (see _load_folder).
-    `classes` (a checkpoint's): the classes a multi-label --labels CSV is read against."""
+    `classes` (a checkpoint's): the classes a multi-label --labels CSV is read against. `decoding`: how the
+    held-out splits are resized and cropped (a pretrained network's input contract: transforms.Decoding); the
+    training split takes its interpolation alone, or with `crop_train` (evaluating a checkpoint) all of it."""
     size = img_size or cfg.img_size
+    roles = _role_decodings(decoding, crop_train)
     if cfg.task == MULTI and not cfg.labels:
         raise UserError("multi-label pictures (--task multilabel, or a multi-label model) need --labels FILE.csv "
                         "naming the labels of each picture (filename,labels with the labels separated by spaces, "
                         "or one 0/1 column per class)")
     if cfg.data in BUILTINS:
-        return _load_builtin(cfg, size=size, channels=channels)
+        return _load_builtin(cfg, size=size, channels=channels, roles=roles)
     root = Path(cfg.data).expanduser()
     try:
         mode = root.stat().st_mode
@@ -112,9 +116,14 @@ def load_data(cfg: DataConfig, *, img_size: int | None = None, channels: int | N
         data = _load_idx(root)
         height, width = data.train.images.shape[2:]
         return _finish(data, size=size or native_side(root, height, width), channels=channels,
-                       name=root.name.lower())
+                       name=root.name.lower(), roles=roles)
     return _load_folder(root, cfg, size=size, channels=channels, progress=progress, whole=whole,
-                        classes=classes)
+                        classes=classes, roles=roles)
+
+
+def _role_decodings(decoding: Decoding, crop_train: bool) -> dict[str, Decoding]:
+    """Each split's decoding (see `load_data`)."""
+    return {"train": decoding if crop_train else decoding.for_training(), "val": decoding, "test": decoding}
 
 
 MIN_SIDE = 8  # the smallest --img-size: below it a network's poolings leave nothing
@@ -143,11 +152,12 @@ def imbalance_warning(labels: torch.Tensor, classes: list[str]) -> str | None:
 
 # ---------------------------------------------------------------- built-in data sets (torchvision)
 
-def _load_builtin(cfg: DataConfig, *, size: int | None, channels: int | None) -> ImageData:
+def _load_builtin(cfg: DataConfig, *, size: int | None, channels: int | None, roles: dict | None = None) -> ImageData:
     if cfg.data in PACKAGED:
-        return _finish(_load_idx(PACKAGED[cfg.data]), size=size, channels=channels, name=cfg.data)
+        return _finish(_load_idx(PACKAGED[cfg.data]), size=size, channels=channels, name=cfg.data, roles=roles)
     if cfg.data == "fashion-mnist" and _idx_files(DEBIAN_FASHION_MNIST):
-        return _finish(_load_idx(DEBIAN_FASHION_MNIST), size=size, channels=channels, name="fashion-mnist")
+        return _finish(_load_idx(DEBIAN_FASHION_MNIST), size=size, channels=channels, name="fashion-mnist",
+                       roles=roles)
     from torchvision import datasets
 
     klass = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100, "mnist": datasets.MNIST,
@@ -169,16 +179,21 @@ def _load_builtin(cfg: DataConfig, *, size: int | None, channels: int | None) ->
         images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # -> N, C, H, W
         splits.append(Split(images.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)))
     data = ImageData(splits[0], splits[1], list(ds.classes), *NORMALIZATION[cfg.data], "test")
-    return _finish(data, size=size, channels=channels, name=cfg.data)
+    return _finish(data, size=size, channels=channels, name=cfg.data, roles=roles)
 
 
-def _finish(data: ImageData, *, size: int | None, channels: int | None, name: str) -> ImageData:
-    """Resize / convert channels when a model asks for other than the native, and fill in statistics."""
-    for split in data.splits().values():
+def _finish(data: ImageData, *, size: int | None, channels: int | None, name: str,
+            roles: dict | None = None) -> ImageData:
+    """Resize / convert channels when a model asks for other than the native, and fill in statistics.
+    `roles`: each split's Decoding (`_role_decodings`; none: PLAIN), which resizes even at the native side."""
+    roles = roles or {}
+    for role, split in data.splits().items():
         if channels is not None and split.images.shape[1] != channels:
             split.images = _convert_channels(torch.as_tensor(split.images), channels)
-        if size is not None:
-            split.images = resize_batch(torch.as_tensor(split.images), size)
+        decoding = roles.get(role, PLAIN)
+        if size is not None or decoding != PLAIN:
+            side = size or int(split.images.shape[2])
+            split.images = resize_batch(torch.as_tensor(split.images), side, decoding)
     if len(data.mean) != data.channels:  # IDX folders, or channels converted for the model
         key = "fashion-mnist" if "fashion" in name else name
         known = NORMALIZATION.get(key)
@@ -491,7 +506,7 @@ def folder_layout(root: Path) -> FolderLayout:
 
 
 def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int | None, progress: bool,
-                 whole: bool = False, classes: list[str] | None = None) -> ImageData:
+                 whole: bool = False, classes: list[str] | None = None, roles: dict | None = None) -> ImageData:
     """Decode (once, cached) the splits of a folder data set; see `folder_layout`. Without a validation or
     test folder, `cfg.val_fraction` of each class is held out, or with `whole` nothing: every picture is then
     the `val` split, named "all" (what `imgclf eval` measures on a plain folder of class folders). A
@@ -518,8 +533,9 @@ def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int
     if cfg.strict:
         check_all([f for files, _ in lists.values() for f in files], size=size, channels=channels)
     cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    roles = roles or _role_decodings(PLAIN, False)
     splits, skipped = _cached_splits(lists, root, val_name, size=size, store=store, channels=channels,
-                                     cache_root=cache_root, progress=progress)
+                                     cache_root=cache_root, progress=progress, roles=roles)
     skipped = list(walk.skipped) + skipped
     if targets is not None:  # the cache kept each picture's row of the CSV as its label
         splits = {role: Split(s.images, targets[s.labels], s.files) for role, s in splits.items()}
@@ -527,20 +543,21 @@ def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int
     if unreadable and not whole and targets is None:  # every picture of the class was skipped: as good as none
         raise UserError(f"class folder {shown(layout.train)}/{unreadable[0]} holds no readable pictures; fix or "
                         f"remove them")
-    mean, std = cached_stats(splits["train"], cache_root, lists["train"][0], store, channels)
+    mean, std = cached_stats(splits["train"], cache_root, lists["train"][0], store, channels, roles["train"])
     return ImageData(splits["train"], splits["val"], classes, mean, std, val_name, skipped, splits.get("test"),
                      photos, task=task, task_note=why)
 
 
 def _cached_splits(lists: dict, root: Path, val_name: str, *, size: int, store: int, channels: int,
-                   cache_root: Path, progress: bool) -> tuple[dict[str, Split], list]:
-    """Each role's [files, labels] decoded through the cache (training's at the store side): the splits, and
-    the (file, reason) of every picture skipped; an empty split is one UserError line."""
+                   cache_root: Path, progress: bool, roles: dict) -> tuple[dict[str, Split], list]:
+    """Each role's [files, labels] decoded through the cache (training's at the store side), each as `roles`
+    says (role -> Decoding): the splits, and the (file, reason) of every picture skipped; an empty split is
+    one UserError line."""
     splits, skipped = {}, []
     for role, (files, labels) in lists.items():
         side = store if role == "train" else size
         splits[role], bad = cached_split(files, labels, size=side, channels=channels, cache_root=cache_root,
-                                         progress=progress)
+                                         progress=progress, decoding=roles[role])
         skipped += bad
         if len(splits[role]) == 0:
             raise UserError(f"no readable pictures in the {val_name if role == 'val' else role} split of {shown(root)}")

@@ -55,6 +55,7 @@ class Second:
     frames: list[tuple[int, float, torch.Tensor]] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     probs: list[float] = field(default_factory=list)
+    unknown: bool | None = None  # rejecting (--reject-below): whether the mean's top probability is under the cut
 
 
 def is_video(text: str) -> bool:
@@ -168,8 +169,8 @@ def _labelled(predictor, second: Second, pictures: list[np.ndarray], topk: int, 
     rows = torch.cat([predictor.probabilities(torch.from_numpy(np.stack(pictures[i : i + batch_size])))
                       for i in range(0, len(pictures), batch_size)])
     second.frames = [(index, seconds, row) for (index, seconds, _), row in zip(second.frames, rows, strict=True)]
-    labels = predictor.task.decode(rows.mean(0), topk)
-    second.labels, second.probs = [predictor.classes[j] for j, _ in labels], [p for _, p in labels]
+    answer = predictor._answer(second.path, rows.mean(0), topk)  # noqa: SLF001 - a picture's answer, --reject-below included
+    second.labels, second.probs, second.unknown = answer.labels, answer.probs, answer.unknown
     return second
 
 
@@ -252,14 +253,18 @@ def _print_video(predictor, text, sampling, topk, batch_size, csv_path, style, o
 def _print_second(second: Second, style: str, out) -> None:
     pairs = list(zip(second.labels, second.probs, strict=True))
     if style == "json":
+        unknown = {} if second.unknown is None else {"unknown": second.unknown}
         print(json.dumps({"path": second.path, "second": second.second, "frames": len(second.frames),
-                          "top": [{"label": lab, "probability": round(p, 6)} for lab, p in pairs]}), file=out)
+                          "top": [{"label": lab, "probability": round(p, 6)} for lab, p in pairs], **unknown}),
+              file=out)
     elif style == "csv":
-        csv.writer(out).writerows([shown(second.path), second.second, rank, shown(lab), f"{p:.6f}"]
-                                  for rank, (lab, p) in enumerate(pairs, start=1))
+        unknown = [[shown(second.path), second.second, 0, "unknown", f"{pairs[0][1]:.6f}"]] if second.unknown else []
+        csv.writer(out).writerows([*unknown, *([shown(second.path), second.second, rank, shown(lab), f"{p:.6f}"]
+                                               for rank, (lab, p) in enumerate(pairs, start=1))])
     else:
         minutes, secs = divmod(second.second, 60)
         tops = "  ".join(f"{shown(lab)} {p:.1%}" for lab, p in pairs) or "(no label over its threshold)"
+        tops = f"unknown (best: {tops})" if second.unknown else tops
         count = len(second.frames)
         print(f"{shown(second.path)}  {minutes}:{secs:02d}  {tops}  ({count} frame{'s' * (count != 1)})", file=out)
     out.flush()  # each second as soon as it is known, also into a pipe
