@@ -46,6 +46,7 @@ ACCEPTED = {
     ("cache", "--older-than"): {"0", "huge"},
     ("eval", "--val-fraction"): set(), ("eval", "--batch-size"): set(),
     ("predict", "--topk"): {"huge"}, ("predict", "--batch-size"): set(),
+    ("predict", "--every"): {"huge"}, ("predict", "--fps"): {"huge"},
     ("samples", "--per-class"): {"huge"},
     ("inspect", "--num-classes"): set(),
     ("serve", "--port"): set(), ("serve", "--topk"): {"huge"}, ("serve", "--max-upload-mb"): {"huge"},

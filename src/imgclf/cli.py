@@ -400,7 +400,15 @@ def _add_predict(sub, common) -> None:
                                        "TorchScript)")
     _add_model_code(p)
     p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="picture files and folders, http(s):// URLs, or - for a picture on standard input")
+                   help="picture files and folders, http(s):// URLs, or - for a picture on standard input; or "
+                        "videos (.mp4, ...), stream URLs (rtsp://) or a camera (0): a label per second "
+                        "(docs/usage.md: Videos and cameras)")
+    frames = p.add_mutually_exclusive_group()
+    _number(p, "--every", int, 1, group=frames, metavar="N", help="videos: label every Nth frame (default: all)")
+    _number(p, "--fps", float, 0, low_open=True, group=frames, metavar="F",
+            help="videos: label about F frames per second of video")
+    p.add_argument("--frames-csv", metavar="FILE",
+                   help="videos: each labelled frame's scores into FILE (default: NAME.frames.csv beside a video file)")
     _number(p, "--topk", int, 1, default=3, help="how many labels per picture (%(default)s)")
     _number(p, "--batch-size", int, 1, MAX_BATCH, default=64, help="pictures per batch (%(default)s)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -413,12 +421,25 @@ def _add_predict(sub, common) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from imgclf import video
     from imgclf.predict import Predictor, print_predictions
 
+    videos = [video.is_video(path) for path in args.paths]
+    if any(videos) and not all(videos):
+        raise UserError("give `imgclf predict` pictures or videos, not both at once")
+    if not any(videos) and (args.every or args.fps or args.frames_csv):
+        raise UserError("--every, --fps and --frames-csv are for videos (.mp4, ..., rtsp://, a camera number)")
+    if any(videos):
+        video.require_decoder()  # before the model is loaded: a missing decoder is said at once
     predictor = Predictor.from_path(args.checkpoint, device=args.device, precision=args.precision)
     predictor.reject(args.reject_below)
     style = "json" if args.json else "csv" if args.csv else "text"
-    failed = print_predictions(predictor.iter_predict(args.paths, topk=args.topk, batch_size=args.batch_size), style)
+    if any(videos):
+        failed = video.print_videos(predictor, args.paths, sampling=video.Sampling(args.every or 1, args.fps),
+                                    topk=args.topk, batch_size=args.batch_size, frames_csv=args.frames_csv, style=style)
+    else:
+        failed = print_predictions(predictor.iter_predict(args.paths, topk=args.topk, batch_size=args.batch_size),
+                                   style)
     return EXIT_PARTIAL if failed else EXIT_OK
 
 

@@ -142,10 +142,14 @@ class Predictor:
         except BadImage as err:
             return str(err)
         try:
-            return load_image(source, size=self.size, channels=self.channels,
-                              decoding=self.decoding).transpose(2, 0, 1)
+            return self.prepare(source)
         except BadImage as err:  # Pillow names a file object by its repr: the user knows it as "-" or the URL
             return f"not a readable picture ({str(err).replace(' ' + repr(source), '')})"
+
+    def prepare(self, picture) -> np.ndarray:
+        """One picture (a path, a file object, or a decoded PIL image such as a video's frame) as the model
+        takes it: uint8 (C, size, size), prepared as the checkpoint says (`load_image`). BadImage if it cannot."""
+        return load_image(picture, size=self.size, channels=self.channels, decoding=self.decoding).transpose(2, 0, 1)
 
 
 class ExportedPredictor(Predictor):

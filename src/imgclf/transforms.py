@@ -8,6 +8,7 @@ on the training device.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -101,16 +102,18 @@ def decoding_problem(inp: Mapping) -> str | None:
 def load_image(path, *, size: int, channels: int, decoding: Decoding = PLAIN) -> np.ndarray:
     """Decode one picture into a uint8 array of shape (size, size, channels).
 
-    EXIF orientation is applied; grayscale, 16-bit, CMYK, palette and alpha images are converted; the short
-    side is resized as `decoding` says (by default to `size`) and the centre cropped. Raises BadImage (never
-    anything else for bad bytes).
+    `path` is a file's path, a file object, or a picture already decoded (a PIL image: a video's frame),
+    which then takes the same steps from here on. EXIF orientation is applied; grayscale, 16-bit, CMYK,
+    palette and alpha images are converted; the short side is resized as `decoding` says (by default to
+    `size`) and the centre cropped. Raises BadImage (never anything else for bad bytes).
     """
     quiet_libtiff()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on odd metadata: it decodes or fails
-            with Image.open(path) as img:
+            opened = contextlib.nullcontext(path) if isinstance(path, Image.Image) else Image.open(path)
+            with opened as img:
                 if img.width * img.height > MAX_PIXELS:
                     raise BadImage(f"{img.width}x{img.height} pixels is over the {MAX_PIXELS:,}-pixel limit")
                 short = decoding.resize_for(size)
