@@ -23,7 +23,7 @@ LITE0 = SHARED_DATA / "pretrained" / "tf_efficientnet_lite0_imagenet.pth"
 RECIPE = {("optim", "optimizer"): "adamw", ("optim", "lr"): 1e-3, ("optim", "weight_decay"): 0.01,
           ("optim", "schedule"): "cosine", ("optim", "warmup_epochs"): 0.2, ("optim", "label_smoothing"): 0.1,
           ("data", "batch_size"): 32, ("model", "freeze_epochs"): 1, ("model", "backbone_lr_scale"): 0.1,
-          ("model", "head_init"): "zero", ("model", "bn_stats"): "update", ("data", "normalize"): "auto"}
+          ("model", "head_init"): "zero", ("model", "bn_stats"): "frozen", ("data", "normalize"): "auto"}
 
 
 def resolved(*argv) -> TrainConfig:
@@ -48,7 +48,7 @@ def test_every_recipe_value_is_overridden_by_its_flag(tmp_path):
     flags = {("optim", "optimizer"): "sgd", ("optim", "lr"): 0.02, ("optim", "weight_decay"): 0.001,
              ("optim", "schedule"): "onecycle", ("optim", "warmup_epochs"): 1.0, ("optim", "label_smoothing"): 0.0,
              ("data", "batch_size"): 64, ("model", "freeze_epochs"): 2, ("model", "backbone_lr_scale"): 1.0,
-             ("model", "head_init"): "small", ("model", "bn_stats"): "frozen", ("data", "normalize"): "data"}
+             ("model", "head_init"): "small", ("model", "bn_stats"): "update", ("data", "normalize"): "data"}
     assert flags.keys() == RECIPE.keys()
     argv = [x for (_, name), v in flags.items() for x in (f"--{name.replace('_', '-')}", v)]
     cfg = resolved("--pretrained", tmp_path / "w.pth", *argv)
@@ -66,7 +66,7 @@ def test_the_recipe_is_chosen_by_any_layer_and_shown_by_print_config(tmp_path, c
     assert main(["train", "--pretrained", str(tmp_path / "w.pth"), "--print-config"]) == 0
     shown = capsys.readouterr().out
     for line in ("optimizer: adamw", "lr: 0.001", "batch_size: 32", "freeze_epochs: 1", "head_init: zero",
-                 "bn_stats: update", "normalize: auto"):
+                 "bn_stats: frozen", "normalize: auto"):
         assert f"\n{line}\n" in shown, line
 
 
@@ -127,7 +127,7 @@ def test_the_run_says_how_it_fine_tunes(tmp_path):
     line = describe_finetune(cfg, normalization(cfg, 3))
     assert line == (f"fine-tuning from {weights}: the new head alone for 1 epoch, then the whole network (backbone "
                     f"at 0.1x the rate); adamw lr 0.001, cosine, batch 32; head init zero; BatchNorm statistics "
-                    f"update; pictures normalised by mean (0.5, 0.5, 0.5) std (0.5, 0.5, 0.5) (timm pretrained_cfg "
+                    f"frozen; pictures normalised by mean (0.5, 0.5, 0.5) std (0.5, 0.5, 0.5) (timm pretrained_cfg "
                     f"of tf_efficientnet_lite0.in1k); evaluated with the shorter side resized (bicubic) to "
                     f"floor(side / crop_pct) then the centre side (crop_pct 0.875)")
 
