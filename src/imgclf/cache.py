@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imgclf.bands import ChannelMismatch, decode, describe, is_plain, probe, storage_dtype
 from imgclf.errors import UserError, shown
 from imgclf.files import atomic_write_text, not_regular
-from imgclf.transforms import BadImage, compute_mean_std, load_image
+from imgclf.transforms import BadImage, compute_mean_std
 
 CACHE_FORMAT = 3
 MMAP_BYTES = 2 << 30  # caches larger than this are memory-mapped, not read whole
@@ -36,7 +37,7 @@ BUILD_CHUNK = 4096  # pictures decoded between two records of a cache build's pr
 
 @dataclass
 class Split:
-    images: torch.Tensor | np.ndarray  # uint8 (N, C, H, W); a read-only memmap when large
+    images: torch.Tensor | np.ndarray  # uint8 (N, C, H, W), uint16 for 16-bit pictures; a read-only memmap when large
     labels: torch.Tensor  # int64 (N,)
     files: list[str] | None = None  # source file of each image (folders only)
 
@@ -50,8 +51,9 @@ def default_cache_dir() -> Path:
     return Path(base) / "imgclf"
 
 
-def _fingerprint(files: list[Path], labels: list[int], size: int, channels: int) -> str:
-    h = hashlib.sha256(f"{CACHE_FORMAT}:{size}:{channels}".encode())
+def _fingerprint(files: list[Path], labels: list[int], size: int, channels: int, depth: int = 8) -> str:
+    # 8-bit caches keep the key they always had; 16-bit ones (imgclf.bands) are told apart by their depth
+    h = hashlib.sha256(f"{CACHE_FORMAT}:{size}:{channels}{':16' if depth == 16 else ''}".encode())
     for path, label in zip(files, labels, strict=True):
         st = path.stat()
         h.update(os.fsencode(path.resolve()) + f"\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
@@ -59,19 +61,20 @@ def _fingerprint(files: list[Path], labels: list[int], size: int, channels: int)
 
 
 def cached_split(files: list[Path], labels: list[int], *, size: int, channels: int, cache_root: Path,
-                 progress: bool) -> tuple[Split, list[tuple[str, str]]]:
-    """Decode `files` once into `cache_root/<fingerprint>/`; later calls read (or memory-map) the result.
+                 progress: bool, depth: int = 8) -> tuple[Split, list[tuple[str, str]]]:
+    """Decode `files` once into `cache_root/<fingerprint>/`; later calls read (or memory-map) the result:
+    uint8 pictures, uint16 with `depth` 16 (`imgclf.bands.decode`).
 
     Pictures skipped as unreadable are tried again when the cache is reused (a file unreadable once, for
     lack of permission say, may be fixed since); if one now decodes, the cache is built anew. A damaged
     cache (a torn meta.json, a truncated images.npy) is named in one line and built anew by itself."""
-    key = _fingerprint(files, labels, size, channels)
+    key = _fingerprint(files, labels, size, channels, depth)
     folder = cache_root / key
     for retry in (False, True):
         if not (folder / "meta.json").is_file():
-            _build(folder, files, labels, size=size, channels=channels, progress=progress)
+            _build(folder, files, labels, size=size, channels=channels, depth=depth, progress=progress)
         try:
-            meta, images = _open(folder, size, channels)
+            meta, images = _open(folder, size, channels, depth)
         except DamagedCache as err:
             if retry:  # built just now and unreadable already: the disk itself is at fault
                 raise UserError(f"the cache just built in {folder} cannot be read back ({err}); check the disk, "
@@ -81,7 +84,7 @@ def cached_split(files: list[Path], labels: list[int], *, size: int, channels: i
                       file=sys.stderr)
             shutil.rmtree(folder, ignore_errors=True)
             continue
-        if retry or not _skipped_now_readable(meta, size, channels):
+        if retry or not _skipped_now_readable(meta, size, channels, depth):
             break
         shutil.rmtree(folder, ignore_errors=True)
     with contextlib.suppress(OSError):
@@ -102,7 +105,7 @@ class DamagedCache(Exception):
         self.path = path
 
 
-def _open(folder: Path, size: int, channels: int) -> tuple[dict, np.ndarray]:
+def _open(folder: Path, size: int, channels: int, depth: int = 8) -> tuple[dict, np.ndarray]:
     """(meta, images) of a finished cache, checked against each other; DamagedCache when they do not fit."""
     path = folder / "meta.json"
     try:
@@ -119,21 +122,21 @@ def _open(folder: Path, size: int, channels: int) -> tuple[dict, np.ndarray]:
         images = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
         raise DamagedCache(path, str(err).splitlines()[0][:160] if str(err) else type(err).__name__) from None
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] < count or \
+    if images.dtype != storage_dtype(depth) or images.ndim != 4 or images.shape[0] < count or \
             images.shape[1:] != (channels, size, size):
         raise DamagedCache(path, f"it holds {images.dtype} {tuple(images.shape)}, not {count} pictures of "
                                  f"{channels}x{size}x{size}")
     return meta, images[:count]
 
 
-def _skipped_now_readable(meta: dict, size: int, channels: int) -> bool:
+def _skipped_now_readable(meta: dict, size: int, channels: int, depth: int = 8) -> bool:
     """Whether a picture the build skipped decodes now. Tried again: every skipped file whose status changed
     since the build (its ctime: a chmod, say, which leaves the cache key alone), and the first 64 in any
     case (for what changed elsewhere: a folder's permissions, a codec installed)."""
     stamps = meta.get("bad_ctime") or [None] * len(meta["bad"])
     changed = [path for (path, _), was in zip(meta["bad"], stamps, strict=False) if _ctime(path) != was]
     candidates = dict.fromkeys([*changed, *(path for path, _ in meta["bad"][:64])])
-    return any(_decode_one((path, size, channels))[0] is not None for path in candidates)
+    return any(_decode_one((path, size, channels, depth))[0] is not None for path in candidates)
 
 
 def _ctime(path: str) -> int | None:
@@ -144,12 +147,13 @@ def _ctime(path: str) -> int | None:
         return None
 
 
-def _build(folder: Path, files: list[Path], labels: list[int], *, size: int, channels: int, progress: bool) -> None:
+def _build(folder: Path, files: list[Path], labels: list[int], *, size: int, channels: int, progress: bool,
+           depth: int = 8) -> None:
     """`_build_in` with a full disk, or a cache folder that cannot be written, said in one line."""
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_partials(folder, source_of(files), size, channels, progress=progress)
-        _build_in(folder, files, labels, size=size, channels=channels, progress=progress)
+        _build_in(folder, files, labels, size=size, channels=channels, depth=depth, progress=progress)
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             shutil.rmtree(folder.parent / f".partial-{folder.name}", ignore_errors=True)  # give the space back
@@ -165,7 +169,7 @@ def source_of(files: list[Path]) -> str:
 
 
 def _build_in(folder: Path, files: list[Path], labels: list[int], *, size: int, channels: int,
-              progress: bool) -> None:
+              progress: bool, depth: int = 8) -> None:
     """Decode `files` chunk by chunk straight into a memory-mapped file in `.partial-<key>/` beside `folder`
     (memory stays flat however many pictures there are), recording after each chunk how far it got, so that
     a build killed half-way is continued, not restarted, by the next run; then rename it to `folder`.
@@ -182,12 +186,12 @@ def _build_in(folder: Path, files: list[Path], labels: list[int], *, size: int, 
         state.update(source=source_of(files), size=size, channels=channels)
         shape = (len(files), channels, size, size)
         if not state["done"]:
-            np.lib.format.open_memmap(work / "images.npy", mode="w+", dtype=np.uint8, shape=shape).flush()
+            np.lib.format.open_memmap(work / "images.npy", mode="w+", dtype=storage_dtype(depth), shape=shape).flush()
             _reserve(work / "images.npy")
         meter = _Meter(len(files), state["done"], enabled=progress and len(files) > 1000)
         for start in range(state["done"], len(files), BUILD_CHUNK):
             chunk = files[start : start + BUILD_CHUNK]
-            arrays, bad = _decode_many(chunk, size=size, channels=channels, progress=False)
+            arrays, bad = _decode_many(chunk, size=size, channels=channels, depth=depth, progress=False)
             # mapped for this chunk only: the pages written leave this process's resident memory with it
             images = np.lib.format.open_memmap(work / "images.npy", mode="r+")
             images[state["kept"] : state["kept"] + len(arrays)] = arrays
@@ -201,7 +205,8 @@ def _build_in(folder: Path, files: list[Path], labels: list[int], *, size: int, 
             meter.update(state["done"])
         meta = {"count": state["kept"], "labels": [labels[i] for i in state["kept_index"]],
                 "files": [str(files[i]) for i in state["kept_index"]], "bad": [list(b) for b in state["bad"]],
-                "bad_ctime": state["bad_ctime"], "source": state["source"], "size": size, "channels": channels}
+                "bad_ctime": state["bad_ctime"], "source": state["source"], "size": size, "channels": channels,
+                **({"depth": depth} if depth != 8 else {})}
         _fsync(work / "images.npy")
         atomic_write_text(work / "meta.json", json.dumps(meta))
         (work / "progress.json").unlink()
@@ -302,8 +307,8 @@ class _Meter:
             self.bar.close()
 
 
-def cached_stats(split: Split, cache_root: Path, files: list[Path], size: int, channels: int):
-    path = cache_root / f"stats-{_fingerprint(files, [0] * len(files), size, channels)}.json"
+def cached_stats(split: Split, cache_root: Path, files: list[Path], size: int, channels: int, depth: int = 8):
+    path = cache_root / f"stats-{_fingerprint(files, [0] * len(files), size, channels, depth)}.json"
     try:
         stats = json.loads(path.read_text())
         mean, std = tuple(map(float, stats["mean"])), tuple(map(float, stats["std"]))
@@ -321,21 +326,29 @@ def cached_stats(split: Split, cache_root: Path, files: list[Path], size: int, c
     return mean, std
 
 
-def _decode_one(job: tuple[str, int, int]):
-    path, size, channels = job
+def _decode_one(job: tuple[str, int, int, int]):
+    path, size, channels, depth = job
     problem = not_regular(path)  # a FIFO named x.jpg would block the build forever; a device never ends
     if problem is not None:
         return None, problem
     try:
-        return load_image(path, size=size, channels=channels), None
+        return decode(path, size=size, channels=channels, depth=depth), None
+    except ChannelMismatch as err:  # a picture of another kind is a mistake in the data set, not a bad file
+        raise UserError(f"{shown(path)} has {err}; keep one kind of picture in a data set, or give --channels "
+                        f"to match them") from None
     except BadImage as err:
+        found = probe(path) if is_plain(channels, depth) else None  # only for a failure: what the file is
+        if found is not None and not found.fits(channels):
+            raise UserError(f"{shown(path)} has {describe(found)}, not the {channels} of this run's pictures; "
+                            f"give --channels {found.natural} for such pictures, or remove it") from None
         return None, str(err)
 
 
-def _decode_many(files: list[Path], *, size: int, channels: int, progress: bool):
-    """Decode pictures in worker processes into uint8 (N, C, size, size); return it and the (file, reason) skipped."""
-    jobs = [(str(f), size, channels) for f in files]
-    out = np.empty((len(files), channels, size, size), dtype=np.uint8)
+def _decode_many(files: list[Path], *, size: int, channels: int, progress: bool, depth: int = 8):
+    """Decode pictures in worker processes into uint8 (N, C, size, size) (uint16 at `depth` 16); return it and
+    the (file, reason) skipped."""
+    jobs = [(str(f), size, channels, depth) for f in files]
+    out = np.empty((len(files), channels, size, size), dtype=storage_dtype(depth))
     bad, kept = [], 0
     workers = min(len(os.sched_getaffinity(0)), max(1, len(files) // 256))  # every core, for a large set
     iterator = _pool_map(jobs, workers)
@@ -344,7 +357,7 @@ def _decode_many(files: list[Path], *, size: int, channels: int, progress: bool)
 
         iterator = tqdm(iterator, total=len(files), desc="checking", unit="img",
                         disable=not sys.stderr.isatty(), leave=False)
-    for (path, _, _), (arr, reason) in zip(jobs, iterator, strict=True):
+    for (path, *_), (arr, reason) in zip(jobs, iterator, strict=True):
         if arr is None:
             bad.append((path, reason))
         else:
@@ -362,8 +375,8 @@ def _pool_map(jobs, workers: int) -> Iterator:
 
 
 
-def check_all(files: list[Path], *, size: int, channels: int) -> None:
-    bad = [(f, r) for f, r in _decode_many(files, size=size, channels=channels, progress=False)[1]]
+def check_all(files: list[Path], *, size: int, channels: int, depth: int = 8) -> None:
+    bad = [(f, r) for f, r in _decode_many(files, size=size, channels=channels, depth=depth, progress=False)[1]]
     if bad:
         listing = "; ".join(f"{f}: {r}" for f, r in bad)
         raise UserError(f"--strict-data: {len(bad)} unreadable file(s): {listing}")

@@ -35,14 +35,15 @@ MAX_DEPTH = 64  # nesting of lists and dicts
 
 
 def build_checkpoint(*, model_name: str, classes: list[str], channels: int, size: int, mean, std, config: dict,
-                     state: dict, task: dict | None = None) -> dict:
+                     state: dict, task: dict | None = None, depth: int = 8) -> dict:
     """The self-describing checkpoint: what the network is, what it classifies, how its input is prepared,
     the run's configuration, and `state` (`engine.TrainState.state_dict()`: weights, optimizer, progress).
 
     A network from the user's .py file (`--model FILE.py:Class`) is described by `model.code`: the file's
     name and SHA-256, the class and its constructor arguments (`usercode.code_identity`), never the code.
     `task`: the task's entries (`tasks.Task.checkpoint_entries`: "task" and a multi-label run's
-    "thresholds"; none for single-label, whose checkpoints name no task)."""
+    "thresholds"; none for single-label, whose checkpoints name no task). `depth`: bits a sample of the
+    pictures, 8 or 16 (imgclf.bands; a checkpoint without it is 8)."""
     model = {"name": model_name, "num_classes": len(classes), "in_channels": channels, "img_size": size}
     code = code_identity(model_name, (config.get("model") or {}).get("args"))
     if code is not None:
@@ -51,7 +52,7 @@ def build_checkpoint(*, model_name: str, classes: list[str], channels: int, size
         "format": FORMAT, "format_version": FORMAT_VERSION, "imgclf_version": __version__,
         "model": model,
         "classes": list(classes),
-        "input": {"channels": channels, "size": size, "mean": list(mean), "std": list(std)},
+        "input": {"channels": channels, "size": size, "depth": depth, "mean": list(mean), "std": list(std)},
         "config": config, **state, **(task or {}),
     }
 
@@ -268,6 +269,8 @@ def _schema_problem(ckpt: dict) -> str | None:
     if not _whole(channels, 1, MAX_CHANNELS) or not _whole(size, 1, MAX_SIDE):
         return (f"input channels {_kind(channels)} and size {_kind(size)} are not numbers of 1 to {MAX_CHANNELS} "
                 f"and 1 to {MAX_SIDE}")
+    if inp.get("depth", 8) not in (8, 16) or type(inp.get("depth", 8)) is not int:
+        return f"input depth {_kind(inp.get('depth'))} is not 8 or 16 bits"
     for part in ("mean", "std"):
         values = inp.get(part)
         if not isinstance(values, list | tuple) or len(values) != channels or not all(

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgclf import formats
+from imgclf import bands, formats
 from imgclf.checkpoint import load_checkpoint
 from imgclf.errors import UserError, shown
 from imgclf.files import not_regular
@@ -31,7 +31,7 @@ from imgclf.models import base_fits, model_from_checkpoint
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import PictureWalk, is_image_file
 from imgclf.tasks import MULTILABEL, Task, stored_task
-from imgclf.transforms import BadImage, BatchTransform, load_image
+from imgclf.transforms import BadImage, BatchTransform
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Predictor:
         self.task: Task = stored_task(ckpt, self.classes, "the checkpoint")
         self.model_name: str = name
         inp = ckpt["input"]
-        self.size, self.channels = inp["size"], inp["channels"]
+        self.size, self.channels, self.depth = inp["size"], inp["channels"], inp.get("depth", 8)
         self.transform = BatchTransform(tuple(inp["mean"]), tuple(inp["std"]))
         self.autocast = autocast_factory(self.device, resolve_precision(precision, self.device))
 
@@ -78,7 +78,7 @@ class Predictor:
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, C, size, size) -> class probabilities (N, classes)."""
+        """uint8 (N, C, size, size) (uint16 for 16-bit pictures) -> class probabilities (N, classes)."""
         x = self.transform(images.to(self.device), train=False, memory_format=torch.channels_last)
         with self.autocast():
             return self.task.activation(self.model(x).float()).cpu()
@@ -121,7 +121,7 @@ class Predictor:
         except BadImage as err:
             return str(err)
         try:
-            return load_image(source, size=self.size, channels=self.channels).transpose(2, 0, 1)
+            return bands.decode(source, size=self.size, channels=self.channels, depth=self.depth).transpose(2, 0, 1)
         except BadImage as err:  # Pillow names a file object by its repr: the user knows it as "-" or the URL
             return f"not a readable picture ({str(err).replace(' ' + repr(source), '')})"
 
@@ -146,6 +146,7 @@ class ExportedPredictor(Predictor):
         self.task = stored_task(meta, self.classes, shown(path))
         self.model_name = meta["model"]["name"]
         self.size, self.channels = meta["input"]["size"], meta["input"]["channels"]
+        self.depth = meta["input"].get("depth", 8)
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, size, size) -> class probabilities (N, classes), computed by the exported graph;
