@@ -336,7 +336,7 @@ def _fit_channels(arr: np.ndarray, alpha: bool, channels: int) -> np.ndarray:
         grey = arr.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
         return np.round(grey).astype(arr.dtype)[..., None]
     raise ChannelMismatch(f"{have} channel{'s' if have > 1 else ''}{' (the last alpha)' if alpha else ''}, "
-                          f"not the {channels} of this model's pictures")
+                          f"not {channels}")
 
 
 def _resize_crop(arr: np.ndarray, size: int, depth: int) -> np.ndarray:

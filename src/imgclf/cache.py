@@ -334,8 +334,8 @@ def _decode_one(job: tuple[str, int, int, int]):
     try:
         return decode(path, size=size, channels=channels, depth=depth), None
     except ChannelMismatch as err:  # a picture of another kind is a mistake in the data set, not a bad file
-        raise UserError(f"{shown(path)} has {err}; keep one kind of picture in a data set, or give --channels "
-                        f"to match them") from None
+        raise UserError(f"{shown(path)} has {err}, the channels of this run's pictures; keep one kind of "
+                        f"picture in a data set, or give --channels to match them") from None
     except BadImage as err:
         found = probe(path) if is_plain(channels, depth) else None  # only for a failure: what the file is
         if found is not None and not found.fits(channels):
