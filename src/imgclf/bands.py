@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageOps
 
 from imgclf.errors import UserError, shown
+from imgclf.files import not_regular
 from imgclf.transforms import MAX_PIXELS, BadImage, load_image, quiet_libtiff
 
 DEPTHS = (8, 16)
@@ -81,7 +82,10 @@ def is_plain(channels: int, depth: int) -> bool:
 
 
 def probe(path) -> Probe | None:
-    """The header of one picture (`Probe`), None when it cannot be read (reported when decoded)."""
+    """The header of one picture (`Probe`), None when it cannot be read (reported when decoded) or is no
+    regular file (a FIFO would block the open for ever)."""
+    if not_regular(path) is not None:
+        return None
     quiet_libtiff()
     try:
         with open(path, "rb") as f:
