@@ -5,6 +5,7 @@ misfit one line."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import struct
@@ -274,6 +275,10 @@ def test_train_predict_export_and_serve_keep_the_contract(tmp_path, channels, ki
     assert exported.metadata["input"]["preprocessing"] == bands.PREPROCESSING
     assert torch.allclose(exported.probabilities(pixels), want, atol=1e-5)
     assert torch.equal(torch.from_numpy(np.stack([exported._decode(str(p)) for p in pictures])), pixels)
+    if channels == 4 and importlib.util.find_spec("openvino") is not None:
+        cli("export", ckpt_path, "--format", "openvino")
+        openvino = Predictor.from_path(ckpt_path.with_suffix(".xml"), runtime="openvino")
+        assert torch.allclose(openvino.probabilities(pixels), want, atol=1e-5)
 
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("uvicorn")
