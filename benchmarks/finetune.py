@@ -64,7 +64,8 @@ def data_folder(name: str, args, tmp: Path) -> Path:
     """The folder of set `name` (train/ + its validation split); with --pets-train N, a folder of links to
     the first N training pictures of each class (sorted by name) and the whole validation split."""
     get, sub, valid, _, _ = SETS[name]
-    root = Path(subprocess.run([str(SHARED / "get"), get], capture_output=True, text=True, check=True).stdout.strip())
+    root = args.root.get(name) or Path(subprocess.run([str(SHARED / "get"), get], capture_output=True, text=True,
+                                                      check=True).stdout.strip())
     root = root / sub if sub and (root / sub).is_dir() else root
     if name != "pets" or not args.pets_train:
         return root
@@ -83,9 +84,9 @@ def load() -> float:
 
 def run_imgclf(folder: Path, valid: str, size: int, epochs: int, seed: int, args, tmp: Path) -> dict:
     out = tmp / f"imgclf-{folder.name}-{seed}"
-    cmd = [PYTHON, "-m", "imgclf", "train", "--data", str(folder), "--model", f"timm/{ARCH}", "--pretrained",
-           str(args.weights), "--img-size", str(size), "--epochs", str(epochs), "--seed", str(seed),
-           "--out", str(out), *shlex.split(args.imgclf_flags)]
+    start = ["--model", args.scratch] if args.scratch else ["--model", f"timm/{ARCH}", "--pretrained", str(args.weights)]
+    cmd = [PYTHON, "-m", "imgclf", "train", "--data", str(folder), *start, "--img-size", str(size), "--epochs",
+           str(epochs), "--seed", str(seed), "--device", args.device, "--out", str(out), *shlex.split(args.imgclf_flags)]
     wall, peak, r = run_tree_measured(cmd, env={"PYTHONPATH": str(ROOT / "src")})
     if r.returncode != 0:
         return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
@@ -97,7 +98,7 @@ def run_imgclf(folder: Path, valid: str, size: int, epochs: int, seed: int, args
 
 def run_worker(kind: str, folder: Path, valid: str, size: int, epochs: int, seed: int, args) -> dict:
     """fastai or the probe, in the peers' Python, by this file's --worker mode."""
-    cmd = [str(args.peers / "bin" / "python"), __file__, "--worker", kind, "--data", str(folder), "--valid", valid,
+    cmd = [str(peers_python(args)), __file__, "--worker", kind, "--device", args.device, "--scratch", args.scratch, "--data", str(folder), "--valid", valid,
            "--w-size", str(size), "--w-epochs", str(epochs), "--w-seed", str(seed), "--weights", str(args.weights),
            "--fastai-epochs", args.fastai_epochs]
     wall, peak, r = run_tree_measured(cmd)
@@ -109,10 +110,10 @@ def run_worker(kind: str, folder: Path, valid: str, size: int, epochs: int, seed
 def run_timm(folder: Path, valid: str, size: int, epochs: int, seed: int, args, tmp: Path) -> dict:
     classes = [p for p in (folder / "train").iterdir() if p.is_dir()]
     out = tmp / f"timm-{folder.name}-{seed}"
-    cmd = [str(args.peers / "bin" / "python"), str(args.timm_train), "--data-dir", str(folder), "--train-split",
+    cmd = [str(peers_python(args)), str(args.timm_train), "--data-dir", str(folder), "--train-split",
            "train", "--val-split", valid, "--model", ARCH, "--pretrained", "--pretrained-path", str(args.weights),
            "--num-classes", str(len(classes)), "--img-size", str(size), "--epochs", str(epochs), "--seed", str(seed),
-           "--device", "cpu", "--workers", str(os.cpu_count() or 1), "--output", str(out), "--experiment", "run",
+           "--device", args.device, "--workers", str(os.cpu_count() or 1), "--output", str(out), "--experiment", "run",
            *shlex.split(args.timm_flags)]
     wall, peak, r = run_tree_measured(cmd)
     if r.returncode != 0:
@@ -131,6 +132,7 @@ def run_timm(folder: Path, valid: str, size: int, epochs: int, seed: int, args, 
 def fastai_worker(args) -> dict:
     """fastai's documented fine-tune, in this process (the peers' Python)."""
     import torch
+    import torchvision
     from fastai.vision.all import (
         Callback,
         ImageDataLoaders,
@@ -159,9 +161,15 @@ def fastai_worker(args) -> dict:
 
     seconds, accs = [], []
     set_seed(args.w_seed, reproducible=True)
+    # fastai's from-scratch default (--scratch) has no normalisation; a pretrained body gets its weights' stats
+    norm = [] if args.scratch else [Normalize.from_stats([0.5] * 3, [0.5] * 3)]
     dls = ImageDataLoaders.from_folder(args.data, train="train", valid=args.valid, item_tfms=Resize(args.w_size),
-                                       batch_tfms=[*aug_transforms(), Normalize.from_stats([0.5] * 3, [0.5] * 3)],
-                                       seed=args.w_seed, device="cpu")
+                                       batch_tfms=[*aug_transforms(), *norm], seed=args.w_seed, device=args.device)
+    if args.scratch:  # its learner on a random network, one-cycle at its default lr
+        learn = vision_learner(dls, getattr(torchvision.models, args.scratch), pretrained=False, metrics=accuracy,
+                               cbs=Clock())
+        learn.fit_one_cycle(args.w_epochs)
+        return {"accs": accs, "train_seconds": sum(seconds)}
     learn = vision_learner(dls, ARCH, pretrained=False, metrics=accuracy, cbs=Clock())
     missing, unexpected = learn.model[0].model.load_state_dict(torch.load(args.weights, weights_only=True),
                                                                strict=False)
@@ -202,6 +210,11 @@ def probe_worker(args) -> dict:
     return {"accs": [float((clf.predict(xv) == yv).mean())], "train_seconds": seconds, "config": str(config)}
 
 
+def peers_python(args) -> Path:
+    """The peers' Python: --peers is a virtual environment or a Python executable."""
+    return args.peers if args.peers.is_file() else args.peers / "bin" / "python"
+
+
 def describe(name: str, tool: str, seed: int, n_train: int, epochs: int, res: dict, loads: tuple) -> str:
     head = f"{name:<5} {tool:<7} seed {seed}"
     if "error" in res:
@@ -215,8 +228,12 @@ def describe(name: str, tool: str, seed: int, n_train: int, epochs: int, res: di
 
 def benchmark(args) -> None:
     print(machine())
-    have_peers = (args.peers / "bin" / "python").exists()
+    have_peers = peers_python(args).exists()
     tools = args.tools.split(",")
+    if args.scratch:
+        tools = [t for t in tools if t in ("imgclf", "fastai")]
+        print(f"from scratch: {args.scratch} (imgclf --model {args.scratch}; fastai vision_learner(pretrained=False) "
+              f"+ fit_one_cycle(E), item_tfms=Resize(S), aug_transforms()); device {args.device}")
     print(f"network {ARCH}, weights {args.weights}; imgclf flags: {args.imgclf_flags or '(defaults)'}; timm flags: "
           f"{args.timm_flags}; fastai: fine_tune({'E-1' if args.fastai_epochs == 'total' else 'E'})")
     results = []
@@ -288,6 +305,12 @@ def main() -> None:
     parser.add_argument("--fastai-epochs", default="total", choices=("total", "unfrozen"),
                         help="total: fine_tune(E-1), E passes as the others; unfrozen: fine_tune(E)")
     parser.add_argument("--json", help="also write every run's figures to this file")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda, for every tool")
+    parser.add_argument("--root", default={}, type=lambda s: per_set(s, lambda v: Path(v).resolve()), metavar="SET=FOLDER,...",
+                        help="a set's folder given directly (else ../shared/data/get finds it)")
+    parser.add_argument("--scratch", default="", metavar="ARCH",
+                        help="from scratch instead: torchvision ARCH (e.g. resnet18), imgclf against fastai's "
+                        "fit_one_cycle, no weights")
     parser.add_argument("--worker", choices=("fastai", "probe"), help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--valid", help=argparse.SUPPRESS)

@@ -40,11 +40,14 @@ ACCEPTED = {
     ("train", "--log-every"): {"huge"}, ("train", "--stop-after"): set(),
     ("train", "--freeze-epochs"): {"0"}, ("train", "--backbone-lr-scale"): set(),
     ("train", "--ema-decay"): {"0"},
+    ("train", "--whiten-bias-epochs"): {"0"}, ("train", "--warmup-start"): {"0"}, ("train", "--lr-end"): {"0"},
+    ("train", "--folds"): set(), ("train", "--fold"): set(),
     ("train", "--lr-base-batch"): set(), ("train", "--clip-grad"): {"0", "huge"}, ("train", "--accumulate"): set(),
     ("lr-find", "--freeze-epochs"): {"0"}, ("lr-find", "--backbone-lr-scale"): set(),
     ("cache", "--older-than"): {"0", "huge"},
     ("eval", "--val-fraction"): set(), ("eval", "--batch-size"): set(),
     ("predict", "--topk"): {"huge"}, ("predict", "--batch-size"): set(),
+    ("predict", "--every"): {"huge"}, ("predict", "--fps"): {"huge"},
     ("samples", "--per-class"): {"huge"},
     ("inspect", "--num-classes"): set(),
     ("serve", "--port"): set(), ("serve", "--topk"): {"huge"}, ("serve", "--max-upload-mb"): {"huge"},
@@ -60,11 +63,19 @@ ACCEPTED = {
     ("lr-find", "--batch-size"): set(), ("lr-find", "--eval-batch-size"): set(), ("lr-find", "--momentum"): {"0"},
     ("lr-find", "--weight-decay"): {"0", "huge"}, ("lr-find", "--warmup-epochs"): {"0", "huge"},
     ("lr-find", "--label-smoothing"): {"0"}, ("lr-find", "--seed"): {"0"},
+    ("lr-find", "--whiten-bias-epochs"): {"0"}, ("lr-find", "--warmup-start"): {"0"}, ("lr-find", "--lr-end"): {"0"},
     ("tune", "--trials"): {"huge"}, ("tune", "--timeout"): {"huge"}, ("tune", "--startup-trials"): {"0", "huge"},
     ("tune", "--heartbeat"): set(), ("tune", "--nproc-per-node"): set(),
+    **{(command, flag): set() for command in ("embed", "similar", "duplicates", "review")
+       for flag in ("--val-fraction", "--batch-size")},
+    ("similar", "-k"): set(), ("duplicates", "--threshold"): {"0", "-1"},
+    ("review", "--folds"): set(), ("review", "--epochs"): set(),
+    ("predict", "--reject-below"): {"0"}, ("serve", "--reject-below"): {"0"}, ("export", "--reject-below"): {"0"},
+    ("eval", "--reject-precision"): set(),
 }
 ACCEPTED.update({("tune", flag): values for (command, flag), values in list(ACCEPTED.items())
-                 if command == "train" and flag != "--stop-after"})  # tune takes train's flags but --stop-after
+                 if command == "train" and flag not in ("--stop-after", "--folds", "--fold")})  # tune takes
+# train's flags but those: a trial is one run
 
 
 def subcommands() -> dict:
@@ -126,6 +137,10 @@ def base_args(command: str, root: Path, port: int) -> list[str]:
         "show": [nowhere],
         "features": [missing, str(root / "picture.png")],
         "cache": ["list", "--cache-dir", str(root / "missing.pt")],
+        "embed": [missing, nowhere, "--out", str(root / "emb"), "--device", "cpu"],
+        "similar": [missing, str(root / "picture.png"), nowhere, "--device", "cpu"],
+        "duplicates": [missing, nowhere, "--out", str(root / "dup"), "--device", "cpu"],
+        "review": [missing, nowhere, "--out", str(root / "review"), "--device", "cpu"],
         "tune": ["--space", str(root / "missing.yaml"), "--data", nowhere, "--out", str(root / "tune"),
                  "--device", "cpu"],
     }[command]

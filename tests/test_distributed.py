@@ -70,6 +70,33 @@ def test_two_gloo_processes_match_one(folder, tmp_path):
     assert [r["epoch"] for r in _records(double)] == [1, 2, 3]
 
 
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_with_several_labels_per_picture(tmp_path):
+    """Multi-label under torchrun: every validation picture's probabilities are gathered from both processes
+    before average precision and the thresholds are computed, so the figures are one process's."""
+    root = tmp_path / "pics"
+    write_class_folder(root, ["a", "b", "c"], 24, seed=3)
+    # labels: the picture's colour class, and "b" as well on every third picture of "a"
+    rows = [f"{p.relative_to(root).as_posix()},{p.parent.name}{' b' if p.parent.name == 'a' and i % 3 == 0 else ''}"
+            for i, p in enumerate(sorted(root.rglob("*.png")))]
+    csv = tmp_path / "labels.csv"
+    csv.write_text("filename,labels\n" + "\n".join(rows) + "\n")
+    common = ["train", "--data", root, "--labels", csv, "--epochs", "2", "--batch-size", "16", "--seed", "5",
+              "--device", "cpu", "--precision", "fp32", "--cache-dir", tmp_path / "cache"]
+    single, double = tmp_path / "single", tmp_path / "double"
+    r1 = run_cli(*common, "--out", single, env={"OMP_NUM_THREADS": "1"})
+    assert r1.returncode == 0, r1.stderr
+    r2 = subprocess.run([*TORCHRUN, *map(str, common), "--out", str(double)], capture_output=True, text=True,
+                        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    a, b = _records(single), _records(double)
+    assert [r["val_count"] for r in b] == [r["val_count"] for r in a]  # every picture counted once
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("train_loss", "val_loss", "val_map", "val_micro_ap"):
+            assert rb[key] == pytest.approx(ra[key], abs=1e-4), key
+        assert rb["val_thresholds"] == pytest.approx(ra["val_thresholds"], abs=1e-4)
+
 def test_a_last_batch_too_small_to_share_is_dropped():
     from imgclf.cache import Split
     from imgclf.loader import BatchLoader

@@ -128,7 +128,8 @@ def test_the_run_says_how_it_fine_tunes(tmp_path):
     assert line == (f"fine-tuning from {weights}: the new head alone for 1 epoch, then the whole network (backbone "
                     f"at 0.1x the rate); adamw lr 0.001, cosine, batch 32; head init zero; BatchNorm statistics "
                     f"update; pictures normalised by mean (0.5, 0.5, 0.5) std (0.5, 0.5, 0.5) (timm pretrained_cfg "
-                    f"of tf_efficientnet_lite0.in1k)")
+                    f"of tf_efficientnet_lite0.in1k); evaluated with the shorter side resized (bicubic) to "
+                    f"floor(side / crop_pct) then the centre side (crop_pct 0.875)")
 
 
 @pytest.mark.slow

@@ -196,6 +196,24 @@ def test_mosaics_train_eval_predict_export(request, tmp_path, capsys):
     assert main(["eval", str(onnx), "--data", str(mosaics["test"]), "--labels", str(mosaics["test_csv"]), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["map"] == pytest.approx(summary["map"], abs=1e-3)
     served(onnx, pictures[:3], rows[:3])
+
+    # int8: calibrated on the run's training mosaics, its mAP against the float graph's on the validation ones
+    pytest.importorskip("nncf")
+    int8 = tmp_path / "model.int8.onnx"
+    assert main(["export", str(run / "checkpoints" / "best.pt"), "--format", "onnx", "--int8", "--out", str(int8)]) == 0
+    said = capsys.readouterr().out
+    from imgclf.predict import ExportedPredictor
+
+    q = ExportedPredictor(int8, "onnx").metadata["quantization"]
+    assert q["pictures"] == 80 and "same_labels" in q and "float_accuracy" not in q
+    assert f"int8 mAP {q['int8_map']:.2%} against float {q['float_map']:.2%}" in said
+    assert q["float_map"] == pytest.approx(records[ckpt["epoch"] - 1]["val_map"], abs=1e-3)  # the float graph's
+    assert q["float_map"] - q["int8_map"] < 0.05 and q["same_labels"] > 0.5
+    assert main(["predict", str(int8), *map(str, pictures[:5]), "--json"]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(answers) == 5
+    for b in answers:
+        assert set(b["scores"]) == set(MOSAIC_CLASSES) and all(t["probability"] >= thresholds[t["label"]] for t in b["top"])
     pytest.importorskip("openvino")
     xml = tmp_path / "model.xml"
     assert main(["export", str(run / "checkpoints" / "best.pt"), "--format", "openvino", "--out", str(xml)]) == 0
@@ -334,3 +352,16 @@ def test_small_run_resumes_keeps_its_thresholds_and_shows_its_pictures(pictures,
     plot = tmp_path / "lr.png"
     assert main(["lr-find", "--data", str(pictures), "--labels", str(csv), "--steps", "10", "--out", str(plot),
                  *common]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.slow  # a decode and a figure: over a second on a busy machine
+def test_show_draws_a_multilabel_data_set_from_its_csv(pictures, tmp_path, capsys):
+    csv = write_csv(tmp_path / "labels.csv", [[f"a{i}.png", ["cat", "dog"][: i % 3]] for i in range(12)])
+    out = tmp_path / "samples.png"
+    assert main(["show", str(pictures), "--labels", str(csv), "--random", "6", "--out", str(out),
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    table = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines() if line.split()}
+    # every picture with i % 3 >= 1 is a cat, with i % 3 == 2 also a dog; the train split holds some of each
+    assert "cat" in rows and "dog" in rows and int(rows["cat"][0]) >= int(rows["dog"][0]) > 0
+    assert out.is_file() and out.stat().st_size > 1000

@@ -255,6 +255,8 @@ IDLE = [  # (options, the flag refused): every combination where an option would
     ({"data": FOLDER, "data_root": "elsewhere"}, "--data-root"),
     ({"data": "cifar10", "labels": "x.csv"}, "--labels"),
     ({"data": "cifar10", "val_fraction": 0.3}, "--val-fraction"),
+    ({"folds": 5, "val_fraction": 0.3}, "--val-fraction"),
+    ({"fold": 2}, "--fold"),
     ({"data": "mnist", "strict": True}, "--strict-data"),
     ({"data": "cifar10", "cache_dir": "c"}, "--cache-dir"),
     ({"freeze_backbone": True, "freeze_epochs": 2}, "--freeze-epochs"),
@@ -266,6 +268,9 @@ IDLE = [  # (options, the flag refused): every combination where an option would
     ({"ema_decay": 0.9}, "--ema-decay"),
     ({"mlflow_experiment": "mine"}, "--mlflow-experiment"),
     ({"normalize": "data"}, "--normalize"),
+    ({"warmup_epochs": 0, "warmup_start": 0.2}, "--warmup-start"),
+    ({"schedule": "constant", "lr_end": 0.07}, "--lr-end"),
+    ({"weight_decay": 0, "decay_biases": True}, "--decay-biases"),
 ]
 ACTING = [  # the same options where they act
     {"optimizer": "sgd", "momentum": 0.5, "nesterov": False},
@@ -278,19 +283,22 @@ ACTING = [  # the same options where they act
     {"freeze_epochs": 2, "backbone_lr_scale": 0.1},
     {"epochs": 10, "patience": 8, "stop_after": 9},
     {"batch_size": 4, "accumulate": 4},
+    {"warmup_start": 0.2, "lr_end": 0.07, "decay_biases": True},
     {"ema": True, "ema_decay": 0.9},
     {"mlflow": "sqlite:///m.db", "mlflow_experiment": "mine"},
     {"pretrained": "w.pth", "normalize": "data"},
+    {"folds": 5, "fold": 2},
 ]
 # The augmentation options: switch their preset on or are refused by imgclf.augment.choose (tests/test_photo.py).
 AUGMENTATION = {"--crop-pad", "--crop-scale", "--auto-augment", "--random-erasing"}
 # Options that act whatever else is set (read in train, pipeline, sources, engine: each changes the run).
-ALWAYS_ACT = {"--data", "--img-size", "--augment", "--mixup",
+ALWAYS_ACT = {"--data", "--img-size", "--augment", "--mixup", "--folds", "--calibrate",
               "--cutmix", "--progressive-resize", "--batch-size", "--balance", "--eval-batch-size", "--model",
               "--pretrained", "--freeze-backbone", "--model-args", "--optimizer", "--lr", "--weight-decay",
               "--schedule", "--warmup-epochs", "--label-smoothing", "--epochs", "--monitor", "--lookahead",
               "--lr-base-batch", "--clip-grad", "--head-init", "--bn-stats", "--out", "--device", "--seed", "--precision", "--channels-last",
-              "--compile", "--log-every", "--ema", "--tta", "--mlflow", "--task"}
+              "--compile", "--log-every", "--ema", "--tta", "--mlflow", "--task",
+              "--drop-last", "--whiten-bias-epochs", "--bf16-weights"}  # the last two: refused in one line where not
 
 
 @pytest.mark.parametrize(("options", "flag"), IDLE, ids=[f"{f}:{','.join(o)}" for o, f in IDLE])

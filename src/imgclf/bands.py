@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 
 from imgclf.errors import UserError, shown
 from imgclf.files import not_regular
-from imgclf.transforms import MAX_PIXELS, BadImage, load_image, quiet_libtiff
+from imgclf.transforms import MAX_PIXELS, PLAIN, BadImage, Decoding, load_image, quiet_libtiff
 
 DEPTHS = (8, 16)
 TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
@@ -173,20 +173,20 @@ def describe(p: Probe) -> str:
 # ---------------------------------------------------------------- decoding
 
 
-def load_bands(source, *, size: int, channels: int, depth: int) -> np.ndarray:
+def load_bands(source, *, size: int, channels: int, depth: int, decoding: Decoding = PLAIN) -> np.ndarray:
     """Decode one picture into an array (size, size, channels) of uint8 (depth 8) or uint16 (depth 16).
 
     TIFFs are read by tifffile (any band count, 8 or 16 bits); 16-bit colour PNGs by `_png16` (Pillow would
     keep their high bytes only); the rest by Pillow, EXIF orientation applied. A sample of the other depth is
     rescaled (8 -> 16: v * 257, exact; 16 -> 8: round(v / 257)). Channels: as stored, else alpha composited on
     white, grey repeated to RGB, or RGB to grey (L = R 299/1000 + G 587/1000 + B 114/1000, Pillow's weights);
-    anything else is a ChannelMismatch. The short side is resized to `size` (antialiased bilinear, in float)
-    and the centre cropped. Raises BadImage for anything unreadable, never anything else."""
+    anything else is a ChannelMismatch. The short side is resized to `decoding.resize_for(size)` (antialiased,
+    in float: bicubic for a bicubic `decoding`, else bilinear) and the centre `size` cropped. Raises BadImage for anything unreadable, never anything else."""
     quiet_libtiff()
     try:
         arr, alpha = _read(source)
         arr = _fit_channels(arr, alpha, channels)
-        return _resize_crop(arr, size, depth)
+        return _resize_crop(arr, size, depth, decoding)
     except BadImage:
         raise
     except Exception as err:  # noqa: BLE001 - tifffile, zlib and Pillow raise many types for bad bytes
@@ -343,30 +343,34 @@ def _fit_channels(arr: np.ndarray, alpha: bool, channels: int) -> np.ndarray:
                           f"not {channels}")
 
 
-def _resize_crop(arr: np.ndarray, size: int, depth: int) -> np.ndarray:
-    """(H, W, C) -> (size, size, C) at `depth`: short side to `size` (antialiased bilinear in float32, as
-    `transforms.resize_batch`), centre crop, rounded back to integers."""
+def _resize_crop(arr: np.ndarray, size: int, depth: int, decoding: Decoding = PLAIN) -> np.ndarray:
+    """(H, W, C) -> (size, size, C) at `depth`: short side to `decoding.resize_for(size)` (antialiased
+    bilinear in float32, as `transforms.resize_batch`; bicubic for a bicubic contract: torch has no other of
+    Pillow's filters), centre crop, rounded back to integers."""
+    side = decoding.resize_for(size)
+    mode = "bicubic" if decoding.interpolation == "bicubic" else "bilinear"
     h, w, _ = arr.shape
     x = torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1)[None]
     here = 16 if arr.dtype == np.uint16 else 8
     if here != depth:
         x = x * 257.0 if depth == 16 else x / 257.0
-    if (h, w) != (size, size):
-        scale = size / min(h, w)
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    if (h, w) != (size, size) or side != size:
+        scale = side / min(h, w)
+        nh, nw = max(side, round(h * scale)), max(side, round(w * scale))
+        x = torch.nn.functional.interpolate(x, size=(nh, nw), mode=mode, antialias=True, align_corners=False)
         top, left = (nh - size) // 2, (nw - size) // 2
         x = x[:, :, top : top + size, left : left + size]
     out = x[0].permute(1, 2, 0).round().clamp(0, full_scale(depth)).numpy()
     return out.astype(storage_dtype(depth))
 
 
-def decode(source, *, size: int, channels: int, depth: int) -> np.ndarray:
-    """One picture as the run stores it, (size, size, channels): `transforms.load_image` for plain runs
+def decode(source, *, size: int, channels: int, depth: int, decoding: Decoding = PLAIN) -> np.ndarray:
+    """One picture as the run stores it, (size, size, channels), resized and cropped as `decoding` says (a
+    pretrained network's input contract; PLAIN: imgclf's own): `transforms.load_image` for plain runs
     (`is_plain`, the uint8 fast path), else `load_bands`."""
     if is_plain(channels, depth):
-        return load_image(source, size=size, channels=channels)
-    return load_bands(source, size=size, channels=channels, depth=depth)
+        return load_image(source, size=size, channels=channels, decoding=decoding)
+    return load_bands(source, size=size, channels=channels, depth=depth, decoding=decoding)
 
 
 RESIZE_RULE = ("multi-band or 16-bit pictures: every band read at its depth (TIFF by tifffile); shorter side resized "
@@ -379,9 +383,10 @@ PREPROCESSING = [
     "samples of the other depth rescaled: 8 -> 16 bits v * 257, 16 -> 8 bits round(v / 257)",
     "channels: as stored; else the alpha channel composited on white (v * a + max * (1 - a)), grey repeated to "
     "3 channels, or RGB to grey (R * 0.299 + G * 0.587 + B * 0.114, rounded); another count is refused",
-    "shorter side resized to size: new sides max(size, round(side * size / shorter)), "
-    "torch.nn.functional.interpolate(mode='bilinear', antialias=True, align_corners=False) in float32, "
-    "skipped when the picture is already size x size",
+    "shorter side resized to size (to resize_side when the input record states one): new sides "
+    "max(size, round(side * size / shorter)), torch.nn.functional.interpolate(mode='bilinear' (or 'bicubic' "
+    "when the record's interpolation is bicubic), antialias=True, align_corners=False) in float32, "
+    "skipped when the picture is already size x size and no resize_side is stated",
     "crop the centre size x size, from ((w - size) // 2, (h - size) // 2); round, clamp to 0..max",
     "array (size, size, C) of uint8 (depth 8) or uint16 (depth 16), transposed to (C, size, size); "
     "the graph divides by 255 or 65535",

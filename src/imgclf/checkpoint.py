@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 
 from imgclf import __version__
+from imgclf.calibration import MAX_T, MIN_T
 from imgclf.config import MAX_CHANNELS, MAX_SIDE
 from imgclf.errors import UserError, shown
 from imgclf.files import atomic_write
+from imgclf.transforms import PLAIN, Decoding, decoding_problem
 from imgclf.usercode import code_identity
 
 FORMAT = "imgclf-checkpoint"
@@ -35,15 +37,21 @@ MAX_DEPTH = 64  # nesting of lists and dicts
 
 
 def build_checkpoint(*, model_name: str, classes: list[str], channels: int, size: int, mean, std, config: dict,
-                     state: dict, task: dict | None = None, depth: int = 8) -> dict:
+                     state: dict, task: dict | None = None, decoding: Decoding = PLAIN,
+                     temperature: float | None = None, depth: int = 8) -> dict:
     """The self-describing checkpoint: what the network is, what it classifies, how its input is prepared,
     the run's configuration, and `state` (`engine.TrainState.state_dict()`: weights, optimizer, progress).
 
     A network from the user's .py file (`--model FILE.py:Class`) is described by `model.code`: the file's
     name and SHA-256, the class and its constructor arguments (`usercode.code_identity`), never the code.
     `task`: the task's entries (`tasks.Task.checkpoint_entries`: "task" and a multi-label run's
-    "thresholds"; none for single-label, whose checkpoints name no task). `depth`: bits a sample of the
-    pictures, 8 or 16 (imgclf.bands; a checkpoint without it is 8)."""
+    "thresholds"; none for single-label, whose checkpoints name no task). `decoding`: how its pictures are
+    resized and cropped (transforms.Decoding, a pretrained network's input contract): "input" then holds its
+    interpolation, crop_pct and resize_side (the shorter side before the crop); a PLAIN one adds nothing, so that
+    a record without them (and every older checkpoint) means imgclf's own bilinear resize to the side.
+    `temperature`: a single-label model's fitted temperature (imgclf.calibration), stored only when given
+    (absent means 1). `depth`: bits a sample of the pictures, 8 or 16 (imgclf.bands; a checkpoint without it
+    is 8)."""
     model = {"name": model_name, "num_classes": len(classes), "in_channels": channels, "img_size": size}
     code = code_identity(model_name, (config.get("model") or {}).get("args"))
     if code is not None:
@@ -52,8 +60,10 @@ def build_checkpoint(*, model_name: str, classes: list[str], channels: int, size
         "format": FORMAT, "format_version": FORMAT_VERSION, "imgclf_version": __version__,
         "model": model,
         "classes": list(classes),
-        "input": {"channels": channels, "size": size, "depth": depth, "mean": list(mean), "std": list(std)},
+        "input": {"channels": channels, "size": size, "depth": depth, "mean": list(mean), "std": list(std),
+                  **decoding.record(size)},
         "config": config, **state, **(task or {}),
+        **({"temperature": float(temperature)} if temperature is not None else {}),
     }
 
 
@@ -276,6 +286,9 @@ def _schema_problem(ckpt: dict) -> str | None:
         if not isinstance(values, list | tuple) or len(values) != channels or not all(
                 _real(v) and math.isfinite(v) and (part == "mean" or v > 0) for v in values):
             return f"input {part} is {_kind(values)}, not {channels} finite numbers"
+    problem = decoding_problem(inp)
+    if problem:
+        return problem
     for key, value in (("num_classes", len(classes)), ("in_channels", channels)):
         if key in model and (type(model[key]) is not int or model[key] != value):
             return f"model {key} {_kind(model[key])} disagrees with the {value} of its classes and input"
@@ -288,6 +301,16 @@ def _schema_problem(ckpt: dict) -> str | None:
             return f"{part} is {_kind(weights)}, not a dict of named tensors"
     if not isinstance(ckpt.get("config", {}), dict):
         return f"config is {_kind(ckpt.get('config'))}, not a dict"
+    return _calibration_problem(ckpt)
+
+
+def _calibration_problem(ckpt: dict) -> str | None:
+    """What is wrong with the optional "temperature" and "reject_below" entries (imgclf.calibration), or None."""
+    t, p = ckpt.get("temperature", 1.0), ckpt.get("reject_below", 0.0)
+    if not (_real(t) and MIN_T <= t <= MAX_T):
+        return f"temperature is {_kind(t)}, not a number in [{MIN_T:g}, {MAX_T:g}]"
+    if not (_real(p) and 0 <= p <= 1):
+        return f"reject_below is {_kind(p)}, not a probability"
     return None
 
 

@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for add in (_add_train, _add_eval, _add_predict, _add_samples, _add_models, _add_inspect, _add_export,
-                _add_serve, _add_show, _add_features, _add_lr_find, _add_env, _add_cache, _add_runs, _add_tune):
+                _add_serve, _add_show, _add_features, _add_cam, _add_lr_find, _add_env, _add_cache, _add_runs,
+                _add_tune, _add_embed, _add_similar, _add_duplicates, _add_review):
         add(sub, common)
     parser.set_defaults(debug=False)
     return parser
@@ -293,9 +294,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         from imgclf.configfile import config_yaml
 
         print(config_yaml(cfg), end="")
+        if cfg.model.pretrained:  # what the weights' input contract makes of the pictures (not a flag of its own)
+            from imgclf.pipeline import describe_input, normalization
+
+            print(f"# {describe_input(normalization(cfg, 3), cfg.data.img_size)}")
         return EXIT_OK
     if not args.resume:
         refuse_existing_run(cfg.run.out, f"resume it with --resume {cfg.run.out}", "--out")
+    if cfg.data.folds and cfg.data.fold is None:
+        return _train_folds(cfg, resume=bool(args.resume))
     from imgclf.train import train  # torch and the rest, once the flags are known to be good
 
     try:
@@ -307,6 +314,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         from imgclf.runs import format_finished
 
         print(format_finished(record, cfg.run.out), file=sys.stderr)
+    return EXIT_OK
+
+
+def _train_folds(cfg: TrainConfig, *, resume: bool) -> int:
+    """`imgclf train --folds K`: K runs, one per fold (imgclf.crossval), then their figures' table."""
+    from imgclf.crossval import cross_validate, folds_output
+
+    try:
+        summary = cross_validate(cfg, resume=resume)
+    except Stopped as stop:
+        print(f"imgclf: {shown(str(stop))}", file=sys.stderr)
+        return stop.code
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once for the job
+        _say(*folds_output(summary, cfg.run.out))
     return EXIT_OK
 
 
@@ -351,16 +372,26 @@ def _add_eval(sub, common) -> None:
                        "labels": "as `imgclf train --labels`"})
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--reliability", metavar="FILE.png",
+                   help="single-label: draw the reliability diagram, before and after the stored temperature")
+    _number(p, "--reject-precision", float, 0, 1, low_open=True, metavar="X",
+            help="single-label: print the --reject-below cut at which the pictures kept are right at precision X "
+                 "on this split (choose it on --split val)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from imgclf.evaluate import evaluate_checkpoint, evaluation_summary, evaluation_table
+    from imgclf.evaluate import evaluate_checkpoint, evaluation_summary, evaluation_table, extra_outputs
 
     cfg = DataConfig(data=args.data, data_root=args.data_root, val_fraction=args.val_fraction,
                      eval_batch_size=args.batch_size, cache_dir=args.cache_dir, labels=args.labels)
     result = evaluate_checkpoint(args.checkpoint, cfg, split=args.split, device=args.device)
     print(json.dumps(evaluation_summary(result)) if args.json else evaluation_table(result))
+    _say("", extra_outputs(result, reliability=args.reliability, reject_precision=args.reject_precision))
     return EXIT_OK
+
+
+REJECT_HELP = ("answer unknown for a picture whose top (calibrated) probability is under P (default: the model's "
+               "stored cut, if any; `imgclf eval --reject-precision` suggests one)")
 
 
 def _add_predict(sub, common) -> None:
@@ -369,7 +400,15 @@ def _add_predict(sub, common) -> None:
                                        "TorchScript)")
     _add_model_code(p)
     p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="picture files and folders, http(s):// URLs, or - for a picture on standard input")
+                   help="picture files and folders, http(s):// URLs, or - for a picture on standard input; or "
+                        "videos (.mp4, ...), stream URLs (rtsp://) or a camera (0): a label per second "
+                        "(docs/usage.md: Videos and cameras)")
+    frames = p.add_mutually_exclusive_group()
+    _number(p, "--every", int, 1, group=frames, metavar="N", help="videos: label every Nth frame (default: all)")
+    _number(p, "--fps", float, 0, low_open=True, group=frames, metavar="F",
+            help="videos: label about F frames per second of video")
+    p.add_argument("--frames-csv", metavar="FILE",
+                   help="videos: each labelled frame's scores into FILE (default: NAME.frames.csv beside a video file)")
     _number(p, "--topk", int, 1, default=3, help="how many labels per picture (%(default)s)")
     _number(p, "--batch-size", int, 1, MAX_BATCH, default=64, help="pictures per batch (%(default)s)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -378,14 +417,29 @@ def _add_predict(sub, common) -> None:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="one JSON object per line")
     fmt.add_argument("--csv", action="store_true", help="CSV with a header row")
+    _number(p, "--reject-below", float, 0, 1, metavar="P", help=REJECT_HELP)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from imgclf import video
     from imgclf.predict import Predictor, print_predictions
 
+    videos = [video.is_video(path) for path in args.paths]
+    if any(videos) and not all(videos):
+        raise UserError("give `imgclf predict` pictures or videos, not both at once")
+    if not any(videos) and (args.every or args.fps or args.frames_csv):
+        raise UserError("--every, --fps and --frames-csv are for videos (.mp4, ..., rtsp://, a camera number)")
+    if any(videos):
+        video.require_decoder()  # before the model is loaded: a missing decoder is said at once
     predictor = Predictor.from_path(args.checkpoint, device=args.device, precision=args.precision)
+    predictor.reject(args.reject_below)
     style = "json" if args.json else "csv" if args.csv else "text"
-    failed = print_predictions(predictor.iter_predict(args.paths, topk=args.topk, batch_size=args.batch_size), style)
+    if any(videos):
+        failed = video.print_videos(predictor, args.paths, sampling=video.Sampling(args.every or 1, args.fps),
+                                    topk=args.topk, batch_size=args.batch_size, frames_csv=args.frames_csv, style=style)
+    else:
+        failed = print_predictions(predictor.iter_predict(args.paths, topk=args.topk, batch_size=args.batch_size),
+                                   style)
     return EXIT_PARTIAL if failed else EXIT_OK
 
 
@@ -476,6 +530,8 @@ def _add_export(sub, common) -> None:
     _number(p, "--calibration-size", int, 1, 100_000, help="training pictures to calibrate on (default 300)")
     p.add_argument("--eval-data", metavar="DATA", help="data set or folder whose held-out split --int8 is checked on "
                                                        "(default: the checkpoint's, else --calibration-data)")
+    _number(p, "--reject-below", float, 0, 1, metavar="P",
+            help="single-label: store the cut P in the metadata, so that predict and serve answer unknown under it")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -483,7 +539,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     print(export_checkpoint(args.checkpoint, args.export_format, out=args.out, int8=args.int8,
                             calibration_data=args.calibration_data, eval_data=args.eval_data,
-                            calibration_size=args.calibration_size, force=args.force).describe())
+                            calibration_size=args.calibration_size, force=args.force,
+                            reject_below=args.reject_below).describe())
     return EXIT_OK
 
 
@@ -504,6 +561,7 @@ def _add_serve(sub, common) -> None:
             help="largest picture decoded, in million pixels (a JPEG counts at its reduced decoding scale); "
                  "larger ones are refused from their header with 413 (%(default)g)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    _number(p, "--reject-below", float, 0, 1, metavar="P", help=REJECT_HELP)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -511,7 +569,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve_checkpoint(args.checkpoint, host=args.host, port=args.port, topk=args.topk,
                      max_upload_mb=args.max_upload_mb, max_batch=args.max_batch, device=args.device,
-                     max_megapixels=args.max_megapixels)
+                     max_megapixels=args.max_megapixels, reject_below=args.reject_below)
     return EXIT_OK
 
 
@@ -532,15 +590,17 @@ def _add_show(sub, common) -> None:
                         "set's test split serves as validation)")
     p.add_argument("--out", default="samples.png", help="PNG to write (%(default)s)")
     _number(p, "--seed", int, 0, MAX_SEED, default=0, help="which pictures are drawn (%(default)s)")
-    add_data_flags(p, ("img_size", "data_root", "val_fraction", "cache_dir"),
-                   helps={"img_size": "side of the square pictures (default: as `train` uses)"})
+    add_data_flags(p, ("labels", "img_size", "data_root", "val_fraction", "cache_dir"),
+                   helps={"img_size": "side of the square pictures (default: as `train` uses)",
+                          "labels": "as `imgclf train --labels` (several labels per picture: each drawn once, "
+                                    "captioned with all of them)"})
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     from imgclf.visualize import show
 
     cfg = DataConfig(data=args.data, data_root=args.data_root, img_size=args.img_size,
-                     val_fraction=args.val_fraction, cache_dir=args.cache_dir)
+                     val_fraction=args.val_fraction, cache_dir=args.cache_dir, labels=args.labels)
     table, out = show(cfg, per_class=args.per_class, random=args.random, split=args.split, out=args.out,
                       seed=args.seed)
     print(table)
@@ -573,6 +633,34 @@ def cmd_features(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_cam(sub, common) -> None:
+    p = _command(sub, common, "cam", cmd_cam, help="class heatmaps (Grad-CAM): where the network looked",
+                 description="Write, for each picture, its class heatmap over it (Grad-CAM or Grad-CAM++ of the "
+                             "last layer with a spatial output, or --layer), and a grid of all of them "
+                             "(docs/usage.md: Class heatmaps).")
+    p.add_argument("checkpoint", metavar="CKPT")
+    _add_model_code(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="picture files and folders, http(s):// URLs")
+    p.add_argument("--class", dest="class_name", metavar="NAME",
+                   help="the class to explain (default: each picture's most probable one)")
+    p.add_argument("--method", choices=("gradcam", "gradcam++"), default="gradcam",
+                   help="gradcam: each feature map weighed by its mean gradient; gradcam++: by its positive gradients, "
+                        "position by position (better for several objects of the class) (%(default)s)")
+    p.add_argument("--layer", metavar="NAME", help="the module whose feature maps are weighed, as `imgclf inspect` "
+                                                   "names it (default: the last with a spatial output)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for NAME.cam.png and grid.png")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
+def cmd_cam(args: argparse.Namespace) -> int:
+    from imgclf.cam import cam_output, cam_pictures
+
+    result = cam_pictures(args.checkpoint, args.images, args.out, class_name=args.class_name, method=args.method,
+                          layer=args.layer, device=args.device)
+    _say(*cam_output(result))
+    return EXIT_PARTIAL if result.failed else EXIT_OK
+
+
 def _add_lr_find(sub, common) -> None:
     p = _command(sub, common, "lr-find", cmd_lr_find, help="learning-rate range test, plotted (notes 23, 26)",
                  description="Sweep the learning rate exponentially over a few training steps, plot the loss "
@@ -584,7 +672,8 @@ def _add_lr_find(sub, common) -> None:
     _number(p, "--steps", int, 10, default=100, help="training steps of the sweep (%(default)s)")
     p.add_argument("--out", dest="plot", default="lr_find.png", help="PNG to write (%(default)s)")
     add_config_flags(p, skip=("--out", "--lr", "--epochs", "--patience", "--monitor", "--stop-after", "--log-every",
-                              "--ema", "--ema-decay", "--tta", "--lr-base-batch", "--clip-grad", "--accumulate"),
+                              "--ema", "--ema-decay", "--tta", "--lr-base-batch", "--clip-grad", "--accumulate",
+                              "--folds", "--fold"),
                      required=("--data",))
 
 
@@ -676,7 +765,7 @@ def _add_tune(sub, common) -> None:
             help="a running trial's heartbeat; one silent for twice this is marked failed (%(default)s)")
     _number(p, "--nproc-per-node", int, 1, 1024, default=1, metavar="N",
             help="each trial a torchrun job of N processes on this machine, e.g. one per GPU (%(default)s)")
-    add_config_flags(p, skip=("--out", "--stop-after"))
+    add_config_flags(p, skip=("--out", "--stop-after", "--folds", "--fold"))  # a trial is one run
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -696,4 +785,136 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"imgclf: tune {stop}; rerun the same command to continue the study", file=sys.stderr)
         return stop.code
     _say(*tune_output(summary, search.study))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- embed, similar, duplicates, review
+
+DATA_READ = ("data_root", "labels", "val_fraction", "eval_batch_size", "cache_dir")  # as eval reads a data set
+
+
+def _add_embedding_input(p: argparse.ArgumentParser, *, data_help: str) -> None:
+    """The checkpoint, DATA and the data and device flags embed, similar, duplicates and review share."""
+    p.add_argument("checkpoint", help="an imgclf checkpoint (.pt) or a run folder; exported models have no head to read")
+    _add_model_code(p)
+    p.add_argument("data", metavar="DATA", help=data_help)
+    _add_data_read(p)
+
+
+def _add_data_read(p: argparse.ArgumentParser) -> None:
+    """DATA_READ's flags; those that decide the held-out split default to the run's (embed.data_config)."""
+    add_data_flags(p, DATA_READ, flags={"eval_batch_size": "--batch-size"}, helps={
+        "labels": "as `imgclf train --labels` (default: the run's, when DATA is the run's data)",
+        "val_fraction": "held-out share of a single folder of classes (default: the run's, when DATA is the "
+                        "run's data, else 0.2)",
+        "data_root": "where built-in data sets are found (default: the run's)"})
+    p.set_defaults(labels=None, val_fraction=None, data_root=None)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
+def _data_config(args: argparse.Namespace, net) -> DataConfig:
+    from imgclf.embed import data_config
+
+    return data_config(net, args.data, data_root=args.data_root, val_fraction=args.val_fraction,
+                       eval_batch_size=args.batch_size, cache_dir=args.cache_dir, labels=args.labels)
+
+
+def _add_embed(sub, common) -> None:
+    p = _command(sub, common, "embed", cmd_embed, help="write every picture's embedding (.npy + .csv)",
+                 description="Write the vector each picture of a data set gives at the input of the network's "
+                             "classifier head (its penultimate layer) as FILE.npy, and FILE.csv naming each row's "
+                             "picture, split and label (docs/usage.md: Embeddings, duplicates and label review).")
+    _add_embedding_input(p, data_help="data set or folder (as `train --data`): every split is embedded")
+    p.add_argument("--out", required=True, metavar="FILE", help="writes FILE.npy and FILE.csv")
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from imgclf.embed import embed_data, embed_output, open_network, write_embeddings
+
+    net = open_network(args.checkpoint, device=args.device)
+    emb = embed_data(net, _data_config(args, net))
+    _say(*embed_output(emb, write_embeddings(emb, args.out)))
+    return EXIT_OK
+
+
+def _add_similar(sub, common) -> None:
+    p = _command(sub, common, "similar", cmd_similar, help="the pictures of a data set nearest to a picture",
+                 description="Print the pictures of a data set whose embeddings are nearest (cosine) to a "
+                             "query picture's.")
+    p.add_argument("checkpoint", help="an imgclf checkpoint (.pt) or a run folder")
+    p.add_argument("query", metavar="QUERY", help="the picture to look for (a file, an http(s) URL, - for stdin)")
+    _add_model_code(p)
+    p.add_argument("data", metavar="DATA", help="data set or folder to search (every split)")
+    _add_data_read(p)
+    _number(p, "-k", int, 1, 10_000, default=5, dest="k", help="how many pictures (%(default)s)")
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    from imgclf.embed import open_network, similar, similar_output
+
+    net = open_network(args.checkpoint, device=args.device)
+    _say(*similar_output(*similar(net, args.query, _data_config(args, net), k=args.k)))
+    return EXIT_OK
+
+
+def _add_duplicates(sub, common) -> None:
+    p = _command(sub, common, "duplicates", cmd_duplicates, help="exact and near duplicates, and split leaks",
+                 description="Find pairs of pictures that are the same file (exact) or nearly the same picture "
+                             "(near: cosine of their embeddings at least --threshold), within the training split "
+                             "and across splits (leaks); print a table, write OUT/duplicates.csv and "
+                             "OUT/duplicates.png (pairs side by side, worst first).")
+    _add_embedding_input(p, data_help="data set or folder (as `train --data`)")
+    _number(p, "--threshold", float, -1, 1, default=0.95,
+            help="cosine similarity from which two pictures count as near duplicates (%(default)s)")
+    p.add_argument("--out", default="duplicates", metavar="DIR", help="folder for the CSV and PNG (%(default)s)")
+
+
+def cmd_duplicates(args: argparse.Namespace) -> int:
+    from imgclf.duplicates import duplicates, duplicates_output, write_report
+    from imgclf.embed import embed_data, open_network
+
+    net = open_network(args.checkpoint, device=args.device)
+    emb = embed_data(net, _data_config(args, net))
+    pairs = duplicates(emb, threshold=args.threshold)
+    _say(*duplicates_output(emb, pairs, write_report(emb, pairs, args.out), threshold=args.threshold))
+    return EXIT_OK
+
+
+def _add_review(sub, common) -> None:
+    p = _command(sub, common, "review", cmd_review, help="likely mislabelled pictures (confident learning)",
+                 description="Rank the pictures by how likely their label is wrong (confident learning, "
+                             "Northcutt et al. 2021) from out-of-sample probabilities: with --folds K, K models "
+                             "trained as the run was on the other folds score every training picture; "
+                             "without, the run's checkpoint scores its held-out split (out of sample) and its "
+                             "training split (in sample: it saw them). Writes OUT/mislabels.csv and "
+                             "OUT/mislabels.png, worst first "
+                             "(docs/usage.md: Embeddings, duplicates and label review).")
+    p.add_argument("checkpoint", metavar="CKPT|RUN", help="a checkpoint or a run folder (its best.pt)")
+    _add_model_code(p)
+    p.add_argument("data", metavar="DATA", help="data set or folder the run was trained on")
+    _add_data_read(p)
+    _number(p, "--folds", int, 2, 20, metavar="K", help="cross-fit: train K models on K-1 folds each (default: the checkpoint's "
+                                           "own probabilities)")
+    _number(p, "--epochs", int, 1, 10_000, metavar="N", help="--folds: epochs of each fold's model (default: the run's)")
+    p.add_argument("--out", default="review", metavar="DIR",
+                   help="folder for the CSV, the PNG and --folds' runs (%(default)s)")
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from imgclf.api import load
+    from imgclf.embed import open_network
+    from imgclf.review import review_checkpoint, review_folds, review_output, write_review
+
+    run = load(args.checkpoint, model_code=args.model_code, trust_changed_code=args.trust_changed_code)
+    net = open_network(run.best, device=args.device)
+    if args.folds:
+        try:
+            review = review_folds(net, run.config, _data_config(args, net), folds=args.folds,
+                                  work=Path(args.out) / "folds", epochs=args.epochs)
+        except Stopped as stop:  # a fold's training interrupted: its run folder says how far it got
+            print(f"imgclf: review {shown(str(stop))}", file=sys.stderr)
+            return stop.code
+    else:
+        review = review_checkpoint(net, _data_config(args, net))
+    _say(*review_output(review, write_review(review, args.out)))
     return EXIT_OK

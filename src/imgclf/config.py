@@ -43,6 +43,7 @@ MAX_CHANNELS = 64  # channels of an input picture (--input-size)
 MAX_BATCH = 65536  # pictures in one batch
 MAX_EPOCHS = 100_000
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits
+MAX_FOLDS = 20  # --folds: beyond it each fold's held-out part says too little, and the runs cost too much
 PROBABILITY = "a probability, in [0, 1]"
 KIND_WORDS = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a string"}
 
@@ -91,6 +92,15 @@ class DataConfig:
                        choices=TASK_CHOICES)
     val_fraction: float = option(0.2, "held-out share of a single folder of classes",
                                  low=0, high=1, low_open=True, high_open=True, words="between 0 and 1")
+    # k-fold cross-validation (imgclf.folds, imgclf.crossval): the run trains one ordinary run per fold
+    folds: int | None = option(None, "k-fold cross-validation: K runs OUT/fold-1 ... OUT/fold-K, each validated on "
+                                     "its K-th of the training pictures (val/ joins them; a test split is tested "
+                                     "by each), their figures' mean and std in OUT/folds.json (docs/usage.md: "
+                                     "Cross-validation)", none="off", metavar="K", low=2, high=MAX_FOLDS,
+                               words=f"2..{MAX_FOLDS}")
+    fold: int | None = option(None, "with --folds K: train fold I alone, into --out (what --folds K trains into "
+                                    "each OUT/fold-I)", none="every fold", metavar="I", low=1, high=MAX_FOLDS,
+                              words=f"1..{MAX_FOLDS}")
     augment: str = option("auto", "training augmentation; auto: photo for photos, flip-crop for small square "
                                   "pictures such as CIFAR's", choices=AUGMENTS)
     store_size: int | None = option(None, "side at which training pictures are kept decoded, for random-resized "
@@ -121,6 +131,8 @@ class DataConfig:
     batch_size: int | str = option(128, "global batch size, split across processes; auto: the largest that fits in "
                                         "GPU memory (imgclf.batchsize)", low=1, high=MAX_BATCH, also=("auto",),
                                    metavar="N|auto")
+    drop_last: bool = option(False, "drop each epoch's last training batch when it is not full, as the speed records "
+                                    "do: every step then has the same shape (a GPU tunes its kernels once)")
     balance: str = option("none", "unbalanced classes: sampler draws pictures inversely to their class's size; "
                                   "loss weights the loss so", choices=BALANCES)
     eval_batch_size: int | None = option(None, "batch size for evaluation", resumable=True,
@@ -147,6 +159,9 @@ class ModelConfig:
                                        "(N(0, 0.01^2))", choices=HEAD_INITS)
     bn_stats: str = option("update", "BatchNorm running statistics while training: update them, or keep them "
                                      "frozen at their starting (pretrained) values", choices=BN_STATS)
+    whiten_bias_epochs: int = option(0, "fastnet: train the bias of its whitening first layer for this many first "
+                                        "epochs, as the speed records do (3); 0: frozen throughout",
+                                     low=0, high=MAX_EPOCHS)
     args: str | None = option(None, "keyword arguments for the constructor of a timm/NAME model or of "
                                     "--model FILE.py:ClassName, as a JSON object", flag="--model-args",
                               metavar="JSON")
@@ -158,9 +173,15 @@ class OptimConfig:
     lr: float = option(0.05, "peak learning rate", low=0, low_open=True)
     momentum: float = option(0.9, "SGD momentum", low=0, high=1, high_open=True, words="in [0, 1)")
     nesterov: bool = option(True, "Nesterov momentum")
-    weight_decay: float = option(5e-4, "on weights, not biases or norms", low=0)
+    weight_decay: float = option(5e-4, "on weights, not biases or norms (--decay-biases: on those too)", low=0)
+    decay_biases: bool = option(False, "weight decay on biases and normalisation shifts too, at the weights' rate, "
+                                       "as the speed records do")
     schedule: str = option("onecycle", "learning-rate schedule after warm-up", choices=SCHEDULES)
     warmup_epochs: float = option(1.0, "linear warm-up length, in epochs", low=0)
+    warmup_start: float = option(0.0, "where the warm-up starts, as a share of the peak learning rate (the speed "
+                                      "records: 0.2)", low=0, high=1, high_open=True, words="in [0, 1)")
+    lr_end: float = option(0.0, "where the schedule ends, as a share of the peak learning rate (the speed records: "
+                                "0.07)", low=0, high=1, high_open=True, words="in [0, 1)")
     label_smoothing: float = option(0.1, "cross-entropy label smoothing",
                                     low=0, high=1, high_open=True, words="in [0, 1)")
     epochs: int = option(10, "epochs in all", resumable=True, low=1, high=MAX_EPOCHS)
@@ -193,6 +214,10 @@ class RunConfig:
     # repeatable and resume bit-exactly across processes; within one process oneDNN's kernel choices can
     # depend on what ran before, so in-process comparisons (tests) pin fp32.
     precision: str = option("auto", "autocast precision (auto: bf16 where supported, else fp32)", choices=PRECISIONS)
+    # The speed records keep fp16 weights: no weight casts in the step, one fused optimizer kernel over 16-bit
+    # tensors (H200, one fastnet step: 7.48 -> 5.18 ms, benchmarks/RESULTS.md). Averages stay float32.
+    bf16_weights: bool = option(False, "keep the weights themselves in bf16 (BatchNorm's in fp32) and train without "
+                                       "autocast; needs bf16 arithmetic (--precision bf16, or auto where supported)")
     # NHWC convolutions: faster with oneDNN and tensor cores (benchmarks/)
     channels_last: bool = option(True, "channels_last memory format")
     compile: bool = option(False, "torch.compile the model", resumable=True)
@@ -205,6 +230,9 @@ class RunConfig:
                               low=0, high=1, high_open=True, words="in [0, 1)")
     tta: bool = option(False, "the last epoch's evaluation averages flipped and 1-pixel-shifted views "
                               "(6 passes; engine.tta_logits)")
+    calibrate: bool = option(True, "after training, fit a temperature on the validation split so that "
+                                   "probabilities are calibrated (single-label; stored in the checkpoints and "
+                                   "their exports; docs/usage.md: Calibrated confidence)", resumable=True)
     # MLflow beside TensorBoard (imgclf.mlflowrun); recorded, so that a resumed run goes on logging there
     mlflow: str | None = option(None, "also log the run to this MLflow tracking server (http://HOST:5000, "
                                       "sqlite:///mlflow.db, ./mlruns); --mlflow alone: $MLFLOW_TRACKING_URI's "
@@ -373,13 +401,18 @@ def idle_options(cfg: TrainConfig) -> dict[str, str]:
         "--momentum": adam and f"--optimizer {o.optimizer} has no momentum term (its betas are fixed)",
         "--nesterov": o.nesterov and ((adam and f"--optimizer {o.optimizer} has no Nesterov momentum") or
                                       (o.momentum == 0 and "Nesterov momentum needs --momentum above 0")),
+        "--warmup-start": o.warmup_epochs == 0 and "there is no warm-up (--warmup-epochs 0)",
+        "--lr-end": o.schedule == "constant" and "--schedule constant keeps the peak rate to the end",
+        "--decay-biases": o.weight_decay == 0 and "there is no weight decay (--weight-decay 0)",
         "--mix-switch": not (d.mixup > 0 and d.cutmix > 0) and "it chooses between mixup and CutMix: give both "
                                                                 "--mixup and --cutmix",
         "--store-size": d.augment not in ("auto", "photo") and f"--augment {d.augment} takes no random-resized "
                                                                f"crops (photo does)",
         "--data-root": not builtin and "it is where the built-in data sets live, and --data is a folder",
         "--labels": builtin and f"{d.data} has its own labels",
-        "--val-fraction": builtin and f"{d.data} has its own test split, used for validation",
+        "--val-fraction": (builtin and f"{d.data} has its own test split, used for validation") or
+                          (d.folds and f"with --folds {d.folds} each fold holds out its own part"),
+        "--fold": d.fold is not None and d.folds is None and "it picks one fold of --folds K, which is off",
         "--strict-data": builtin and f"{d.data} is read by torchvision, not from picture files",
         "--cache-dir": builtin and f"{d.data} is read by torchvision, not decoded into the cache",
         "--normalize": not m.pretrained and d.normalize != "weights" and  # weights: refused when the run is built

@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from imgclf.calibration import calibration_figures, describe, rejection_line, rescaled
 from imgclf.checkpoint import load_checkpoint
 from imgclf.config import DataConfig
 from imgclf.engine import evaluate, evaluate_outputs
@@ -18,7 +19,7 @@ from imgclf.predict import ExportedPredictor, exported_kind
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import load_data
 from imgclf.tasks import DEFAULT, MULTILABEL, checkpoint_task, make_task
-from imgclf.transforms import BatchTransform
+from imgclf.transforms import BatchTransform, input_decoding
 
 SPLITS = ("train", "val", "test")
 
@@ -41,7 +42,8 @@ def evaluate_checkpoint(path, data_cfg: DataConfig, *, split: str | None = None,
     # augment "none": every split decoded at the model's size (training's larger photo store is not needed)
     data = load_data(replace(data_cfg, img_size=inp["size"], augment="none", task=ckpt.get("task", DEFAULT)),
                      img_size=inp["size"], channels=inp["channels"], whole=split is None,
-                     classes=ckpt["classes"] if ckpt.get("task") == MULTILABEL else None)
+                     classes=ckpt["classes"] if ckpt.get("task") == MULTILABEL else None,
+                     decoding=input_decoding(inp), crop_train=True)  # every split as predict decodes it
     if data.classes != ckpt["classes"]:
         raise UserError(f"{path} was trained for {len(ckpt['classes'])} classes ({preview(ckpt['classes'])}), "
                         f"but {data_cfg.data} has {len(data.classes)} ({preview(data.classes)})")
@@ -65,12 +67,17 @@ def _evaluate_exported(predictor: ExportedPredictor, data_cfg: DataConfig, *, sp
     task = predictor.task
     data = load_data(replace(data_cfg, img_size=predictor.size, augment="none", task=task.name),
                      img_size=predictor.size, channels=predictor.channels, whole=split is None,
-                     classes=predictor.classes if task.name == MULTILABEL else None)
+                     classes=predictor.classes if task.name == MULTILABEL else None,
+                     decoding=predictor.decoding, crop_train=True)
     if data.classes != predictor.classes:
         raise UserError(f"{where} was exported for {len(predictor.classes)} classes ({preview(predictor.classes)}), "
                         f"but {data_cfg.data} has {len(data.classes)} ({preview(data.classes)})")
     name, chosen = _choose(data, split, data_cfg.data)
-    result = score(predictor.probabilities, chosen, len(data.classes), eval_batch_size(data_cfg, chosen), task=task)
+    # the graph divides the logits by the stored temperature: undone, so that the figures (the loss) and the
+    # kept probabilities are those `evaluate_checkpoint` gives of the checkpoint
+    t = getattr(task, "temperature", 1.0)
+    result = score(lambda x: rescaled(predictor.probabilities(x), 1 / t), chosen, len(data.classes),
+                   eval_batch_size(data_cfg, chosen), task=task)
     result.update(seconds=time.perf_counter() - start, task=task, classes=data.classes, split=name, data=data,
                   split_data=chosen)
     return result
@@ -90,13 +97,56 @@ def score(probabilities, split, num_classes: int, batch: int, *, task=None) -> d
 
 def evaluation_summary(result: dict) -> dict:
     """`evaluate_checkpoint`'s result as `imgclf eval --json` prints it (and `Run.evaluate` returns it): plain
-    numbers and lists, as its task writes them."""
-    return result["task"].summary(result)
+    numbers and lists, as its task writes them; a single-label one with "calibration": the stored
+    temperature and the ECE and NLL before and after it (`calibration_of`)."""
+    summary = result["task"].summary(result)
+    figures = calibration_of(result)
+    if figures is not None:
+        summary["calibration"] = {k: v for k, v in figures.items() if not k.startswith("reliability")}
+    return summary
 
 
 def evaluation_table(result: dict) -> str:
     """`evaluate_checkpoint`'s result as `imgclf eval` prints it without --json."""
-    return result["task"].table(evaluation_summary(result))
+    figures = calibration_of(result)
+    where = f"{'stored' if figures and figures['temperature'] != 1.0 else 'none stored'}, {result.get('split')} split"
+    return result["task"].table(evaluation_summary(result)) + ("" if figures is None else
+                                                               "\n\n" + describe(figures, where))
+
+
+def calibration_of(result: dict) -> dict | None:
+    """`calibration.calibration_figures` of a single-label evaluation at its task's (the checkpoint's or
+    export's) temperature, on the evaluated pictures; None for a multi-label one or without probabilities."""
+    task = result.get("task")
+    if getattr(task, "name", None) != DEFAULT or "probs" not in result or not hasattr(task, "temperature"):
+        return None
+    probs, t = result["probs"], task.temperature  # uncalibrated, from a checkpoint and from an export
+    return calibration_figures(probs, result["split_data"].labels[: len(probs)], t)
+
+
+def extra_outputs(result: dict, *, reliability=None, reject_precision: float | None = None) -> str:
+    """`imgclf eval --reliability FILE.png` (the diagram written) and `--reject-precision X` (the cut
+    suggested): what they say, for standard error; one UserError line for a multi-label model."""
+    if reliability is None and reject_precision is None:
+        return ""
+    figures = calibration_of(result)
+    if figures is None:
+        raise UserError("--reliability and --reject-precision are for single-label models")
+    lines = []
+    if reject_precision is not None:
+        labels = result["split_data"].labels[: len(result["probs"])]
+        lines.append(rejection_line(calibrated_probs(result), labels, reject_precision, result["split"]))
+    if reliability is not None:
+        from imgclf.visualize import reliability_figure, save_png
+
+        path = save_png(reliability_figure(figures, title=f"reliability, {result['split']} split"), reliability)
+        lines.append(f"wrote {path}")
+    return "".join(f"{line}\n" for line in lines)
+
+
+def calibrated_probs(result: dict) -> torch.Tensor:
+    """The evaluated pictures' probabilities at the stored temperature (what predict answers)."""
+    return rescaled(result["probs"], result["task"].temperature)
 
 
 def _choose(data, split: str | None, where: str):

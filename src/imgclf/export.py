@@ -36,6 +36,7 @@ from imgclf.errors import UserError, shown
 from imgclf.files import not_regular
 from imgclf.formats import FORMATS, Format, quiet_deprecations
 from imgclf.tasks import DEFAULT, MULTILABEL, checkpoint_task
+from imgclf.transforms import INTERPOLATIONS, PLAIN, Decoding, input_decoding
 
 RESIZE_RULE = ("EXIF orientation applied; converted to RGB (3 channels) or L (1 channel), 16-bit pictures scaled "
                "to 8 bits and transparent ones composited on white; shorter side resized to size with bilinear "
@@ -94,14 +95,59 @@ def export_metadata(ckpt: dict, fmt: str) -> dict:
         "input": {"name": "images" if graph else None, "dtype": dtype if graph else "float32",
                   "layout": "NCHW", "channels": inp["channels"], "size": inp["size"], "depth": depth,
                   "mean": list(inp["mean"]), "std": list(inp["std"]),
-                  "resize": RESIZE_RULE if plain else bands.RESIZE_RULE,
-                  "preprocessing": list(PREPROCESSING if plain else bands.PREPROCESSING),
+                  **(decoding_entries(inp) if plain else _band_entries(inp)),
                   "normalisation": "inside the graph" if graph else
                   f"x = (pixels / {bands.full_scale(depth):.0f} - mean) / std, per channel"},
-        "output": ({"name": "probabilities", "meaning": OUTPUT_MEANING[ckpt.get("task", DEFAULT)]} if graph
-                   else {"meaning": "the network returns logits (N, len(classes))"}),
+        "output": ({"name": "probabilities", "meaning": _output_meaning(ckpt)} if graph
+                   else {"meaning": "the network returns logits (N, len(classes))" + _TEMPERATURE_NOTE * (
+                       "temperature" in ckpt)}),
         **{key: ckpt[key] for key in ("task", "thresholds") if key in ckpt},  # a multi-label model's
+        **{key: ckpt[key] for key in ("temperature", "reject_below") if key in ckpt},  # imgclf.calibration
     }
+
+
+def decoding_entries(inp: dict) -> dict:
+    """The export's words for how a picture is resized and cropped (`resize`, `preprocessing`), and for a
+    pretrained network's input contract its entries (interpolation, crop_pct, resize_side) as the
+    checkpoint's `inp` holds them; RESIZE_RULE and PREPROCESSING themselves for imgclf's own decoding."""
+    decoding = input_decoding(inp)
+    if decoding == PLAIN:
+        return {"resize": RESIZE_RULE, "preprocessing": list(PREPROCESSING)}
+    side, size = decoding.resize_for(inp["size"]), inp["size"]
+    how = f"{side} (floor({size} / crop_pct {decoding.crop_pct:g})) with {decoding.interpolation} filtering"
+    steps = [_contract_step(step, decoding, side) for step in PREPROCESSING]
+    return {"resize": RESIZE_RULE.replace("size with bilinear filtering", how), "preprocessing": steps,
+            **decoding.record(size)}
+
+
+def _band_entries(inp: dict) -> dict:
+    """`decoding_entries` for multi-band or 16-bit pictures (imgclf.bands): its words for the resize and its
+    steps, and a pretrained network's input contract's entries (`bands.load_bands` follows them)."""
+    decoding = input_decoding(inp)
+    return {"resize": bands.RESIZE_RULE, "preprocessing": list(bands.PREPROCESSING), **decoding.record(inp["size"])}
+
+
+def _contract_step(step: str, decoding: Decoding, side: int) -> str:
+    """A step of PREPROCESSING as it reads when the shorter side is resized to `side` as `decoding` says."""
+    if step.startswith("decode with Pillow"):
+        return step.replace("(size, size)", f"({side}, {side})").replace("at least size", f"at least {side}")
+    if not step.startswith("resize so that"):
+        return step
+    name = INTERPOLATIONS[decoding.interpolation].name
+    return (f"resize so that the shorter side is {side}: new sides max({side}, round(side * {side} / shorter)), "
+            f"img.resize((w, h), Image.{name}, reducing_gap=3.0), skipped when the picture is already "
+            f"{side} x {side}")
+
+
+_TEMPERATURE_NOTE = "; divide them by temperature before the softmax for calibrated probabilities"
+
+
+def _output_meaning(ckpt: dict) -> str:
+    if ckpt.get("task", DEFAULT) == DEFAULT and "temperature" in ckpt:
+        return ("softmax over classes of the logits divided by temperature (fitted on the validation split: "
+                "calibrated probabilities), (N, len(classes)); with reject_below, a picture whose top "
+                "probability is under it is answered unknown")
+    return OUTPUT_MEANING[ckpt.get("task", DEFAULT)]
 
 
 OUTPUT_MEANING = {DEFAULT: "softmax over classes, (N, len(classes))",
@@ -145,13 +191,16 @@ class Exported:
 
 
 def export_checkpoint(checkpoint, fmt: str, out=None, *, int8: bool = False, calibration_data=None,
-                      eval_data=None, calibration_size: int | None = None, force: bool = False) -> Exported:
+                      eval_data=None, calibration_size: int | None = None, force: bool = False,
+                      reject_below: float | None = None) -> Exported:
     """Write `checkpoint` as `fmt` (a name in formats.FORMATS) to `out` (default beside it) and, where the
     format can be run here, run the written file on a random batch to compare it with the checkpoint's own
     model. `int8` (onnx, openvino): quantize the graph, calibrated on `calibration_size` training pictures of
     `calibration_data` (default: the checkpoint's data set), and measure it against the float graph on the
     held-out split of `eval_data` (default: the checkpoint's data set); see imgclf.quantize. An existing file
-    at `out` (or beside it, OpenVINO's .bin) is replaced only with `force`, and a checkpoint never."""
+    at `out` (or beside it, OpenVINO's .bin) is replaced only with `force`, and a checkpoint never.
+    `reject_below` (single-label): stored in the metadata, so that predict and serve answer "unknown" for a
+    picture whose top probability is under it (imgclf.calibration)."""
     from imgclf.checkpoint import load_checkpoint
     from imgclf.formats import get
     from imgclf.models import model_from_checkpoint
@@ -162,11 +211,8 @@ def export_checkpoint(checkpoint, fmt: str, out=None, *, int8: bool = False, cal
     checkpoint = Path(checkpoint).expanduser()
     out = Path(out).expanduser() if out else default_output(checkpoint, fmt, int8)
     check_out(out, checkpoint, form, force=force)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = with_reject_below(load_checkpoint(checkpoint), reject_below)
     meta = export_metadata(ckpt, fmt)
-    if int8 and ckpt.get("task") == MULTILABEL:
-        raise UserError("--int8 measures the quantized model's accuracy as a single-label one; export a "
-                        "multi-label model in float (drop --int8)")
     sample = _int8_data(ckpt, calibration_data, eval_data, calibration_size) if int8 else None  # fails first
     model = model_from_checkpoint(ckpt).float().cpu()
     activation = checkpoint_task(ckpt).activation
@@ -180,6 +226,16 @@ def export_checkpoint(checkpoint, fmt: str, out=None, *, int8: bool = False, cal
         return _export_int8(form, artefact, out, meta, sample)
     form.save(artefact, meta, out)
     return Exported(out, meta, _self_check(module, form, out, c, s, depth) if form.graph else None)
+
+
+def with_reject_below(ckpt: dict, reject_below: float | None) -> dict:
+    """`ckpt` with "reject_below" set (when given); UserError for a multi-label checkpoint."""
+    if reject_below is None:
+        return ckpt
+    if ckpt.get("task", DEFAULT) != DEFAULT:
+        raise UserError("--reject-below is for single-label models; a multi-label model's thresholds already "
+                        "answer no label")
+    return {**ckpt, "reject_below": float(reject_below)}
 
 
 def _check_options(form: Format, int8: bool, int8_options) -> None:

@@ -160,6 +160,20 @@ def _metadata_problem(meta: dict) -> str | None:
         return f"input depth is {_brief(inp.get('depth'))}, not 8 or 16 bits"
     if type(size) is not int or not 1 <= size <= MAX_SIDE:
         return f"input size is {_brief(size)}, not a number of 1 to {MAX_SIDE}"
+    from imgclf.transforms import decoding_problem  # a pretrained network's resize and crop, when it has one
+
+    return decoding_problem(inp) or _calibration_problem(meta)
+
+
+def _calibration_problem(meta: dict) -> str | None:
+    """What is wrong with the optional "temperature" and "reject_below" entries (imgclf.calibration)."""
+    from imgclf.calibration import stored_reject_below, stored_temperature
+
+    try:
+        stored_temperature(meta, "it")
+        stored_reject_below(meta, "it")
+    except UserError as err:
+        return str(err).removeprefix("it's ")
     return None
 
 

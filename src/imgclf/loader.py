@@ -23,13 +23,14 @@ class BatchLoader:
     def __init__(self, split: Split, *, batch_size: int, transform, train: bool, device: torch.device,
                  seed: int = 0, rank: int = 0, world: int = 1, dtype: torch.dtype = torch.float32,
                  channels_last: bool = False, sample_weights: torch.Tensor | None = None, mixer=None,
-                 sides: Callable[[int], int] | None = None):
+                 sides: Callable[[int], int] | None = None, drop_last: bool = False):
         self.split, self.batch_size, self.transform, self.train = split, batch_size, transform, train
         self.device, self.seed, self.rank, self.world = device, seed, rank, world
         self.dtype, self.channels_last = dtype, channels_last
         self.sample_weights = sample_weights  # train: draw pictures with these odds (with replacement)
         self.mixer = mixer  # train: transforms.Mixer (mixup / cutmix), or None
         self.sides = sides  # train: epoch -> the side its batches are resized to (progressive resizing), or None
+        self.drop_last = drop_last  # train: no partial last batch
         self.images = split.images
         if device.type == "cuda" and isinstance(self.images, torch.Tensor):
             free, _ = torch.cuda.mem_get_info(device)
@@ -48,7 +49,8 @@ class BatchLoader:
         if not self.train:
             return -(-len(range(self.rank, n, self.world)) // self.batch_size)
         # A last batch that would leave some process one picture or none breaks BatchNorm: it is dropped.
-        return n // self.batch_size + (1 if n % self.batch_size >= 2 * self.world else 0)
+        partial = not self.drop_last and n % self.batch_size >= 2 * self.world
+        return n // self.batch_size + (1 if partial else 0)
 
     def epoch(self, epoch: int, *, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         """Yield (images, labels, size of the global batch) for each step from `start_step`."""

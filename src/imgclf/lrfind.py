@@ -122,7 +122,7 @@ def lr_find(cfg, *, start_lr: float, end_lr: float, steps: int, plot: Path) -> t
     batches as `imgclf train` with the same flags (imgclf.pipeline). Returns the sweep, the suggestions and
     the PNG written to `plot`."""
     from imgclf.optim import build_optimizer
-    from imgclf.pipeline import build_run
+    from imgclf.pipeline import build_run, run_decoding
     from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
     from imgclf.sources import load_data
     from imgclf.tasks import make_task
@@ -134,7 +134,7 @@ def lr_find(cfg, *, start_lr: float, end_lr: float, steps: int, plot: Path) -> t
         raise UserError(f"--steps must be at least 10, got {steps}")
     device = resolve_device(cfg.run.device)
     torch.manual_seed(cfg.run.seed)
-    parts = build_run(cfg, load_data(cfg.data), device=device)
+    parts = build_run(cfg, load_data(cfg.data, decoding=run_decoding(cfg)), device=device)
     if len(parts.train) == 0:
         raise UserError(f"the training split of {cfg.data.data} is too small for a batch")
 

@@ -116,3 +116,52 @@ def f1_figures(counts: torch.Tensor) -> dict:
     return {**{name: v.tolist() for name, v in zip(names, per, strict=True)},
             **{f"macro_{name}": float(v.mean()) for name, v in zip(names, per, strict=True)},
             **{f"micro_{name}": float(v) for name, v in zip(names, micro, strict=True)}}
+
+
+# ---------------------------------------------------------------- calibration (single-label)
+
+ECE_BINS = 15
+
+
+def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> dict[str, list]:
+    """The reliability diagram's numbers of (N, classes) probabilities against class indices: the top
+    probability (confidence) cut into `bins` equal-width bins of (0, 1] (a bin holds lo < p <= hi), and for
+    each bin its "count", mean "confidence" and "accuracy" (0 for an empty bin), and its "edges" (bins + 1)."""
+    confidence, predicted = probs.double().max(dim=1)
+    correct = (predicted == labels.to(predicted.device)).double()
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    index = (torch.bucketize(confidence, edges, right=False) - 1).clamp(0, bins - 1)
+    count = torch.bincount(index, minlength=bins).double()
+    conf_sum = torch.bincount(index, weights=confidence, minlength=bins)
+    hit_sum = torch.bincount(index, weights=correct, minlength=bins)
+    safe = count.clamp_min(1)
+    return {"edges": edges.tolist(), "count": count.long().tolist(), "confidence": (conf_sum / safe).tolist(),
+            "accuracy": (hit_sum / safe).tolist()}
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """Expected calibration error: the mean over pictures of |accuracy - confidence| of their confidence bin
+    (`reliability_bins`, `bins` equal-width bins), i.e. sum over bins of count / N * |accuracy - confidence|.
+    0 for no pictures."""
+    if len(probs) == 0:
+        return 0.0
+    b = reliability_bins(probs, labels, bins)
+    n = sum(b["count"])
+    return sum(c / n * abs(a - p) for c, a, p in zip(b["count"], b["accuracy"], b["confidence"], strict=True))
+
+
+def precision_threshold(probs: torch.Tensor, labels: torch.Tensor, target: float) -> tuple[float, float] | None:
+    """The lowest cut P on the top probability such that the pictures whose top probability is at least P
+    are classified right at a precision of at least `target`, with the share of pictures kept: (P, coverage).
+    None when no cut reaches `target` (not even the most confident picture alone)."""
+    confidence, predicted = probs.double().max(dim=1)
+    order = confidence.argsort(descending=True, stable=True)
+    conf, correct = confidence[order], (predicted == labels)[order].double()
+    precision = correct.cumsum(0) / torch.arange(1, len(conf) + 1, dtype=torch.float64)
+    last = torch.ones_like(conf, dtype=torch.bool)
+    last[:-1] = conf[1:] != conf[:-1]  # tied pictures are kept or rejected together
+    ok = torch.nonzero(last & (precision >= target)).flatten()
+    if len(ok) == 0:
+        return None
+    i = int(ok[-1])
+    return float(conf[i]), (i + 1) / len(conf)

@@ -10,32 +10,40 @@ from torch import nn
 from imgclf.config import OptimConfig
 
 
-def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str, start: float = 0.0,
+              end: float = 0.0) -> float:
     """Multiplier of the base learning rate at `step` (0-based). Pure, so it can be tested and plotted.
 
-    Warm-up rises linearly from 1/warmup to 1; then `constant` stays at 1, `cosine` follows half a cosine
-    to 0 at the last step, `onecycle` falls linearly to 0.
+    Warm-up rises linearly from `start` (at step -1) to 1 (at its last step): from 1/warmup with the default
+    start of 0. Then `constant` stays at 1, `cosine` follows half a cosine from 1 to `end` at the last step,
+    `onecycle` falls linearly from 1 to `end`. The defaults' arithmetic is exact: 0 + 1 * x is x.
     """
     if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return start + (1.0 - start) * (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps + 1) / span)
     if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return end + (1.0 - end) * (0.5 * (1.0 + math.cos(math.pi * progress)))
     if schedule == "onecycle":
-        return 1.0 - progress
+        return end + (1.0 - end) * (1.0 - progress)
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weights of convolutions and linear layers only, not on biases or norm layers."""
+def param_groups(model: nn.Module, weight_decay: float, *, decay_biases: bool = False) -> list[dict]:
+    """Weight decay on weights of convolutions and linear layers only, not on biases or norm layers; with
+    `decay_biases` on every parameter (the second group is then empty: the same two groups either way)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
+            (decay if decayed(p, decay_biases) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def decayed(p: nn.Parameter, decay_biases: bool) -> bool:
+    """Whether weight decay acts on `p`: weights (two or more dimensions), and with `decay_biases` all."""
+    return decay_biases or p.ndim > 1
 
 
 def staged_groups(model: nn.Module, head: list[nn.Parameter], cfg: OptimConfig, backbone_lr_scale: float) -> list[dict]:
@@ -45,11 +53,11 @@ def staged_groups(model: nn.Module, head: list[nn.Parameter], cfg: OptimConfig, 
     groups = []
     for params, scale in (([p for p in model.parameters() if id(p) in head_ids], 1.0),
                           ([p for p in model.parameters() if id(p) not in head_ids], backbone_lr_scale)):
-        for decayed in (True, False):
-            chosen = [p for p in params if (p.ndim > 1) == decayed]
+        for decay in (True, False):
+            chosen = [p for p in params if decayed(p, cfg.decay_biases) == decay]
             if chosen:
                 groups.append({"params": chosen, "lr": cfg.lr * scale,
-                               "weight_decay": cfg.weight_decay if decayed else 0.0})
+                               "weight_decay": cfg.weight_decay if decay else 0.0})
     return groups
 
 
@@ -59,7 +67,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, groups: list[dict] | 
     On a GPU the fused implementations step every parameter in a few kernels: with ~30 small tensors the
     per-tensor launches were the largest cost of a fastnet step (H200: 6.67 -> 4.92 ms, benchmarks/RESULTS.md).
     On the CPU the default (foreach) implementation is kept: it is what every CPU figure was measured with."""
-    groups = groups or param_groups(model, cfg.weight_decay)
+    groups = groups or param_groups(model, cfg.weight_decay, decay_biases=cfg.decay_biases)
     fused = {"fused": True} if all(p.is_cuda for p in model.parameters()) else {}
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
@@ -86,7 +94,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_pe
     total = cfg.epochs * steps_per_epoch
     warmup = min(total - 1, round(cfg.warmup_epochs * steps_per_epoch))
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps=total, warmup_steps=warmup, schedule=cfg.schedule))
+        optimizer, lambda step: lr_factor(step, total_steps=total, warmup_steps=warmup, schedule=cfg.schedule,
+                                          start=cfg.warmup_start, end=cfg.lr_end))
 
 
 def balancing_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -127,7 +136,9 @@ class Lookahead:
     every = 5
 
     def __init__(self, model: nn.Module):
-        self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        # float32 averages whatever the weights' dtype (--bf16-weights): a bf16 average would lose the small steps
+        self.average = {k: v.detach().to(torch.float32, copy=True) for k, v in model.state_dict().items()
+                        if v.is_floating_point()}
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
@@ -139,7 +150,7 @@ class Lookahead:
         averages = list(self.average.values())
         values = [current[name] for name in self.average]
         # two multi-tensor operations rather than two kernels a tensor (the same arithmetic)
-        torch._foreach_lerp_(averages, values, 1.0 - decay)
+        torch._foreach_lerp_(averages, [v.float() for v in values], 1.0 - decay)  # .float(): itself if float32
         torch._foreach_copy_(values, averages)
 
     def state_dict(self) -> dict:

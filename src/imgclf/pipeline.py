@@ -21,9 +21,10 @@ from imgclf.errors import UserError
 from imgclf.loader import BatchLoader
 from imgclf.models import InputContract, adapter_for, build_model
 from imgclf.optim import balancing_weights
+from imgclf.runtime import cast_weights, resolve_precision, weights_dtype
 from imgclf.sources import ImageData, load_data
 from imgclf.tasks import refuse_misfits
-from imgclf.transforms import BatchTransform, Mixer, progressive_side
+from imgclf.transforms import INTERPOLATIONS, PLAIN, BatchTransform, Decoding, Mixer, progressive_side
 from imgclf.usercode import check_output
 
 WHITENING_PICTURES = 5000  # fastnet's first layer is set from the patch statistics of this many pictures
@@ -53,14 +54,12 @@ def build_run(cfg: TrainConfig, data: ImageData, *, device: torch.device, dist: 
     contract = normalization(cfg, data.channels)
     if contract is not None:
         data = dataclasses.replace(data, mean=contract.mean, std=contract.std)
-    if cfg.model.freeze_epochs and dist.enabled:
-        raise UserError("--freeze-epochs is not supported with several processes yet (DistributedDataParallel "
-                        "fixes the trainable weights when it starts); train the stages as two runs")
+    refuse_unsupported(cfg, len(data.train), dist)
     head = [p for p in model.parameters() if p.requires_grad]
+    if cfg.model.whiten_bias_epochs:  # in the optimizer from the start; set_stage freezes it after its epochs
+        whitening_bias(model, cfg.model.whiten_bias_epochs, cfg.model.name).requires_grad_(True)
+    dtype = weights_dtype(cfg.run.bf16_weights, resolve_precision(cfg.run.precision, device))
     transform = build_transform(cfg.data, data, epochs=cfg.optim.epochs)
-    if cfg.data.batch_size < dist.world_size:
-        raise UserError(f"--batch-size {cfg.data.batch_size} is smaller than the {dist.world_size} processes; "
-                        f"it is the global batch size, split across them")
     common = dict(transform=transform, device=device, rank=dist.rank, world=dist.world_size,
                   channels_last=cfg.run.channels_last)
     odds = None
@@ -69,15 +68,35 @@ def build_run(cfg: TrainConfig, data: ImageData, *, device: torch.device, dist: 
     mixer = None
     if cfg.data.mixup > 0 or cfg.data.cutmix > 0:
         mixer = Mixer(len(data.classes), mixup=cfg.data.mixup, cutmix=cfg.data.cutmix, switch=cfg.data.mix_switch)
-    train = BatchLoader(data.train, batch_size=cfg.data.batch_size, train=True, seed=cfg.run.seed,
-                        sample_weights=odds, mixer=mixer, sides=_sides(cfg, data, model), **common)
+    train = BatchLoader(data.train, batch_size=cfg.data.batch_size, train=True, seed=cfg.run.seed, dtype=dtype,
+                        sample_weights=odds, mixer=mixer, sides=_sides(cfg, data, model),
+                        drop_last=cfg.data.drop_last, **common)
     batch = eval_batch_size(cfg.data, data.val)
     val, test = (None if split is None else BatchLoader(split, batch_size=batch, train=False, **common)
                  for split in (data.val, data.test))
     if fresh and hasattr(model, "init_whitening"):
         model.init_whitening(whitening_batch(data.train, transform, device))
-    return RunParts(data, place_model(model, device, channels_last=cfg.run.channels_last), head, transform, train,
-                    val, test, contract)
+    model = cast_weights(place_model(model, device, channels_last=cfg.run.channels_last), dtype)
+    return RunParts(data, model, head, transform, train, val, test, contract)
+
+
+def refuse_unsupported(cfg: TrainConfig, pictures: int, dist: DistInfo) -> None:
+    """One UserError line for what a run of `cfg` on `pictures` training pictures and the processes of `dist`
+    cannot do."""
+    for flag, value in (("--freeze-epochs", cfg.model.freeze_epochs),
+                        ("--whiten-bias-epochs", cfg.model.whiten_bias_epochs)):
+        if value and dist.enabled:
+            raise UserError(f"{flag} is not supported with several processes yet (DistributedDataParallel fixes the "
+                            f"trainable weights when it starts); train the stages as two runs")
+    if cfg.data.batch_size < dist.world_size:
+        raise UserError(f"--batch-size {cfg.data.batch_size} is smaller than the {dist.world_size} processes; "
+                        f"it is the global batch size, split across them")
+    if cfg.run.bf16_weights and cfg.run.ema:  # its small steps (1 - --ema-decay) would round away in bf16
+        raise UserError("--ema with --bf16-weights is not supported: the average would be kept in bf16; use "
+                        "--lookahead (its average is float32), or drop one of them")
+    if cfg.data.drop_last and pictures < cfg.data.batch_size:
+        raise UserError(f"--drop-last: the {pictures} training pictures make no full batch of "
+                        f"{cfg.data.batch_size}; give a smaller --batch-size, or drop --drop-last")
 
 
 def run_network(cfg: TrainConfig, data: ImageData, *, fresh: bool, model: nn.Module | None = None) -> nn.Module:
@@ -96,8 +115,9 @@ def run_network(cfg: TrainConfig, data: ImageData, *, fresh: bool, model: nn.Mod
     return model
 
 
-def describe_finetune(cfg: TrainConfig, contract: InputContract | None) -> str:
-    """One line on how a run from --pretrained weights trains: stages, optimiser, head, normalisation."""
+def describe_finetune(cfg: TrainConfig, contract: InputContract | None, side: int | None = None) -> str:
+    """One line on how a run from --pretrained weights trains: stages, optimiser, head, normalisation, and
+    evaluation's resize and crop of pictures of `side` pixels (default --img-size)."""
     m, o = cfg.model, cfg.optim
     if m.freeze_backbone:
         stages = "the new head alone"
@@ -106,11 +126,39 @@ def describe_finetune(cfg: TrainConfig, contract: InputContract | None) -> str:
                   f"whole network (backbone at {m.backbone_lr_scale:g}x the rate)")
     else:
         stages = "the whole network"
+    return (f"fine-tuning from {m.pretrained}: {stages}; {o.optimizer} lr {o.lr:g}, {o.schedule}, batch "
+            f"{cfg.data.batch_size}; head init {m.head_init}; BatchNorm statistics {m.bn_stats}; "
+            f"{describe_input(contract, side or cfg.data.img_size)}")
+
+
+def describe_input(contract: InputContract | None, side: int | None) -> str:
+    """How pictures of `side` pixels (None: not known yet) enter the network, normalised and, for evaluation
+    (and predict, serve, exports), resized and cropped, as `contract` (normalisation's, or None) says."""
     norm = (f"mean {contract.mean} std {contract.std} ({contract.source})" if contract is not None
             else "the training pictures' mean and std")
-    return (f"fine-tuning from {m.pretrained}: {stages}; {o.optimizer} lr {o.lr:g}, {o.schedule}, batch "
-            f"{cfg.data.batch_size}; head init {m.head_init}; BatchNorm statistics {m.bn_stats}; pictures "
-            f"normalised by {norm}")
+    decoding = contract_decoding(contract)
+    if decoding == PLAIN:
+        return f"pictures normalised by {norm}; evaluated with the shorter side resized (bilinear) to the side"
+    resize = f"{decoding.resize_for(side)} then the centre {side}" if side else \
+        "floor(side / crop_pct) then the centre side"
+    return (f"pictures normalised by {norm}; evaluated with the shorter side resized ({decoding.interpolation}) "
+            f"to {resize} (crop_pct {decoding.crop_pct:g})")
+
+
+def contract_decoding(contract: InputContract | None) -> Decoding:
+    """The Decoding of pictures that `contract` (normalisation's, or None) asks for: its interpolation and
+    centre crop (bilinear for an interpolation Pillow has not: INTERPOLATIONS); imgclf's own (PLAIN) without
+    one."""
+    if contract is None:
+        return PLAIN
+    known = contract.interpolation in INTERPOLATIONS
+    return Decoding(contract.interpolation if known else PLAIN.interpolation, contract.crop_pct)
+
+
+def run_decoding(cfg: TrainConfig) -> Decoding:
+    """How the run's pictures are decoded (transforms.Decoding): as the input contract that normalises them
+    asks (`normalization`), else imgclf's own. Pure in `cfg`, like `normalization`."""
+    return contract_decoding(normalization(cfg, 3))
 
 
 def normalization(cfg: TrainConfig, channels: int) -> InputContract | None:
@@ -158,11 +206,26 @@ def augmentation(cfg: DataConfig, data: ImageData, *, epochs: int = LONG_RUN) ->
 
 
 def set_stage(model: nn.Module, head: list[nn.Parameter], cfg: TrainConfig, epoch: int) -> None:
-    """Staged fine-tuning: from epoch --freeze-epochs on (counted from 0), the whole network trains."""
+    """Staged fine-tuning: from epoch --freeze-epochs on (counted from 0), the whole network trains. With
+    --whiten-bias-epochs N, fastnet's whitening bias trains in epochs 0..N-1 only (a frozen parameter gets no
+    gradient, so the optimizer, which holds it from the start, leaves it)."""
     if cfg.model.freeze_epochs and not cfg.model.freeze_backbone:
         head_ids = {id(p) for p in head}
         for p in model.parameters():
             p.requires_grad_(epoch >= cfg.model.freeze_epochs or id(p) in head_ids)
+    if cfg.model.whiten_bias_epochs:
+        whitening_bias(model, cfg.model.whiten_bias_epochs, cfg.model.name).requires_grad_(
+            epoch < cfg.model.whiten_bias_epochs)
+
+
+def whitening_bias(model: nn.Module, epochs: int, name: str) -> nn.Parameter | None:
+    """The bias of fastnet's whitening first layer (`model.whiten`), or None where the model has none; with
+    --whiten-bias-epochs set (`epochs` > 0), a model without one is one UserError line."""
+    bias = getattr(getattr(model, "whiten", None), "bias", None)
+    if epochs and not isinstance(bias, nn.Parameter):
+        raise UserError(f"--whiten-bias-epochs is for fastnet networks (a whitening first layer with a bias); "
+                        f"{name} has none")
+    return bias
 
 
 def build_transform(cfg: DataConfig, data: ImageData, *, epochs: int = LONG_RUN) -> BatchTransform:
@@ -207,13 +270,14 @@ def place_model(model: nn.Module, device: torch.device, *, channels_last: bool) 
     return model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
 
 
-def load_data_ranked(cfg: DataConfig, dist: DistInfo) -> ImageData:
+def load_data_ranked(cfg: DataConfig, dist: DistInfo, decoding: Decoding = PLAIN) -> ImageData:
     """Rank 0 decodes (and caches) first; the others then read its cache instead of decoding again. Options
-    that no augmentation preset can run together are refused before any decoding."""
+    that no augmentation preset can run together are refused before any decoding. `decoding`: the run's
+    (`run_decoding`)."""
     augment.choose(cfg, photos=False, epochs=1)  # refuses the same whatever the data and length
     if not dist.is_main:
         distributed.barrier(dist)
-    data = load_data(cfg, progress=dist.is_main)
+    data = load_data(cfg, progress=dist.is_main, decoding=decoding)
     if dist.is_main:
         distributed.barrier(dist)
     return data

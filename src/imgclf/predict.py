@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from imgclf import bands, formats
+from imgclf.calibration import is_unknown, stored_reject_below
 from imgclf.checkpoint import load_checkpoint
 from imgclf.errors import UserError, shown
 from imgclf.files import not_regular
@@ -31,7 +32,7 @@ from imgclf.models import base_fits, model_from_checkpoint
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import PictureWalk, is_image_file
 from imgclf.tasks import MULTILABEL, Task, stored_task
-from imgclf.transforms import BadImage, BatchTransform
+from imgclf.transforms import BadImage, BatchTransform, input_decoding
 
 
 @dataclass
@@ -40,7 +41,8 @@ class Prediction:
     labels: list[str] = field(default_factory=list)  # top-k (multi-label: every one over its threshold), most probable first
     probs: list[float] = field(default_factory=list)
     error: str | None = None  # why this file could not be predicted
-    scores: dict[str, float] | None = None  # multi-label: every class's probability (None for single-label)
+    scores: dict[str, float] | None = None  # multi-label, or rejecting: every class's probability
+    unknown: bool | None = None  # rejecting (--reject-below): whether the top probability is under the cut
 
 
 class Predictor:
@@ -56,9 +58,11 @@ class Predictor:
         self.classes: list[str] = ckpt["classes"]
         # the tasks.Task whose activation `probabilities` gives and whose decode labels them (with its thresholds)
         self.task: Task = stored_task(ckpt, self.classes, "the checkpoint")
+        self.reject_below: float | None = stored_reject_below(ckpt)  # see `reject`
         self.model_name: str = name
         inp = ckpt["input"]
         self.size, self.channels, self.depth = inp["size"], inp["channels"], inp.get("depth", 8)
+        self.decoding = input_decoding(inp)  # the resize and crop evaluation used (a pretrained network's)
         self.transform = BatchTransform(tuple(inp["mean"]), tuple(inp["std"]))
         self.autocast = autocast_factory(self.device, resolve_precision(precision, self.device))
 
@@ -93,7 +97,6 @@ class Predictor:
         The first batch is the first picture alone, so that its answer comes at once; the next batch is
         decoded (in threads) while the model runs on the current one."""
         files = expand_paths(paths)
-        task = self.task
         bounds = [0, *range(min(1, len(files)), len(files), max(1, batch_size)), len(files)]
         chunks = [files[a:b] for a, b in pairwise(bounds) if b > a]
         pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))  # Pillow decodes without the GIL
@@ -108,12 +111,30 @@ class Predictor:
                     if isinstance(item, str):
                         yield Prediction(path, error=item)
                         continue
-                    row = next(rows)  # rows come in the order of the decoded pictures
-                    labels = task.decode(row, topk)
-                    scores = dict(zip(self.classes, row.tolist(), strict=True)) if task.name == MULTILABEL else None
-                    yield Prediction(path, [self.classes[j] for j, _ in labels], [p for _, p in labels], scores=scores)
+                    yield self._answer(path, next(rows), topk)  # rows come in the order of the decoded pictures
         finally:  # also when the caller stops early: the prefetched batch is not decoded in vain
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def _answer(self, path: str, row: torch.Tensor, topk: int) -> Prediction:
+        """One picture's Prediction from its probabilities `row`, decoded by the task; with a `reject_below`
+        cut (single-label), every class's score and whether the picture is "unknown"."""
+        labels = self.task.decode(row, topk)
+        rejecting = self.reject_below is not None and self.task.name != MULTILABEL
+        scores = dict(zip(self.classes, row.tolist(), strict=True)) if self.task.name == MULTILABEL or rejecting \
+            else None
+        unknown = is_unknown(float(row.max()), self.reject_below) if rejecting and len(row) else None
+        return Prediction(path, [self.classes[j] for j, _ in labels], [p for _, p in labels], scores=scores,
+                          unknown=unknown)
+
+    def reject(self, below: float | None) -> None:
+        """Answer "unknown" for a picture whose top (calibrated) probability is under `below` (None: keep the
+        model's stored cut, if any). One UserError line for a multi-label model."""
+        if below is None:
+            return
+        if self.task.name == MULTILABEL:
+            raise UserError("--reject-below is for single-label models; a multi-label model's thresholds already "
+                            "answer no label")
+        self.reject_below = below
 
     def _decode(self, path: str) -> np.ndarray | str:
         try:
@@ -121,9 +142,16 @@ class Predictor:
         except BadImage as err:
             return str(err)
         try:
-            return bands.decode(source, size=self.size, channels=self.channels, depth=self.depth).transpose(2, 0, 1)
+            return self.prepare(source)
         except BadImage as err:  # Pillow names a file object by its repr: the user knows it as "-" or the URL
             return f"not a readable picture ({str(err).replace(' ' + repr(source), '')})"
+
+    def prepare(self, picture) -> np.ndarray:
+        """One picture (a path, a file object, or a decoded PIL image such as a video's frame) as the model
+        takes it: uint8 (C, size, size) (uint16 at depth 16), prepared as the checkpoint says (`bands.decode`:
+        `load_image` for 8-bit grey or RGB). BadImage if it cannot."""
+        return bands.decode(picture, size=self.size, channels=self.channels, depth=self.depth,
+                            decoding=self.decoding).transpose(2, 0, 1)
 
 
 class ExportedPredictor(Predictor):
@@ -144,9 +172,11 @@ class ExportedPredictor(Predictor):
         formats.check_metadata(meta, path)
         self.path, self.kind, self.classes, self.metadata = path, fmt.name, meta["classes"], meta
         self.task = stored_task(meta, self.classes, shown(path))
+        self.reject_below = stored_reject_below(meta, shown(path))
         self.model_name = meta["model"]["name"]
         self.size, self.channels = meta["input"]["size"], meta["input"]["channels"]
         self.depth = meta["input"].get("depth", 8)
+        self.decoding = input_decoding(meta["input"])
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, size, size) -> class probabilities (N, classes), computed by the exported graph;
@@ -179,7 +209,9 @@ def print_predictions(results, style: str = "text", out=None, err=None) -> bool:
     """`imgclf predict`'s output: each Prediction of `results` as soon as it comes, on `out` (default stdout)
     as "text" (one line a picture: path, then label and probability pairs), "json" (one object a line) or
     "csv" (a header row, then one row per label); failures, and answers that are not numbers (NaN, infinite:
-    never printed, nor invalid JSON), one line each on `err` (default stderr). True when any failed."""
+    never printed, nor invalid JSON), one line each on `err` (default stderr). True when any failed.
+    A Prediction with `unknown` set (--reject-below) prints "unknown (best: ...)" as text, "unknown": true or
+    false beside every class's "scores" in JSON, and when unknown a CSV row of rank 0 labelled unknown."""
     out, err = out or sys.stdout, err or sys.stderr
     writer = csv.writer(out) if style == "csv" else None
     if writer:
@@ -195,14 +227,18 @@ def print_predictions(results, style: str = "text", out=None, err=None) -> bool:
             scores = {} if r.scores is None else {"scores": {k: round(p, 6) for k, p in r.scores.items()}}
             print(json.dumps({"path": r.path, "top": [{"label": lab, "probability": round(p, 6)}
                                                       for lab, p in zip(r.labels, r.probs, strict=True)],
-                              **scores}), file=out)
+                              **scores, **({} if r.unknown is None else {"unknown": r.unknown})}), file=out)
         elif writer:
+            if r.unknown:  # a row of its own before the ranked ones, which stay as they are
+                writer.writerow([shown(r.path), 0, "unknown", f"{r.probs[0]:.6f}"])
             for rank, (lab, p) in enumerate(zip(r.labels, r.probs, strict=True), start=1):
                 writer.writerow([shown(r.path), rank, shown(lab), f"{p:.6f}"])
         else:
             tops = "  ".join(f"{shown(lab)} {p:.1%}" for lab, p in zip(r.labels, r.probs, strict=True))
             if r.scores is not None and not r.labels:
                 tops = "(no label over its threshold)"
+            elif r.unknown:
+                tops = f"unknown (best: {tops})"
             print(f"{shown(r.path)}  {tops}", file=out)  # one line, whatever bytes the file name or an exported model's class holds
         out.flush()  # each answer as soon as it is known, also into a pipe
     return failed

@@ -34,38 +34,44 @@ class Int8Data:
     calibration_from: str  # "300 training pictures of DATA"
     held_out: object  # sources.Split
     held_out_name: str  # "the val split of DATA"
-    num_classes: int
+    task: object  # tasks.Task of the checkpoint (a multi-label one with its thresholds)
     batch: int
 
 
 @dataclass(frozen=True)
 class Int8Check:
-    """The float graph and its int8 version on the same held-out pictures, in the runtime predict uses."""
+    """The float graph and its int8 version on the same held-out pictures, in the runtime predict uses. The
+    figure compared is the task's headline: accuracy for a single-label model, mAP for a multi-label one;
+    `agreement` is the share of pictures given the same answer (the same top-1; the same set of labels at
+    the stored thresholds)."""
 
     where: str
     count: int
     float_acc: float
     int8_acc: float
-    agreement: float  # share of pictures where both give the same top-1
+    agreement: float
     runtime: str
     calibration_from: str
+    figure: str = "accuracy"  # or "mAP"
 
     @property
     def drop_points(self) -> float:
         return 100 * (self.float_acc - self.int8_acc)
 
     def as_dict(self) -> dict:
-        return {"held_out": self.where, "pictures": self.count, "float_accuracy": self.float_acc,
-                "int8_accuracy": self.int8_acc, "same_top1": self.agreement, "runtime": self.runtime,
+        same = "same_top1" if self.figure == "accuracy" else "same_labels"
+        return {"held_out": self.where, "pictures": self.count, f"float_{self.figure.lower()}": self.float_acc,
+                f"int8_{self.figure.lower()}": self.int8_acc, same: self.agreement, "runtime": self.runtime,
                 "calibration": self.calibration_from}
 
     def describe(self) -> str:
-        line = (f"int8 accuracy {self.int8_acc:.2%} against float {self.float_acc:.2%} ({-self.drop_points:+.2f} "
-                f"points; same top-1 on {self.agreement:.1%}) on {self.count} pictures of {self.where}, run by "
-                f"{self.runtime}; calibrated on {self.calibration_from}")
+        same = "top-1" if self.figure == "accuracy" else "labels"
+        line = (f"int8 {self.figure} {self.int8_acc:.2%} against float {self.float_acc:.2%} "
+                f"({-self.drop_points:+.2f} points; same {same} on {self.agreement:.1%}) on {self.count} pictures "
+                f"of {self.where}, run by {self.runtime}; calibrated on {self.calibration_from}")
         if self.drop_points > WARN_POINTS:
-            line += (f"\nwarning: the int8 model loses {self.drop_points:.2f} points of accuracy; check it on your "
-                     f"own pictures, calibrate on more (--calibration-size) or ship the float model")
+            line += (f"\nwarning: the int8 model loses {self.drop_points:.2f} points of {self.figure}; check it on "
+                     f"your own pictures, calibrate on more (--calibration-size) or ship the float model")
         return line
 
 
@@ -76,6 +82,7 @@ def int8_data(ckpt: dict, calibration_data: str | None, eval_data: str | None,
     `calibration_data`). UserError in one line when neither is given nor the recorded one reachable."""
     from imgclf.evaluate import _choose, preview
     from imgclf.pipeline import eval_batch_size
+    from imgclf.tasks import checkpoint_task
 
     recorded = _recorded_config(ckpt)
     reachable = recorded is not None and _reachable(recorded)
@@ -96,7 +103,7 @@ def int8_data(ckpt: dict, calibration_data: str | None, eval_data: str | None,
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(SEED))[:size].sort().values
     pictures = np.ascontiguousarray(np.asarray(train.images[pick.numpy()]))
     return Int8Data(pictures, f"{len(pictures)} training pictures of {calib_cfg.data}", split,
-                    f"the {name} split of {eval_cfg.data}", len(held.classes), eval_batch_size(eval_cfg, split))
+                    f"the {name} split of {eval_cfg.data}", checkpoint_task(ckpt), eval_batch_size(eval_cfg, split))
 
 
 def _recorded_config(ckpt: dict):
@@ -133,18 +140,29 @@ def _config(where: str):
 def _load(cfg, ckpt: dict):
     """The data set at the checkpoint's size and channels, every split decoded as predict decodes pictures."""
     from imgclf.sources import load_data
+    from imgclf.transforms import input_decoding
 
     inp = ckpt["input"]
     return load_data(replace(cfg, img_size=inp["size"], augment="none"), img_size=inp["size"],
-                     channels=inp["channels"])
+                     channels=inp["channels"], decoding=input_decoding(inp), crop_train=True)
 
 
 def compare(float_run, int8_run, data: Int8Data, runtime: str) -> Int8Check:
-    """Accuracy of the float and the int8 graph (numpy uint8 -> probabilities callables) on the held-out split."""
+    """The task's headline figure (accuracy, or a multi-label model's mAP) of the float and the int8 graph
+    (numpy uint8 -> probabilities callables) on the held-out split."""
     from imgclf.evaluate import score
+    from imgclf.tasks import MULTILABEL
 
-    results = [score(lambda x, run=run: torch.from_numpy(run(x.numpy())), data.held_out, data.num_classes, data.batch)
-               for run in (float_run, int8_run)]
-    same = float((results[0]["predicted"] == results[1]["predicted"]).float().mean()) if results[0]["count"] else 1.0
-    return Int8Check(data.held_out_name, results[0]["count"], results[0]["acc"], results[1]["acc"], same, runtime,
-                     data.calibration_from)
+    task = data.task
+    results = [score(lambda x, run=run: torch.from_numpy(run(x.numpy())), data.held_out, len(task.classes),
+                     data.batch, task=task) for run in (float_run, int8_run)]
+    if task.name == MULTILABEL:
+        key, figure = "map", "mAP"
+        chosen = [r["probs"].double() >= torch.tensor(r["thresholds"], dtype=torch.float64) for r in results]
+        same = chosen[0].eq(chosen[1]).all(1)
+    else:
+        key, figure = "acc", "accuracy"
+        same = results[0]["predicted"] == results[1]["predicted"]
+    agreement = float(same.float().mean()) if results[0]["count"] else 1.0
+    return Int8Check(data.held_out_name, results[0]["count"], results[0][key], results[1][key], agreement, runtime,
+                     data.calibration_from, figure)

@@ -12,6 +12,8 @@ imports it).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from imgclf.config import TrainConfig
 from imgclf.configfile import RECIPES, read_config_pinned
 from imgclf.errors import UserError
 from imgclf.files import refuse_if_in_use
+from imgclf.folds import FOLDS_FILE
 
 
 def user_values(config: str | os.PathLike | None, given: dict[tuple[str, str], object], *,
@@ -70,14 +73,30 @@ def resolve(*layers: dict[tuple[str, str], object], recipe: str = AUTO_RECIPE,
 def resume(folder, *layers: dict[tuple[str, str], object], recipe: str = AUTO_RECIPE, check_code: bool = True,
            model_code: str | None = None, trust_changed_code: bool = False) -> TrainConfig:
     """The configuration to continue the run in `folder` with: its own (read from its last checkpoint and
-    checked as the flags are: a damaged one is one UserError line), with `layers` over it. `check_code`,
+    checked as the flags are: a damaged one is one UserError line), with `layers` over it; for the parent
+    folder of a cross-validation's folds (imgclf.crossval), the configuration in its folds.json. `check_code`,
     `model_code`, `trust_changed_code`: a network from the user's .py file, as train.resumed_config checks it;
     `recipe` is only checked to exist (the run's configuration replaces it)."""
+    if (Path(folder) / FOLDS_FILE).is_file():
+        return resolve(*layers, recipe=recipe, base=folds_config(folder))
     from imgclf.train import resumed_config  # torch: a checkpoint is read
 
     base = resumed_config(folder, check_code=check_code, model_code=model_code,
                           trust_changed_code=trust_changed_code)
     return resolve(*layers, recipe=recipe, base=base)
+
+
+def folds_config(folder) -> TrainConfig:
+    """The configuration of the cross-validation whose folds are under `folder` (its folds.json, written by
+    imgclf.crossval), `out` set to `folder` and `stop_after` cleared as a resumed run's; a damaged file is
+    one UserError line."""
+    path = Path(folder) / FOLDS_FILE
+    try:
+        cfg = TrainConfig.from_dict(json.loads(path.read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, UserError) as err:
+        raise UserError(f"cannot resume from {path}: it is damaged ({str(err)[:120]}); start a new run with "
+                        f"--out") from None
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out=str(folder), stop_after=None))
 
 
 def refuse_existing_run(out: str, how_to_resume: str, elsewhere: str) -> None:
@@ -86,3 +105,6 @@ def refuse_existing_run(out: str, how_to_resume: str, elsewhere: str) -> None:
     refuse_if_in_use(out)  # a run that is training says so, rather than "already holds a run"
     if (Path(out) / "checkpoints" / "last.pt").exists():
         raise UserError(f"{out} already holds a run; {how_to_resume}, or choose another {elsewhere}")
+    if (Path(out) / FOLDS_FILE).exists():
+        raise UserError(f"{out} already holds the folds of a cross-validation; {how_to_resume}, or choose "
+                        f"another {elsewhere}")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from imgclf.errors import UserError, shown
 from imgclf.files import atomic_write_text, run_folder_held
+from imgclf.folds import FOLDS_FILE
 
 STATUS_FILE = "status.json"
 STATES = ("running", "finished", "stopped", "crashed")
@@ -93,13 +94,42 @@ def status(run_dir: Path, cfg: dict, records: list[dict]) -> str:
     return "stopped" if (Path(run_dir) / "checkpoints" / "last.pt").is_file() else "crashed"
 
 
+def summarize_folds(folder: Path, root: Path) -> dict:
+    """The row of a cross-validation's parent folder (imgclf.crossval), from its folds.json and its folds'
+    rows: as `summarize`'s, with epochs the folds done, planned_epochs the folds, best the mean of the
+    --monitor figure over the folds done and `std` its standard deviation, time the folds' in all, status
+    running while a fold runs, finished once every fold is, else stopped (resumable); `folds`: K. Read as
+    leniently as `summarize` reads a run."""
+    folder, summary = Path(folder), _read_object(Path(folder) / FOLDS_FILE)
+    cfg, figures = _object(summary.get("config")), _object(summary.get("figures"))
+    folds, done = _number(summary.get("folds")), _number(summary.get("done"))
+    folds = int(folds) if folds is not None and 2 <= folds <= 1000 else 0
+    monitor = _text(_object(cfg.get("optim")).get("monitor")) or "val_acc"
+    fold_rows = [summarize(folder / f"fold-{i}", root) for i in range(1, folds + 1)
+                 if (folder / f"fold-{i}" / "config.json").is_file()]
+    states = {row["status"] for row in fold_rows}
+    state = "running" if "running" in states else "finished" if done == folds and folds else "stopped"
+
+    def figure(name: str, key: str) -> float | None:  # folds.json: figures -> name -> mean, std, min, max
+        return _number(_object(figures.get(name)).get(key))
+
+    return {"name": str(folder.relative_to(root)) if folder != Path(root) else folder.name, "path": str(folder),
+            "model": _text(_object(cfg.get("model")).get("name")), "data": _text(_object(cfg.get("data")).get("data")),
+            "epochs": int(done) if done is not None and 0 <= done <= folds else 0, "planned_epochs": folds,
+            "monitor": monitor, "best": figure(monitor, "mean"), "std": figure(monitor, "std"), "best_epoch": None,
+            "lower_is_better": monitor.endswith("loss"), "test_acc": figure("test_acc", "mean"),
+            "time": sum(row["time"] for row in fold_rows), "status": state, "started": None, "folds": folds}
+
+
 def list_runs(root: Path, *, sort: str = "name") -> list[dict]:
-    """The rows of every run under `root`, sorted by `sort` (a COLUMNS key; best: the best figure first);
-    then, for each run whose files could not be read at all, {"name", "path", "skipped": why}."""
+    """The rows of every run under `root`, and of every cross-validation's parent folder (`summarize_folds`),
+    sorted by `sort` (a COLUMNS key; best: the best figure first); then, for each run whose files could not
+    be read at all, {"name", "path", "skipped": why}."""
     rows, skipped = [], []
-    for folder in find_runs(root):
+    parents = sorted({p.parent for p in Path(root).rglob(FOLDS_FILE) if not p.parent.name.startswith(".")})
+    for folder in sorted([*find_runs(root), *parents]):
         try:
-            rows.append(summarize(folder, Path(root)))
+            rows.append(summarize_folds(folder, Path(root)) if folder in parents else summarize(folder, Path(root)))
         except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError, OverflowError) as err:
             skipped.append({"name": str(folder.relative_to(root)), "path": str(folder),
                             "skipped": f"{type(err).__name__}: {str(err)[:200]}"})
@@ -152,8 +182,13 @@ def _cells(r: dict) -> dict:
     epoch = r["best_epoch"] if r["best_epoch"] is not None else "?"
     best = "-" if r["best"] is None else f"{shown(r['monitor'])} {r['best']:.4f} (epoch {epoch})"
     planned = r["planned_epochs"] if r["planned_epochs"] is not None and r["planned_epochs"] < 1e9 else "?"
+    epochs = f"{r['epochs']}/{planned}"
+    if "folds" in r:  # a cross-validation: folds done, and the mean of its folds' figure
+        epochs += " folds"
+        std = f" ± {r['std']:.4f}" if r["std"] is not None else ""
+        best = "-" if r["best"] is None else f"{shown(r['monitor'])} {r['best']:.4f}{std} (mean)"
     return {"name": shown(r["name"]), "model": shown(r["model"] or "?"), "data": shown(data),
-            "epochs": f"{r['epochs']}/{planned}", "best": best, "time": _duration(r["time"]), "status": r["status"]}
+            "epochs": epochs, "best": best, "time": _duration(r["time"]), "status": r["status"]}
 
 
 def _duration(seconds: float) -> str:

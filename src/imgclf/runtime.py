@@ -78,3 +78,28 @@ def autocast_factory(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def weights_dtype(bf16_weights: bool, precision: torch.dtype) -> torch.dtype:
+    """The dtype a run keeps its weights in (BatchNorm's stay float32): float32, or bfloat16 with
+    --bf16-weights, which needs the run's arithmetic (`precision`, resolved) to be bf16: one UserError line
+    otherwise."""
+    if not bf16_weights:
+        return torch.float32
+    if precision != torch.bfloat16:
+        raise UserError(f"--bf16-weights needs bf16 arithmetic, but this run computes in {str(precision)[6:]} here; "
+                        f"give --precision bf16, or drop --bf16-weights")
+    return torch.bfloat16
+
+
+def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model` with its floating-point weights and buffers in `dtype`, except its BatchNorm layers, which stay
+    float32 (their statistics and shifts need the precision; torch's batch norm takes a bf16 input with
+    float32 parameters). Unchanged for float32."""
+    if dtype == torch.float32:
+        return model
+    model.to(dtype)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.float()
+    return model

@@ -36,6 +36,7 @@ from importlib import resources
 import numpy as np
 import torch
 
+from imgclf.calibration import is_unknown
 from imgclf.errors import UserError
 from imgclf.tasks import MULTILABEL
 
@@ -233,11 +234,15 @@ async def read_body(request, limit: int) -> bytes:
 def labelled(predictor, probs, k: int) -> dict:
     """One picture's answer, as `imgclf predict --json` prints it: {"top": its labels (the task's decoding: the
     `k` most probable classes, or a multi-label model's every class over its threshold)}, and for a
-    multi-label model "scores": every class's probability."""
+    multi-label model "scores": every class's probability; with a `reject_below` cut (single-label,
+    imgclf.calibration) also "scores" and "unknown" (whether the top probability is under the cut)."""
     classes, task = predictor.classes, predictor.task
     answer = {"top": [{"label": classes[i], "probability": round(v, 6)} for i, v in task.decode(probs, k)]}
-    if getattr(task, "name", None) == MULTILABEL:  # (a task of the Python API's own may have no name)
+    below = getattr(predictor, "reject_below", None)
+    if getattr(task, "name", None) == MULTILABEL or below is not None:  # (an API task may have no name)
         answer["scores"] = {c: round(v, 6) for c, v in zip(classes, probs.tolist(), strict=True)}
+    if below is not None and getattr(task, "name", None) != MULTILABEL:
+        answer["unknown"] = is_unknown(float(probs.max()), below)
     return answer
 
 
@@ -361,17 +366,19 @@ class Service:
         """The picture of `data` as the predictor takes it (HWC), decoded under the gate; Refused if it is too
         large or no picture."""
         from imgclf import bands
-        from imgclf.transforms import BadImage, load_image
+        from imgclf.transforms import PLAIN, BadImage, load_image
 
         buffer = io.BytesIO(data)
         shape = {"size": self.predictor.size, "channels": self.predictor.channels}
         depth = getattr(self.predictor, "depth", 8)
+        decoding = getattr(self.predictor, "decoding", PLAIN)  # a pretrained network's resize and crop
         try:
             if not bands.is_plain(shape["channels"], depth):  # multi-band or 16-bit pictures (imgclf.bands)
                 pixels = await asyncio.to_thread(band_pixels, data, max_pixels=self.max_pixels)
-                return await self.gate.run(pixels, bands.load_bands, buffer, **shape, depth=depth)
+                return await self.gate.run(pixels, bands.load_bands, buffer, **shape, depth=depth,
+                                           decoding=decoding)
             pixels = await asyncio.to_thread(decoded_pixels, data, **shape, max_pixels=self.max_pixels)
-            return await self.gate.run(pixels, load_image, buffer, **shape)
+            return await self.gate.run(pixels, load_image, buffer, **shape, decoding=decoding)
         except TooManyPixels as err:
             raise Refused(413, str(err)) from None
         except BadImage as err:  # Pillow names the file object in its message; the user knows it as the upload
@@ -446,10 +453,10 @@ def check_requirements() -> None:
 
 def serve_checkpoint(checkpoint, *, host: str = "127.0.0.1", port: int = 8000, topk: int = 5,
                      max_upload_mb: float = 10.0, max_batch: int = 32, device: str = "auto",
-                     max_megapixels: float = MAX_PIXELS / 1e6) -> None:
+                     max_megapixels: float = MAX_PIXELS / 1e6, reject_below: float | None = None) -> None:
     """Serve `checkpoint` (or a model it exported: .onnx, OpenVINO .xml, TorchScript) on host:port until stopped
     (Ctrl+C, SIGTERM): `imgclf serve`. The port is bound before the checkpoint loads, so that a taken port is
-    one clear error at once."""
+    one clear error at once. `reject_below`: answer "unknown" under that top probability (Predictor.reject)."""
     check_requirements()
     import uvicorn
 
@@ -457,6 +464,7 @@ def serve_checkpoint(checkpoint, *, host: str = "127.0.0.1", port: int = 8000, t
 
     sock = listening_socket(host, port)
     predictor = Predictor.from_path(checkpoint, device=device)  # a checkpoint or an exported .onnx / .xml
+    predictor.reject(reject_below)
     app = create_app(predictor, model_name=predictor.model_name, max_upload_bytes=int(max_upload_mb * 1e6),
                      topk=topk, max_batch=max_batch, max_pixels=int(max_megapixels * 1e6))
     shown = f"[{host}]" if ":" in host else host

@@ -28,8 +28,9 @@ from imgclf.checkpoint import MAX_CLASSES, MAX_NAME
 from imgclf.config import DataConfig
 from imgclf.errors import UserError, shown
 from imgclf.files import not_regular, special_kind
+from imgclf.folds import fold_data, fold_lists, fold_name
 from imgclf.labelsets import MULTI, labels_task, random_split, read_multilabel_csv
-from imgclf.transforms import IMAGE_EXTENSIONS, NORMALIZATION, compute_mean_std, resize_batch
+from imgclf.transforms import IMAGE_EXTENSIONS, NORMALIZATION, PLAIN, Decoding, compute_mean_std, resize_batch
 
 BUILTINS = ("fashion-mnist-mini", "cifar10", "cifar100", "mnist", "fashion-mnist")
 # shipped inside the package (6,000 + 1,000 Fashion-MNIST pictures, MIT): the one data set that needs no download
@@ -91,18 +92,22 @@ class ImageData:
 
 
 def load_data(cfg: DataConfig, *, img_size: int | None = None, channels: int | None = None,
-              progress: bool = True, whole: bool = False, classes: list[str] | None = None) -> ImageData:
+              progress: bool = True, whole: bool = False, classes: list[str] | None = None,
+              decoding: Decoding = PLAIN, crop_train: bool = False) -> ImageData:
     """Load the data set `cfg.data` names. `img_size`/`channels` (from a checkpoint) override detection.
     `whole`: a single folder of class folders is not split; all of it is the `val` split (see _load_folder).
-    `classes` (a checkpoint's): the classes a multi-label --labels CSV is read against."""
+    `classes` (a checkpoint's): the classes a multi-label --labels CSV is read against. `decoding`: how the
+    held-out splits are resized and cropped (a pretrained network's input contract: transforms.Decoding); the
+    training split takes its interpolation alone, or with `crop_train` (evaluating a checkpoint) all of it."""
     size = img_size or cfg.img_size
     channels = channels or cfg.channels
+    roles = _role_decodings(decoding, crop_train)
     if cfg.task == MULTI and not cfg.labels:
         raise UserError("multi-label pictures (--task multilabel, or a multi-label model) need --labels FILE.csv "
                         "naming the labels of each picture (filename,labels with the labels separated by spaces, "
                         "or one 0/1 column per class)")
     if cfg.data in BUILTINS:
-        return _load_builtin(cfg, size=size, channels=channels)
+        return _folded(_load_builtin(cfg, size=size, channels=channels, roles=roles), cfg, whole)
     root = Path(cfg.data).expanduser()
     try:
         mode = root.stat().st_mode
@@ -118,10 +123,29 @@ def load_data(cfg: DataConfig, *, img_size: int | None = None, channels: int | N
     if _idx_files(root):
         data = _load_idx(root)
         height, width = data.train.images.shape[2:]
-        return _finish(data, size=size or native_side(root, height, width), channels=channels,
-                       name=root.name.lower())
+        return _folded(_finish(data, size=size or native_side(root, height, width), channels=channels,
+                               name=root.name.lower(), roles=roles), cfg, whole)
     return _load_folder(root, cfg, size=size, channels=channels, progress=progress, whole=whole,
-                        classes=classes)
+                        classes=classes, roles=roles)
+
+
+def _role_decodings(decoding: Decoding, crop_train: bool) -> dict[str, Decoding]:
+    """Each split's decoding (see `load_data`)."""
+    return {"train": decoding if crop_train else decoding.for_training(), "val": decoding, "test": decoding}
+
+
+def _folder_roles(roles: dict | None, channels: int, normalize: str) -> dict[str, Decoding]:
+    """`roles` (PLAIN's when None), except for bands beyond RGB under --normalize auto: their own statistics
+    normalise them (pipeline.normalization), so no RGB network's input contract applies to them either; they
+    are decoded as imgclf's own (PLAIN), which is what their checkpoint records."""
+    if roles is None or (channels not in (1, 3) and normalize == "auto"):
+        return _role_decodings(PLAIN, False)
+    return roles
+
+
+def _folded(data: ImageData, cfg: DataConfig, whole: bool) -> ImageData:
+    """`data` (read whole: built-in, IDX) as fold --fold of --folds says (imgclf.folds), or as it is."""
+    return fold_data(data, folds=cfg.folds, fold=cfg.fold) if cfg.folds and cfg.fold and not whole else data
 
 
 MIN_SIDE = 8  # the smallest --img-size: below it a network's poolings leave nothing
@@ -150,13 +174,14 @@ def imbalance_warning(labels: torch.Tensor, classes: list[str]) -> str | None:
 
 # ---------------------------------------------------------------- built-in data sets (torchvision)
 
-def _load_builtin(cfg: DataConfig, *, size: int | None, channels: int | None) -> ImageData:
+def _load_builtin(cfg: DataConfig, *, size: int | None, channels: int | None, roles: dict | None = None) -> ImageData:
     if channels not in (None, 1, 3):
         raise UserError(f"{cfg.data} has grey pictures that imgclf gives 1 or 3 channels, not {channels}")
     if cfg.data in PACKAGED:
-        return _finish(_load_idx(PACKAGED[cfg.data]), size=size, channels=channels, name=cfg.data)
+        return _finish(_load_idx(PACKAGED[cfg.data]), size=size, channels=channels, name=cfg.data, roles=roles)
     if cfg.data == "fashion-mnist" and _idx_files(DEBIAN_FASHION_MNIST):
-        return _finish(_load_idx(DEBIAN_FASHION_MNIST), size=size, channels=channels, name="fashion-mnist")
+        return _finish(_load_idx(DEBIAN_FASHION_MNIST), size=size, channels=channels, name="fashion-mnist",
+                       roles=roles)
     from torchvision import datasets
 
     klass = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100, "mnist": datasets.MNIST,
@@ -178,16 +203,21 @@ def _load_builtin(cfg: DataConfig, *, size: int | None, channels: int | None) ->
         images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # -> N, C, H, W
         splits.append(Split(images.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)))
     data = ImageData(splits[0], splits[1], list(ds.classes), *NORMALIZATION[cfg.data], "test")
-    return _finish(data, size=size, channels=channels, name=cfg.data)
+    return _finish(data, size=size, channels=channels, name=cfg.data, roles=roles)
 
 
-def _finish(data: ImageData, *, size: int | None, channels: int | None, name: str) -> ImageData:
-    """Resize / convert channels when a model asks for other than the native, and fill in statistics."""
-    for split in data.splits().values():
+def _finish(data: ImageData, *, size: int | None, channels: int | None, name: str,
+            roles: dict | None = None) -> ImageData:
+    """Resize / convert channels when a model asks for other than the native, and fill in statistics.
+    `roles`: each split's Decoding (`_role_decodings`; none: PLAIN), which resizes even at the native side."""
+    roles = roles or {}
+    for role, split in data.splits().items():
         if channels is not None and split.images.shape[1] != channels:
             split.images = _convert_channels(torch.as_tensor(split.images), channels)
-        if size is not None:
-            split.images = resize_batch(torch.as_tensor(split.images), size)
+        decoding = roles.get(role, PLAIN)
+        if size is not None or decoding != PLAIN:
+            side = size or int(split.images.shape[2])
+            split.images = resize_batch(torch.as_tensor(split.images), side, decoding)
     if len(data.mean) != data.channels:  # IDX folders, or channels converted for the model
         key = "fashion-mnist" if "fashion" in name else name
         known = NORMALIZATION.get(key)
@@ -500,7 +530,7 @@ def folder_layout(root: Path) -> FolderLayout:
 
 
 def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int | None, progress: bool,
-                 whole: bool = False, classes: list[str] | None = None) -> ImageData:
+                 whole: bool = False, classes: list[str] | None = None, roles: dict | None = None) -> ImageData:
     """Decode (once, cached) the splits of a folder data set; see `folder_layout`. Without a validation or
     test folder, `cfg.val_fraction` of each class is held out, or with `whole` nothing: every picture is then
     the `val` split, named "all" (what `imgclf eval` measures on a plain folder of class folders). A
@@ -520,6 +550,12 @@ def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int
         walk.report()
     classes, held_out = lists.pop("classes"), layout.val or layout.test
     val_name = held_out.name if held_out is not None else ("all" if whole else "val")
+    if cfg.folds and cfg.fold and not whole:  # k-fold: train/ and val/ pooled, then cut (imgclf.folds)
+        lists, note = fold_lists(lists, folds=cfg.folds, fold=cfg.fold, test_is_val=layout.val is None and
+                                 layout.test is not None, classes=classes, targets=targets)
+        val_name = fold_name(cfg.fold, cfg.folds)
+        if note and progress:
+            print(f"imgclf: {note}", file=sys.stderr)
     photos = _are_photos(lists["train"][0])
     size = size or (224 if photos else native_side(root, *[_native_side(lists["train"][0])] * 2))
     channels, depth = detect(lists["train"][0], channels, _default_channels(lists["train"][0]))
@@ -527,8 +563,9 @@ def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int
     if cfg.strict:
         check_all([f for files, _ in lists.values() for f in files], size=size, channels=channels, depth=depth)
     cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    roles = _folder_roles(roles, channels, cfg.normalize)
     splits, skipped = _cached_splits(lists, root, val_name, size=size, store=store, channels=channels,
-                                     depth=depth, cache_root=cache_root, progress=progress)
+                                     depth=depth, cache_root=cache_root, progress=progress, roles=roles)
     skipped = list(walk.skipped) + skipped
     if targets is not None:  # the cache kept each picture's row of the CSV as its label
         splits = {role: Split(s.images, targets[s.labels], s.files) for role, s in splits.items()}
@@ -536,20 +573,22 @@ def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int
     if unreadable and not whole and targets is None:  # every picture of the class was skipped: as good as none
         raise UserError(f"class folder {shown(layout.train)}/{unreadable[0]} holds no readable pictures; fix or "
                         f"remove them")
-    mean, std = cached_stats(splits["train"], cache_root, lists["train"][0], store, channels, depth)
+    mean, std = cached_stats(splits["train"], cache_root, lists["train"][0], store, channels, roles["train"],
+                             depth)
     return ImageData(splits["train"], splits["val"], classes, mean, std, val_name, skipped, splits.get("test"),
                      photos, task=task, task_note=why)
 
 
 def _cached_splits(lists: dict, root: Path, val_name: str, *, size: int, store: int, channels: int,
-                   cache_root: Path, progress: bool, depth: int = 8) -> tuple[dict[str, Split], list]:
-    """Each role's [files, labels] decoded through the cache (training's at the store side): the splits, and
-    the (file, reason) of every picture skipped; an empty split is one UserError line."""
+                   cache_root: Path, progress: bool, roles: dict, depth: int = 8) -> tuple[dict[str, Split], list]:
+    """Each role's [files, labels] decoded through the cache (training's at the store side), each as `roles`
+    says (role -> Decoding), at `depth`: the splits, and the (file, reason) of every picture skipped; an
+    empty split is one UserError line."""
     splits, skipped = {}, []
     for role, (files, labels) in lists.items():
         side = store if role == "train" else size
         splits[role], bad = cached_split(files, labels, size=side, channels=channels, cache_root=cache_root,
-                                         progress=progress, depth=depth)
+                                         progress=progress, decoding=roles[role], depth=depth)
         skipped += bad
         if len(splits[role]) == 0:
             raise UserError(f"no readable pictures in the {val_name if role == 'val' else role} split of {shown(root)}")

@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from imgclf.calibration import stored_temperature
 from imgclf.config import MONITORS
 from imgclf.distributed import DistInfo, all_reduce_sum
 from imgclf.errors import UserError
@@ -103,16 +104,20 @@ class SingleLabel:
     monitors: Mapping[str, bool] = {figure: MONITORS[figure] for figure in ("val_acc", "val_loss", "val_macro_f1")}
 
     def __init__(self, classes: Sequence[str], *, label_smoothing: float = 0.0,
-                 class_weights: torch.Tensor | None = None):
+                 class_weights: torch.Tensor | None = None, temperature: float = 1.0):
         self.classes = list(classes)
         self.class_weights = class_weights  # the divisor of the loss's mean (engine.loss_shares)
         self._criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
+        # a checkpoint's fitted temperature (imgclf.calibration): `activation` divides the logits by it; the
+        # loss and every figure of the logits stay as trained
+        self.temperature = float(temperature)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self._criterion(logits, targets)
 
     def activation(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.softmax(1)
+        """softmax(logits / temperature): the calibrated probabilities (plain softmax at temperature 1)."""
+        return (logits if self.temperature == 1.0 else logits / self.temperature).softmax(1)
 
     def decode(self, probs: torch.Tensor, k: int) -> list[tuple[int, float]]:
         p, idx = probs.topk(max(1, min(k, len(self.classes))))
@@ -384,11 +389,13 @@ def make_task(name: str, classes: Sequence[str], **training) -> Task:
 
 
 def stored_task(entries: dict, classes: list[str], where: str = "the checkpoint") -> Task:
-    """The task a checkpoint's (or an export's metadata's) "task" and "thresholds" entries describe; one
-    UserError line when they are damaged. Single-label for a document that names none."""
+    """The task a checkpoint's (or an export's metadata's) "task" and "thresholds" (multi-label) or
+    "temperature" (single-label, imgclf.calibration) entries describe; one UserError line when they are
+    damaged. Single-label for a document that names none."""
     name = entries.get("task", DEFAULT)
     if name != MULTILABEL:
-        return make_task(name, classes)
+        return make_task(name, classes, **({"temperature": stored_temperature(entries, where)}
+                                           if name == DEFAULT else {}))
     thresholds = entries.get("thresholds")
     if thresholds is not None and not (isinstance(thresholds, list) and len(thresholds) == len(classes) and all(
             isinstance(t, float | int) and not isinstance(t, bool) and 0 <= t <= 1 for t in thresholds)):

@@ -127,7 +127,9 @@ class Tracker:
         try:
             with warnings.catch_warnings():  # add_graph uses torch.jit.trace, which now warns of its deprecation
                 warnings.simplefilter("ignore", FutureWarning)
-                self.writer.add_graph(model, example[:2].float().contiguous())
+                # in the weights' dtype: float32, or bfloat16 with --bf16-weights (traced without autocast)
+                dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+                self.writer.add_graph(model, example[:2].to(dtype).contiguous())
         except Exception as err:  # noqa: BLE001 - a graph that cannot be traced is not worth stopping a run for
             print(f"imgclf: note: no model graph in TensorBoard ({str(err).splitlines()[0][:120]})",
                   file=self.stream)

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from imgclf import __version__, distributed
-from imgclf.checkpoint import build_checkpoint, load_checkpoint, non_finite, save_checkpoint
+from imgclf.calibration import describe, fit_on
+from imgclf.checkpoint import build_checkpoint, load_checkpoint, non_finite, safe_load, save_checkpoint
 from imgclf.config import TrainConfig
 from imgclf.configfile import RUN_HEADER, config_yaml
 from imgclf.engine import Diverged, Hooks, TrainState, evaluate, train_one_epoch
@@ -36,10 +37,18 @@ from imgclf.errors import (
 from imgclf.files import atomic_write_text, claim_run_folder, remove_temporaries
 from imgclf.models import checked_model_name, refuse_misfit
 from imgclf.optim import Lookahead, build_optimizer, build_scheduler, clip_norm, ema_update, staged_groups
-from imgclf.pipeline import RunParts, build_run, describe_finetune, load_data_ranked, set_stage
+from imgclf.pipeline import (
+    RunParts,
+    build_run,
+    contract_decoding,
+    describe_finetune,
+    load_data_ranked,
+    run_decoding,
+    set_stage,
+)
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import ImageData, imbalance_warning
-from imgclf.tasks import Task, checkpoint_task, training_task
+from imgclf.tasks import DEFAULT, Task, checkpoint_task, training_task
 from imgclf.tracking import RunRecord, Tracker
 
 
@@ -52,7 +61,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, model: torch.nn.Module | No
     (main process only); raising `imgclf.errors.Stopped` there ends the run resumably.
 
     The main process holds `cfg.run.out` (files.claim_run_folder) for the whole run: a second run into the
-    same folder, or into a folder of files imgclf did not write, is one UserError line."""
+    same folder, or into a folder of files imgclf did not write, is one UserError line. --folds K without
+    --fold I is K runs, not one (imgclf.crossval): one UserError line here."""
+    if cfg.data.folds and cfg.data.fold is None:
+        raise UserError(f"--folds {cfg.data.folds} trains {cfg.data.folds} runs, one per fold: `imgclf train "
+                        f"--folds K` or imgclf.crossval.cross_validate does; give --fold I to train fold I alone")
     dist = distributed.from_environment()
     device = resolve_device(cfg.run.device, dist)
     distributed.init(dist, device)
@@ -118,14 +131,13 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
             _stop_between_epochs(cfg, stop, invocation_epochs, epoch=epoch, run_dir=run_dir)
     if parts.test is not None:
         record = tracker.amend_last(_final_test(cfg, parts, state, task=task, autocast=autocast, dist=dist))
-    if dist.is_main:  # curves.png, confusion.png, mistakes.png and TensorBoard pictures; never fails the run
-        _report(cfg, parts, state, tracker, task=task, device=device, autocast=autocast, result=val)
+    _finish(cfg, parts, state, tracker, task=task, device=device, autocast=autocast, dist=dist, val=val)
     tracker.close()
     return record
 
 
 def _data(cfg: TrainConfig, dist, ckpt: dict | None) -> ImageData:
-    data = load_data_ranked(cfg.data, dist)
+    data = load_data_ranked(cfg.data, dist, run_decoding(cfg))
     if ckpt and ckpt["classes"] != data.classes:
         raise UserError(f"{cfg.run.out} was trained on classes {ckpt['classes']}, but {cfg.data.data} has "
                         f"{data.classes}; start a new run with --out")
@@ -179,6 +191,60 @@ def _report(cfg: TrainConfig, parts: RunParts, state: TrainState, tracker: Track
     report_after_training(Path(cfg.run.out), cfg=cfg, data=parts.data, task=task, model=state.eval_model,
                           transform=parts.transform, device=device, autocast=autocast, records=tracker.records,
                           writer=tracker.writer, result=result)
+
+
+def _finish(cfg: TrainConfig, parts: RunParts, state: TrainState, tracker: Tracker, *, task: Task, device, autocast,
+            dist, val: dict) -> None:
+    """After the last epoch, main process: curves.png, confusion.png, mistakes.png and TensorBoard pictures,
+    then the calibration (`_calibrate`); neither ever fails the run."""
+    if dist.is_main:
+        _report(cfg, parts, state, tracker, task=task, device=device, autocast=autocast, result=val)
+        _calibrate(cfg, parts, state, tracker, task=task, autocast=autocast, dist=dist, val=val)
+
+
+def _calibrate(cfg: TrainConfig, parts: RunParts, state: TrainState, tracker: Tracker, *, task: Task, autocast,
+               dist, val: dict) -> None:
+    """--calibrate: fit the temperature of last.pt and of best.pt on the validation split and store it in each
+    (imgclf.calibration); write calibration.json and reliability.png (best.pt's) into the run folder and say
+    it in one line. `val`: the last epoch's evaluation (last.pt's weights), whose probabilities serve last.pt
+    and, when it is the same epoch, best.pt. Multi-label runs and torchrun jobs are skipped in one line; a
+    failure is a warning and never loses the run (the checkpoints are already saved)."""
+    from imgclf.report import write_calibration
+
+    if not cfg.run.calibrate or not dist.is_main:
+        return
+    if task.name != DEFAULT or dist.enabled:
+        tracker.message("calibration: skipped (" + ("multi-label models decide by their per-class thresholds"
+                        if task.name != DEFAULT else "not under torchrun; it needs every validation picture in "
+                        "one process") + ")")
+        return
+    try:
+        folder, fitted = Path(cfg.run.out) / "checkpoints", {}
+        for name in ("last.pt", "best.pt"):
+            if not (folder / name).is_file():
+                continue
+            ckpt = safe_load(folder / name)
+            same = [figures for epoch, figures in fitted.values() if epoch == ckpt["epoch"]]
+            probs = None if same else val.get("probs") if name == "last.pt" else None
+            if not same and probs is None:  # best.pt of an earlier epoch, or a run ended early (no kept probs)
+                probs = _val_probs(ckpt, parts, state, task, autocast)
+            figures = same[0] if same else fit_on(probs, parts.data.val.labels[: len(probs)])
+            save_checkpoint(folder / name, {**ckpt, "temperature": figures["temperature"]})
+            fitted[name] = (ckpt["epoch"], figures)
+        figures = fitted.get("best.pt", fitted.get("last.pt", (0, None)))[1]
+        if figures is not None:
+            tracker.message(describe(figures, f"best.pt, {parts.data.val_name} split"))
+            write_calibration(Path(cfg.run.out), {name: f for name, (_, f) in fitted.items()}, figures)
+    except Exception as err:  # noqa: BLE001 - calibration is added after the run; its checkpoints are saved
+        tracker.message(f"imgclf: warning: no calibration ({type(err).__name__}: {first_line(err)[:160]})")
+
+
+def _val_probs(ckpt: dict, parts: RunParts, state: TrainState, task: Task, autocast) -> torch.Tensor:
+    """The validation split's probabilities (uncalibrated) of `ckpt`'s weights, computed as training evaluates."""
+    model = state.ema.module if state.ema is not None else state.model
+    model.load_state_dict(ckpt.get("ema_state_dict") or ckpt["state_dict"])
+    return evaluate(state.eval_model, parts.val, task=task, autocast=autocast, tta=ckpt["config"]["run"]["tta"],
+                    keep_probs=True)["probs"]
 
 
 def resumed_config(folder, *, check_code: bool = True, model_code: str | None = None,
@@ -290,7 +356,10 @@ def _train_state(cfg: TrainConfig, parts: RunParts, *, device, precision, dist) 
 def _train_epoch(state: TrainState, parts: RunParts, cfg: TrainConfig, task: Task, *, run_dir: Path,
                  **kwargs) -> dict:
     """`train_one_epoch` with the task's loss and hits, --clip-grad and --accumulate; a diverged loss told to
-    the user in one line."""
+    the user in one line. --bf16-weights: bf16 weights take bf16 batches, so the steps run without autocast
+    (nothing to cast; evaluation keeps it, for float inputs)."""
+    if cfg.run.bf16_weights:
+        kwargs["autocast"] = contextlib.nullcontext
     try:
         return train_one_epoch(state, parts.train, loss_fn=task.loss, hits=task.hits, accumulate=cfg.optim.accumulate,
                                clip_grad=clip_norm(cfg.optim.clip_grad, state.model), **kwargs)
@@ -398,7 +467,7 @@ def _start_run_folder(cfg: TrainConfig, parts: RunParts, tracker: Tracker, *, de
                     f"{data.channels}x{data.img_size}x{data.img_size}) on {device}, {str(precision)[6:]}, "
                     f"world size {world}; run folder {run_dir}")
     if fresh and cfg.model.pretrained:
-        tracker.message(describe_finetune(cfg, parts.contract))
+        tracker.message(describe_finetune(cfg, parts.contract, data.img_size))
     warning = imbalance_warning(data.train.labels, data.classes) if data.train.labels.ndim == 1 else None
     if warning and cfg.data.balance == "none":
         tracker.message(warning)
@@ -425,7 +494,8 @@ def _save(cfg: TrainConfig, parts: RunParts, state: TrainState, *, dist, best: b
     data = parts.data
     ckpt = build_checkpoint(model_name=cfg.model.name, classes=data.classes, channels=data.channels,
                             size=data.img_size, mean=data.mean, std=data.std, config=cfg.to_dict(),
-                            state=state.state_dict(), task=task.checkpoint_entries(state.metrics), depth=data.depth)
+                            state=state.state_dict(), task=task.checkpoint_entries(state.metrics),
+                            decoding=contract_decoding(parts.contract), depth=data.depth)
     folder = Path(cfg.run.out) / "checkpoints"
     if best:  # best.pt first: killed between the two, the run resumes from the older last.pt and redoes both
         save_checkpoint(folder / "best.pt", ckpt)

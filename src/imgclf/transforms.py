@@ -8,7 +8,9 @@ on the training device.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,24 +37,90 @@ class BadImage(ValueError):
     """A file that is not a picture we can decode; the message says why."""
 
 
-def load_image(path, *, size: int, channels: int) -> np.ndarray:
+# Pillow's filters by the names input contracts give them (timm's pretrained_cfg, torchvision's InterpolationMode)
+INTERPOLATIONS = {"nearest": Image.Resampling.NEAREST, "nearest-exact": Image.Resampling.NEAREST,
+                  "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+                  "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
+                  "lanczos": Image.Resampling.LANCZOS}
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a picture is brought to side x side for a network: its shorter side resized to `resize_for(side)`
+    with `interpolation` (a name of INTERPOLATIONS), then the centre side x side cropped, which keeps `crop_pct`
+    of the resized shorter side. PLAIN, the default, is imgclf's own way (bilinear, the shorter side straight
+    to the side); a pretrained network's input contract asks for its own (tf_efficientnet_lite0's: bicubic to
+    256, then the centre 224: crop_pct 0.875)."""
+
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0  # in (0, 1]
+
+    def resize_for(self, side: int) -> int:
+        """The shorter side before the centre crop of `side`: timm's floor(side / crop_pct) (the 1e-6 keeps a
+        ratio such as torchvision's 224/232 from flooring one short)."""
+        return max(side, math.floor(side / self.crop_pct + 1e-6))
+
+    def for_training(self) -> Decoding:
+        """Training pictures' decoding: the interpolation alone (their crops are augmentation's business)."""
+        return Decoding(self.interpolation)
+
+    def record(self, size: int) -> dict:
+        """The entries of a checkpoint's or an export's "input" record that state it for pictures of `size`
+        (`resize_side`: the shorter side before the crop, for readers; `input_decoding` reads the others back);
+        none for PLAIN, so that a from-scratch run's records stay as they were."""
+        return {} if self == PLAIN else {"interpolation": self.interpolation, "crop_pct": self.crop_pct,
+                                         "resize_side": self.resize_for(size)}
+
+    def tag(self) -> str:
+        """What tells this decoding apart in a cache key; "" for PLAIN (older caches keep their keys)."""
+        return "" if self == PLAIN else f":{self.interpolation}:{self.crop_pct!r}"
+
+
+PLAIN = Decoding()
+
+
+def input_decoding(inp: Mapping) -> Decoding:
+    """The Decoding an "input" record (a checkpoint's, an export's metadata, checked by `decoding_problem`)
+    states; PLAIN for one written before these entries existed."""
+    return Decoding(inp.get("interpolation", PLAIN.interpolation), float(inp.get("crop_pct", PLAIN.crop_pct)))
+
+
+def decoding_problem(inp: Mapping) -> str | None:
+    """What is wrong with the decoding entries of an "input" record (`Decoding.record`; all optional: older
+    records have none), or None."""
+    interpolation, crop = inp.get("interpolation", PLAIN.interpolation), inp.get("crop_pct", PLAIN.crop_pct)
+    side, size = inp.get("resize_side"), inp.get("size")
+    if not (isinstance(interpolation, str) and interpolation in INTERPOLATIONS):
+        return f"input interpolation is {str(interpolation)[:40]!r}, not one of {', '.join(INTERPOLATIONS)}"
+    if not (isinstance(crop, int | float) and not isinstance(crop, bool) and 0 < crop <= 1):
+        return f"input crop_pct is {str(crop)[:40]!r}, not a number in (0, 1]"
+    if side is not None and (type(size) is not int or side != Decoding(interpolation, crop).resize_for(size)):
+        return f"input resize_side {str(side)[:40]!r} is not floor(size / crop_pct) of its size and crop_pct"
+    return None
+
+
+def load_image(path, *, size: int, channels: int, decoding: Decoding = PLAIN) -> np.ndarray:
     """Decode one picture into a uint8 array of shape (size, size, channels).
 
-    EXIF orientation is applied; grayscale, 16-bit, CMYK, palette and alpha images are converted; the short
-    side is resized to `size` and the centre cropped. Raises BadImage (never anything else for bad bytes).
+    `path` is a file's path, a file object, or a picture already decoded (a PIL image: a video's frame),
+    which then takes the same steps from here on. EXIF orientation is applied; grayscale, 16-bit, CMYK,
+    palette and alpha images are converted; the short side is resized as `decoding` says (by default to
+    `size`) and the centre cropped. Raises BadImage (never anything else for bad bytes).
     """
     quiet_libtiff()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on odd metadata: it decodes or fails
-            with Image.open(path) as img:
+            opened = contextlib.nullcontext(path) if isinstance(path, Image.Image) else Image.open(path)
+            with opened as img:
                 if img.width * img.height > MAX_PIXELS:
                     raise BadImage(f"{img.width}x{img.height} pixels is over the {MAX_PIXELS:,}-pixel limit")
-                img.draft("RGB" if channels == 3 else "L", (size, size))  # JPEG: decode at reduced scale
+                short = decoding.resize_for(size)
+                img.draft("RGB" if channels == 3 else "L", (short, short))  # JPEG: decode at reduced scale
                 img = ImageOps.exif_transpose(img)
                 img = _to_mode(img, channels)
-                img = _resize_center_crop(img, size)
+                img = _resize_center_crop(img, size, short, INTERPOLATIONS[decoding.interpolation])
                 arr = np.array(img, dtype=np.uint8)  # a writable copy, safe for torch.from_numpy
     except BadImage:
         raise
@@ -95,29 +163,35 @@ def _to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("RGB" if channels == 3 else "L")
 
 
-def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+def _resize_center_crop(img: Image.Image, size: int, short: int | None = None,
+                        resample: int = Image.BILINEAR) -> Image.Image:
+    """The shorter side resized to `short` (default `size`) with `resample`, then the centre size x size."""
     w, h = img.size
-    if (w, h) != (size, size):
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
+    short = short or size
+    if (w, h) != (size, size) or short != size:
+        scale = short / min(w, h)
+        nw, nh = max(short, round(w * scale)), max(short, round(h * scale))
+        img = img.resize((nw, nh), resample, reducing_gap=3.0)
         left, top = (nw - size) // 2, (nh - size) // 2
         img = img.crop((left, top, left + size, top + size))
     return img
 
 
-def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> uint8 (N, C, size, size), short side resized then centre-cropped."""
+def resize_batch(images: torch.Tensor, size: int, decoding: Decoding = PLAIN) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> uint8 (N, C, size, size), short side resized as `decoding` says (antialiased;
+    bicubic when it says so, else bilinear) then centre-cropped."""
     n, c, h, w = images.shape
-    if (h, w) == (size, size):
+    short = decoding.resize_for(size)
+    if (h, w) == (size, size) and short == size:
         return images
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    scale = short / min(h, w)
+    nh, nw = max(short, round(h * scale)), max(short, round(w * scale))
+    mode = "bicubic" if decoding.interpolation == "bicubic" else "bilinear"
     _refuse_beyond_memory(n * c * size * size, f"{n} pictures of {c}x{size}x{size}")
     out = torch.empty(n, c, size, size, dtype=torch.uint8)
     step = max(1, min(1024, (256 << 20) // (4 * c * nh * nw)))  # float chunks of at most 256 MB
     for i in range(0, n, step):
-        x = torch.nn.functional.interpolate(images[i : i + step].float(), size=(nh, nw), mode="bilinear",
+        x = torch.nn.functional.interpolate(images[i : i + step].float(), size=(nh, nw), mode=mode,
                                             antialias=True, align_corners=False)
         top, left = (nh - size) // 2, (nw - size) // 2
         out[i : i + step] = x[:, :, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8)
@@ -222,12 +296,15 @@ class BatchTransform:
             x = self.augmentation(x, draws or Draws.from_generator(generator, len(x)))
         if self.size is not None and x.shape[-1] > self.size:
             x = center_crop(x, self.size)
-        # (x / 255 - mean) / std as one multiply-add, converted straight into the layout the model wants
+        # (x / 255 - mean) / std as one multiply-add, converted straight into the layout the model wants; a
+        # 16-bit batch (--bf16-weights) is computed in float32 and rounded once
+        work = dtype if dtype.itemsize >= 4 else torch.float32
         std = torch.tensor(self.std, dtype=torch.float64)
-        scale = (1.0 / (full * std)).to(dtype=dtype, device=x.device).view(1, -1, 1, 1)
+        scale = (1.0 / (full * std)).to(dtype=work, device=x.device).view(1, -1, 1, 1)
         shift = -torch.tensor(self.mean, dtype=torch.float64) / std
-        shift = shift.to(dtype=dtype, device=x.device).view(1, -1, 1, 1)
-        return x.to(dtype, memory_format=memory_format, copy=True).mul_(scale).add_(shift)  # never the caller's
+        shift = shift.to(dtype=work, device=x.device).view(1, -1, 1, 1)
+        x = x.to(work, memory_format=memory_format, copy=True).mul_(scale).add_(shift)  # never the caller's
+        return x if work == dtype else x.to(dtype)
 
 
 def progressive_side(epoch: int, *, epochs: int, start: int | None, full: int) -> int:

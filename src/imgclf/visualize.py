@@ -202,6 +202,34 @@ def per_class_figure(accuracies: Sequence[float], classes: Sequence[str], name: 
     return fig
 
 
+def reliability_figure(figures: dict, *, title: str = "reliability") -> Figure:
+    """The reliability diagram of `calibration.calibration_figures`: for each confidence bin, the share of
+    its pictures classified right (bars) against the diagonal of perfect calibration, before and after
+    temperature scaling side by side, with each side's ECE; the bins' picture counts in grey beneath."""
+    fig = _figure(figsize=(9, 4.6), dpi=DPI)
+    for i, when in enumerate(("before", "after")):
+        bins = figures[f"reliability_{when}"]
+        edges = np.asarray(bins["edges"])
+        width, left, count = np.diff(edges), edges[:-1], np.asarray(bins["count"], dtype=float)
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
+        filled = count > 0
+        ax.bar(left[filled], np.asarray(bins["accuracy"])[filled], width=width[filled], align="edge",
+               color=VAL_COLOR if when == "after" else TRAIN_COLOR, edgecolor="black", lw=0.5, label="accuracy")
+        ax.bar(left, count / max(count.max(), 1) * 0.25, width=width, align="edge", color="lightgrey",
+               edgecolor="grey", lw=0.3, label="pictures (scaled)")
+        t = 1.0 if when == "before" else figures["temperature"]
+        ax.set_title(f"{when}: T = {t:.3g}, ECE {figures[f'ece_{when}']:.4f}", fontsize=10)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top probability)")
+        ax.set_ylabel("accuracy")
+        ax.legend(loc="upper left", fontsize=8)
+    fig.suptitle(f"{title} ({figures['count']} pictures, {figures['bins']} bins)")
+    fig.tight_layout()
+    return fig
+
+
 # ---------------------------------------------------------------- feature maps (notes 17-19)
 
 def feature_maps_figure(activation: torch.Tensor, *, title: str, max_channels: int = 64) -> Figure:
@@ -371,12 +399,13 @@ def _checkpoint_or_random(target: str, *, input_shape: tuple[int, int, int], see
 
 def _read_picture(path: Path, inp: dict) -> np.ndarray:
     """The picture at `path` as the model sees it: uint8 (C, size, size)."""
-    from imgclf.transforms import BadImage, load_image
+    from imgclf.transforms import BadImage, input_decoding, load_image
 
     if not path.is_file():
         raise UserError(f"no such picture: {path}")
     try:
-        return load_image(path, size=inp["size"], channels=inp["channels"]).transpose(2, 0, 1)
+        return load_image(path, size=inp["size"], channels=inp["channels"],
+                          decoding=input_decoding(inp)).transpose(2, 0, 1)
     except BadImage as err:
         raise UserError(f"{path} is not a readable picture ({err})") from None
 

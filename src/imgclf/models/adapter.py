@@ -10,7 +10,6 @@ input contract of pretrained weights: the normalisation, resize and crop their a
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from torch import nn
 
 from imgclf.config import HEAD_INITS
 from imgclf.errors import UserError, shown
+from imgclf.transforms import Decoding
 
 # How a new head's weights start (`Adapter.init_head`): "default", as the layer's library initialises it (what
 # build_model does: a fixed-seed run is unchanged); "zero", weights and bias 0, so that every class starts
@@ -46,8 +46,9 @@ class InputContract:
     source: str
 
     def resize_for(self, side: int) -> int:
-        """The shorter side to resize to before a centre crop of `side` (timm's rule: floor(side / crop_pct))."""
-        return math.floor(side / self.crop_pct)
+        """The shorter side to resize to before a centre crop of `side` (timm's rule: floor(side / crop_pct);
+        transforms.Decoding, which decodes the pictures so)."""
+        return Decoding(self.interpolation, self.crop_pct).resize_for(side)
 
     def for_channels(self, channels: int) -> InputContract:
         """The contract for pictures of `channels` channels: itself for 3; otherwise the channel-averaged mean

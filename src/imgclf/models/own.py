@@ -69,6 +69,15 @@ class _ConvGroup(nn.Sequential):
             nn.init.dirac_(conv.weight[: min(conv.in_channels, conv.out_channels)])
 
 
+class GlobalMaxPool(nn.Module):
+    """(N, C, H, W) -> (N, C): the largest value of each channel, as AdaptiveMaxPool2d(1) and Flatten give, but
+    as a plain max-pool over the whole map: its backward writes each input's gradient once, where the
+    adaptive pool's adds them up with atomics on a GPU (benchmarks/RESULTS.md). The same outputs and gradients."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.max_pool2d(x, x.shape[2:]).flatten(1)
+
+
 class FastNet(nn.Module):
     """A small CIFAR network after the speed records (airbench, hlb-CIFAR10): a 2x2 whitening first layer
     (set from the data by `init_whitening`, frozen), three conv groups, global max-pool, a linear head
@@ -93,7 +102,7 @@ class FastNet(nn.Module):
             _ConvGroup(2 * patch_dims, w0),  # (N, w0, 15, 15)
             _ConvGroup(w0, w1),  # (N, w1, 7, 7)
             _ConvGroup(w1, w2),  # (N, w2, 3, 3)
-            nn.AdaptiveMaxPool2d(1), nn.Flatten(),  # (N, w2)
+            GlobalMaxPool(),  # (N, w2)
         )
         self.head = nn.Linear(w2, num_classes, bias=False)
         self.scale = 1 / 9  # a low logit temperature, which suits label smoothing (airbench)
