@@ -304,3 +304,21 @@ def test_predict_answers_a_misfit_picture_with_its_error(tmp_path):
     (row,) = Predictor.from_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt", device="cpu").predict(
         [str(tmp_path / "five.tif")])
     assert "5 channels, not 4" in row.error
+
+
+def test_a_contract_decoding_reaches_band_pictures_and_beyond_rgb_auto_runs_decode_plain():
+    """The merge with the input contract: `bands.load_bands` follows a Decoding (its resize side, then the
+    centre crop; bicubic), PLAIN leaves a picture of the side as it is, and a run of bands beyond RGB under
+    --normalize auto (normalised by its own statistics) is decoded as imgclf's own whatever it was asked."""
+    from imgclf.sources import _folder_roles, _role_decodings
+    from imgclf.transforms import PLAIN, Decoding
+
+    arr = np.random.default_rng(0).integers(0, 65535, (40, 60, 4)).astype(np.uint16)
+    contract = Decoding("bicubic", 0.875)
+    plain, cut = (bands._resize_crop(arr, 16, 16, d) for d in (PLAIN, contract))
+    assert plain.shape == cut.shape == (16, 16, 4) and plain.dtype == cut.dtype == np.uint16
+    assert (plain != cut).any()  # resized to 18 then cropped, not to 16
+    assert (bands._resize_crop(arr[:16, :16], 16, 16) == arr[:16, :16]).all()
+    asked = _role_decodings(contract, False)
+    assert _folder_roles(asked, 4, "auto") == _role_decodings(PLAIN, False)
+    assert _folder_roles(asked, 3, "auto") == asked and _folder_roles(asked, 4, "weights") == asked
