@@ -51,7 +51,7 @@ def test_build_checkpoint_describes_the_network_its_input_and_classes():
     assert (ckpt["format"], ckpt["format_version"], ckpt["imgclf_version"]) == (FORMAT, FORMAT_VERSION, __version__)
     assert isinstance(ckpt["format_version"], int) and isinstance(ckpt["imgclf_version"], str)
     assert ckpt["model"] == {"name": "resnet18", "num_classes": 2, "in_channels": 1, "img_size": 64}
-    assert ckpt["input"] == {"channels": 1, "size": 64, "mean": [0.5], "std": [0.25]}
+    assert ckpt["input"] == {"channels": 1, "size": 64, "depth": 8, "mean": [0.5], "std": [0.25]}
     assert type(ckpt["input"]["mean"]) is list and type(ckpt["input"]["std"]) is list  # plain, loadable values
     assert ckpt["classes"] == classes and ckpt["classes"] is not classes  # a copy, not the caller's list
     assert ckpt["config"] == {"data": {"batch_size": 8}} and ckpt["epoch"] == 3  # the state, at the top level

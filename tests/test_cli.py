@@ -30,6 +30,7 @@ VALUES = ("0", "-1", "nan", "inf", "-inf", "huge")
 # Every other boundary value must be refused in one line naming the flag.
 ACCEPTED = {
     ("train", "--img-size"): set(), ("train", "--val-fraction"): set(), ("train", "--crop-pad"): {"0"},
+    ("train", "--channels"): set(), ("lr-find", "--channels"): set(),
     ("train", "--store-size"): set(), ("train", "--progressive-resize"): set(), ("train", "--crop-scale"): set(), ("train", "--random-erasing"): {"0"},
     ("train", "--mixup"): {"0", "huge"}, ("train", "--cutmix"): {"0", "huge"}, ("train", "--mix-switch"): {"0"},
     ("train", "--batch-size"): set(), ("train", "--eval-batch-size"): set(), ("train", "--lr"): {"huge"},

@@ -21,6 +21,7 @@ INF, NAN = math.inf, math.nan
 # declaration. Float fields are also refused as NaN, +inf and -inf (added below).
 RULES = {
     ("data", "img_size"): ([None, 8, 4096], [7, 4097, 0, -1]),
+    ("data", "channels"): ([None, 1, 64], [0, 65, -1]),
     ("data", "val_fraction"): ([1e-9, 0.5, 1 - 1e-9], [0.0, 1.0, -0.1]),
     ("data", "crop_pad"): ([None, 0, 4096], [-1, 4097]),
     ("data", "store_size"): ([None, 8, 4096], [7, 4097]),

@@ -137,7 +137,7 @@ def test_the_checkpoint_records_the_decoding_and_older_ones_load_as_before(tmp_p
     ckpt = load_checkpoint(tiny_checkpoint(tmp_path / "c.pt", CONTRACT))
     assert {k: ckpt["input"][k] for k in ("interpolation", "crop_pct", "resize_side")} == CONTRACT.record(32)
     old = load_checkpoint(tiny_checkpoint(tmp_path / "old.pt"))
-    assert set(old["input"]) == {"channels", "size", "mean", "std"}  # a from-scratch run's record, unchanged
+    assert set(old["input"]) == {"channels", "size", "depth", "mean", "std"}  # a from-scratch run's record: no decoding
     for bad, match in (({"interpolation": "cubic-ish"}, "interpolation"), ({"crop_pct": 1.5}, "crop_pct"),
                        ({"crop_pct": "x"}, "crop_pct"), ({"resize_side": 40}, "resize_side")):
         broken = {**ckpt, "input": {**ckpt["input"], **bad}}

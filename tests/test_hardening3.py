@@ -202,10 +202,12 @@ def test_standard_input_over_the_limit_and_file_objects_never_named(monkeypatch)
     import types
 
     from imgclf import predict
+    from imgclf.transforms import PLAIN
 
     monkeypatch.setattr(predict, "MAX_DOWNLOAD", 1 << 20)
     decode = predict.Predictor._decode
-    shape = types.SimpleNamespace(size=16, channels=3)
+    shape = types.SimpleNamespace(size=16, channels=3, depth=8, decoding=PLAIN)
+    shape.prepare = lambda picture: predict.Predictor.prepare(shape, picture)  # _decode decodes by it
     monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=io.BytesIO(b"\x89PNG\r\n\x1a\n" + bytes(2 << 20))))
     assert decode(shape, "-") == "over the 1 MB limit for a picture read from standard input"  # was: truncated
     monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=io.BytesIO(b"no picture")))

@@ -219,7 +219,8 @@ class Erase:
         xs = torch.arange(side, dtype=torch.float64).view(1, 1, side)
         hole = ((ys >= top.view(n, 1, 1)) & (ys < (top + eh).view(n, 1, 1)) & (xs >= left.view(n, 1, 1))
                 & (xs < (left + ew).view(n, 1, 1)) & (u[:, 0] < self.erasing).view(n, 1, 1))
-        fill = torch.tensor(self.fill[:c], dtype=x.dtype, device=x.device).view(1, c, 1, 1)
+        fill = torch.tensor(self.fill[:c], device=x.device).view(1, c, 1, 1)
+        fill = (fill / 255.0 if x.is_floating_point() else fill).to(x.dtype)  # a float batch holds 0..1
         return torch.where(hole.unsqueeze(1).to(x.device), fill, x)
 
 

@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imgclf.bands import ChannelMismatch, decode, describe, is_plain, probe, storage_dtype
 from imgclf.errors import UserError, shown
 from imgclf.files import atomic_write_text, not_regular
-from imgclf.transforms import PLAIN, BadImage, Decoding, compute_mean_std, load_image
+from imgclf.transforms import PLAIN, BadImage, Decoding, compute_mean_std
 
 CACHE_FORMAT = 3
 MMAP_BYTES = 2 << 30  # caches larger than this are memory-mapped, not read whole
@@ -36,7 +37,7 @@ BUILD_CHUNK = 4096  # pictures decoded between two records of a cache build's pr
 
 @dataclass
 class Split:
-    images: torch.Tensor | np.ndarray  # uint8 (N, C, H, W); a read-only memmap when large
+    images: torch.Tensor | np.ndarray  # uint8 (N, C, H, W), uint16 for 16-bit pictures; a read-only memmap when large
     labels: torch.Tensor  # int64 (N,)
     files: list[str] | None = None  # source file of each image (folders only)
 
@@ -50,8 +51,11 @@ def default_cache_dir() -> Path:
     return Path(base) / "imgclf"
 
 
-def _fingerprint(files: list[Path], labels: list[int], size: int, channels: int, decoding: Decoding = PLAIN) -> str:
-    h = hashlib.sha256(f"{CACHE_FORMAT}:{size}:{channels}{decoding.tag()}".encode())
+def _fingerprint(files: list[Path], labels: list[int], size: int, channels: int, decoding: Decoding = PLAIN,
+                 depth: int = 8) -> str:
+    # 8-bit caches decoded as imgclf's own (PLAIN) keep the key they always had; a pretrained network's
+    # decoding (its tag) and 16-bit pictures (imgclf.bands) are told apart
+    h = hashlib.sha256(f"{CACHE_FORMAT}:{size}:{channels}{decoding.tag()}{':16' if depth == 16 else ''}".encode())
     for path, label in zip(files, labels, strict=True):
         st = path.stat()
         h.update(os.fsencode(path.resolve()) + f"\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
@@ -59,21 +63,22 @@ def _fingerprint(files: list[Path], labels: list[int], size: int, channels: int,
 
 
 def cached_split(files: list[Path], labels: list[int], *, size: int, channels: int, cache_root: Path,
-                 progress: bool, decoding: Decoding = PLAIN) -> tuple[Split, list[tuple[str, str]]]:
-    """Decode `files` once (as `decoding` says: transforms.load_image) into `cache_root/<fingerprint>/`; later
-    calls read (or memory-map) the result. The fingerprint covers the decoding: pictures resized another way
-    never share a cache.
+                 progress: bool, decoding: Decoding = PLAIN, depth: int = 8) -> tuple[Split, list[tuple[str, str]]]:
+    """Decode `files` once (as `decoding` says: bands.decode) into `cache_root/<fingerprint>/`; later calls
+    read (or memory-map) the result: uint8 pictures, uint16 with `depth` 16. The fingerprint covers the
+    decoding and the depth: pictures resized another way never share a cache.
 
     Pictures skipped as unreadable are tried again when the cache is reused (a file unreadable once, for
     lack of permission say, may be fixed since); if one now decodes, the cache is built anew. A damaged
     cache (a torn meta.json, a truncated images.npy) is named in one line and built anew by itself."""
-    key = _fingerprint(files, labels, size, channels, decoding)
+    key = _fingerprint(files, labels, size, channels, decoding, depth)
     folder = cache_root / key
     for retry in (False, True):
         if not (folder / "meta.json").is_file():
-            _build(folder, files, labels, size=size, channels=channels, progress=progress, decoding=decoding)
+            _build(folder, files, labels, size=size, channels=channels, progress=progress, decoding=decoding,
+                   depth=depth)
         try:
-            meta, images = _open(folder, size, channels)
+            meta, images = _open(folder, size, channels, depth)
         except DamagedCache as err:
             if retry:  # built just now and unreadable already: the disk itself is at fault
                 raise UserError(f"the cache just built in {folder} cannot be read back ({err}); check the disk, "
@@ -83,7 +88,7 @@ def cached_split(files: list[Path], labels: list[int], *, size: int, channels: i
                       file=sys.stderr)
             shutil.rmtree(folder, ignore_errors=True)
             continue
-        if retry or not _skipped_now_readable(meta, size, channels, decoding):
+        if retry or not _skipped_now_readable(meta, size, channels, decoding, depth):
             break
         shutil.rmtree(folder, ignore_errors=True)
     with contextlib.suppress(OSError):
@@ -104,7 +109,7 @@ class DamagedCache(Exception):
         self.path = path
 
 
-def _open(folder: Path, size: int, channels: int) -> tuple[dict, np.ndarray]:
+def _open(folder: Path, size: int, channels: int, depth: int = 8) -> tuple[dict, np.ndarray]:
     """(meta, images) of a finished cache, checked against each other; DamagedCache when they do not fit."""
     path = folder / "meta.json"
     try:
@@ -121,21 +126,21 @@ def _open(folder: Path, size: int, channels: int) -> tuple[dict, np.ndarray]:
         images = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
         raise DamagedCache(path, str(err).splitlines()[0][:160] if str(err) else type(err).__name__) from None
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] < count or \
+    if images.dtype != storage_dtype(depth) or images.ndim != 4 or images.shape[0] < count or \
             images.shape[1:] != (channels, size, size):
         raise DamagedCache(path, f"it holds {images.dtype} {tuple(images.shape)}, not {count} pictures of "
                                  f"{channels}x{size}x{size}")
     return meta, images[:count]
 
 
-def _skipped_now_readable(meta: dict, size: int, channels: int, decoding: Decoding = PLAIN) -> bool:
+def _skipped_now_readable(meta: dict, size: int, channels: int, decoding: Decoding = PLAIN, depth: int = 8) -> bool:
     """Whether a picture the build skipped decodes now. Tried again: every skipped file whose status changed
     since the build (its ctime: a chmod, say, which leaves the cache key alone), and the first 64 in any
     case (for what changed elsewhere: a folder's permissions, a codec installed)."""
     stamps = meta.get("bad_ctime") or [None] * len(meta["bad"])
     changed = [path for (path, _), was in zip(meta["bad"], stamps, strict=False) if _ctime(path) != was]
     candidates = dict.fromkeys([*changed, *(path for path, _ in meta["bad"][:64])])
-    return any(_decode_one((path, size, channels, decoding))[0] is not None for path in candidates)
+    return any(_decode_one((path, size, channels, decoding, depth))[0] is not None for path in candidates)
 
 
 def _ctime(path: str) -> int | None:
@@ -147,12 +152,14 @@ def _ctime(path: str) -> int | None:
 
 
 def _build(folder: Path, files: list[Path], labels: list[int], *, size: int, channels: int, progress: bool,
-           decoding: Decoding = PLAIN) -> None:
+           decoding: Decoding = PLAIN, depth: int = 8) -> None:
     """`_build_in` with a full disk, or a cache folder that cannot be written, said in one line."""
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_partials(folder, source_of(files), size, channels, progress=progress, decoding=decoding)
-        _build_in(folder, files, labels, size=size, channels=channels, progress=progress, decoding=decoding)
+        _remove_stale_partials(folder, source_of(files), size, channels, progress=progress, decoding=decoding,
+                               depth=depth)
+        _build_in(folder, files, labels, size=size, channels=channels, progress=progress, decoding=decoding,
+                  depth=depth)
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             shutil.rmtree(folder.parent / f".partial-{folder.name}", ignore_errors=True)  # give the space back
@@ -168,7 +175,7 @@ def source_of(files: list[Path]) -> str:
 
 
 def _build_in(folder: Path, files: list[Path], labels: list[int], *, size: int, channels: int,
-              progress: bool, decoding: Decoding = PLAIN) -> None:
+              progress: bool, decoding: Decoding = PLAIN, depth: int = 8) -> None:
     """Decode `files` chunk by chunk straight into a memory-mapped file in `.partial-<key>/` beside `folder`
     (memory stays flat however many pictures there are), recording after each chunk how far it got, so that
     a build killed half-way is continued, not restarted, by the next run; then rename it to `folder`.
@@ -182,15 +189,17 @@ def _build_in(folder: Path, files: list[Path], labels: list[int], *, size: int, 
         if (folder / "meta.json").is_file():  # another process finished it while this one waited
             return
         state = _progress(work, len(files))
-        state.update(source=source_of(files), size=size, channels=channels, **_decoding_entry(decoding))
+        state.update(source=source_of(files), size=size, channels=channels, **_decoding_entry(decoding),
+                     **_depth_entry(depth))
         shape = (len(files), channels, size, size)
         if not state["done"]:
-            np.lib.format.open_memmap(work / "images.npy", mode="w+", dtype=np.uint8, shape=shape).flush()
+            np.lib.format.open_memmap(work / "images.npy", mode="w+", dtype=storage_dtype(depth), shape=shape).flush()
             _reserve(work / "images.npy")
         meter = _Meter(len(files), state["done"], enabled=progress and len(files) > 1000)
         for start in range(state["done"], len(files), BUILD_CHUNK):
             chunk = files[start : start + BUILD_CHUNK]
-            arrays, bad = _decode_many(chunk, size=size, channels=channels, progress=False, decoding=decoding)
+            arrays, bad = _decode_many(chunk, size=size, channels=channels, progress=False, decoding=decoding,
+                                       depth=depth)
             # mapped for this chunk only: the pages written leave this process's resident memory with it
             images = np.lib.format.open_memmap(work / "images.npy", mode="r+")
             images[state["kept"] : state["kept"] + len(arrays)] = arrays
@@ -205,7 +214,7 @@ def _build_in(folder: Path, files: list[Path], labels: list[int], *, size: int, 
         meta = {"count": state["kept"], "labels": [labels[i] for i in state["kept_index"]],
                 "files": [str(files[i]) for i in state["kept_index"]], "bad": [list(b) for b in state["bad"]],
                 "bad_ctime": state["bad_ctime"], "source": state["source"], "size": size, "channels": channels,
-                **_decoding_entry(decoding)}
+                **_decoding_entry(decoding), **_depth_entry(depth)}
         _fsync(work / "images.npy")
         atomic_write_text(work / "meta.json", json.dumps(meta))
         (work / "progress.json").unlink()
@@ -218,6 +227,11 @@ def _build_in(folder: Path, files: list[Path], labels: list[int], *, size: int, 
 def _decoding_entry(decoding: Decoding) -> dict:
     """What a cache's records say of its decoding: nothing for PLAIN (as before), else its tag."""
     return {"decoding": decoding.tag()} if decoding.tag() else {}
+
+
+def _depth_entry(depth: int) -> dict:
+    """What a cache's records say of its depth: nothing for 8 bits (as before)."""
+    return {"depth": depth} if depth != 8 else {}
 
 
 def _reserve(path: Path) -> None:
@@ -244,7 +258,7 @@ STALE_PARTIAL_S = 7 * 86400  # an interrupted build no process has touched for t
 
 
 def _remove_stale_partials(folder: Path, source: str, size: int, channels: int, *, progress: bool,
-                           decoding: Decoding = PLAIN) -> None:
+                           decoding: Decoding = PLAIN, depth: int = 8) -> None:
     """Remove interrupted builds (`.partial-*` beside `folder`) that no process is working on and that this
     build replaces (the same source folder, side and channels, but other files: the data changed since)
     or that nobody has continued for STALE_PARTIAL_S; a killed build is never left for ever."""
@@ -253,7 +267,8 @@ def _remove_stale_partials(folder: Path, source: str, size: int, channels: int, 
         if work.name == f".partial-{folder.name}" or state is None:
             continue
         same = isinstance(state, dict) and (state.get("source"), state.get("size"), state.get("channels"),
-                                            state.get("decoding", "")) == (source, size, channels, decoding.tag())
+                                            state.get("decoding", ""), state.get("depth", 8)) == \
+            (source, size, channels, decoding.tag(), depth)
         with contextlib.suppress(OSError):
             if not same and time.time() - max(p.stat().st_mtime for p in (work, *work.iterdir())) < STALE_PARTIAL_S:
                 continue
@@ -313,8 +328,8 @@ class _Meter:
 
 
 def cached_stats(split: Split, cache_root: Path, files: list[Path], size: int, channels: int,
-                 decoding: Decoding = PLAIN):
-    path = cache_root / f"stats-{_fingerprint(files, [0] * len(files), size, channels, decoding)}.json"
+                 decoding: Decoding = PLAIN, depth: int = 8):
+    path = cache_root / f"stats-{_fingerprint(files, [0] * len(files), size, channels, decoding, depth)}.json"
     try:
         stats = json.loads(path.read_text())
         mean, std = tuple(map(float, stats["mean"])), tuple(map(float, stats["std"]))
@@ -332,21 +347,30 @@ def cached_stats(split: Split, cache_root: Path, files: list[Path], size: int, c
     return mean, std
 
 
-def _decode_one(job: tuple[str, int, int, Decoding]):
-    path, size, channels, decoding = job
+def _decode_one(job: tuple[str, int, int, Decoding, int]):
+    path, size, channels, decoding, depth = job
     problem = not_regular(path)  # a FIFO named x.jpg would block the build forever; a device never ends
     if problem is not None:
         return None, problem
     try:
-        return load_image(path, size=size, channels=channels, decoding=decoding), None
+        return decode(path, size=size, channels=channels, depth=depth, decoding=decoding), None
+    except ChannelMismatch as err:  # a picture of another kind is a mistake in the data set, not a bad file
+        raise UserError(f"{shown(path)} has {err}, the channels of this run's pictures; keep one kind of "
+                        f"picture in a data set, or give --channels to match them") from None
     except BadImage as err:
+        found = probe(path) if is_plain(channels, depth) else None  # only for a failure: what the file is
+        if found is not None and not found.fits(channels):
+            raise UserError(f"{shown(path)} has {describe(found)}, not the {channels} of this run's pictures; "
+                            f"give --channels {found.natural} for such pictures, or remove it") from None
         return None, str(err)
 
 
-def _decode_many(files: list[Path], *, size: int, channels: int, progress: bool, decoding: Decoding = PLAIN):
-    """Decode pictures in worker processes into uint8 (N, C, size, size); return it and the (file, reason) skipped."""
-    jobs = [(str(f), size, channels, decoding) for f in files]
-    out = np.empty((len(files), channels, size, size), dtype=np.uint8)
+def _decode_many(files: list[Path], *, size: int, channels: int, progress: bool, decoding: Decoding = PLAIN,
+                 depth: int = 8):
+    """Decode pictures (as `decoding` says) in worker processes into uint8 (N, C, size, size) (uint16 at
+    `depth` 16); return it and the (file, reason) skipped."""
+    jobs = [(str(f), size, channels, decoding, depth) for f in files]
+    out = np.empty((len(files), channels, size, size), dtype=storage_dtype(depth))
     bad, kept = [], 0
     workers = min(len(os.sched_getaffinity(0)), max(1, len(files) // 256))  # every core, for a large set
     iterator = _pool_map(jobs, workers)
@@ -373,8 +397,8 @@ def _pool_map(jobs, workers: int) -> Iterator:
 
 
 
-def check_all(files: list[Path], *, size: int, channels: int) -> None:
-    bad = [(f, r) for f, r in _decode_many(files, size=size, channels=channels, progress=False)[1]]
+def check_all(files: list[Path], *, size: int, channels: int, depth: int = 8) -> None:
+    bad = [(f, r) for f, r in _decode_many(files, size=size, channels=channels, depth=depth, progress=False)[1]]
     if bad:
         listing = "; ".join(f"{f}: {r}" for f, r in bad)
         raise UserError(f"--strict-data: {len(bad)} unreadable file(s): {listing}")

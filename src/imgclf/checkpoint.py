@@ -38,7 +38,7 @@ MAX_DEPTH = 64  # nesting of lists and dicts
 
 def build_checkpoint(*, model_name: str, classes: list[str], channels: int, size: int, mean, std, config: dict,
                      state: dict, task: dict | None = None, decoding: Decoding = PLAIN,
-                     temperature: float | None = None) -> dict:
+                     temperature: float | None = None, depth: int = 8) -> dict:
     """The self-describing checkpoint: what the network is, what it classifies, how its input is prepared,
     the run's configuration, and `state` (`engine.TrainState.state_dict()`: weights, optimizer, progress).
 
@@ -50,7 +50,8 @@ def build_checkpoint(*, model_name: str, classes: list[str], channels: int, size
     interpolation, crop_pct and resize_side (the shorter side before the crop); a PLAIN one adds nothing, so that
     a record without them (and every older checkpoint) means imgclf's own bilinear resize to the side.
     `temperature`: a single-label model's fitted temperature (imgclf.calibration), stored only when given
-    (absent means 1)."""
+    (absent means 1). `depth`: bits a sample of the pictures, 8 or 16 (imgclf.bands; a checkpoint without it
+    is 8)."""
     model = {"name": model_name, "num_classes": len(classes), "in_channels": channels, "img_size": size}
     code = code_identity(model_name, (config.get("model") or {}).get("args"))
     if code is not None:
@@ -59,7 +60,7 @@ def build_checkpoint(*, model_name: str, classes: list[str], channels: int, size
         "format": FORMAT, "format_version": FORMAT_VERSION, "imgclf_version": __version__,
         "model": model,
         "classes": list(classes),
-        "input": {"channels": channels, "size": size, "mean": list(mean), "std": list(std),
+        "input": {"channels": channels, "size": size, "depth": depth, "mean": list(mean), "std": list(std),
                   **decoding.record(size)},
         "config": config, **state, **(task or {}),
         **({"temperature": float(temperature)} if temperature is not None else {}),
@@ -278,6 +279,8 @@ def _schema_problem(ckpt: dict) -> str | None:
     if not _whole(channels, 1, MAX_CHANNELS) or not _whole(size, 1, MAX_SIDE):
         return (f"input channels {_kind(channels)} and size {_kind(size)} are not numbers of 1 to {MAX_CHANNELS} "
                 f"and 1 to {MAX_SIDE}")
+    if inp.get("depth", 8) not in (8, 16) or type(inp.get("depth", 8)) is not int:
+        return f"input depth {_kind(inp.get('depth'))} is not 8 or 16 bits"
     for part in ("mean", "std"):
         values = inp.get(part)
         if not isinstance(values, list | tuple) or len(values) != channels or not all(

@@ -81,6 +81,9 @@ class DataConfig:
     data_root: str = option("data", "where built-in data sets are downloaded and found", resumable=True)
     img_size: int | None = option(None, "side of the square input", none="native; photos 224",
                                   low=8, high=MAX_SIDE, words=f"8..{MAX_SIDE}")
+    channels: int | None = option(None, "channels of the pictures: 1 grey, 3 colour, or the band count of "
+                                        "multi-band TIFFs (docs/usage.md: More channels and 16-bit pictures)",
+                                  none="as the pictures have", metavar="N", low=1, high=MAX_CHANNELS)
     labels: str | None = option(None, "a CSV of filename,label rows naming the class of each picture under --data "
                                       "(Kaggle's layout)", none="class folders", metavar="FILE.csv")
     task: str = option("auto", "single-label: one class per picture; multilabel: any number (a --labels CSV of "

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imgclf import __version__
+from imgclf import __version__, bands
 from imgclf.errors import UserError, shown
 from imgclf.files import not_regular
 from imgclf.formats import FORMATS, Format, quiet_deprecations
@@ -66,9 +66,10 @@ class ExportWrapper(nn.Module):
     """uint8 pixels (N, C, S, S) -> class probabilities (N, classes): normalisation, network, and the task's
     `activation` of the logits (tasks.Task.activation; single-label: softmax)."""
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float], activation: Callable):
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float], activation: Callable,
+                 full: float = 255.0):
         super().__init__()
-        self.model, self.activation = model, activation
+        self.model, self.activation, self.full = model, activation, full  # full: 65535 for uint16 input
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
@@ -76,7 +77,7 @@ class ExportWrapper(nn.Module):
         # The same function as BatchTransform's evaluation path, (x / 255 - mean) / std per channel, written
         # out as three float32 operations; BatchTransform folds it into one multiply-add with constants
         # computed in float64, so the two agree up to float32 rounding, not bit for bit.
-        x = images.to(torch.float32) / 255.0
+        x = images.to(torch.float32) / self.full
         return self.activation(self.model((x - self.mean) / self.std))
 
 
@@ -84,14 +85,19 @@ def export_metadata(ckpt: dict, fmt: str) -> dict:
     """The document stored inside every export: what the input must be and what the output means."""
     inp = ckpt["input"]
     graph = FORMATS[fmt].graph
+    depth = inp.get("depth", 8)
+    plain = bands.is_plain(inp["channels"], depth)
+    dtype = str(bands.storage_dtype(depth))
     return {
         "format": "imgclf-export", "format_version": 1, "imgclf_version": __version__, "export_format": fmt,
         "model": dict(ckpt["model"]),
         "classes": list(ckpt["classes"]),
-        "input": {"name": "images" if graph else None, "dtype": "uint8" if graph else "float32",
-                  "layout": "NCHW", "channels": inp["channels"], "size": inp["size"],
-                  "mean": list(inp["mean"]), "std": list(inp["std"]), **decoding_entries(inp),
-                  "normalisation": "inside the graph" if graph else "x = (pixels / 255 - mean) / std, per channel"},
+        "input": {"name": "images" if graph else None, "dtype": dtype if graph else "float32",
+                  "layout": "NCHW", "channels": inp["channels"], "size": inp["size"], "depth": depth,
+                  "mean": list(inp["mean"]), "std": list(inp["std"]),
+                  **(decoding_entries(inp) if plain else _band_entries(inp)),
+                  "normalisation": "inside the graph" if graph else
+                  f"x = (pixels / {bands.full_scale(depth):.0f} - mean) / std, per channel"},
         "output": ({"name": "probabilities", "meaning": _output_meaning(ckpt)} if graph
                    else {"meaning": "the network returns logits (N, len(classes))" + _TEMPERATURE_NOTE * (
                        "temperature" in ckpt)}),
@@ -112,6 +118,13 @@ def decoding_entries(inp: dict) -> dict:
     steps = [_contract_step(step, decoding, side) for step in PREPROCESSING]
     return {"resize": RESIZE_RULE.replace("size with bilinear filtering", how), "preprocessing": steps,
             **decoding.record(size)}
+
+
+def _band_entries(inp: dict) -> dict:
+    """`decoding_entries` for multi-band or 16-bit pictures (imgclf.bands): its words for the resize and its
+    steps, and a pretrained network's input contract's entries (`bands.load_bands` follows them)."""
+    decoding = input_decoding(inp)
+    return {"resize": bands.RESIZE_RULE, "preprocessing": list(bands.PREPROCESSING), **decoding.record(inp["size"])}
 
 
 def _contract_step(step: str, decoding: Decoding, side: int) -> str:
@@ -168,7 +181,7 @@ class Exported:
             return (f"wrote {self.path} ({size_mb:.1f} MB): weights of {meta['model']['name']} for "
                     f"{len(meta['classes'])} classes, input float32 {shape} normalised; metadata inside the file")
         weights = "".join(f" and {f.name}" for f in files[1:])
-        head = (f"wrote {self.path}{weights} ({size_mb:.1f} MB{', int8' if self.int8 else ''}): input uint8 {shape} "
+        head = (f"wrote {self.path}{weights} ({size_mb:.1f} MB{', int8' if self.int8 else ''}): input {inp['dtype']} {shape} "
                 f"-> probabilities (N, {len(meta['classes'])})")
         if self.int8 is not None:
             return f"{head}\n{self.int8.describe()}"
@@ -203,14 +216,16 @@ def export_checkpoint(checkpoint, fmt: str, out=None, *, int8: bool = False, cal
     sample = _int8_data(ckpt, calibration_data, eval_data, calibration_size) if int8 else None  # fails first
     model = model_from_checkpoint(ckpt).float().cpu()
     activation = checkpoint_task(ckpt).activation
-    module = ExportWrapper(model, meta["input"]["mean"], meta["input"]["std"], activation).eval() if form.graph else model
+    depth = meta["input"]["depth"]
+    module = ExportWrapper(model, meta["input"]["mean"], meta["input"]["std"], activation,
+                           bands.full_scale(depth)).eval() if form.graph else model
     c, s = meta["input"]["channels"], meta["input"]["size"]
-    example = torch.randint(0, 256, (2, c, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    example = random_pixels((2, c, s, s), depth, seed=0)
     artefact = form.build(module, example, meta)
     if int8:
         return _export_int8(form, artefact, out, meta, sample)
     form.save(artefact, meta, out)
-    return Exported(out, meta, _self_check(module, form, out, c, s) if form.graph else None)
+    return Exported(out, meta, _self_check(module, form, out, c, s, depth) if form.graph else None)
 
 
 def with_reject_below(ckpt: dict, reject_below: float | None) -> dict:
@@ -292,7 +307,16 @@ def _export_int8(form: Format, floating, out: Path, meta: dict, sample) -> Expor
     return Exported(out, meta, None, int8=check)
 
 
-def _self_check(wrapper: nn.Module, form: Format, out: Path, channels: int, size: int) -> float | None:
+def random_pixels(shape: tuple[int, ...], depth: int, *, seed: int) -> torch.Tensor:
+    """Random pictures of `depth` bits: uint8, or uint16 for 16 (drawn as int32: torch draws no uint16)."""
+    if depth == 8:
+        return torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, 65536, shape, dtype=torch.int32, generator=torch.Generator().manual_seed(seed)).to(
+        torch.uint16)
+
+
+def _self_check(wrapper: nn.Module, form: Format, out: Path, channels: int, size: int,
+                depth: int = 8) -> float | None:
     """Run the written file in `form.check_runtime` on a fresh random batch of 3 and compare with the
     checkpoint's own model; None when that runtime is not installed here."""
     import importlib.util
@@ -300,7 +324,7 @@ def _self_check(wrapper: nn.Module, form: Format, out: Path, channels: int, size
     if form.check_runtime is None or importlib.util.find_spec(form.check_runtime) is None:
         return None
     run = form.open(out, form.check_runtime)[0]
-    x = torch.randint(0, 256, (3, channels, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    x = random_pixels((3, channels, size, size), depth, seed=1)
     with torch.no_grad():
         want = wrapper(x)
     with quiet_deprecations(), torch.no_grad():

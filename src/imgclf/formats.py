@@ -131,7 +131,7 @@ def check_files(fmt: Format, path: Path) -> None:
 
 def check_metadata(meta: dict, where) -> None:
     """UserError in one line unless `meta` is imgclf export metadata a reader can trust: model, classes,
-    input channels (1 or 3) and size within the bounds a checkpoint has."""
+    input channels, depth (8 or 16 bits) and size within the bounds a checkpoint has."""
     if meta.get("format") != "imgclf-export":
         raise UserError(f"{shown(where)} is not a model exported by imgclf (it has no imgclf metadata)")
     problem = _metadata_problem(meta)
@@ -141,7 +141,7 @@ def check_metadata(meta: dict, where) -> None:
 
 def _metadata_problem(meta: dict) -> str | None:
     from imgclf.checkpoint import MAX_CLASSES, MAX_NAME
-    from imgclf.config import MAX_SIDE
+    from imgclf.config import MAX_CHANNELS, MAX_SIDE
 
     def text(value) -> bool:
         return isinstance(value, str) and 0 < len(value) <= MAX_NAME
@@ -154,8 +154,10 @@ def _metadata_problem(meta: dict) -> str | None:
     if not isinstance(inp, dict):
         return f"input is {_brief(inp)}, not a description of the input"
     channels, size = inp.get("channels"), inp.get("size")
-    if channels not in (1, 3) or type(channels) is not int:
-        return f"input channels is {_brief(channels)}, not 1 or 3"
+    if type(channels) is not int or not 1 <= channels <= MAX_CHANNELS:
+        return f"input channels is {_brief(channels)}, not a number of 1 to {MAX_CHANNELS}"
+    if inp.get("depth", 8) not in (8, 16) or type(inp.get("depth", 8)) is not int:
+        return f"input depth is {_brief(inp.get('depth'))}, not 8 or 16 bits"
     if type(size) is not int or not 1 <= size <= MAX_SIDE:
         return f"input size is {_brief(size)}, not a number of 1 to {MAX_SIDE}"
     from imgclf.transforms import decoding_problem  # a pretrained network's resize and crop, when it has one

@@ -166,8 +166,8 @@ def normalization(cfg: TrainConfig, channels: int) -> InputContract | None:
     and std (--normalize weights, or auto with --pretrained weights whose contract is known: timm's
     pretrained_cfg, torchvision's weights); None where the data's own statistics normalise them. Pure in
     `cfg`: a resumed run, `lr-find` and the report normalise as the run did."""
-    if cfg.data.normalize == "data":
-        return None
+    if cfg.data.normalize == "data" or (cfg.data.normalize == "auto" and channels not in (1, 3)):
+        return None  # bands beyond RGB (imgclf.bands): RGB weights' statistics say nothing of them
     contract = adapter_for(cfg.model.name).input_contract(cfg.model.pretrained) if cfg.model.pretrained else None
     if contract is None and cfg.data.normalize == "weights":
         if not cfg.model.pretrained:
@@ -233,9 +233,13 @@ def build_transform(cfg: DataConfig, data: ImageData, *, epochs: int = LONG_RUN)
     strength by the run's length, `epochs`, where `cfg` leaves it open)."""
     options = augment.options(cfg, size=data.img_size, mean=data.mean, epochs=epochs)
     pad = options["crop"]["pad"]
+    preset = augmentation(cfg, data, epochs=epochs)
+    if data.channels not in (1, 3) and "policy" in augment.PRESETS[preset] and options["policy"]["policy"] != "none":
+        raise UserError(f"--auto-augment {options['policy']['policy']} is made of colour operations for 1 or 3 "
+                        f"channels, not {data.channels}; give --auto-augment none")
     if pad >= data.img_size:
         raise UserError(f"--crop-pad {pad} must be smaller than the picture side ({data.img_size})")
-    return BatchTransform(data.mean, data.std, augmentation(cfg, data, epochs=epochs), pad=pad,
+    return BatchTransform(data.mean, data.std, preset, pad=pad,
                           size=data.img_size, options=options)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgclf import formats
+from imgclf import bands, formats
 from imgclf.calibration import is_unknown, stored_reject_below
 from imgclf.checkpoint import load_checkpoint
 from imgclf.errors import UserError, shown
@@ -32,7 +32,7 @@ from imgclf.models import base_fits, model_from_checkpoint
 from imgclf.runtime import autocast_factory, resolve_device, resolve_precision
 from imgclf.sources import PictureWalk, is_image_file
 from imgclf.tasks import MULTILABEL, Task, stored_task
-from imgclf.transforms import BadImage, BatchTransform, input_decoding, load_image
+from imgclf.transforms import BadImage, BatchTransform, input_decoding
 
 
 @dataclass
@@ -61,7 +61,7 @@ class Predictor:
         self.reject_below: float | None = stored_reject_below(ckpt)  # see `reject`
         self.model_name: str = name
         inp = ckpt["input"]
-        self.size, self.channels = inp["size"], inp["channels"]
+        self.size, self.channels, self.depth = inp["size"], inp["channels"], inp.get("depth", 8)
         self.decoding = input_decoding(inp)  # the resize and crop evaluation used (a pretrained network's)
         self.transform = BatchTransform(tuple(inp["mean"]), tuple(inp["std"]))
         self.autocast = autocast_factory(self.device, resolve_precision(precision, self.device))
@@ -82,7 +82,7 @@ class Predictor:
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, C, size, size) -> class probabilities (N, classes)."""
+        """uint8 (N, C, size, size) (uint16 for 16-bit pictures) -> class probabilities (N, classes)."""
         x = self.transform(images.to(self.device), train=False, memory_format=torch.channels_last)
         with self.autocast():
             return self.task.activation(self.model(x).float()).cpu()
@@ -148,8 +148,10 @@ class Predictor:
 
     def prepare(self, picture) -> np.ndarray:
         """One picture (a path, a file object, or a decoded PIL image such as a video's frame) as the model
-        takes it: uint8 (C, size, size), prepared as the checkpoint says (`load_image`). BadImage if it cannot."""
-        return load_image(picture, size=self.size, channels=self.channels, decoding=self.decoding).transpose(2, 0, 1)
+        takes it: uint8 (C, size, size) (uint16 at depth 16), prepared as the checkpoint says (`bands.decode`:
+        `load_image` for 8-bit grey or RGB). BadImage if it cannot."""
+        return bands.decode(picture, size=self.size, channels=self.channels, depth=self.depth,
+                            decoding=self.decoding).transpose(2, 0, 1)
 
 
 class ExportedPredictor(Predictor):
@@ -173,6 +175,7 @@ class ExportedPredictor(Predictor):
         self.reject_below = stored_reject_below(meta, shown(path))
         self.model_name = meta["model"]["name"]
         self.size, self.channels = meta["input"]["size"], meta["input"]["channels"]
+        self.depth = meta["input"].get("depth", 8)
         self.decoding = input_decoding(meta["input"])
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:

@@ -141,6 +141,17 @@ def decoded_pixels(data: bytes, *, size: int, channels: int, max_pixels: int) ->
     return width * height
 
 
+def band_pixels(data: bytes, *, max_pixels: int) -> int:
+    """`decoded_pixels` for a multi-band or 16-bit picture (imgclf.bands): its full size, from its header."""
+    from imgclf.bands import header_size
+
+    width, height = header_size(data)
+    if width * height > max_pixels:
+        raise TooManyPixels(f"the picture is {width}x{height} pixels, over the {max_pixels / 1e6:g} million limit "
+                            f"(imgclf serve --max-megapixels)")
+    return width * height
+
+
 @dataclass
 class BatchStats:
     batches: int = 0  # forward passes run
@@ -354,12 +365,18 @@ class Service:
     async def decode(self, data: bytes):
         """The picture of `data` as the predictor takes it (HWC), decoded under the gate; Refused if it is too
         large or no picture."""
+        from imgclf import bands
         from imgclf.transforms import PLAIN, BadImage, load_image
 
         buffer = io.BytesIO(data)
         shape = {"size": self.predictor.size, "channels": self.predictor.channels}
+        depth = getattr(self.predictor, "depth", 8)
         decoding = getattr(self.predictor, "decoding", PLAIN)  # a pretrained network's resize and crop
         try:
+            if not bands.is_plain(shape["channels"], depth):  # multi-band or 16-bit pictures (imgclf.bands)
+                pixels = await asyncio.to_thread(band_pixels, data, max_pixels=self.max_pixels)
+                return await self.gate.run(pixels, bands.load_bands, buffer, **shape, depth=depth,
+                                           decoding=decoding)
             pixels = await asyncio.to_thread(decoded_pixels, data, **shape, max_pixels=self.max_pixels)
             return await self.gate.run(pixels, load_image, buffer, **shape, decoding=decoding)
         except TooManyPixels as err:

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from imgclf.augment import choose
+from imgclf.bands import depth_of, detect, probe
 from imgclf.cache import Split, cached_split, cached_stats, check_all, default_cache_dir
 from imgclf.checkpoint import MAX_CLASSES, MAX_NAME
 from imgclf.config import DataConfig
@@ -80,6 +81,11 @@ class ImageData:
         return int(self.train.images.shape[1])
 
     @property
+    def depth(self) -> int:
+        """Bits a sample of the stored pictures: 8 (uint8), or 16 (uint16: imgclf.bands)."""
+        return depth_of(self.train.images)
+
+    @property
     def img_size(self) -> int:
         """The side the model sees (training pictures may be stored larger, for random-resized crops)."""
         return int(self.val.images.shape[2])
@@ -94,6 +100,7 @@ def load_data(cfg: DataConfig, *, img_size: int | None = None, channels: int | N
     held-out splits are resized and cropped (a pretrained network's input contract: transforms.Decoding); the
     training split takes its interpolation alone, or with `crop_train` (evaluating a checkpoint) all of it."""
     size = img_size or cfg.img_size
+    channels = channels or cfg.channels
     roles = _role_decodings(decoding, crop_train)
     if cfg.task == MULTI and not cfg.labels:
         raise UserError("multi-label pictures (--task multilabel, or a multi-label model) need --labels FILE.csv "
@@ -125,6 +132,15 @@ def load_data(cfg: DataConfig, *, img_size: int | None = None, channels: int | N
 def _role_decodings(decoding: Decoding, crop_train: bool) -> dict[str, Decoding]:
     """Each split's decoding (see `load_data`)."""
     return {"train": decoding if crop_train else decoding.for_training(), "val": decoding, "test": decoding}
+
+
+def _folder_roles(roles: dict | None, channels: int, normalize: str) -> dict[str, Decoding]:
+    """`roles` (PLAIN's when None), except for bands beyond RGB under --normalize auto: their own statistics
+    normalise them (pipeline.normalization), so no RGB network's input contract applies to them either; they
+    are decoded as imgclf's own (PLAIN), which is what their checkpoint records."""
+    if roles is None or (channels not in (1, 3) and normalize == "auto"):
+        return _role_decodings(PLAIN, False)
+    return roles
 
 
 def _folded(data: ImageData, cfg: DataConfig, whole: bool) -> ImageData:
@@ -159,6 +175,8 @@ def imbalance_warning(labels: torch.Tensor, classes: list[str]) -> str | None:
 # ---------------------------------------------------------------- built-in data sets (torchvision)
 
 def _load_builtin(cfg: DataConfig, *, size: int | None, channels: int | None, roles: dict | None = None) -> ImageData:
+    if channels not in (None, 1, 3):
+        raise UserError(f"{cfg.data} has grey pictures that imgclf gives 1 or 3 channels, not {channels}")
     if cfg.data in PACKAGED:
         return _finish(_load_idx(PACKAGED[cfg.data]), size=size, channels=channels, name=cfg.data, roles=roles)
     if cfg.data == "fashion-mnist" and _idx_files(DEBIAN_FASHION_MNIST):
@@ -540,14 +558,14 @@ def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int
             print(f"imgclf: {note}", file=sys.stderr)
     photos = _are_photos(lists["train"][0])
     size = size or (224 if photos else native_side(root, *[_native_side(lists["train"][0])] * 2))
-    channels = channels or _default_channels(lists["train"][0])
+    channels, depth = detect(lists["train"][0], channels, _default_channels(lists["train"][0]))
     store = store_size(cfg, size, photos)
     if cfg.strict:
-        check_all([f for files, _ in lists.values() for f in files], size=size, channels=channels)
+        check_all([f for files, _ in lists.values() for f in files], size=size, channels=channels, depth=depth)
     cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    roles = roles or _role_decodings(PLAIN, False)
+    roles = _folder_roles(roles, channels, cfg.normalize)
     splits, skipped = _cached_splits(lists, root, val_name, size=size, store=store, channels=channels,
-                                     cache_root=cache_root, progress=progress, roles=roles)
+                                     depth=depth, cache_root=cache_root, progress=progress, roles=roles)
     skipped = list(walk.skipped) + skipped
     if targets is not None:  # the cache kept each picture's row of the CSV as its label
         splits = {role: Split(s.images, targets[s.labels], s.files) for role, s in splits.items()}
@@ -555,21 +573,22 @@ def _load_folder(root: Path, cfg: DataConfig, *, size: int | None, channels: int
     if unreadable and not whole and targets is None:  # every picture of the class was skipped: as good as none
         raise UserError(f"class folder {shown(layout.train)}/{unreadable[0]} holds no readable pictures; fix or "
                         f"remove them")
-    mean, std = cached_stats(splits["train"], cache_root, lists["train"][0], store, channels, roles["train"])
+    mean, std = cached_stats(splits["train"], cache_root, lists["train"][0], store, channels, roles["train"],
+                             depth)
     return ImageData(splits["train"], splits["val"], classes, mean, std, val_name, skipped, splits.get("test"),
                      photos, task=task, task_note=why)
 
 
 def _cached_splits(lists: dict, root: Path, val_name: str, *, size: int, store: int, channels: int,
-                   cache_root: Path, progress: bool, roles: dict) -> tuple[dict[str, Split], list]:
+                   cache_root: Path, progress: bool, roles: dict, depth: int = 8) -> tuple[dict[str, Split], list]:
     """Each role's [files, labels] decoded through the cache (training's at the store side), each as `roles`
-    says (role -> Decoding): the splits, and the (file, reason) of every picture skipped; an empty split is
-    one UserError line."""
+    says (role -> Decoding), at `depth`: the splits, and the (file, reason) of every picture skipped; an
+    empty split is one UserError line."""
     splits, skipped = {}, []
     for role, (files, labels) in lists.items():
         side = store if role == "train" else size
         splits[role], bad = cached_split(files, labels, size=side, channels=channels, cache_root=cache_root,
-                                         progress=progress, decoding=roles[role])
+                                         progress=progress, decoding=roles[role], depth=depth)
         skipped += bad
         if len(splits[role]) == 0:
             raise UserError(f"no readable pictures in the {val_name if role == 'val' else role} split of {shown(root)}")
@@ -737,7 +756,8 @@ def _peek(path: Path) -> tuple[tuple[int, int], str] | None:
             with Image.open(path) as img:
                 return img.size, img.mode
     except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return None
+        found = probe(path)  # a multi-band TIFF, which Pillow cannot open (imgclf.bands)
+        return None if found is None else ((found.width, found.height), "bands")
 
 
 def _are_photos(files: list[Path]) -> bool:

@@ -114,6 +114,8 @@ class Tracker:
 
         x = images[:64].detach().float().cpu()
         x = x * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+        if x.shape[1] not in (1, 3):  # bands beyond RGB (imgclf.bands): the first three, as false colour
+            x = x[:, :3] if x.shape[1] > 3 else x[:, :1]
         self.writer.add_image(tag, make_grid(x.clamp(0, 1), nrow=8), step)
 
     def graph(self, model: torch.nn.Module, example: torch.Tensor) -> None:

@@ -495,7 +495,7 @@ def _save(cfg: TrainConfig, parts: RunParts, state: TrainState, *, dist, best: b
     ckpt = build_checkpoint(model_name=cfg.model.name, classes=data.classes, channels=data.channels,
                             size=data.img_size, mean=data.mean, std=data.std, config=cfg.to_dict(),
                             state=state.state_dict(), task=task.checkpoint_entries(state.metrics),
-                            decoding=contract_decoding(parts.contract))
+                            decoding=contract_decoding(parts.contract), depth=data.depth)
     folder = Path(cfg.run.out) / "checkpoints"
     if best:  # best.pt first: killed between the two, the run resumes from the older last.pt and redoes both
         save_checkpoint(folder / "best.pt", ckpt)

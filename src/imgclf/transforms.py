@@ -212,15 +212,16 @@ def _refuse_beyond_memory(nbytes: int, what: str) -> None:
 
 
 def compute_mean_std(images: torch.Tensor, chunk: int | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 (N, C, H, W) images, scaled to 0..1, in float64 chunks (of about
-    64 MB unless `chunk` pictures are asked for: memory stays flat for a large, memory-mapped set)."""
+    """Per-channel mean and std of uint8 (N, C, H, W) images (uint16: 16-bit pictures), scaled to 0..1, in float64
+    chunks (of about 64 MB unless `chunk` pictures are asked for: memory stays flat for a large, memory-mapped set)."""
     c = images.shape[1]
+    full = 65535.0 if str(images.dtype).endswith("uint16") else 255.0
     chunk = chunk or max(1, (64 << 20) // (8 * c * images.shape[2] * images.shape[3]))
     total = torch.zeros(c, dtype=torch.float64)
     total_sq = torch.zeros(c, dtype=torch.float64)
     count = 0
     for i in range(0, images.shape[0], chunk):
-        x = torch.as_tensor(np.asarray(images[i : i + chunk])).to(torch.float64) / 255.0
+        x = torch.as_tensor(np.asarray(images[i : i + chunk])).to(torch.float64) / full
         total += x.sum(dim=(0, 2, 3))
         total_sq += (x * x).sum(dim=(0, 2, 3))
         count += x.shape[0] * x.shape[2] * x.shape[3]
@@ -259,7 +260,8 @@ class Mixer:
 
 @dataclass(frozen=True)
 class BatchTransform:
-    """uint8 (N, C, H, W) batch -> normalised float batch, with the train preset's augmentation.
+    """uint8 (N, C, H, W) batch -> normalised float batch, with the train preset's augmentation; a uint16 batch
+    (16-bit pictures) is scaled by 1/65535 instead of 1/255.
 
     `augment`: a preset of `imgclf.augment.PRESETS`, run with `pad` (flip-crop's largest shift), crops to
     `size` and `options` (op name -> {option: value}, imgclf.augment.options) as its operations' options.
@@ -287,7 +289,9 @@ class BatchTransform:
                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
         """`draws` (imgclf.augment.Draws): the batch's random streams; without them, one `generator` (torch's
         global one when None) leads every draw."""
-        x = images
+        x, full = images, 255.0
+        if x.dtype == torch.uint16:  # 16-bit pictures (imgclf.bands): augmented as floats in 0..1
+            x, full = x.to(dtype).div_(65535.0), 1.0
         if train and self.augmentation.ops:  # on uint8: a quarter of the bytes of float
             x = self.augmentation(x, draws or Draws.from_generator(generator, len(x)))
         if self.size is not None and x.shape[-1] > self.size:
@@ -296,7 +300,7 @@ class BatchTransform:
         # 16-bit batch (--bf16-weights) is computed in float32 and rounded once
         work = dtype if dtype.itemsize >= 4 else torch.float32
         std = torch.tensor(self.std, dtype=torch.float64)
-        scale = (1.0 / (255.0 * std)).to(dtype=work, device=x.device).view(1, -1, 1, 1)
+        scale = (1.0 / (full * std)).to(dtype=work, device=x.device).view(1, -1, 1, 1)
         shift = -torch.tensor(self.mean, dtype=torch.float64) / std
         shift = shift.to(dtype=work, device=x.device).view(1, -1, 1, 1)
         x = x.to(work, memory_format=memory_format, copy=True).mul_(scale).add_(shift)  # never the caller's

@@ -72,8 +72,12 @@ def figure_array(fig: Figure) -> np.ndarray:
 # ---------------------------------------------------------------- image grids
 
 def _tile(image: np.ndarray, side: int) -> np.ndarray:
-    """uint8 (C, H, W) -> (side, side, 3) for the mosaic; large pictures are shrunk to keep PNGs small."""
-    x = torch.as_tensor(np.array(image)).float().unsqueeze(0)
+    """uint8 (C, H, W) -> (side, side, 3) for the mosaic; large pictures are shrunk to keep PNGs small. 16-bit
+    pictures are shown at 8 bits, and more than 3 bands (imgclf.bands) by their first three."""
+    image = np.array(image)
+    x = torch.as_tensor(image.astype(np.float32) / 257.0 if image.dtype == np.uint16 else image).float().unsqueeze(0)
+    if x.shape[1] not in (1, 3):
+        x = x[:, :3] if x.shape[1] > 3 else x[:, :1]
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     if x.shape[-2:] != (side, side):

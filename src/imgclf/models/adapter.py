@@ -171,6 +171,17 @@ class Adapter:
         return text
 
 
+def adapt_rgb_filters(weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """An RGB input convolution's filters (out, 3, kh, kw) for `channels` input channels, as timm's
+    `adapt_input_conv` does: 1 channel takes the sum over RGB (a grey picture excites a filter as the same
+    grey in RGB would); more repeat R, G, B cyclically (R, G, B, R, ...) scaled by 3 / channels, so that a
+    picture whose channels are all equal gives the same first activations as that grey in RGB. Pure."""
+    if channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = -(-channels // 3)
+    return weight.repeat(1, repeats, 1, 1)[:, :channels] * (3 / channels)
+
+
 def head_paths(model: nn.Module, layers: list[nn.Module]) -> list[str]:
     """The dotted names of `layers` in `model`."""
     names = {id(m): n for n, m in model.named_modules()}

@@ -11,7 +11,15 @@ import torch
 from torch import nn
 
 from imgclf.errors import UserError
-from imgclf.models.adapter import Adapter, InputContract, LoadReport, Say, last_layer, say_on_stderr
+from imgclf.models.adapter import (
+    Adapter,
+    InputContract,
+    LoadReport,
+    Say,
+    adapt_rgb_filters,
+    last_layer,
+    say_on_stderr,
+)
 from imgclf.models.weights import load_state, load_weights
 
 # Weight of each auxiliary classifier's loss in training, by the type of the training output: 0.3 in the
@@ -197,14 +205,14 @@ def _weights_named(name: str, weights_enum, text: str):
 
 
 def adapt_first_conv(model: nn.Module, in_channels: int) -> None:
-    """Let an RGB model take `in_channels` inputs: the first conv's filters are summed over RGB and spread."""
+    """Let an RGB model take `in_channels` inputs: its first convolution's filters adapted by
+    `adapt_rgb_filters` (timm's rule: summed for 1 channel, RGB repeated cyclically and scaled by 3/N for N)."""
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and module.in_channels == 3:
             new = nn.Conv2d(in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
                             module.dilation, module.groups, module.bias is not None)
             with torch.no_grad():
-                summed = module.weight.sum(dim=1, keepdim=True)
-                new.weight.copy_(summed.repeat(1, in_channels, 1, 1) / in_channels)
+                new.weight.copy_(adapt_rgb_filters(module.weight, in_channels))
                 if module.bias is not None:
                     new.bias.copy_(module.bias)
             parent_name, _, attr = name.rpartition(".")

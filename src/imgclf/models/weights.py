@@ -15,7 +15,7 @@ from torch import nn
 from imgclf import usercode
 from imgclf.checkpoint import safe_load, strip_prefixes
 from imgclf.errors import UserError
-from imgclf.models.adapter import LoadReport
+from imgclf.models.adapter import LoadReport, adapt_rgb_filters
 
 
 def load_weights(model: nn.Module, path: str, *, skip_mismatched: bool) -> LoadReport:
@@ -79,12 +79,12 @@ def load_state(model: nn.Module, state: dict, *, source: str, skip_mismatched: b
 
 def _fit_tensor(key: str, value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """`value` adapted to `shape` where that keeps its meaning: an RGB input convolution for other channels
-    (filters summed over RGB and spread, as `torchvision_nets.adapt_first_conv`); a ViT position embedding
+    (`adapter.adapt_rgb_filters`, timm's rule, as `torchvision_nets.adapt_first_conv`); a ViT position embedding
     (1, prefix + n*n, D) for another grid (bicubic, prefix tokens kept). Otherwise `value` unchanged."""
     if value.shape == shape:
         return value
     if value.ndim == 4 and value.shape[1] == 3 and value.shape[0] == shape[0] and value.shape[2:] == shape[2:]:
-        return value.sum(dim=1, keepdim=True).repeat(1, shape[1], 1, 1) / shape[1]
+        return adapt_rgb_filters(value, shape[1])
     if value.ndim == 3 and "pos_embed" in key and value.shape[0] == 1 and value.shape[2] == shape[2]:
         return _resize_positions(value, shape[1])
     return value
