@@ -94,16 +94,18 @@ def cut_keeping(val: np.ndarray, keep: float) -> float:
 def known_sets(net, recorded: str, per_class: int) -> tuple[list, list, list, list]:
     """(train files, val files, test files, test labels): the run's own train and validation
     split, and `per_class` pets test pictures of each class that the run never read."""
-    data = load_for(net, data_config(net, recorded))
-    splits = data.splits()
-    read = {str(Path(f).resolve()) for split in splits.values() for f in (split.files or [])}
+    with tempfile.TemporaryDirectory() as cache:  # a fresh cache: a shared one may name the files of an
+        # identical folder decoded earlier elsewhere (seen: a deleted temporary copy of the same pets)
+        splits = {role: list(split.files) for role, split in
+                  load_for(net, data_config(net, recorded, cache_dir=cache)).splits().items()}
+    read = {str(Path(f).resolve()) for files in splits.values() for f in files}
     test, labels = [], []
     pets = get("pets") / "test"
     for index, name in enumerate(net.classes):
         unseen = [p for p in pictures(pets / name) if str(Path(p).resolve()) not in read][:per_class]
         test += unseen
         labels += [index] * len(unseen)
-    return list(splits["train"].files), list(splits["val"].files), test, labels
+    return splits["train"], splits["val"], test, labels
 
 
 def unknown_sets(per_set: int) -> dict[str, list[str]]:
