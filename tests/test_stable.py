@@ -292,7 +292,7 @@ ACTING = [  # the same options where they act
 # The augmentation options: switch their preset on or are refused by imgclf.augment.choose (tests/test_photo.py).
 AUGMENTATION = {"--crop-pad", "--crop-scale", "--auto-augment", "--random-erasing"}
 # Options that act whatever else is set (read in train, pipeline, sources, engine: each changes the run).
-ALWAYS_ACT = {"--data", "--img-size", "--augment", "--mixup", "--folds", "--calibrate",
+ALWAYS_ACT = {"--data", "--img-size", "--augment", "--mixup", "--folds", "--calibrate", "--channels",
               "--cutmix", "--progressive-resize", "--batch-size", "--balance", "--eval-batch-size", "--model",
               "--pretrained", "--freeze-backbone", "--model-args", "--optimizer", "--lr", "--weight-decay",
               "--schedule", "--warmup-epochs", "--label-smoothing", "--epochs", "--monitor", "--lookahead",
