@@ -210,3 +210,21 @@ def test_a_full_cache_disk_is_one_line_naming_the_folder(tmp_path):
     assert lines[0] == (f"imgclf: error: no space left on device while building the cache in {disk / 'cache'}; "
                         f"free some space, or give a folder on a larger disk with --cache-dir")
     assert r.stdout.strip() == "left: 0 KB"  # the partial build was removed: the disk is not left full
+
+
+def test_a_folder_of_links_gets_its_own_names_from_a_cache_another_folder_built(tmp_path):
+    """The key follows links: two folders of links to the same pictures share one cache, and each gets its
+    pictures under its own names (the first folder may be gone by then)."""
+    write_class_folder(tmp_path / "pics", ["a"], 4)
+    pictures = sorted((tmp_path / "pics" / "a").iterdir())
+    for n in (1, 2):
+        links = tmp_path / f"links{n}"
+        links.mkdir()
+        for p in pictures:
+            (links / p.name).symlink_to(p)
+        files = sorted(links.iterdir())
+        split, _ = cached_split(files, [0] * len(files), size=8, channels=3, cache_root=tmp_path / "cache",
+                                progress=False)
+        assert split.files == [str(f) for f in files]
+        shutil.rmtree(links)
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # one cache served both

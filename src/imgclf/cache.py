@@ -97,8 +97,19 @@ def cached_split(files: list[Path], labels: list[int], *, size: int, channels: i
         images = torch.from_numpy(np.array(images))  # read whole, writable
     for path, reason in meta["bad"] if progress else ():  # reported by the main process only
         print(f"imgclf: skipping {shown(path)}: {shown(reason)}", file=sys.stderr)
-    split = Split(images, torch.tensor(meta["labels"], dtype=torch.int64), meta["files"])
+    split = Split(images, torch.tensor(meta["labels"], dtype=torch.int64), _callers_files(meta, files))
     return split, [tuple(b) for b in meta["bad"]]
+
+
+def _callers_files(meta: dict, files: list[Path]) -> list[str]:
+    """The kept pictures named as this caller names them: the key follows links, so another folder of links to
+    the same pictures (since deleted, maybe) may have built the cache. Caches built before "kept_index" was
+    recorded keep their builder's names."""
+    kept = meta.get("kept_index")
+    if (isinstance(kept, list) and len(kept) == meta["count"]
+            and all(type(i) is int and 0 <= i < len(files) for i in kept)):
+        return [str(files[i]) for i in kept]
+    return meta["files"]
 
 
 class DamagedCache(Exception):
@@ -212,7 +223,7 @@ def _build_in(folder: Path, files: list[Path], labels: list[int], *, size: int, 
             atomic_write_text(work / "progress.json", json.dumps(state))
             meter.update(state["done"])
         meta = {"count": state["kept"], "labels": [labels[i] for i in state["kept_index"]],
-                "files": [str(files[i]) for i in state["kept_index"]], "bad": [list(b) for b in state["bad"]],
+                "files": [str(files[i]) for i in state["kept_index"]], "kept_index": state["kept_index"], "bad": [list(b) for b in state["bad"]],
                 "bad_ctime": state["bad_ctime"], "source": state["source"], "size": size, "channels": channels,
                 **_decoding_entry(decoding), **_depth_entry(depth)}
         _fsync(work / "images.npy")
