@@ -15,6 +15,7 @@ from conftest import write_class_folder
 from imgclf import predict
 from imgclf.cli import main
 from imgclf.errors import UserError
+from imgclf.transforms import load_image
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
@@ -76,7 +77,7 @@ def test_onnx_runs_in_openvino_where_installed_and_agrees_with_onnxruntime(run, 
     fastest = predict.Predictor.from_path(tmp_path / "m.onnx")
     plain = predict.Predictor.from_path(tmp_path / "m.onnx", runtime="onnxruntime")
     assert (fastest.runtime, plain.runtime) == ("openvino", "onnxruntime")
-    x = torch.from_numpy(np.stack([predict.load_image(p, size=24, channels=3).transpose(2, 0, 1) for p in images]))
+    x = torch.from_numpy(np.stack([load_image(p, size=24, channels=3).transpose(2, 0, 1) for p in images]))
     assert torch.allclose(fastest.probabilities(x), plain.probabilities(x), atol=1e-5)
     real = predict.importlib.util.find_spec
     monkeypatch.setattr(predict.importlib.util, "find_spec", lambda name: None if name == "openvino" else real(name))
