@@ -58,7 +58,8 @@ def test_two_gloo_processes_match_one(folder, tmp_path):
     assert len(list(double.glob("events.out.tfevents.*"))) == 1
     assert len(b) == 2
     names = lambda run: sorted(p.name.split(".")[0] for p in run.iterdir())  # noqa: E731 - event names hold pids
-    assert names(double) == names(single)
+    # the same files, but for the temperature fit (single process only: under torchrun it is skipped, said)
+    assert names(double) == [n for n in names(single) if n not in ("calibration", "reliability")]
     # the distributed checkpoint serves a single process
     r = run_cli("eval", double / "checkpoints" / "last.pt", "--data", folder, "--json")
     assert r.returncode == 0, r.stderr
