@@ -97,7 +97,8 @@ def open_export(fmt, model_path):
     net.load_state_dict(load_file(model_path))
     net.eval()
     mean, std = torch.tensor(inp["mean"]).view(1, -1, 1, 1), torch.tensor(inp["std"]).view(1, -1, 1, 1)
-    return meta, lambda x: net((torch.from_numpy(x).float() / 255 - mean) / std).softmax(1).numpy()
+    t = meta.get("temperature", 1.0)  # as its output's meaning says: logits / temperature before the softmax
+    return meta, lambda x: (net((torch.from_numpy(x).float() / 255 - mean) / std) / t).softmax(1).numpy()
 
 
 results = {}
