@@ -423,7 +423,9 @@ def test_damaged_checkpoints_through_predict_eval_and_resume(small_run, tmp_path
                 ["train", "--resume", str(run), "--epochs", "2", "--model-code", net]][i % 3]
         code = main([*argv, "--device", "cpu"] if argv[0] != "train" else argv)
         err = capsys.readouterr().err
-        if code != 0:
+        if code == 3 and argv[0] == "train":  # resumed weights flipped so that training diverges: said as for any run
+            assert "Traceback" not in err and err.strip().splitlines()[-1].endswith("try a lower --lr"), (kind, err)
+        elif code != 0:
             assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (kind, argv, err)
         for leftover in run.iterdir():  # a resumed run that worked: back to one checkpoint for the next
             if leftover.name != "checkpoints":

@@ -279,7 +279,7 @@ def _schema_problem(ckpt: dict) -> str | None:
     if not _whole(channels, 1, MAX_CHANNELS) or not _whole(size, 1, MAX_SIDE):
         return (f"input channels {_kind(channels)} and size {_kind(size)} are not numbers of 1 to {MAX_CHANNELS} "
                 f"and 1 to {MAX_SIDE}")
-    if inp.get("depth", 8) not in (8, 16) or type(inp.get("depth", 8)) is not int:
+    if type(inp.get("depth", 8)) is not int or inp.get("depth", 8) not in (8, 16):  # the type first: a tensor
         return f"input depth {_kind(inp.get('depth'))} is not 8 or 16 bits"
     for part in ("mean", "std"):
         values = inp.get(part)

@@ -325,8 +325,12 @@ def _restore(state: TrainState, ckpt: dict, path: Path) -> None:
                       ckpt["state_dict"])
     except UserError as err:
         raise UserError(f"cannot resume from {path}: {err}") from None
+    wanted = [set(group) for group in state.optimizer.param_groups]
     try:
         state.load_state_dict(ckpt)
+        for need, group in zip(wanted, state.optimizer.param_groups, strict=True):  # else the first step fails
+            if missing := need - set(group):
+                raise KeyError(f"its optimizer's settings lack {', '.join(sorted(missing))}")
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as err:
         raise UserError(f"cannot resume from {path}: its saved state does not fit this run "
                         f"({first_line(err)}); start a new run with --out") from None

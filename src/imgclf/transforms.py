@@ -94,7 +94,8 @@ def decoding_problem(inp: Mapping) -> str | None:
         return f"input interpolation is {str(interpolation)[:40]!r}, not one of {', '.join(INTERPOLATIONS)}"
     if not (isinstance(crop, int | float) and not isinstance(crop, bool) and 0 < crop <= 1):
         return f"input crop_pct is {str(crop)[:40]!r}, not a number in (0, 1]"
-    if side is not None and (type(size) is not int or side != Decoding(interpolation, crop).resize_for(size)):
+    if side is not None and (type(side) is not int or type(size) is not int
+                             or side != Decoding(interpolation, crop).resize_for(size)):
         return f"input resize_side {str(side)[:40]!r} is not floor(size / crop_pct) of its size and crop_pct"
     return None
 
