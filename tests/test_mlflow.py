@@ -108,7 +108,7 @@ def test_two_epochs_params_metrics_and_artifacts(server, tiny, tmp_path, capsys)
     assert numbers | per_class == set(run.data.metrics)  # metrics.jsonl's keys, every one
     assert "val_per_class/red fox/f1" in per_class  # a class name as it is
     assert artifacts(client, run.info.run_id) == {"pictures/curves.png", "pictures/confusion.png",
-                                                 "pictures/mistakes.png", "checkpoints/best.pt", "config.yaml",
+                                                 "pictures/mistakes.png", "pictures/reliability.png", "checkpoints/best.pt", "config.yaml",
                                                  "metrics.jsonl"}
     local = Path(client.download_artifacts(run.info.run_id, "checkpoints/best.pt", str(tmp_path)))
     assert local.read_bytes() == (out / "checkpoints" / "best.pt").read_bytes()
