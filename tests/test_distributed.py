@@ -24,6 +24,18 @@ def _records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _one_and_two(common: list, tmp_path: Path) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """`imgclf COMMON` in one process (tmp_path/single) and under torchrun with two (tmp_path/double), both
+    succeeding; returns the two run folders and torchrun's result."""
+    single, double = tmp_path / "single", tmp_path / "double"
+    r1 = run_cli(*common, "--out", single, env={"OMP_NUM_THREADS": "1"})
+    assert r1.returncode == 0, r1.stderr
+    r2 = subprocess.run([*TORCHRUN, *map(str, common), "--out", str(double)], capture_output=True, text=True,
+                        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    return single, double, r2
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ddp")
@@ -37,12 +49,7 @@ def folder(tmp_path_factory) -> Path:
 def test_two_gloo_processes_match_one(folder, tmp_path):
     common = ["train", "--data", folder, "--epochs", "2", "--batch-size", "16", "--seed", "5", "--device", "cpu",
               "--precision", "fp32"]  # bf16 would round the two processes' partial sums differently
-    single, double = tmp_path / "single", tmp_path / "double"
-    r1 = run_cli(*common, "--out", single, env={"OMP_NUM_THREADS": "1"})
-    assert r1.returncode == 0, r1.stderr
-    r2 = subprocess.run([*TORCHRUN, *map(str, common), "--out", str(double)], capture_output=True, text=True,
-                        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r2.returncode == 0, r2.stderr[-3000:]
+    single, double, r2 = _one_and_two(common, tmp_path)
     assert "world size 2" in r2.stderr
     a, b = _records(single), _records(double)
     assert [r["val_count"] for r in b] == [27, 27]  # every test picture counted exactly once
@@ -85,12 +92,7 @@ def test_two_gloo_processes_match_one_with_several_labels_per_picture(tmp_path):
     csv.write_text("filename,labels\n" + "\n".join(rows) + "\n")
     common = ["train", "--data", root, "--labels", csv, "--epochs", "2", "--batch-size", "16", "--seed", "5",
               "--device", "cpu", "--precision", "fp32", "--cache-dir", tmp_path / "cache"]
-    single, double = tmp_path / "single", tmp_path / "double"
-    r1 = run_cli(*common, "--out", single, env={"OMP_NUM_THREADS": "1"})
-    assert r1.returncode == 0, r1.stderr
-    r2 = subprocess.run([*TORCHRUN, *map(str, common), "--out", str(double)], capture_output=True, text=True,
-                        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r2.returncode == 0, r2.stderr[-3000:]
+    single, double, r2 = _one_and_two(common, tmp_path)
     a, b = _records(single), _records(double)
     assert [r["val_count"] for r in b] == [r["val_count"] for r in a]  # every picture counted once
     for ra, rb in zip(a, b, strict=True):
