@@ -19,11 +19,11 @@ if [[ -f $DATA ]]; then
     DATA=$(dirname "$(find /tmp/imgclf-race -type d -name train | head -1)")
 fi
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-BASE="--recipe fast --batch-size 1024 --lr 1.5 --device cuda"
+BASE="--recipe records --batch-size 1024 --lr 1.5 --device cuda"
 DRY_FLAG=() WARM=$BASE
 if [[ ${DRY:-0} == 1 ]]; then
-    BASE="--recipe fast --batch-size 128 --lr 0.1875 --device cuda"  # gpu_race.py --dry runs it on the CPU
-    DRY_FLAG=(--dry) WARM="--recipe fast --batch-size 128 --device cpu"
+    BASE="--recipe records --batch-size 128 --lr 0.1875 --device cuda"  # gpu_race.py --dry runs it on the CPU
+    DRY_FLAG=(--dry) WARM="--recipe records --batch-size 128 --device cpu"
 else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"

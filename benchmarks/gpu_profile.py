@@ -1,6 +1,6 @@
-"""Where a training step of `--recipe fast` goes on a CUDA GPU (issue 15): measured, not guessed.
+"""Where a training step of `--recipe records` goes on a CUDA GPU (issue 15): measured, not guessed.
 
-Builds the run exactly as `imgclf train --recipe fast --batch-size 1024 --lr 1.5` does, then prints:
+Builds the run exactly as `imgclf train --recipe records --batch-size 1024 --lr 1.5` does, then prints:
 each epoch's milliseconds per step (the first includes cuDNN's autotuning), the loader alone, the
 profiler's top kernels and host calls for a few steps of the real loop, and one fixed batch's step under
 each lever (autocast over fp32 weights, weights kept in the training precision, fused optimizer steps).
@@ -57,7 +57,7 @@ def main() -> None:
     root, out = sys.argv[1], tempfile.mkdtemp()
     given = {("data", "data"): root, ("data", "batch_size"): 1024, ("optim", "lr"): 1.5, ("optim", "epochs"): 10,
              ("run", "out"): out, ("run", "device"): "cuda"}
-    cfg = resolve(given, recipe="fast")
+    cfg = resolve(given, recipe="records")
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
     data = load_data(cfg.data, progress=False)

@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 # decode the JPEGs into imgclf's cache before the race (outside both timings)
 rm -rf /tmp/imgclf-race-warm
-python3 -m imgclf train --data "$DATA" --recipe fast --epochs 1 --batch-size 1024 --out /tmp/imgclf-race-warm >/dev/null
+python3 -m imgclf train --data "$DATA" --recipe records --epochs 1 --batch-size 1024 --out /tmp/imgclf-race-warm >/dev/null
 [[ $PROFILE == 1 ]] && python3 benchmarks/gpu_profile.py "$DATA"
 EPOCH_FLAGS=(); for e in $EPOCHS; do EPOCH_FLAGS+=(--epochs "$e"); done
 python3 benchmarks/gpu_race.py --data "$DATA" --seeds "$SEEDS" "${EPOCH_FLAGS[@]}"

@@ -44,7 +44,8 @@ def main() -> None:
         training = 0.0
         for r in records:
             training += r.get("train_seconds", 0.0)
-            print(f"  epoch {r['epoch']:>2}: test accuracy {r['val_acc']:.2%} at {r['time'] - launched:7.1f}s "
+            shown = f"test accuracy {r['val_acc']:.2%}" if "val_acc" in r else "not evaluated (--val-every)"
+            print(f"  epoch {r['epoch']:>2}: {shown} at {r['time'] - launched:7.1f}s "
                   f"({r['images_per_s']:.0f} train img/s, {training:.2f}s of training so far)")
         final = records[-1]["val_acc"]
         print(f"  final {final:.2%} in {m.seconds:.1f}s wall, {training:.2f}s of it training "

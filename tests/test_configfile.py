@@ -83,14 +83,21 @@ def test_range_errors_of_file_values_name_the_option(tmp_path, capsys):
 
 
 def test_recipes_are_yaml_files_read_by_the_same_path():
-    assert set(recipe_names()) == {"default", "fast", "finetune", "notes"} == set(RECIPES)
+    assert set(recipe_names()) == {"default", "fast", "fast-long", "finetune", "notes", "records"} == set(RECIPES)
     for name in recipe_names():
         path = Path(str(recipe_folder() / f"{name}.yaml"))
         assert path.read_text().startswith("#")  # each says what it is, for the person reading it
         assert resolved("--recipe", name) == resolved("--config", path)
         TrainConfig.from_dict(RECIPES[name])  # valid
-    fast = resolved("--recipe", "fast")
-    assert (fast.model.name, fast.optim.lr, fast.optim.weight_decay, fast.run.tta) == ("fastnet", 0.75, 1.33e-3, True)
+    fast, long, records = (resolved("--recipe", name) for name in ("fast", "fast-long", "records"))
+    assert (fast.model.name, fast.optim.lr, fast.optim.weight_decay, fast.run.tta) == ("fastnet_small", 0.75, 1.33e-3, True)
+    # the CPU's time-to-accuracy recipes: progressive resizing, one evaluation after the last epoch
+    assert (fast.data.progressive_resize, fast.run.val_every, fast.run.tta_shift, fast.optim.epochs) == (20, 0, False, 5)
+    assert (long.model.name, long.data.progressive_resize, long.run.val_every, long.run.tta_shift, long.optim.epochs) \
+        == ("fastnet", 20, 0, True, 9)
+    # the speed records' own: full-size pictures throughout, an evaluation every epoch
+    assert (records.model.name, records.data.progressive_resize, records.run.val_every, records.optim.epochs) \
+        == ("fastnet", None, 1, 4)
     assert resolved("--recipe", "notes").optim.lr == 0.01
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert '"recipes/*.yaml"' in pyproject  # shipped in the wheel

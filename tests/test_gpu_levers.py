@@ -195,9 +195,9 @@ def test_every_lever_trains_end_to_end_and_resumes_exactly(tmp_path):
               ("model", "whiten_bias_epochs"): 1, ("optim", "decay_biases"): True, ("optim", "epochs"): 2,
               ("optim", "warmup_start"): 0.2, ("optim", "lr_end"): 0.07, ("run", "bf16_weights"): True,
               ("run", "precision"): "bf16", ("run", "device"): "cpu"}
-    whole = train(resolve({**levers, ("run", "out"): str(tmp_path / "a")}, recipe="fast"))
+    whole = train(resolve({**levers, ("run", "out"): str(tmp_path / "a")}, recipe="records"))
     with pytest.raises(Exception, match="stopped by --stop-after 1"):
-        train(resolve({**levers, ("run", "out"): str(tmp_path / "b"), ("run", "stop_after"): 1}, recipe="fast"))
+        train(resolve({**levers, ("run", "out"): str(tmp_path / "b"), ("run", "stop_after"): 1}, recipe="records"))
     resumed = train(resumed_config(tmp_path / "b"), resume=True)
     assert (whole["train_loss"], whole["val_acc"]) == (resumed["train_loss"], resumed["val_acc"])
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]

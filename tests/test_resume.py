@@ -196,7 +196,7 @@ def test_fast_recipe_with_lookahead_resumes_exactly(tmp_path, capsys):
     data = tmp_path / "data"
     write_class_folder(data / "train", ["a", "b", "c"], 20, seed=5)
     write_class_folder(data / "test", ["a", "b", "c"], 4, seed=6)
-    common = ["--data", data, "--recipe", "fast", "--epochs", 3, "--batch-size", 8,
+    common = ["--data", data, "--recipe", "records", "--epochs", 3, "--batch-size", 8,
               "--img-size", 16, "--seed", 2]
     assert train(capsys, *common, "--out", tmp_path / "full")[0] == 0
     assert train(capsys, *common, "--out", tmp_path / "part", "--stop-after", 1)[0] == 0

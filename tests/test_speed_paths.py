@@ -210,12 +210,13 @@ def test_fastnet_shapes_and_small_pictures():
 def test_fast_recipe_is_valid_and_flags_still_override_it():
     from imgclf.cli import build_parser, train_config
 
-    assert RECIPES["fast"]["model"]["name"] == "fastnet"
+    assert RECIPES["fast"]["model"]["name"] == "fastnet_small"
     args = build_parser().parse_args(["train", "--data", "x", "--recipe", "fast", "--epochs", "3"])
     cfg = train_config(args)
     assert isinstance(cfg, TrainConfig)
-    assert (cfg.model.name, cfg.optim.epochs, cfg.run.tta, cfg.data.batch_size) == ("fastnet", 3, True, 512)
-    assert cfg.data == DataConfig(data="x", batch_size=512, eval_batch_size=1000, augment="flip-crop", crop_pad=2)
+    assert (cfg.model.name, cfg.optim.epochs, cfg.run.tta, cfg.data.batch_size) == ("fastnet_small", 3, True, 512)
+    assert cfg.data == DataConfig(data="x", batch_size=512, eval_batch_size=1000, augment="flip-crop", crop_pad=2,
+                                  progressive_resize=20)
 
 
 @pytest.mark.slow
@@ -223,11 +224,12 @@ def test_fast_recipe_trains_end_to_end(tiny_split_folder, tmp_path):
     out = tmp_path / "run"
     # --lr given: the fast recipe's rate is for batch 512; following the batch (x 16/512) it would barely move
     r = run_cli("train", "--data", tiny_split_folder, "--recipe", "fast", "--epochs", "2", "--batch-size", "16",
-                "--lr", "0.75", "--precision", "fp32", "--out", out)
+                "--lr", "0.75", "--precision", "fp32", "--img-size", "32", "--out", out)
     assert r.returncode == 0, r.stderr
-    assert "fastnet" in r.stderr
+    assert "fastnet_small" in r.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and records[-1]["val_count"] == 24
+    assert "val_acc" not in records[0]  # the recipe evaluates after the last epoch only
     assert records[-1]["val_acc"] > 0.5  # three easy classes
     # the final figure is the test-time-augmented one, as `imgclf eval` computes it from the checkpoint
     r = run_cli("eval", out / "checkpoints" / "last.pt", "--data", tiny_split_folder, "--json")
@@ -297,6 +299,9 @@ def test_tta_averages_flipped_and_shifted_views():
     expected = 0.25 * (conv(x) + conv(x.flip(3))) + 0.125 * sum(conv(v) + conv(v.flip(3)) for v in shifted)
     assert torch.allclose(tta_logits(conv, x), expected, atol=1e-5)
     assert not torch.allclose(tta_logits(conv, x), conv(x), atol=1e-3)
+    # --no-tta-shift: the picture and its mirror image only
+    assert torch.allclose(tta_logits(conv, x, shift=False), 0.5 * (conv(x) + conv(x.flip(3))), atol=1e-6)
+    assert not torch.allclose(tta_logits(conv, x, shift=False), expected, atol=1e-3)
 
 
 def test_auto_precision_takes_bf16_only_where_the_cpu_computes_it(monkeypatch):

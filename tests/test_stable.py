@@ -175,7 +175,7 @@ def resolved(**options) -> TrainConfig:
     ({"lr": 0.1, "batch_size": "auto"}, 0.1, None),  # an lr given with auto: taken as it is
     ({"batch_size": 64, "lr": 0.1, "lr_base_batch": 256}, 0.025, 64),  # timm's --lr-base-size
     ({"recipe": "notes", "batch_size": 128}, 0.02, 128),  # the base batch is the recipe's
-    ({"recipe": "fast", "batch_size": 1024}, 1.5, 1024),  # what the fast recipe's comment tells GPUs to use
+    ({"recipe": "records", "batch_size": 1024}, 1.5, 1024),  # what the records recipe's comment tells GPUs to use
     ({"batch_size": "auto"}, 0.05, 128),  # scaled once the batch is known
 ])
 def test_lr_follows_the_batch_size_when_only_the_batch_is_given(options, lr, base):
@@ -266,6 +266,7 @@ IDLE = [  # (options, the flag refused): every combination where an option would
     ({"batch_size": 4, "accumulate": 5}, "--accumulate"),
     ({"epochs": 3, "stop_after": 3}, "--stop-after"),
     ({"ema_decay": 0.9}, "--ema-decay"),
+    ({"tta_shift": False}, "--tta-shift"),
     ({"mlflow_experiment": "mine"}, "--mlflow-experiment"),
     ({"normalize": "data"}, "--normalize"),
     ({"warmup_epochs": 0, "warmup_start": 0.2}, "--warmup-start"),
@@ -285,6 +286,7 @@ ACTING = [  # the same options where they act
     {"batch_size": 4, "accumulate": 4},
     {"warmup_start": 0.2, "lr_end": 0.07, "decay_biases": True},
     {"ema": True, "ema_decay": 0.9},
+    {"tta": True, "tta_shift": False},
     {"mlflow": "sqlite:///m.db", "mlflow_experiment": "mine"},
     {"pretrained": "w.pth", "normalize": "data"},
     {"folds": 5, "fold": 2},
@@ -335,7 +337,7 @@ def test_defaults_in_a_configuration_file_are_not_refused():
 
 
 def test_idle_options_of_the_default_run():
-    assert set(idle_options(resolved(data=FOLDER))) == {"--backbone-lr-scale", "--ema-decay", "--mix-switch",
+    assert set(idle_options(resolved(data=FOLDER))) == {"--backbone-lr-scale", "--ema-decay", "--mix-switch", "--tta-shift",
                                                          "--mlflow-experiment", "--data-root", "--normalize"}
 
 

@@ -56,9 +56,15 @@ def _fingerprint(files: list[Path], labels: list[int], size: int, channels: int,
     # 8-bit caches decoded as imgclf's own (PLAIN) keep the key they always had; a pretrained network's
     # decoding (its tag) and 16-bit pictures (imgclf.bands) are told apart
     h = hashlib.sha256(f"{CACHE_FORMAT}:{size}:{channels}{decoding.tag()}{':16' if depth == 16 else ''}".encode())
+    folders: dict[Path, Path] = {}  # each folder resolved once: Path.resolve per file cost ~2 s on 60,000 files
     for path, label in zip(files, labels, strict=True):
-        st = path.stat()
-        h.update(os.fsencode(path.resolve()) + f"\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode):  # a link is keyed by what it points to, as Path.resolve gives
+            st, real = path.stat(), path.resolve()
+        else:
+            parent = folders.get(path.parent) or folders.setdefault(path.parent, path.parent.resolve())
+            real = parent / path.name
+        h.update(os.fsencode(real) + f"\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
     return h.hexdigest()[:24]
 
 

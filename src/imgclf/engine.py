@@ -277,15 +277,16 @@ def _device(model: nn.Module) -> torch.device:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, *, task, autocast: Callable[[], AbstractContextManager],
-             dist: DistInfo | None = None, tta: bool = False, keep_probs: bool = False) -> dict:
+             dist: DistInfo | None = None, tta: bool = False, tta_shift: bool = True, keep_probs: bool = False) -> dict:
     """`task`'s figures (a `tasks.Task`; for SingleLabel: plain cross-entropy loss, accuracy, top-5 over five
     classes, confusion matrix) of `model` over every sample of `loader` once, summed across processes; with
-    `keep_probs` also every picture's activation ("probs") in order. With `tta`, logits are `tta_logits`'."""
+    `keep_probs` also every picture's activation ("probs") in order. With `tta`, logits are `tta_logits`'
+    (`tta_shift`: with the shifted views)."""
     model.eval()
 
     def logits(x: torch.Tensor) -> torch.Tensor:
         with autocast():
-            return tta_logits(model, x) if tta else model(x).float()
+            return tta_logits(model, x, shift=tta_shift) if tta else model(x).float()
 
     return evaluate_outputs(logits, ((x, y) for x, y, _ in loader.epoch(0)), task=task, device=_device(model),
                             dist=dist, keep=keep_probs)
@@ -303,12 +304,16 @@ def evaluate_outputs(outputs: Callable[[torch.Tensor], torch.Tensor], batches: I
     return {**tally.result(dist or DistInfo()), "seconds": time.perf_counter() - start}
 
 
-def tta_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def tta_logits(model: nn.Module, x: torch.Tensor, *, shift: bool = True) -> torch.Tensor:
     """Test-time augmentation of the CIFAR speed records (airbench's level 2): half the average over the
     picture and its mirror image, half the same average over the picture shifted one pixel up-left and
-    one pixel down-right (reflected borders). Six forward passes; float32 logits."""
+    one pixel down-right (reflected borders). Six forward passes; float32 logits. Without `shift` (level 1),
+    the average over the picture and its mirror image: two passes."""
     def mirrored(v: torch.Tensor) -> torch.Tensor:
         return 0.5 * (model(v).float() + model(v.flip(3)).float())
+
+    if not shift:
+        return mirrored(x)
 
     h, w = x.shape[2:]
     padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")

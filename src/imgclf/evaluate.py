@@ -56,7 +56,8 @@ def evaluate_checkpoint(path, data_cfg: DataConfig, *, split: str | None = None,
                          batch_size=eval_batch_size(data_cfg, chosen), device=dev, channels_last=channels_last)
     autocast = autocast_factory(dev, resolve_precision(precision or run.get("precision", "fp32"), dev))
     task = checkpoint_task(ckpt)
-    result = evaluate(model, loader, task=task, autocast=autocast, tta=run.get("tta", False), keep_probs=True)
+    result = evaluate(model, loader, task=task, autocast=autocast, tta=run.get("tta", False),
+                      tta_shift=run.get("tta_shift", True), keep_probs=True)  # runs before --tta-shift shifted
     result.update(task=task, classes=data.classes, split=name, data=data, split_data=chosen)
     return result
 

@@ -154,7 +154,8 @@ def report_after_training(run_dir: Path, *, cfg, data, task, model: torch.nn.Mod
 
         if result is None or "probs" not in result:
             loader = eval_loader(data.val, transform, batch_size=eval_batch_size(cfg.data, data.val), device=device)
-            result = evaluate(model, loader, task=task, autocast=autocast, tta=cfg.run.tta, keep_probs=True)
+            result = evaluate(model, loader, task=task, autocast=autocast, tta=cfg.run.tta, tta_shift=cfg.run.tta_shift,
+                              keep_probs=True)
         explain = functools.partial(mistake_overlays, model, data.val, transform, device)
         write_run_report(run_dir, records=records, result=result, data=data, task=task, writer=writer,
                          hparams=flatten_config(cfg.to_dict()), explain=explain)

@@ -119,7 +119,7 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
             # test-time augmentation costs 6 passes: only the final figure (and `imgclf eval`) pays for it;
             # the final probabilities are kept for the run's pictures (one process holds them all)
             val = evaluate(state.eval_model, parts.val, task=task, autocast=autocast, dist=dist,
-                           tta=cfg.run.tta and final, keep_probs=final and not dist.enabled)
+                           tta=cfg.run.tta and final, tta_shift=cfg.run.tta_shift, keep_probs=final and not dist.enabled)
             _refuse_non_finite(state, val, epoch=epoch, run_dir=run_dir)  # never saved, never "best"
             record = epoch_record(epoch, stats, val, lr=state.optimizer.param_groups[0]["lr"], data=data, task=task)
             tracker.end_epoch(record)
@@ -244,6 +244,7 @@ def _val_probs(ckpt: dict, parts: RunParts, state: TrainState, task: Task, autoc
     model = state.ema.module if state.ema is not None else state.model
     model.load_state_dict(ckpt.get("ema_state_dict") or ckpt["state_dict"])
     return evaluate(state.eval_model, parts.val, task=task, autocast=autocast, tta=ckpt["config"]["run"]["tta"],
+                    tta_shift=ckpt["config"]["run"].get("tta_shift", True),
                     keep_probs=True)["probs"]
 
 
@@ -454,7 +455,8 @@ def _final_test(cfg: TrainConfig, parts: RunParts, state: TrainState, *, task: T
     (state.ema.module if state.ema is not None else state.model).load_state_dict(
         ckpt.get("ema_state_dict") or ckpt["state_dict"])
     task = checkpoint_task(ckpt)  # with best.pt's thresholds (a multi-label run's, chosen on validation)
-    test = evaluate(state.eval_model, parts.test, task=task, autocast=autocast, dist=dist, tta=cfg.run.tta)
+    test = evaluate(state.eval_model, parts.test, task=task, autocast=autocast, dist=dist, tta=cfg.run.tta,
+                    tta_shift=cfg.run.tta_shift)
     return {**split_figures("test", test, task), "test_of_epoch": ckpt["epoch"]}
 
 
