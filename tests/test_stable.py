@@ -263,6 +263,8 @@ IDLE = [  # (options, the flag refused): every combination where an option would
     ({"backbone_lr_scale": 0.1}, "--backbone-lr-scale"),
     ({"freeze_backbone": True, "freeze_epochs": 1, "backbone_lr_scale": 0.1}, "--freeze-epochs"),
     ({"epochs": 10, "patience": 9}, "--patience"),
+    ({"epochs": 10, "patience": 1, "val_every": 0}, "--patience"),  # one evaluation: nothing to wait for
+    ({"epochs": 10, "patience": 4, "val_every": 2}, "--patience"),  # evaluations 2, 4, 6, 8 before the last
     ({"batch_size": 4, "accumulate": 5}, "--accumulate"),
     ({"epochs": 3, "stop_after": 3}, "--stop-after"),
     ({"ema_decay": 0.9}, "--ema-decay"),
@@ -283,6 +285,7 @@ ACTING = [  # the same options where they act
     {"data": FOLDER, "labels": "x.csv", "val_fraction": 0.3, "strict": True, "cache_dir": "c"},
     {"freeze_epochs": 2, "backbone_lr_scale": 0.1},
     {"epochs": 10, "patience": 8, "stop_after": 9},
+    {"epochs": 10, "patience": 3, "val_every": 2},
     {"batch_size": 4, "accumulate": 4},
     {"warmup_start": 0.2, "lr_end": 0.07, "decay_biases": True},
     {"ema": True, "ema_decay": 0.9},
@@ -299,7 +302,7 @@ ALWAYS_ACT = {"--data", "--img-size", "--augment", "--mixup", "--folds", "--cali
               "--pretrained", "--freeze-backbone", "--model-args", "--optimizer", "--lr", "--weight-decay",
               "--schedule", "--warmup-epochs", "--label-smoothing", "--epochs", "--monitor", "--lookahead",
               "--lr-base-batch", "--clip-grad", "--head-init", "--bn-stats", "--out", "--device", "--seed", "--precision", "--channels-last",
-              "--compile", "--log-every", "--ema", "--tta", "--mlflow", "--task",
+              "--compile", "--log-every", "--ema", "--tta", "--val-every", "--mlflow", "--task",
               "--drop-last", "--whiten-bias-epochs", "--bf16-weights"}  # the last two: refused in one line where not
 
 

@@ -673,7 +673,7 @@ def _add_lr_find(sub, common) -> None:
     p.add_argument("--out", dest="plot", default="lr_find.png", help="PNG to write (%(default)s)")
     add_config_flags(p, skip=("--out", "--lr", "--epochs", "--patience", "--monitor", "--stop-after", "--log-every",
                               "--ema", "--ema-decay", "--tta", "--lr-base-batch", "--clip-grad", "--accumulate",
-                              "--folds", "--fold"),
+                              "--folds", "--fold", "--val-every"),
                      required=("--data",))
 
 

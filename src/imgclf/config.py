@@ -233,6 +233,12 @@ class RunConfig:
     # On a 2-core CPU the shifted views cost ~9 s of a 110 s CIFAR-10 run for +0.25 points (benchmarks/RESULTS.md)
     tta_shift: bool = option(True, "--tta also averages the views shifted by one pixel (6 passes); "
                                    "--no-tta-shift: the picture and its mirror image only (2 passes)")
+    # A pass over the held-out pictures after every epoch is much of a short GPU run's time (issue 26); the
+    # last epoch is always evaluated, so the run's final figure stays exact. Evaluating draws no random
+    # numbers, so N changes which records have val_* figures, never the training (hence resumable).
+    val_every: int = option(1, "evaluate the held-out split after every Nth epoch, and always after the last one "
+                               "(and before a resumable stop); 0: after the last one only", metavar="N",
+                            resumable=True, low=0, high=MAX_EPOCHS)
     calibrate: bool = option(True, "after training, fit a temperature on the validation split so that "
                                    "probabilities are calibrated (single-label; stored in the checkpoints and "
                                    "their exports; docs/usage.md: Calibrated confidence)", resumable=True)
@@ -423,8 +429,7 @@ def idle_options(cfg: TrainConfig) -> dict[str, str]:
         "--freeze-epochs": m.freeze_backbone and "--freeze-backbone keeps the backbone frozen for the whole run",
         "--backbone-lr-scale": not (m.freeze_epochs and not m.freeze_backbone) and
                                "it sets the backbone's rate once it trains after --freeze-epochs",
-        "--patience": o.patience is not None and o.patience >= o.epochs - 1 and  # epoch 1 sets the first mark
-                      f"a run of --epochs {o.epochs} ends before it could wait {o.patience} epochs for a better one",
+        "--patience": o.patience is not None and _patience_idle(o.patience, o.epochs, r.val_every),
         "--accumulate": isinstance(d.batch_size, int) and o.accumulate > d.batch_size and
                         f"a batch of {d.batch_size} cannot be cut into {o.accumulate} micro-batches",
         "--stop-after": r.stop_after is not None and r.stop_after >= o.epochs and
@@ -434,6 +439,17 @@ def idle_options(cfg: TrainConfig) -> dict[str, str]:
         "--mlflow-experiment": r.mlflow is None and "it names the experiment of --mlflow, which is off",
     }
     return {flag: why for flag, why in rules.items() if why}
+
+
+def _patience_idle(patience: int, epochs: int, every: int) -> str | None:
+    """Why --patience could never end a run of `epochs` evaluated every `every` epochs (--val-every), or None.
+    It counts evaluations: the first sets the mark, and the wait must run out at one before the last epoch's."""
+    if every == 0:
+        return "with --val-every 0 only the last epoch is evaluated, so there is nothing to wait for"
+    if patience < (epochs - 1) // every:  # the evaluations before the last epoch's
+        return None
+    where, unit = ("", "epochs") if every == 1 else (f" evaluated every {every} epochs", "evaluations")
+    return f"a run of --epochs {epochs}{where} ends before it could wait {patience} {unit} for a better one"
 
 
 def refuse_idle(cfg: TrainConfig, explicit: set[tuple[str, str]]) -> None:

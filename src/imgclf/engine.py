@@ -56,7 +56,8 @@ class TrainState:
     step: int = 0  # steps done of epoch `epoch` (a run stopped mid-epoch)
     best_score: float | None = None  # the best value of the monitored validation metric so far
     best_epoch: int = 0  # the epoch (counted from 1) that reached it
-    metrics: dict = field(default_factory=dict)  # the last epoch's record
+    waited: int = 0  # evaluations since the best one (--patience counts them; --val-every may skip epochs)
+    metrics: dict = field(default_factory=dict)  # the last evaluated epoch's record (every epoch's by default)
     partial: list[float] | None = None  # (loss sum, correct, seen) of the first `step` steps of epoch `epoch`
     bn_frozen: bool = False  # --bn-stats frozen: every BatchNorm keeps its running statistics while training
 
@@ -77,16 +78,20 @@ class TrainState:
 
     def end_epoch(self, record: dict, monitor: str, task) -> bool:
         """Record a finished epoch's metrics; True when its `monitor` figure is the best so far (`task` says
-        which way is better)."""
+        which way is better). An epoch that was not evaluated (--val-every: no `monitor` in `record`) is never
+        the best, counts no evaluation and leaves `metrics` (a multi-label run's thresholds) as they were."""
+        self.epoch, self.step, self.partial = record["epoch"], 0, None
+        if monitor not in record:
+            return False
         better = task.improved(record[monitor], self.best_score, monitor)
-        self.epoch, self.step, self.partial, self.metrics = record["epoch"], 0, None, record
+        self.metrics, self.waited = record, 0 if better else self.waited + 1
         if better:
             self.best_score, self.best_epoch = record[monitor], record["epoch"]
         return better
 
     def state_dict(self) -> dict:
         state = {"epoch": self.epoch, "step": self.step, "best_score": self.best_score,
-                 "best_epoch": self.best_epoch, "metrics": self.metrics,
+                 "best_epoch": self.best_epoch, "waited": self.waited, "metrics": self.metrics,
                  "partial": self.partial, "state_dict": _cpu(self.model.state_dict()),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -102,6 +107,8 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step = state["epoch"], state["step"]
         self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
+        # a checkpoint of before --val-every was evaluated after every epoch
+        self.waited = state.get("waited", self.epoch - self.best_epoch)
         self.metrics, self.partial = state.get("metrics") or {}, state.get("partial")
         self.model.load_state_dict(state["state_dict"])
         self.optimizer.load_state_dict(state["optimizer"])

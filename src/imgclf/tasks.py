@@ -92,7 +92,7 @@ class Task(Protocol):
 
     def checkpoint_entries(self, record: dict) -> dict:
         """What a checkpoint (and every export of it) stores about the task, beside its classes, from the
-        last epoch's metrics.jsonl `record` ({} for SingleLabel: its checkpoints stay as they were)."""
+        last evaluated epoch's metrics.jsonl `record` ({} for SingleLabel: its checkpoints stay as they were)."""
 
 
 class SingleLabel:

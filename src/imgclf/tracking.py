@@ -82,12 +82,15 @@ class Tracker:
                 group, _, name = key.partition("_")
                 tag = f"{group}/{name}" if group in ("train", "val", "test") else key
                 self.writer.add_scalar(tag, record[key], step)
-        self.writer.add_scalar("epoch/val_acc", record["val_acc"], record["epoch"])
+        if "val_acc" in record:  # an epoch --val-every does not evaluate has no val_* figures
+            self.writer.add_scalar("epoch/val_acc", record["val_acc"], record["epoch"])
         self.writer.flush()
         skipped = f"  skipped files {record['skipped_files']}" if record.get("skipped_files") else ""
         skipped = (f"  mAP {record['val_map']:.4f}" if "val_map" in record else "") + skipped
+        val = (f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.2%}" if "val_loss" in record
+               else "val not evaluated")
         print(f"epoch {record['epoch']}/{self.total_epochs}  train loss {record['train_loss']:.4f} "
-              f"acc {record['train_acc']:.2%}  |  val loss {record['val_loss']:.4f} acc {record['val_acc']:.2%}"
+              f"acc {record['train_acc']:.2%}  |  {val}"
               f"  |  {record['images_per_s']:.0f} img/s  {record['epoch_seconds']:.1f}s{skipped}",
               file=self.stream, flush=True)
 

@@ -115,18 +115,15 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
                                  hooks=_RunHooks(state, tracker, stop), check_every=check_every)
             if stats["stopped_at"] is not None:
                 _stop_mid_epoch(cfg, parts, state, stats, stop=stop, dist=dist, epoch=epoch, task=task)
-            final = epoch + 1 == epochs
-            # test-time augmentation costs 6 passes: only the final figure (and `imgclf eval`) pays for it;
-            # the final probabilities are kept for the run's pictures (one process holds them all)
-            val = evaluate(state.eval_model, parts.val, task=task, autocast=autocast, dist=dist,
-                           tta=cfg.run.tta and final, tta_shift=cfg.run.tta_shift, keep_probs=final and not dist.enabled)
+            val = (_validate(cfg, parts, state, task=task, epoch=epoch, autocast=autocast, dist=dist)
+                   if _evaluates(cfg, stop, epoch=epoch, invocation_epochs=invocation_epochs) else None)
             _refuse_non_finite(state, val, epoch=epoch, run_dir=run_dir)  # never saved, never "best"
             record = epoch_record(epoch, stats, val, lr=state.optimizer.param_groups[0]["lr"], data=data, task=task)
             tracker.end_epoch(record)
             _save(cfg, parts, state, dist=dist, best=state.end_epoch(record, cfg.optim.monitor, task), task=task)
             if on_epoch is not None and dist.is_main:  # after the save: a Stopped raised here keeps this epoch
                 on_epoch(record)
-            if _patience_spent(cfg, state, tracker):
+            if val is not None and _patience_spent(cfg, state, tracker):
                 break
             _stop_between_epochs(cfg, stop, invocation_epochs, epoch=epoch, run_dir=run_dir)
     if parts.test is not None:
@@ -134,6 +131,25 @@ def _train(cfg: TrainConfig, *, resume: bool, dist, device: torch.device, model,
     _finish(cfg, parts, state, tracker, task=task, device=device, autocast=autocast, dist=dist, val=val)
     tracker.close()
     return record
+
+
+def _evaluates(cfg: TrainConfig, stop: StopFlag, *, epoch: int, invocation_epochs: int) -> bool:
+    """--val-every N: whether epoch `epoch` (counted from 0) is evaluated: every Nth (none with N = 0), the
+    run's last, and the last of this invocation (--stop-after, or a signal received during the epoch), so
+    that a run stopped between epochs resumes after an evaluation. The same answer in every process."""
+    every, done, after = cfg.run.val_every, epoch + 1, cfg.run.stop_after
+    return (bool(every and done % every == 0) or done == cfg.optim.epochs
+            or (after is not None and invocation_epochs >= after) or stop.check())
+
+
+def _validate(cfg: TrainConfig, parts: RunParts, state: TrainState, *, task: Task, epoch: int, autocast,
+              dist) -> dict:
+    """`evaluate` of the held-out split after epoch `epoch`. Test-time augmentation costs 6 passes: only the
+    final figure (and `imgclf eval`) pays for it; the final probabilities are kept for the run's pictures
+    (one process holds them all)."""
+    final = epoch + 1 == cfg.optim.epochs
+    return evaluate(state.eval_model, parts.val, task=task, autocast=autocast, dist=dist,
+                    tta=cfg.run.tta and final, tta_shift=cfg.run.tta_shift, keep_probs=final and not dist.enabled)
 
 
 def _data(cfg: TrainConfig, dist, ckpt: dict | None) -> ImageData:
@@ -285,9 +301,10 @@ def _resume_point(cfg: TrainConfig) -> dict:
 
 def _resume_problem(ckpt: dict) -> str | None:
     """What a checkpoint lacks to be resumed from (beyond what load_checkpoint checks), or None."""
-    for key in ("epoch", "step", "best_epoch"):
-        if type(ckpt.get(key)) is not int or ckpt[key] < 0:
-            return f"its {key} is {ckpt.get(key)!r:.40}, not a count"
+    for key in ("epoch", "step", "best_epoch", "waited"):
+        value = ckpt.get(key, 0) if key == "waited" else ckpt.get(key)  # waited: absent before --val-every
+        if type(value) is not int or value < 0:
+            return f"its {key} is {value!r:.40}, not a count"
     if ckpt.get("best_score") is not None and not isinstance(ckpt["best_score"], float | int):
         return "its best_score is not a number"
     for key in ("optimizer", "scheduler", "rng"):
@@ -378,10 +395,10 @@ def _train_epoch(state: TrainState, parts: RunParts, cfg: TrainConfig, task: Tas
                         f"(2 or more) or --img-size") from None
 
 
-def _refuse_non_finite(state: TrainState, val: dict, *, epoch: int, run_dir: Path) -> None:
-    """Stop the run (one line, EXIT_DIVERGED) when the epoch's validation loss or the weights it would save
-    are NaN or infinite: such a model must never become last.pt or best.pt."""
-    if not math.isfinite(val["loss"]):
+def _refuse_non_finite(state: TrainState, val: dict | None, *, epoch: int, run_dir: Path) -> None:
+    """Stop the run (one line, EXIT_DIVERGED) when the epoch's validation loss (None: not evaluated) or the
+    weights it would save are NaN or infinite: such a model must never become last.pt or best.pt."""
+    if val is not None and not math.isfinite(val["loss"]):
         raise _diverged(f"the validation loss became {val['loss']} after epoch {epoch + 1}", run_dir)
     for model in (state.model, state.ema.module) if state.ema is not None else (state.model,):
         key = non_finite(model.state_dict())
@@ -422,12 +439,14 @@ def _exit_code(signal_name: str | None) -> int:
     return {"SIGTERM": EXIT_SIGTERM, "SIGINT": EXIT_SIGINT}.get(signal_name, 0)
 
 
-def epoch_record(epoch: int, stats: dict, val: dict, *, lr: float, data: ImageData, task: Task) -> dict:
-    """One line of metrics.jsonl from `train_one_epoch`'s and `evaluate`'s results (epoch counted from 0)."""
+def epoch_record(epoch: int, stats: dict, val: dict | None, *, lr: float, data: ImageData, task: Task) -> dict:
+    """One line of metrics.jsonl from `train_one_epoch`'s and `evaluate`'s results (epoch counted from 0);
+    `val` None (an epoch --val-every does not evaluate): no val_* figures at all."""
     return {"epoch": epoch + 1, "train_loss": stats["loss"], "train_acc": stats["acc"],
-            **split_figures("val", val, task), "lr": lr,
+            **(split_figures("val", val, task) if val is not None else {}), "lr": lr,
             "images_per_s": stats["images"] / max(stats["seconds"], 1e-9), "train_seconds": stats["seconds"],
-            "epoch_seconds": stats["seconds"] + val["seconds"], "skipped_files": len(data.skipped), "time": time.time()}
+            "epoch_seconds": stats["seconds"] + (val["seconds"] if val is not None else 0.0),
+            "skipped_files": len(data.skipped), "time": time.time()}
 
 
 def split_figures(prefix: str, result: dict, task: Task) -> dict:
@@ -436,12 +455,14 @@ def split_figures(prefix: str, result: dict, task: Task) -> dict:
 
 
 def _patience_spent(cfg: TrainConfig, state: TrainState, tracker: Tracker) -> bool:
-    """--patience: True (and said) when the monitored figure has not improved for that many epochs."""
-    waited = state.epoch - state.best_epoch
+    """--patience: True (and said) when the monitored figure has not improved for that many evaluations
+    (epochs, unless --val-every skips some)."""
+    waited = state.waited
     if cfg.optim.patience is None or waited < cfg.optim.patience or state.epoch >= cfg.optim.epochs:
         return False
+    unit = "epochs" if cfg.run.val_every == 1 else "evaluations"
     tracker.message(f"early stop after epoch {state.epoch}: {cfg.optim.monitor} has not improved for {waited} "
-                    f"epochs (best {state.best_score:.4f} at epoch {state.best_epoch}, kept in best.pt)")
+                    f"{unit} (best {state.best_score:.4f} at epoch {state.best_epoch}, kept in best.pt)")
     return True
 
 

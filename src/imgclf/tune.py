@@ -274,6 +274,8 @@ def objective(trial, search: Search, monitor: str) -> float:
     figures: list[float] = []
 
     def on_epoch(record: dict) -> None:
+        if monitor not in record:  # an epoch --val-every does not evaluate: nothing to report or prune by
+            return
         figures.append(record[monitor])
         trial.report(record[monitor], record["epoch"])
         if trial.should_prune():

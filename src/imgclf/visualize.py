@@ -134,24 +134,25 @@ def image_grid(images, labels: Sequence[str], *, ncols: int, title: str | None =
 # ---------------------------------------------------------------- training curves and confusion matrix
 
 def curves_figure(records: Sequence[dict], *, title: str = "training curves") -> Figure:
-    """Loss and accuracy per epoch, train and validation, from metrics.jsonl records."""
-    epochs = [r["epoch"] for r in records]
+    """Loss and accuracy per epoch, train and validation, from metrics.jsonl records; a figure is drawn at
+    the epochs whose records have it (--val-every evaluates only some)."""
     fig = _figure(figsize=(10, 4), dpi=DPI)
     loss_ax, acc_ax = fig.subplots(1, 2)
     for ax, key, label in ((loss_ax, "loss", "loss"), (acc_ax, "acc", "accuracy (%)")):
         scale = 100 if key == "acc" else 1
         for split, color in (("train", TRAIN_COLOR), ("val", VAL_COLOR)):
-            values = [r[f"{split}_{key}"] * scale for r in records if f"{split}_{key}" in r]
-            if values:
-                ax.plot(epochs[: len(values)], values, marker="o", color=color, label=split)
+            points = [(r["epoch"], r[f"{split}_{key}"] * scale) for r in records if f"{split}_{key}" in r]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", color=color, label=split)
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.set_title(label.split(" ")[0])
         ax.grid(alpha=0.3)
         ax.legend()
         ax.xaxis.get_major_locator().set_params(integer=True)
-    if records and "val_acc" in records[-1]:
-        best = max(records, key=lambda r: r["val_acc"])
+    scored = [r for r in records if "val_acc" in r]
+    if scored:
+        best = max(scored, key=lambda r: r["val_acc"])
         acc_ax.annotate(f"best {best['val_acc']:.1%} (epoch {best['epoch']})", (best["epoch"], best["val_acc"] * 100),
                         textcoords="offset points", xytext=(0, -16), ha="center", fontsize=9, color=VAL_COLOR)
     fig.suptitle(title)
