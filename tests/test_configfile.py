@@ -34,7 +34,7 @@ def one_error_line(capsys, *argv) -> str:
 
 
 def test_print_config_round_trips_to_the_same_configuration(tmp_path, capsys):
-    argv = ["--recipe", "fast", "--lr", "0.1", "--img-size", "40", "--model-args", '{"width": 8}', "--no-tta",
+    argv = ["--recipe", "records", "--lr", "0.1", "--img-size", "40", "--model-args", '{"width": 8}', "--no-tta",
             "--patience", "2", "--data", "some folder: with colon", "--out", tmp_path / "r"]
     text = printed(capsys, *argv)
     (tmp_path / "a.yaml").write_text(text)
