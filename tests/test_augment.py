@@ -21,6 +21,8 @@ from imgclf.errors import UserError
 from imgclf.pipeline import build_run, build_transform
 from imgclf.sources import load_data
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process trainings: one intra-op thread (conftest)
+
 
 def pictures(n: int = 12, side: int = 24, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))

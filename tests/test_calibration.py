@@ -20,6 +20,8 @@ from imgclf.models import TutorialCNN
 from imgclf.predict import Predictor, print_predictions
 from imgclf.tasks import checkpoint_task
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process trainings: one intra-op thread (conftest)
+
 
 def overconfident(n: int, seed: int, scale: float = 3.0):
     """Labels drawn from softmax(z) (so z's probabilities are calibrated) and the logits of an over-confident

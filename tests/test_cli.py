@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from imgclf import cli
 from imgclf.checkpoint import build_checkpoint, save_checkpoint
 from imgclf.cli import build_parser, main
 from imgclf.config import TrainConfig
@@ -150,10 +151,24 @@ def test_every_numeric_flag_has_its_boundaries_listed():
     assert set(numeric_flags()) == set(ACCEPTED)
 
 
+@pytest.fixture(scope="module")
+def flags() -> dict[tuple[str, str], type]:
+    return numeric_flags()
+
+
+@pytest.fixture(scope="module")
+def parser():
+    """One parser for the ~130 cases below: build_parser is a pure function of the code (~8 ms a build), and
+    parse_args leaves the parser as it was."""
+    return build_parser()
+
+
 @pytest.mark.parametrize("command, flag", sorted(ACCEPTED), ids=lambda v: v)
-def test_boundary_values_are_one_line_and_exit_2(command, flag, tiny, taken_port, tmp_path, monkeypatch, capsys):
+def test_boundary_values_are_one_line_and_exit_2(command, flag, tiny, taken_port, flags, parser, tmp_path,
+                                                 monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # whatever a command would write by default lands here
-    kind = numeric_flags()[command, flag]
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)  # main's own code path, with the parser built once
+    kind = flags[command, flag]
     for value in VALUES:
         text = HUGE[kind] if value == "huge" else value
         argv = [command, *base_args(command, tiny["root"], taken_port), flag, text]

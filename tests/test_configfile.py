@@ -15,6 +15,8 @@ from imgclf.config import TrainConfig
 from imgclf.configfile import RECIPES, config_yaml, read_config, recipe_folder, recipe_names
 from imgclf.errors import EXIT_USAGE, UserError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process trainings: one intra-op thread (conftest)
+
 
 def resolved(*argv: str) -> TrainConfig:
     """The TrainConfig `imgclf train ARGV` would train with."""

@@ -16,6 +16,8 @@ from imgclf import export, formats
 from imgclf.cli import main
 from imgclf.errors import UserError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process trainings: one intra-op thread (conftest)
+
 # The input contract as the export's metadata states it (`input.preprocessing`), redone step by step with Pillow
 # and numpy alone: run inside the standalone process, and in this one to compare with imgclf's own decoding.
 LOAD = r'''

@@ -33,7 +33,7 @@ EXAMPLES = int(os.environ.get("IMGCLF_FUZZ_EXAMPLES", "250"))
 HANG_SECONDS = 120  # far beyond any decode of these small files: only a real hang gets there
 SIZE = 16
 # Nothing but BadImage comes out: a warning (Pillow's notes on broken metadata) would be noise on the console.
-pytestmark = pytest.mark.filterwarnings("error")
+pytestmark = [pytest.mark.filterwarnings("error"), pytest.mark.usefixtures("one_thread")]
 
 
 def fuzz_settings(examples: int):

@@ -14,6 +14,8 @@ from imgclf.cli import main
 from imgclf.inspect import format_table, summarize
 from imgclf.models import build_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process trainings: one intra-op thread (conftest)
+
 
 def test_tutorial_cnn_shapes_are_those_of_note_21_and_macs_match_a_hand_count():
     model = build_model("tutorial_cnn", num_classes=10)

@@ -17,6 +17,8 @@ from imgclf.config import DataConfig
 from imgclf.errors import UserError
 from imgclf.sources import load_data
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process trainings: one intra-op thread (conftest)
+
 CLASSES = ["cat", "dog"]
 
 

@@ -20,6 +20,8 @@ from imgclf.optim import (
     param_groups,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process trainings: one intra-op thread (conftest)
+
 # ---------------------------------------------------------------- lr_factor
 
 

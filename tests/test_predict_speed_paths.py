@@ -17,6 +17,8 @@ from imgclf.checkpoint import FORMAT, FORMAT_VERSION, save_checkpoint
 from imgclf.models import FastNet, _Norm, build_model
 from imgclf.predict import Predictor, _fold_batchnorm
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process trainings: one intra-op thread (conftest)
+
 
 def resnet_checkpoint(path, *, size: int = 32) -> dict:
     torch.manual_seed(0)

@@ -124,12 +124,14 @@ def one_line(err: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # its fixture (runs) trains for the slow test above anyway; ~2 s of fast-tier setup
 def test_resuming_a_finished_run_says_so(runs, capsys):
     code, err = train(capsys, "--resume", runs["full"])
     assert code == EXIT_USAGE
     assert "already finished 4/4 epochs" in one_line(err)
 
 
+@pytest.mark.slow
 def test_resuming_with_a_larger_epoch_count_continues(runs, tmp_path, capsys):
     import shutil
 
@@ -141,6 +143,7 @@ def test_resuming_with_a_larger_epoch_count_continues(runs, tmp_path, capsys):
     assert [r["epoch"] for r in records(run)] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_contradicting_model(runs, capsys):
     before = (runs["part"] / "checkpoints" / "last.pt").read_bytes()
     code, err = train(capsys, "--resume", runs["part"], "--model", "resnet18", "--epochs", 6)
@@ -149,6 +152,7 @@ def test_resume_refuses_a_contradicting_model(runs, capsys):
     assert (runs["part"] / "checkpoints" / "last.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_classes(runs, tmp_path, capsys):
     other = tmp_path / "other"
     write_class_folder(other / "train", ["cat", "dog"], 4)
@@ -165,6 +169,7 @@ def test_resume_of_nothing_says_so(tmp_path, capsys):
     assert "nothing to resume" in one_line(err)
 
 
+@pytest.mark.slow
 def test_starting_over_an_existing_run_is_refused(runs, folder, capsys):
     code, err = train(capsys, "--data", folder, "--out", runs["full"])
     assert code == EXIT_USAGE

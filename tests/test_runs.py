@@ -70,6 +70,7 @@ def test_each_run_has_its_status_epochs_and_best_figure(runs, capsys):
     assert status["status"] == "crashed" and "diverged" in status["message"]
 
 
+@pytest.mark.slow  # its fixture (runs) trains for the slow test above anyway; ~2 s of fast-tier setup
 def test_sorting_and_the_table(runs, capsys):
     assert [r["name"] for r in listed(capsys, runs, "--sort", "status")][:1] == ["boom"]
     by_epochs = [r["epochs"] for r in listed(capsys, runs, "--sort", "epochs")]

@@ -8,6 +8,8 @@ from conftest import run_cli
 
 from imgclf.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process trainings: one intra-op thread (conftest)
+
 
 @pytest.mark.slow
 def test_train_eval_predict_on_tiny_folder(tiny_split_folder, tmp_path):

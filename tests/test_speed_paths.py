@@ -25,6 +25,8 @@ from imgclf.runtime import autocast_factory, cpu_has_native_bf16
 from imgclf.sources import list_images
 from imgclf.transforms import BatchTransform, augment_batch
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process trainings: one intra-op thread (conftest)
+
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 
 

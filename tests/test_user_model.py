@@ -77,6 +77,7 @@ def test_tudui_from_its_file_trains_and_its_checkpoint_records_the_hash_not_the_
     assert ckpt["state_dict"]["model1.7.weight"].shape == (64, 1024)
 
 
+@pytest.mark.slow  # its fixture (tudui_run) trains for the slow test above anyway; ~2 s of fast-tier setup
 def test_loading_refuses_without_the_code_accepts_it_and_refuses_a_changed_copy(tudui_run, tmp_path):
     _, path = tudui_run
     ckpt = load_checkpoint(path)
@@ -101,6 +102,7 @@ def test_loading_refuses_without_the_code_accepts_it_and_refuses_a_changed_copy(
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+@pytest.mark.slow
 def test_exports_of_a_user_network_need_no_code(tudui_run, tmp_path):
     _, path = tudui_run
     with pytest.raises(UserError, match="--model-code"):

@@ -24,6 +24,8 @@ from imgclf.errors import EXIT_OK, EXIT_PARTIAL
 from imgclf.models import TutorialCNN
 from imgclf.predict import Predictor
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process trainings: one intra-op thread (conftest)
+
 av = pytest.importorskip("av")
 
 CLASSES = ["airplane", "cat", "ship"]

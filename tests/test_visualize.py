@@ -26,6 +26,8 @@ from imgclf.visualize import (
     save_png,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process trainings: one intra-op thread (conftest)
+
 CLASSES = ["circle", "square", "triangle"]
 
 
