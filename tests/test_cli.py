@@ -38,7 +38,7 @@ ACCEPTED = {
     ("train", "--momentum"): {"0"}, ("train", "--weight-decay"): {"0", "huge"},
     ("train", "--warmup-epochs"): {"0", "huge"}, ("train", "--label-smoothing"): {"0"},
     ("train", "--epochs"): set(), ("train", "--patience"): set(), ("train", "--seed"): {"0"},
-    ("train", "--log-every"): {"huge"}, ("train", "--stop-after"): set(),
+    ("train", "--log-every"): {"huge"}, ("train", "--stop-after"): set(), ("train", "--val-every"): {"0"},
     ("train", "--freeze-epochs"): {"0"}, ("train", "--backbone-lr-scale"): set(),
     ("train", "--ema-decay"): {"0"},
     ("train", "--whiten-bias-epochs"): {"0"}, ("train", "--warmup-start"): {"0"}, ("train", "--lr-end"): {"0"},
