@@ -53,6 +53,7 @@ RULES = {
     ("run", "seed"): ([0, MAX_SEED], [-1, MAX_SEED + 1, 10**400]),
     ("run", "log_every"): ([1, 10**30], [0, -1]),
     ("run", "stop_after"): ([None, 1, 100_000], [0, 100_001]),
+    ("run", "val_every"): ([0, 1, 100_000], [-1, 100_001]),
     ("run", "ema_decay"): ([0.0, 0.999], [-1e-9, 1.0]),
     # the string fields with a fixed set of values (argparse refuses others on the command line; a config read
     # from a checkpoint or a recipe is checked here)
