@@ -70,6 +70,7 @@ def runs(folder, tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+@pytest.mark.slow  # the module's trainings (`runs`) take ~3 s
 def test_every_second_epoch_and_the_last_are_evaluated(runs):
     assert evaluated(runs["every"]) == [1, 2, 3, 4, 5]
     assert evaluated(runs["two"]) == [2, 4, 5]
@@ -81,12 +82,14 @@ def test_every_second_epoch_and_the_last_are_evaluated(runs):
     assert [r for r in two if "val_acc" in r] == [every[1], every[3], every[4]]
 
 
+@pytest.mark.slow  # the module's trainings (`runs`) take ~3 s
 def test_zero_evaluates_the_last_epoch_only(runs):
     assert evaluated(runs["zero"]) == [EPOCHS]
     assert load(runs["zero"], "best.pt")["epoch"] == EPOCHS
     assert records(runs["zero"])[-1] == records(runs["every"])[-1]
 
 
+@pytest.mark.slow  # the module's trainings (`runs`) take ~3 s
 def test_best_pt_is_the_best_evaluated_epoch(runs):
     scored = [r for r in records(runs["two"]) if "val_acc" in r]
     best = max(scored, key=lambda r: r["val_acc"])  # the first of equal figures
@@ -99,6 +102,7 @@ def test_best_pt_is_the_best_evaluated_epoch(runs):
     assert default["waited"] == default["epoch"] - default["best_epoch"]
 
 
+@pytest.mark.slow  # the module's trainings (`runs`) take ~3 s
 def test_the_curves_draw_validation_points_only_where_there_are_some(runs):
     from imgclf.visualize import curves_figure
 
@@ -109,6 +113,7 @@ def test_the_curves_draw_validation_points_only_where_there_are_some(runs):
         assert lines == {"train": [1, 2, 3, 4, 5], "val": [2, 4, 5]}
 
 
+@pytest.mark.slow  # the module's trainings (`runs`) take ~3 s
 def test_a_stopped_run_ends_on_an_evaluation_and_resumes(runs):
     # --stop-after 3 evaluated epoch 3, off the schedule, so that the stopped run has a last figure
     assert runs["stopped"]["epoch"] == 3 and "val_acc" in runs["stopped"]
@@ -119,6 +124,7 @@ def test_a_stopped_run_ends_on_an_evaluation_and_resumes(runs):
     assert load(runs["part"], "best.pt")["epoch"] in (2, 3, 4, 5)
 
 
+@pytest.mark.slow  # the module's trainings (`runs`) take ~3 s
 def test_runs_lists_a_run_evaluated_every_second_epoch(runs):
     from imgclf.runs import summarize
 
