@@ -50,7 +50,8 @@ class Prediction:
 # bf16 keeps 8 bits of mantissa (relative rounding 2**-9 per operation), accumulated through the network:
 # measured over real photos (benchmarks/predict_margins.py, an AMX Xeon), the largest |bf16 - fp32| logit was
 # 0.116 on 1,000 pet photos (EfficientNet-Lite0 fine-tuned, 160 px; median 0.013, 99th percentile 0.072) and
-# 0.066 on 398 ants/bees photos (Lite0 at 96 px); relative to the largest logit it is no steadier (up to 9x
+# 0.066 on 398 ants/bees photos (Lite0 at 96 px), 0.076 on the 2,000 pet test photos (resnet18 at 224, one
+# epoch, logits up to 22.6); relative to the largest logit it is no steadier (up to 9x
 # the logit itself near 0), so the bound is absolute: about twice the largest error seen. An empirical bound,
 # not a proof: a network with much larger logits or deeper accumulation may exceed it.
 BF16_LOGIT_ERROR = 0.25
