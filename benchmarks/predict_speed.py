@@ -56,7 +56,8 @@ def first_line_seconds(args: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="hymenoptera_data (train/ and val/)")
+    parser.add_argument("--data", required=True, help="a folder with train/ and val/ (hymenoptera_data) or test/ "
+                        "(pets: its 2,000 test photos are predicted)")
     parser.add_argument("--checkpoint", help="an imgclf checkpoint (default: train resnet18 for one epoch, or reuse "
                         "the one in --run-dir)")
     parser.add_argument("--run-dir", help="where that resnet18 run is kept between invocations (default: temporary)")
@@ -82,7 +83,7 @@ def main() -> None:
         print(f"checkpoint: resnet18 trained 1 epoch on {args.data} in {m.seconds:.0f}s")
         ckpt_path = str(out / "checkpoints" / "last.pt")
     ckpt = load_checkpoint(ckpt_path)
-    folder = Path(args.data) / "val"
+    folder = Path(args.data) / ("val" if (Path(args.data) / "val").is_dir() else "test")
     files = expand_paths([str(folder)])
     inp = ckpt["input"]
     model = model_from_checkpoint(ckpt)
@@ -109,6 +110,9 @@ def main() -> None:
             print(f"  {name}: {min(values)}/{len(files)} pictures")
         else:
             print(f"  {name:<26} {statistics.median(values):6.1f} img/s  {statistics.median(values) / base:.2f}x")
+    for precision, predictor in predictors.items():  # `auto`: bf16 where native, unsure pictures again in fp32
+        print(f"  --precision {precision}: {predictor.dtype}, {predictor.rechecked / args.rounds:.0f} pictures a "
+              f"round computed again in fp32")
     del model, predictors
 
     cmd = [PYTHON, "-m", "imgclf", "predict", ckpt_path, "--precision", "auto"]

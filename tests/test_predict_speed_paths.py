@@ -156,3 +156,69 @@ def test_stopping_early_leaves_nothing_running(tmp_path):
     assert [t.name for t in set(threading.enumerate()) - before] == []
     with pytest.raises(StopIteration):
         next(answers)
+
+
+def pictures_batch(n: int = 6, size: int = 32) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(1).integers(0, 256, (n, 3, size, size), dtype=np.uint8))
+
+
+def test_bf16_rechecked_in_fp32_answers_fp32s_top1(tmp_path):
+    ckpt = resnet_checkpoint(tmp_path / "r18.pt")
+    x = pictures_batch()
+    exact = Predictor(ckpt, device="cpu", precision="fp32")
+    want = exact.probabilities(x)
+    every = Predictor(ckpt, device="cpu", precision="bf16", logit_error=float("inf"))  # every margin is "tiny"
+    got = every.probabilities(x)
+    assert every.rechecked == len(x) and exact.rechecked == 0
+    assert torch.equal(got.argmax(1), want.argmax(1))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # fp32's answers, up to batch-size rounding
+    trusted = Predictor(ckpt, device="cpu", precision="bf16", logit_error=0.0)  # no margin is tiny
+    raw = trusted.probabilities(x)
+    assert trusted.rechecked == 0
+    assert not torch.equal(raw, want)  # bf16's own rounding: nothing was computed again
+    torch.testing.assert_close(raw, want, rtol=0, atol=0.05)
+
+
+def test_recheck_rows_flags_what_the_error_could_change():
+    from imgclf.predict import recheck_rows
+    from imgclf.tasks import MultiLabel, SingleLabel
+
+    single = SingleLabel(["a", "b", "c"])
+    logits = torch.tensor([[3.0, 2.5, 0.0], [3.0, 0.0, 2.9], [1.0, 1.0, 1.0], [5.0, float("nan"), 0.0]])
+    assert recheck_rows(logits, 0.2, single).tolist() == [False, True, True, True]
+    assert recheck_rows(logits, 0.3, single).tolist() == [True, True, True, True]
+    # a reject cut: log p_top of row 0 is log(1 / (1 + e^-0.5 + e^-3)) = -0.4996; cut 0.6 is at log 0.6 = -0.511
+    far = torch.tensor([[9.0, 0.0, 0.0]])
+    assert recheck_rows(logits[:1], 0.001, single, reject_below=0.6).tolist() == [False]
+    assert recheck_rows(logits[:1], 0.01, single, reject_below=0.6).tolist() == [True]
+    assert recheck_rows(far, 0.01, single, reject_below=0.6).tolist() == [False]
+    multi = MultiLabel(["a", "b"], thresholds=[0.5, 0.8])  # logit(0.8) = 1.386
+    assert recheck_rows(torch.tensor([[2.0, 1.3], [0.05, -3.0], [-2.0, 3.0]]), 0.1, multi).tolist() == \
+        [True, True, False]
+
+
+def test_precision_auto_is_fp32_where_bf16_is_not_native(tmp_path, monkeypatch):
+    from imgclf import runtime
+
+    ckpt = resnet_checkpoint(tmp_path / "r18.pt")
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    plain = Predictor.from_path(tmp_path / "r18.pt", device="cpu")  # the CLI's default: auto for a checkpoint
+    assert plain.dtype == torch.float32
+    torch.testing.assert_close(plain.probabilities(pictures_batch()),
+                               Predictor(ckpt, device="cpu", precision="fp32").probabilities(pictures_batch()),
+                               rtol=0, atol=0)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert Predictor(ckpt, device="cpu", precision="auto").dtype == (torch.bfloat16 if native else torch.float32)
+
+
+def test_precision_fp32_computes_the_network_in_float32(tmp_path):
+    ckpt = resnet_checkpoint(tmp_path / "r18.pt")
+    predictor = Predictor(ckpt, device="cpu", precision="fp32")
+    model = build_model("resnet18", num_classes=3, img_size=32)
+    model.load_state_dict(ckpt["state_dict"])
+    x = pictures_batch()
+    with torch.inference_mode():
+        want = model.eval()(predictor.transform(x, train=False)).softmax(1)
+    torch.testing.assert_close(predictor.probabilities(x), want, rtol=0, atol=1e-5)  # folding's rounding alone
+    assert predictor.dtype == torch.float32 and predictor.rechecked == 0

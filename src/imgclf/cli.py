@@ -412,8 +412,10 @@ def _add_predict(sub, common) -> None:
     _number(p, "--topk", int, 1, default=3, help="how many labels per picture (%(default)s)")
     _number(p, "--batch-size", int, 1, MAX_BATCH, default=64, help="pictures per batch (%(default)s)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="fp32 (exact probabilities, as exported models give) or auto: bf16 where supported, faster")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="a checkpoint's arithmetic: auto (the default: bf16 where the CPU or GPU computes it "
+                        "natively, else fp32; every picture whose top label bf16 could change is computed "
+                        "again in fp32) or fp32 (exact probabilities, as exported models give; their default)")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="one JSON object per line")
     fmt.add_argument("--csv", action="store_true", help="CSV with a header row")

@@ -45,11 +45,51 @@ class Prediction:
     unknown: bool | None = None  # rejecting (--reject-below): whether the top probability is under the cut
 
 
+# The most a logit of a network computed under bf16 autocast is taken to differ from its fp32 value, in the
+# logits' own units (see `recheck_rows`; a single-label top-1 is re-checked under a margin of twice this).
+# bf16 keeps 8 bits of mantissa (relative rounding 2**-9 per operation), accumulated through the network:
+# measured over real photos (benchmarks/predict_margins.py, an AMX Xeon), the largest |bf16 - fp32| logit was
+# 0.116 on 1,000 pet photos (EfficientNet-Lite0 fine-tuned, 160 px; median 0.013, 99th percentile 0.072) and
+# 0.066 on 398 ants/bees photos (Lite0 at 96 px), 0.076 on the 2,000 pet test photos (resnet18 at 224, one
+# epoch, logits up to 22.6); relative to the largest logit it is no steadier (up to 9x
+# the logit itself near 0), so the bound is absolute: about twice the largest error seen. An empirical bound,
+# not a proof: a network with much larger logits or deeper accumulation may exceed it.
+BF16_LOGIT_ERROR = 0.25
+
+
+def recheck_rows(logits: torch.Tensor, error: float, task: Task, reject_below: float | None = None) -> torch.Tensor:
+    """Which pictures (rows of `logits`, computed in reduced precision) could be answered otherwise in fp32
+    if each of their logits may be off by up to `error`: single-label, those whose top-1 logit leads the
+    second by under 2 * error, and with a `reject_below` cut those whose log top probability (at the task's
+    temperature) is within 2 * error / temperature of log(cut) (both move at most that much); multi-label,
+    those with a class whose logit is within `error` of its threshold's logit; any row that is not finite.
+    A bool tensor (N,)."""
+    again = ~logits.isfinite().all(1)
+    if task.name == MULTILABEL:
+        cut = task.thresholds if task.thresholds is not None else torch.full((logits.shape[1],), 0.5)
+        return again | ((logits - cut.logit().to(logits)).abs() < error).any(1)  # thresholds 0 and 1: never near
+    if logits.shape[1] < 2:
+        return again
+    top2 = logits.topk(2, dim=1).values
+    again |= top2[:, 0] - top2[:, 1] < 2 * error
+    if reject_below is not None and reject_below > 0:
+        t = getattr(task, "temperature", 1.0)
+        log_top = -torch.logsumexp((logits - top2[:, :1]) / t, dim=1)  # log of the top calibrated probability
+        again |= (log_top - math.log(reject_below)).abs() < 2 * error / t
+    return again
+
+
 class Predictor:
     """A model with its preprocessing and class names, rebuilt from a checkpoint alone."""
 
 
-    def __init__(self, ckpt: dict, *, device: str = "auto", precision: str = "fp32"):
+    def __init__(self, ckpt: dict, *, device: str = "auto", precision: str = "fp32",
+                 logit_error: float = BF16_LOGIT_ERROR):
+        """`precision` as resolve_precision reads it: "fp32" computes in float32 alone; "auto" (bf16 where the
+        device computes it natively, else fp32), "bf16" and "fp16" compute under autocast and then again in
+        fp32 each picture whose answer the reduced precision could have changed (`recheck_rows`, with
+        `logit_error` the most a logit is taken to be off by: 0 trusts the reduced precision, inf recomputes
+        every picture). What that guarantees is said in `probabilities`."""
         self.device = resolve_device(device)
         name, size = ckpt["model"]["name"], ckpt["input"]["size"]
         builder = _torchvision_builder_alone(name) if base_fits(name, size) else None  # torchvision imported once
@@ -64,28 +104,48 @@ class Predictor:
         self.size, self.channels, self.depth = inp["size"], inp["channels"], inp.get("depth", 8)
         self.decoding = input_decoding(inp)  # the resize and crop evaluation used (a pretrained network's)
         self.transform = BatchTransform(tuple(inp["mean"]), tuple(inp["std"]))
-        self.autocast = autocast_factory(self.device, resolve_precision(precision, self.device))
+        self.dtype = resolve_precision(precision, self.device)  # the arithmetic of the first pass
+        self.autocast = autocast_factory(self.device, self.dtype)
+        self.logit_error = logit_error
+        self.rechecked = 0  # pictures computed again in fp32 so far (reduced precision only)
 
     @classmethod
     def from_checkpoint(cls, path, **kwargs) -> Predictor:
         return cls(load_checkpoint(path), **kwargs)
 
     @classmethod
-    def from_path(cls, path, *, device: str = "auto", precision: str = "fp32", runtime: str = "auto") -> Predictor:
+    def from_path(cls, path, *, device: str = "auto", precision: str | None = None,
+                  runtime: str = "auto") -> Predictor:
         """A checkpoint, or a model exported by `imgclf export` (.onnx or OpenVINO .xml, run by the fastest
         runtime installed, see `choose_runtime`; TorchScript). `device` is for checkpoints (exported graphs run
-        on the CPU)."""
+        on the CPU). `precision` None: "auto" for a checkpoint (bf16 where native, answers checked in fp32,
+        see `probabilities`), "fp32" for an exported model (its probabilities as exported)."""
         kind = exported_kind(path)
         if kind is None:
-            return cls.from_checkpoint(path, device=device, precision=precision)
-        return ExportedPredictor(path, kind, runtime=runtime, precision=precision)
+            return cls.from_checkpoint(path, device=device, precision=precision or "auto")
+        return ExportedPredictor(path, kind, runtime=runtime, precision=precision or "fp32")
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, C, size, size) (uint16 for 16-bit pictures) -> class probabilities (N, classes)."""
+        """uint8 (N, C, size, size) (uint16 for 16-bit pictures) -> class probabilities (N, classes).
+
+        In fp32, float32 throughout. In reduced precision (bf16, fp16) the probabilities differ from fp32's
+        by that precision's rounding (about 1e-2 relative for bf16), but the answers are fp32's: every picture
+        whose answer a logit error of up to `logit_error` could change is computed again in fp32 and answered
+        from that (`recheck_rows`: the top-1 class; multi-label, each class's side of its threshold; with a
+        reject cut, the side of it). That holds for every picture whose reduced-precision logits are within
+        `logit_error` of fp32's: BF16_LOGIT_ERROR says how far it was measured to be. The order of the
+        labels after the first (top-k) is not checked. fp32 itself is equal only up to float rounding from
+        batch to batch (its algorithms depend on the batch's size): a tie within ~1e-6 may go either way."""
         x = self.transform(images.to(self.device), train=False, memory_format=torch.channels_last)
         with self.autocast():
-            return self.task.activation(self.model(x).float()).cpu()
+            logits = self.model(x).float()
+        if self.dtype != torch.float32:
+            again = recheck_rows(logits, self.logit_error, self.task, self.reject_below)
+            if again.any():  # outside autocast: the same weights in float32
+                logits[again] = self.model(x[again].contiguous(memory_format=torch.channels_last)).float()
+                self.rechecked += int(again.sum())
+        return self.task.activation(logits).cpu()
 
     def predict(self, paths: list[str], *, topk: int = 5, batch_size: int = 64) -> list[Prediction]:
         """Predict every picture in `paths` (files and folders, in order); unreadable ones carry `error`."""
