@@ -282,6 +282,7 @@ def test_bad_paths_to_load_are_one_line(tmp_path, make, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow  # `named_run` trains (~2 s): its other users are slow tests
 def test_bad_arguments_to_run_methods_are_one_line(named_run):
     for call, message in ((lambda: named_run.predict("x.png", topk=0), "topk must be at least 1"),
                           (lambda: named_run.predict("x.png", topk="3"), "topk must be a whole number"),
@@ -365,6 +366,7 @@ def test_the_notes_tudui_on_cifar10_folders_from_python_and_the_command_line(cif
     assert run.metrics[-1]["val_count"] == 100
 
 
+@pytest.mark.slow  # `named_run` trains (~2 s)
 @pytest.mark.parametrize(("value", "words"), [(True, "--cutmix True is not a number (--cutmix takes a number)"),
                                               ("0.0", "--cutmix '0.0' is not a number"),
                                               (-1.0, "--cutmix must be at least 0, got -1.0")])

@@ -162,6 +162,7 @@ def pictures_batch(n: int = 6, size: int = 32) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(1).integers(0, 256, (n, 3, size, size), dtype=np.uint8))
 
 
+@pytest.mark.slow  # a resnet18 checkpoint, predicted twice or more (~1.3 s)
 def test_bf16_rechecked_in_fp32_answers_fp32s_top1(tmp_path):
     ckpt = resnet_checkpoint(tmp_path / "r18.pt")
     x = pictures_batch()
@@ -197,6 +198,7 @@ def test_recheck_rows_flags_what_the_error_could_change():
         [True, True, False]
 
 
+@pytest.mark.slow  # a resnet18 checkpoint, predicted twice or more (~1.3 s)
 def test_precision_auto_is_fp32_where_bf16_is_not_native(tmp_path, monkeypatch):
     from imgclf import runtime
 
