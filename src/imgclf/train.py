@@ -144,8 +144,8 @@ def _evaluates(cfg: TrainConfig, stop: StopFlag, *, epoch: int, invocation_epoch
 
 def _validate(cfg: TrainConfig, parts: RunParts, state: TrainState, *, task: Task, epoch: int, autocast,
               dist) -> dict:
-    """`evaluate` of the held-out split after epoch `epoch`. Test-time augmentation costs 6 passes: only the
-    final figure (and `imgclf eval`) pays for it; the final probabilities are kept for the run's pictures
+    """`evaluate` of the held-out split after epoch `epoch`. Test-time augmentation costs 2 or 6 passes
+    (--tta-shift): only the final figure (and `imgclf eval`) pays for it; the final probabilities are kept for the run's pictures
     (one process holds them all)."""
     final = epoch + 1 == cfg.optim.epochs
     return evaluate(state.eval_model, parts.val, task=task, autocast=autocast, dist=dist,
