@@ -223,7 +223,7 @@ def test_on_epoch_sees_every_epoch_and_can_stop_the_run(data_dir, tmp_path):
     ("tutorial_cnn", {"model_args": {"f": print}}, "the constructor's arguments must be plain JSON"),
     ("tutorial_cnn", {"epochs": 0}, "--epochs must be at least 1, got 0"),
     ("tutorial_cnn", {"optimizer": "adagrad"}, "optimizer='adagrad' is not one of sgd, adam, adamw"),
-    ("tutorial_cnn", {"recipe": "quick"}, "unknown recipe 'quick'; choose one of auto, default, fast, fast-long, finetune, notes, records"),
+    ("tutorial_cnn", {"recipe": "quick"}, "unknown recipe 'quick'; choose one of auto, default, fast, fast-long, finetune, notes, photos, records"),
     ("tutorial_cnn", {"on_epoch": 5}, "on_epoch must be a function of one metrics record"),
     ("tutorial_cnn", {"resume": True, "out": "nowhere"}, "nothing to resume: nowhere/checkpoints/last.pt"),
     (Tudui, {}, "model is the class Tudui; pass an object of it: Tudui()"),

@@ -85,7 +85,7 @@ def test_range_errors_of_file_values_name_the_option(tmp_path, capsys):
 
 
 def test_recipes_are_yaml_files_read_by_the_same_path():
-    assert set(recipe_names()) == {"default", "fast", "fast-long", "finetune", "notes", "records"} == set(RECIPES)
+    assert set(recipe_names()) == {"default", "fast", "fast-long", "finetune", "notes", "photos", "records"} == set(RECIPES)
     for name in recipe_names():
         path = Path(str(recipe_folder() / f"{name}.yaml"))
         assert path.read_text().startswith("#")  # each says what it is, for the person reading it

@@ -40,7 +40,7 @@ def user_values(config: str | os.PathLike | None, given: dict[tuple[str, str], o
     return {**values, **{key: value for key, value in given.items() if value is not None}}
 
 
-AUTO_RECIPE = "auto"  # finetune with --pretrained weights, else default
+AUTO_RECIPE = "auto"  # finetune with --pretrained weights, photos for a folder of photos, else default
 
 
 def recipe_choices() -> list[str]:
@@ -50,11 +50,20 @@ def recipe_choices() -> list[str]:
 
 def chosen_recipe(recipe: str, *layers: dict[tuple[str, str], object]) -> str:
     """The recipe `recipe` names; auto: finetune when a layer sets --pretrained (training from pretrained
-    weights wants other defaults than training from scratch: docs/usage.md, Fine-tuning pretrained weights), else default."""
+    weights wants other defaults than training from scratch: docs/usage.md, Fine-tuning pretrained weights),
+    photos when the --data the layers give is a folder of photos (trained from scratch, photos wanted other
+    defaults than CIFAR-sized pictures: docs/usage.md, Your own photos), else default."""
     if recipe != AUTO_RECIPE:
         return recipe
-    pretrained = any(layer.get(("model", "pretrained")) for layer in layers)
-    return "finetune" if pretrained else "default"
+    if any(layer.get(("model", "pretrained")) for layer in layers):
+        return "finetune"
+    data = next((layer[key] for layer in reversed(layers) if (key := ("data", "data")) in layer), None)
+    if isinstance(data, str | os.PathLike):
+        from imgclf.sources import holds_photos  # torch: only to read a folder's first pictures
+
+        if holds_photos(data):
+            return "photos"
+    return "default"
 
 
 def resolve(*layers: dict[tuple[str, str], object], recipe: str = AUTO_RECIPE,

@@ -33,6 +33,7 @@ from imgclf.labelsets import MULTI, labels_task, random_split, read_multilabel_c
 from imgclf.transforms import IMAGE_EXTENSIONS, NORMALIZATION, PLAIN, Decoding, compute_mean_std, resize_batch
 
 BUILTINS = ("fashion-mnist-mini", "cifar10", "cifar100", "mnist", "fashion-mnist")
+PEEKED = 8  # pictures whose headers say whether a folder holds photos (`_are_photos`)
 # shipped inside the package (6,000 + 1,000 Fashion-MNIST pictures, MIT): the one data set that needs no download
 PACKAGED = {"fashion-mnist-mini": Path(__file__).parent / "datasets" / "fashion-mnist-mini"}
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -760,16 +761,45 @@ def _peek(path: Path) -> tuple[tuple[int, int], str] | None:
         return None if found is None else ((found.width, found.height), "bands")
 
 
+def holds_photos(data: str | os.PathLike) -> bool:
+    """Whether --data `data` is a folder of photos by the rule its loaded data's `photos` follows (`_are_photos`
+    on the first pictures of its training folder in name order), read before anything is decoded (what
+    --recipe auto chooses by); False for a built-in data set, IDX files and what cannot be read (loading it
+    then says what is wrong)."""
+    root = Path(data).expanduser()
+    if str(data) in BUILTINS or not root.is_dir():
+        return False
+    try:
+        first = [] if _idx_files(root) else _first_pictures(folder_layout(root).train, PEEKED)
+    except (UserError, OSError):
+        return False
+    return bool(first) and _are_photos(first)
+
+
+def _first_pictures(folder: Path, count: int) -> list[Path]:
+    """Up to `count` picture files under `folder`, the first in name order (depth first, hidden entries
+    left out), without listing more of a large folder than it takes to find them."""
+    found: list[Path] = []
+    for entry in _read_folder(folder):
+        if len(found) >= count or entry.name.startswith((".", "__")):
+            continue
+        if _is_dir(entry):
+            found += _first_pictures(Path(entry.path), count - len(found))
+        elif is_image_file(Path(entry.path)):
+            found.append(Path(entry.path))
+    return found
+
+
 def _are_photos(files: list[Path]) -> bool:
     """Photos, unless the first readable picture is a small square (64 pixels or less, CIFAR-like)."""
-    for (w, h), _ in filter(None, map(_peek, files[:8])):
+    for (w, h), _ in filter(None, map(_peek, files[:PEEKED])):
         return not (w == h and w <= 64)
     return True
 
 
 def _native_side(files: list[Path]) -> int:
     """The side of the first readable picture (a small square: see `_are_photos`)."""
-    for (w, _), _ in filter(None, map(_peek, files[:8])):
+    for (w, _), _ in filter(None, map(_peek, files[:PEEKED])):
         return w
     return 224
 
