@@ -16,7 +16,8 @@ from imgclf.resolve import chosen_recipe, resolve
 from imgclf.sources import holds_photos, load_data
 
 # every value recipes/photos.yaml sets, as the resolved configuration holds it
-RECIPE = {("optim", "optimizer"): "adamw", ("optim", "lr"): 1e-3, ("optim", "weight_decay"): 0.01}
+RECIPE = {("optim", "optimizer"): "adamw", ("optim", "lr"): 1e-3, ("optim", "weight_decay"): 0.01,
+          ("data", "batch_size"): 64}
 
 
 def resolved(*argv) -> TrainConfig:
@@ -65,13 +66,16 @@ def test_the_choice_follows_the_loaded_datas_photos_rule(folders):
 
 
 def test_every_photos_value_is_overridden_by_its_flag_and_shown_by_print_config(folders, capsys):
-    flags = {("optim", "optimizer"): "adam", ("optim", "lr"): 0.003, ("optim", "weight_decay"): 0.05}
+    flags = {("optim", "optimizer"): "adam", ("optim", "lr"): 0.003, ("optim", "weight_decay"): 0.05,
+             ("data", "batch_size"): 32}
     assert flags.keys() == RECIPE.keys()
     argv = [x for (_, name), v in flags.items() for x in (f"--{name.replace('_', '-')}", v)]
     cfg = resolved("--data", folders["photos"], *argv)
     for key, expected in flags.items():
         assert value(cfg, key) == expected, key
+    smaller = resolved("--data", folders["photos"], "--batch-size", 16)  # the recipe's rate follows the batch
+    assert smaller.optim.lr == pytest.approx(1e-3 * (16 / 64) ** 0.5)  # (AdamW: timm's square-root rule)
     assert main(["train", "--data", str(folders["photos"]), "--print-config"]) == 0
     shown = capsys.readouterr().out
-    for line in ("optimizer: adamw", "lr: 0.001", "weight_decay: 0.01"):
+    for line in ("optimizer: adamw", "lr: 0.001", "weight_decay: 0.01", "batch_size: 64"):
         assert f"\n{line}\n" in shown, line
