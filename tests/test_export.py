@@ -121,9 +121,12 @@ def train(data: Path, out: Path, *extra: str) -> Path:
 
 
 def predict_json(ckpt: Path, images: list[Path]) -> list[dict]:
-    """What `imgclf predict --json` prints (run in this process: the same code path, without a torch start-up)."""
+    """What `imgclf predict --json --precision fp32` prints (run in this process: the same code path, without a
+    torch start-up). fp32, as the exports compute: a checkpoint's default, bf16 where the CPU has it, gives the
+    same labels but probabilities off by bf16's rounding (3e-4 on a trained network's confident answers)."""
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        assert main(["predict", str(ckpt), *map(str, images), "--json", "--topk", "1000", "--device", "cpu"]) == 0
+        assert main(["predict", str(ckpt), *map(str, images), "--json", "--topk", "1000", "--device", "cpu",
+                     "--precision", "fp32"]) == 0
     return [json.loads(line) for line in out.getvalue().splitlines()]
 
 
