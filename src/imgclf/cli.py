@@ -185,7 +185,8 @@ def _add_train(sub, common) -> None:
                  description="Train a model; defaults come from --recipe, any flag given overrides them.")
     p.add_argument("--recipe", choices=recipe_choices(), default=AUTO_RECIPE,
                    help="auto: finetune with --pretrained, photos for a folder of photos, else default; default: a "
-                        "recipe that trains well from scratch (SGD); photos: the default with AdamW at 1e-3; finetune: AdamW, the head alone first, then the whole network at discriminative "
+                        "recipe that trains well from scratch (SGD); photos: the default with AdamW at 1e-3, batch "
+                        "64; finetune: AdamW, the head alone first, then the whole network at discriminative "
                         "rates (docs/usage.md: Fine-tuning pretrained weights); notes: exactly the notes' SGD 0.01, batch 64, no "
                         "augmentation; fast: the CIFAR speed records' recipe for fastnet")
     p.add_argument("--resume", metavar="RUN", help="continue RUN/checkpoints/last.pt exactly where it stopped")

@@ -57,7 +57,8 @@ def chosen_recipe(recipe: str, *layers: dict[tuple[str, str], object]) -> str:
         return recipe
     if any(layer.get(("model", "pretrained")) for layer in layers):
         return "finetune"
-    data = next((layer[key] for layer in reversed(layers) if (key := ("data", "data")) in layer), None)
+    key = ("data", "data")
+    data = next((layer[key] for layer in reversed(layers) if key in layer), None)  # the last layer's --data
     if isinstance(data, str | os.PathLike):
         from imgclf.sources import holds_photos  # torch: only to read a folder's first pictures
 

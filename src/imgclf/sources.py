@@ -781,7 +781,9 @@ def _first_pictures(folder: Path, count: int) -> list[Path]:
     left out), without listing more of a large folder than it takes to find them."""
     found: list[Path] = []
     for entry in _read_folder(folder):
-        if len(found) >= count or entry.name.startswith((".", "__")):
+        if len(found) >= count:
+            break
+        if entry.name.startswith((".", "__")):
             continue
         if _is_dir(entry):
             found += _first_pictures(Path(entry.path), count - len(found))
